@@ -1,0 +1,142 @@
+"""Typed, validated configuration: one pydantic model per stage, loaded from a YAML per environment.
+
+``load_settings("conf/local.yaml")`` returns a :class:`Settings`; a bad file raises :class:`ConfigError`
+whose message names the offending field (e.g. ``engine.dtype: Input should be 'float32', ...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONF_DIR = Path(__file__).resolve().parent
+TASKS_DIR = CONF_DIR / "tasks"
+
+
+def notelake_home() -> Path:
+    """Cache root for base models and other rebuilt artefacts (``NOTELAKE_HOME``, default ~/.cache/notelake)."""
+    return Path(os.environ.get("NOTELAKE_HOME", Path.home() / ".cache" / "notelake")).expanduser()
+
+
+class ConfigError(ValueError):
+    """A configuration file could not be read or validated; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """One vLLM engine (one per GPU, one on CPU)."""
+
+    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (default) or the HF-transformers fallback")
+    model: str = Field("smollm2-135m-instruct", description="base model: a folder or a name under NOTELAKE_HOME/models")
+    adapter: str | None = Field(None, description="LoRA adapter folder (with manifest.json); null = base model")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU, bfloat16 on GPU")
+    max_model_len: int = Field(4096, ge=256, description="context window the engine reserves per sequence")
+    gpu_memory_utilization: float = Field(0.25, gt=0, le=0.95, description="KV-cache fraction (CPU: of host memory)")
+    max_num_seqs: int = Field(32, ge=1, description="sequences decoded together (continuous batching)")
+    enable_lora: bool = Field(True, description="serve LoRA adapters through LoRARequest")
+    max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
+    max_loras: int = Field(2, ge=1, description="adapters resident at once")
+    guided_json: bool = Field(True, description="constrain output to the task's answer schema")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    max_tokens: int | None = Field(None, ge=1, description="answer budget; null = the task's own max_tokens")
+    seed: int = Field(0, description="sampling seed")
+    enforce_eager: bool = Field(True, description="skip graph capture (faster start on CPU)")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster address; null = start a local Ray")
+    namespace: str = Field("notelake", description="namespace for the named engine actors")
+    num_actors: int = Field(1, ge=1, description="engine actors (one per GPU)")
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per engine actor (1 on GPU machines)")
+    num_cpus_per_actor: float = Field(1, gt=0, description="CPUs reserved per engine actor")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray (null = all)")
+    max_restarts: int = Field(2, ge=0, description="times Ray restarts a dead engine actor")
+    max_task_retries: int = Field(2, ge=0, description="times a batch in flight on a dead actor is retried")
+    batch_size: int = Field(16, ge=1, description="prompts per actor call")
+    max_in_flight: int = Field(2, ge=1, description="calls in flight per actor (keeps continuous batching full)")
+
+
+class SparkConfig(_Strict):
+    master: str = Field("local[2]", description="Spark master URL")
+    shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions")
+    delta_writer: Literal["deltalake", "delta-spark"] = Field(
+        "deltalake", description="deltalake (delta-rs, embedded) or delta-spark (cluster, needs --packages)"
+    )
+    arrow_batch_size: int = Field(64, ge=1, description="notes per Arrow batch handed to Ray")
+    extra: dict[str, str] = Field(default_factory=dict, description="extra spark.* settings")
+
+
+class InputConfig(_Strict):
+    format: Literal["auto", "delta", "parquet", "table", "jsonl"] = Field("auto", description="how --input is read")
+    note_id_column: str = Field("note_id", description="column holding the note id")
+    text_column: str = Field("text", description="column holding the note text")
+    passthrough_columns: list[str] = Field(
+        default_factory=lambda: ["patient_id", "note_date", "note_type"],
+        description="copied onto every output row when present in the input",
+    )
+    updated_at_column: str | None = Field(None, description="watermark column; only newer rows are considered")
+    max_text_chars: int = Field(200_000, ge=1, description="longer notes are rejected to the errors table")
+
+
+class JobConfig(_Strict):
+    task: str = Field("phee", description="task name (conf/tasks/<name>.yaml) or a task YAML path")
+    round_notes: int = Field(2000, ge=1, description="notes extracted and committed per round (bounds memory, limits rework)")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when failed/selected exceeds this")
+    chunk_overlap_chars: int = Field(200, ge=0, description="overlap between chunks of a long note")
+    log_phi: bool = Field(False, description="debug only: allow note text in logs")
+
+
+class Settings(_Strict):
+    environment: str = Field("local", description="name of this environment")
+    engine: EngineConfig = EngineConfig()
+    ray: RayConfig = RayConfig()
+    spark: SparkConfig = SparkConfig()
+    input: InputConfig = InputConfig()
+    job: JobConfig = JobConfig()
+
+    @model_validator(mode="after")
+    def _lora_rank_fits(self) -> "Settings":
+        if self.engine.adapter and not self.engine.enable_lora:
+            raise ValueError("engine.adapter is set but engine.enable_lora is false")
+        return self
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Settings":
+        """A copy with some fields replaced, re-validated: ``s.with_overrides(engine={"adapter": None})``."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            data[section] = {**data[section], **values}
+        return Settings.model_validate(data)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Load and validate a YAML settings file (default: conf/local.yaml shipped with the package)."""
+    path = Path(path) if path else CONF_DIR / "local.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from None

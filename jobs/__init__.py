@@ -1,0 +1,1 @@
+"""spark-submit entry points: extract (the nightly job), train, evaluate."""

@@ -1,0 +1,1 @@
+"""Engines, Ray actors, adapters, training and evaluation. Heavy imports (torch, vllm, ray) are lazy."""

