@@ -1,0 +1,97 @@
+"""Shared fixtures. Heavy ones (base model, Ray, the vLLM engine actor) are SESSION-scoped and created lazily:
+
+* ``base_model_path`` -- the fetched, checksummed base model folder (fetch_base(); ~20 s the first time).
+* ``settings``        -- the Settings used by the engine tests (conf/local.yaml, engine max_model_len 2048,
+                         max_num_seqs 8, guided_json on, no default adapter).
+* ``ray_address``     -- one local Ray (num_cpus=2) for the whole session; returns its GCS address.
+* ``engine_pool``     -- one EnginePool (one vLLM engine actor) shared by every test that needs vLLM.
+* ``tiny_adapter``    -- a tiny LoRA adapter (PEFT, r=8, random init) with its manifest, in a tmp folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep Ray quiet and local: no usage stats, no dashboard, small object store.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def base_model_path() -> Path:
+    from notelake.models.base_model import fetch_base
+
+    return fetch_base()
+
+
+@pytest.fixture(scope="session")
+def base_model_sha(base_model_path) -> str:
+    from notelake.models.base_model import model_sha256
+
+    return model_sha256(base_model_path)
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from notelake.conf import load_settings
+
+    return load_settings().with_overrides(
+        engine={"max_model_len": 2048, "max_num_seqs": 8, "guided_json": True, "adapter": None,
+                "enable_lora": True, "max_lora_rank": 16},
+        ray={"num_cpus": 2, "num_actors": 1, "num_cpus_per_actor": 1},
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_address(settings):
+    import ray
+
+    from notelake.models.actor import ensure_ray
+
+    address = ensure_ray(settings.ray)
+    yield address
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine_pool(ray_address, settings, base_model_path):
+    from notelake.models.actor import EnginePool
+
+    pool = EnginePool.get_or_create(settings)
+    pool.ready()
+    yield pool
+    pool.shutdown()
+
+
+def make_tiny_adapter(base_model_path: Path, out: Path, *, name: str = "tiny-test", tasks=("phee",), r: int = 8,
+                      base_model_sha: str | None = None, seed: int = 0) -> Path:
+    """A randomly initialised LoRA adapter (so it visibly changes the output) with a manifest."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from notelake.models.adapters import write_adapter_manifest
+    from notelake.models.base_model import model_sha256
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                     task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(str(out))
+    write_adapter_manifest(
+        out, name=name, base_model="smollm2-135m-instruct",
+        base_model_sha256=base_model_sha or model_sha256(base_model_path),
+        tasks=list(tasks), label_sets={}, prompt_versions={}, training={"kind": "random-init test adapter"},
+        data_fingerprint=None, dev_scores={},
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(base_model_path, tmp_path_factory) -> Path:
+    return make_tiny_adapter(base_model_path, tmp_path_factory.mktemp("adapters") / "tiny")
