@@ -1,0 +1,158 @@
+"""LoRA adapters: PEFT ``save_pretrained`` folders plus a checksummed ``manifest.json`` written by training.
+
+Manifest fields (training passes the descriptive ones; :func:`write_adapter_manifest` computes the rest)::
+
+    name, base_model, base_model_sha256, tasks: [task names], label_sets, prompt_versions: {task: version},
+    training: {...}, data_fingerprint, dev_scores, ...           (given)
+    files: {relpath: sha256}, sha256 (combined), weights_sha256, manifest_version, created_at   (computed)
+
+:func:`load_adapter` is the one gate before an adapter is served: every file is verified (a tampered file
+is refused), the base model hash must match the engine's, and a task the adapter was not trained on gives
+a warning and runs zero-shot (that is how a new corpus -- a YAML only -- is served).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from notelake.models.base_model import (
+    MANIFEST,
+    ModelIntegrityError,
+    combined_sha256,
+    hash_files,
+    read_manifest,
+    verify_files,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+COMPUTED_KEYS = ("files", "sha256", "weights_sha256", "manifest_version", "created_at")
+
+
+class AdapterError(Exception):
+    """An adapter cannot be served: missing/invalid files, tampered, or trained on another base model."""
+
+
+class ZeroShotWarning(UserWarning):
+    """The adapter was not trained on the requested task; the task runs zero-shot through it."""
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    name: str
+    sha256: str
+    tasks: list[str]
+    base_model_sha256: str
+    rank: int
+    manifest: dict = field(repr=False)
+
+    @property
+    def target_modules(self) -> list[str]:
+        cfg = _read_adapter_config(self.path)
+        mods = cfg.get("target_modules") or []
+        return sorted(mods) if isinstance(mods, list) else [str(mods)]
+
+
+def _read_adapter_config(path: Path) -> dict:
+    cfg_path = Path(path) / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise AdapterError(f"{path}: no {ADAPTER_CONFIG} (not a PEFT LoRA adapter folder)")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise AdapterError(f"{cfg_path}: invalid JSON ({exc})") from None
+
+
+def write_adapter_manifest(path: str | os.PathLike, **fields: Any) -> dict:
+    """Hash every file of the adapter folder and write ``manifest.json``; returns the manifest.
+
+    ``fields`` are the descriptive keys (name, base_model, base_model_sha256, tasks, label_sets,
+    prompt_versions, training, data_fingerprint, dev_scores, ...). ``files``, ``sha256``, ``weights_sha256``,
+    ``manifest_version`` and ``created_at`` are computed (values passed for them are ignored).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a folder")
+    missing = [k for k in ("name", "base_model_sha256", "tasks") if not fields.get(k)]
+    if missing:
+        raise AdapterError(f"write_adapter_manifest: missing field(s) {', '.join(missing)}")
+    if isinstance(fields["tasks"], str):
+        fields["tasks"] = [fields["tasks"]]
+    fields = {k: v for k, v in fields.items() if k not in COMPUTED_KEYS}
+    files = hash_files(path)
+    weights = next((files[w] for w in WEIGHT_FILES if w in files), None)
+    manifest = {
+        **fields,
+        "tasks": list(fields["tasks"]),
+        "manifest_version": MANIFEST_VERSION,
+        "files": files,
+        "sha256": combined_sha256(files),
+        "weights_sha256": weights,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path / MANIFEST)
+    return manifest
+
+
+def adapter_sha256(path: str | os.PathLike) -> str:
+    """The adapter's combined hash from its manifest (not re-verified)."""
+    manifest = read_manifest(Path(path))
+    if manifest is None:
+        raise AdapterError(f"{path}: no {MANIFEST}")
+    return str(manifest["sha256"])
+
+
+def load_adapter(path: str | os.PathLike, base_model_sha256: str, task_name: str | None = None) -> AdapterInfo:
+    """Verify an adapter folder for serving on the base model whose hash is ``base_model_sha256``.
+
+    Raises :class:`AdapterError` for a missing/tampered file, a missing manifest or a base-model mismatch.
+    A ``task_name`` not among the manifest's tasks warns (:class:`ZeroShotWarning`) and still returns.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {path} does not exist")
+    try:
+        manifest = read_manifest(path)
+    except ModelIntegrityError as exc:
+        raise AdapterError(str(exc)) from None
+    if manifest is None:
+        raise AdapterError(f"{path}: no {MANIFEST}; adapters are served only with a checksummed manifest")
+    verify_files(path, manifest, AdapterError)
+    name = str(manifest.get("name") or path.name)
+    trained_on = str(manifest.get("base_model_sha256") or "")
+    if trained_on != base_model_sha256:
+        raise AdapterError(
+            f"adapter {name} was trained on base model sha256 {trained_on or '(none recorded)'} but the engine "
+            f"serves base model sha256 {base_model_sha256}: refusing it (retrain it on this base model)"
+        )
+    if manifest.get("kind") not in (None, "lora"):
+        raise AdapterError(f"adapter {name}: kind {manifest.get('kind')!r} is not a LoRA adapter (serve it as engine.model)")
+    cfg = _read_adapter_config(path)
+    try:
+        rank = int(cfg.get("r") or 0)
+    except (TypeError, ValueError):
+        rank = 0
+    if rank < 1:
+        raise AdapterError(f"adapter {name}: {ADAPTER_CONFIG} has no valid rank 'r'")
+    if not any((path / w).is_file() for w in WEIGHT_FILES):
+        raise AdapterError(f"adapter {name}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    tasks = [str(t) for t in manifest.get("tasks") or []]
+    if task_name is not None and task_name not in tasks:
+        msg = f"adapter {name} was not trained on task {task_name}: running zero-shot"
+        log.warning(msg)
+        warnings.warn(msg, ZeroShotWarning, stacklevel=2)
+    return AdapterInfo(path=path.resolve(), name=name, sha256=str(manifest["sha256"]), tasks=tasks,
+                       base_model_sha256=trained_on, rank=rank, manifest=manifest)
