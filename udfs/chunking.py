@@ -1,0 +1,121 @@
+"""Split a long note into overlapping chunks that fit one prompt, with exact offsets into the note.
+
+A chunk ends on the best boundary available in its window: a paragraph break, else a sentence end (or a
+line break), else whitespace, else a hard cut. The next chunk starts on a boundary about ``overlap_chars``
+before the previous end, so a mention cut by one chunk end lies whole in the next chunk. Invariants:
+``note[c.start:c.end] == c.text``, chunks cover the note, ``len(c.text) <= max_chars`` (and at most
+``max_tokens`` tokens when a token counter is given), every chunk starts after the previous one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    start: int
+    end: int
+    text: str
+
+
+# Boundary = the position where the next piece starts (just after the separating whitespace).
+_PARAGRAPH = re.compile(r"\n[^\S\n]*\n\s*")
+_SENTENCE = re.compile(r"(?<=[.!?;:])[\"')\]]*\s+|\n\s*")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _boundaries(pattern: re.Pattern, text: str) -> list[int]:
+    return [m.end() for m in pattern.finditer(text) if 0 < m.end() < len(text)]
+
+
+def _last_in(bounds: list[int], lo: int, hi: int) -> int | None:
+    """Largest boundary b with lo < b <= hi."""
+    i = bisect.bisect_right(bounds, hi) - 1
+    if i >= 0 and bounds[i] > lo:
+        return bounds[i]
+    return None
+
+
+def _first_in(bounds: list[int], lo: int, hi: int) -> int | None:
+    """Smallest boundary b with lo <= b < hi."""
+    i = bisect.bisect_left(bounds, lo)
+    if i < len(bounds) and bounds[i] < hi:
+        return bounds[i]
+    return None
+
+
+def chunk_text(
+    text: str,
+    max_chars: int,
+    overlap_chars: int = 200,
+    count_tokens: Callable[[str], int] | None = None,
+    max_tokens: int | None = None,
+) -> list[Chunk]:
+    """Chunks of ``text``, each at most ``max_chars`` characters (and ``max_tokens`` tokens when given).
+
+    A text within budget is one chunk. ``overlap_chars`` is capped below ``max_chars / 2`` (and below half
+    of a chunk shrunk to fit ``max_tokens``) so every chunk makes progress. Empty text gives no chunk.
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    if not text:
+        return []
+    use_tokens = count_tokens is not None and max_tokens is not None
+
+    def fits(start: int, end: int) -> bool:
+        return not use_tokens or count_tokens(text[start:end]) <= max_tokens  # type: ignore[misc]
+
+    n = len(text)
+    if n <= max_chars and fits(0, n):
+        return [Chunk(0, 0, n, text)]
+
+    paragraphs = _boundaries(_PARAGRAPH, text)
+    sentences = sorted(set(_boundaries(_SENTENCE, text)) | set(paragraphs))
+    words = sorted(set(_boundaries(_WHITESPACE, text)) | set(sentences))
+    overlap_cap = max(0, min(overlap_chars, (max_chars - 1) // 2))
+
+    def cut(start: int, floor: int) -> int:
+        """End of the chunk starting at ``start``: the best boundary in the window, beyond ``floor``."""
+        limit = min(n, start + max_chars)
+        while True:
+            if limit == n:
+                end = n
+            else:
+                half = max(floor, start + max(1, (limit - start) // 2) - 1)
+                end = (
+                    _last_in(paragraphs, half, limit)
+                    or _last_in(sentences, half, limit)
+                    or _last_in(words, max(start, floor), limit)
+                    or limit
+                )
+            if end - start <= 1 or fits(start, end):
+                return end
+            # over the token budget: shrink the window proportionally and cut again
+            n_tok = count_tokens(text[start:end])  # type: ignore[misc]
+            limit = start + max(1, min(end - start - 1, (end - start) * max_tokens // max(n_tok, 1)))  # type: ignore[operator]
+
+    chunks: list[Chunk] = []
+    start, prev_end = 0, 0
+    while True:
+        end = cut(start, prev_end)
+        if end <= prev_end:
+            # the overlap left no room under the token budget: start where the previous chunk ended
+            start = prev_end
+            end = cut(start, prev_end)
+        chunks.append(Chunk(len(chunks), start, end, text[start:end]))
+        if end >= n:
+            return chunks
+        overlap = min(overlap_cap, (end - start) // 2)
+        prev_end = end
+        if overlap <= 0:
+            start = end
+            continue
+        lo = end - overlap
+        # a sentence start if it keeps at least half the overlap, else the earliest word start
+        nxt = _first_in(sentences, lo, end - overlap // 2) or _first_in(words, lo, end) or lo
+        start = max(nxt, start + 1)

@@ -1,0 +1,66 @@
+"""Stable identifiers: text hashes (equal to Spark's ``sha2(col, 256)``), concept/relation ids, fingerprints.
+
+Every id is a hex SHA-256 of a canonical JSON rendering, so it is deterministic across processes, machines
+and Python versions (``json.dumps`` with ASCII escapes and compact separators).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+ID_HEX_CHARS = 32
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: a lone surrogate (invalid UTF-8, which Spark cannot hold either) must not crash a batch.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def sha256_text(text: str) -> str:
+    """Hex SHA-256 of the UTF-8 bytes of ``text`` (equals Spark SQL ``sha2(col, 256)`` on the same string)."""
+    return hashlib.sha256(_utf8(text)).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _short_hash(value: Any) -> str:
+    return hashlib.sha256(_canonical(value).encode("ascii")).hexdigest()[:ID_HEX_CHARS]
+
+
+def concept_id(note_id: str, task: str, label: str, start: int | None, end: int | None, text: str, ordinal: int) -> str:
+    """Id of one concept row: hash of (note_id, task, label, start, end, text, ordinal); start/end may be None."""
+    return _short_hash([note_id, task, label, start, end, text, ordinal])
+
+
+def relation_id(note_id: str, task: str, label: str, head_concept_id: str, tail_concept_id: str) -> str:
+    """Id of one relation row: hash of (note_id, task, label, head concept id, tail concept id)."""
+    return _short_hash([note_id, task, label, head_concept_id, tail_concept_id])
+
+
+def fingerprint(
+    model_sha256: str,
+    adapter_sha256: str | None,
+    prompt_version: str,
+    sampling: dict,
+    chunking: dict,
+    parser_version: str,
+) -> str:
+    """Extraction fingerprint: what the output of a note depends on besides its text (32 hex chars).
+
+    A change of model, adapter, prompt, sampling, chunking or parser changes it, so the ledger re-selects
+    every note; anything else (cluster size, batch size, ...) does not.
+    """
+    return _short_hash(
+        {
+            "model_sha256": model_sha256,
+            "adapter_sha256": adapter_sha256,
+            "prompt_version": prompt_version,
+            "sampling": sampling,
+            "chunking": chunking,
+            "parser_version": parser_version,
+        }
+    )
