@@ -40,7 +40,7 @@ def settings():
 
     return load_settings().with_overrides(
         engine={"max_model_len": 2048, "max_num_seqs": 8, "guided_json": True, "adapter": None,
-                "enable_lora": True, "max_lora_rank": 16},
+                "enable_lora": True, "max_lora_rank": 16, "gpu_memory_utilization": 0.15},
         ray={"num_cpus": 2, "num_actors": 1, "num_cpus_per_actor": 1},
     )
 
@@ -79,7 +79,7 @@ def make_tiny_adapter(base_model_path: Path, out: Path, *, name: str = "tiny-tes
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+    cfg = LoraConfig(r=r, lora_alpha=4 * r, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
                      task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, cfg)
     peft_model.save_pretrained(str(out))

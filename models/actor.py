@@ -1,0 +1,263 @@
+"""Ray engine actors: one engine per GPU (one on CPU), named so Spark executors can find them.
+
+* :func:`ensure_ray` starts a local Ray (or connects to ``RayConfig.address``) once and returns the GCS
+  address that executor processes pass to :meth:`EnginePool.connect`. Worker output is not forwarded to
+  the driver (``log_to_driver=False``), so nothing an engine prints can reach driver logs.
+* :class:`EngineActor` wraps one engine (``models.engine.make_engine``); ``generate`` never raises for
+  per-item problems -- they come back as ``GenerationResult.error``.
+* :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>``
+  (``get_if_exists``), so every process using the same engine config shares the same actors. ``generate``
+  splits requests into batches, keeps up to ``max_in_flight`` batches queued per actor, returns results in
+  input order and turns a dead actor into per-item ``engine_unavailable`` errors.
+
+Nothing here logs prompt, note or output text: ids, counts and timings only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from notelake.conf.settings import EngineConfig, RayConfig, Settings
+from notelake.models.engine import GenerationRequest, GenerationResult, error_result
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "notelake-engine"
+ENGINE_UNAVAILABLE = "engine_unavailable"
+READY_TIMEOUT_S = float(os.environ.get("NOTELAKE_ENGINE_READY_TIMEOUT_S", "900"))
+
+
+# ============================================================================================== Ray
+def ensure_ray(cfg: RayConfig) -> str:
+    """Start (or connect to) Ray once per process; returns the cluster's GCS address (``host:port``)."""
+    if not ray.is_initialized():
+        common: dict[str, Any] = {"namespace": cfg.namespace, "log_to_driver": False,
+                                  "logging_level": logging.WARNING}
+        if cfg.address:
+            ray.init(address=cfg.address, **common)
+        else:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **common)
+        log.info("ray ready (namespace %s)", cfg.namespace)
+    return ray.get_runtime_context().gcs_address
+
+
+def engine_config_hash(cfg: EngineConfig) -> str:
+    payload = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:8]
+
+
+def actor_names(settings: Settings) -> list[str]:
+    h = engine_config_hash(settings.engine)
+    return [f"{ACTOR_PREFIX}-{h}-{i}" for i in range(settings.ray.num_actors)]
+
+
+# ============================================================================================== actor
+class EngineActor:
+    """One engine in one Ray worker process. Wrapped with ``ray.remote`` by :func:`remote_engine_actor`."""
+
+    def __init__(self, engine_cfg: dict):
+        from notelake.models.engine import make_engine
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.cfg = EngineConfig.model_validate(engine_cfg)
+        self.engine = make_engine(self.cfg)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        try:
+            results = self.engine.generate(list(requests))
+        except Exception as exc:  # noqa: BLE001 - never raise for the batch; the message may quote text
+            log.error("engine failed on a batch of %d (%s)", len(requests), type(exc).__name__)
+            return [error_result(r.request_id, f"engine_error: {type(exc).__name__}") for r in requests]
+        if len(results) != len(requests):
+            return [error_result(r.request_id, "engine_error: result count mismatch") for r in requests]
+        return results
+
+    def count_tokens(self, text: str) -> int:
+        return self.engine.count_tokens(text)
+
+    def describe(self) -> dict:
+        return self.engine.describe()
+
+    def ping(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+_REMOTE_CLS = None
+
+
+def remote_engine_actor():
+    """``ray.remote(EngineActor)``, created on first use."""
+    global _REMOTE_CLS
+    if _REMOTE_CLS is None:
+        _REMOTE_CLS = ray.remote(EngineActor)
+    return _REMOTE_CLS
+
+
+# ============================================================================================== pool
+class EnginePool:
+    """Handles to the named engine actors of one engine config."""
+
+    def __init__(self, actors: list, names: list[str], settings: Settings):
+        self.actors = actors
+        self.names = names
+        self.settings = settings
+        self._dead: set[int] = set()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def get_or_create(cls, settings: Settings) -> "EnginePool":
+        """Create the pool's actors (or get them when they exist). Returns at once; :meth:`ready` waits for load."""
+        ensure_ray(settings.ray)
+        rc = settings.ray
+        remote = remote_engine_actor()
+        names = actor_names(settings)
+        actors = []
+        for name in names:
+            actors.append(remote.options(
+                name=name, namespace=rc.namespace, get_if_exists=True,
+                max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
+                num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor,
+                # generate calls run one at a time in the engine; the extra threads let ping/describe and the
+                # next batch's tokenisation proceed while a batch is decoding.
+                max_concurrency=rc.max_in_flight + 1,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            ).remote(settings.engine.model_dump(mode="json")))
+        log.info("engine pool: %d actor(s) %s", len(actors), names[0].rsplit("-", 1)[0])
+        return cls(actors, names, settings)
+
+    @classmethod
+    def connect(cls, gcs_address: str, settings: Settings, timeout_s: float = 60.0) -> "EnginePool":
+        """Attach to an existing pool from another process (a Spark executor's Python worker)."""
+        rc = settings.ray
+        if not ray.is_initialized():
+            ray.init(address=gcs_address, namespace=rc.namespace, log_to_driver=False, logging_level=logging.WARNING)
+        names = actor_names(settings)
+        actors, deadline = [], time.monotonic() + timeout_s
+        for name in names:
+            while True:
+                try:
+                    actors.append(ray.get_actor(name, namespace=rc.namespace))
+                    break
+                except ValueError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"engine actor {name} not found in namespace {rc.namespace} at {gcs_address}: "
+                            "the driver must create the pool (EnginePool.get_or_create) with the same engine config"
+                        ) from None
+                    time.sleep(0.5)
+        return cls(actors, names, settings)
+
+    # ------------------------------------------------------------------ use
+    def ready(self, timeout_s: float | None = None) -> "EnginePool":
+        """Block until every actor has loaded its engine; raises RuntimeError naming the actor that failed."""
+        timeout_s = READY_TIMEOUT_S if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        for name, actor in zip(self.names, self.actors):
+            left = max(1.0, timeout_s - (time.monotonic() - t0))
+            try:
+                ray.get(actor.ping.remote(), timeout=left)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"engine actor {name} not ready after {timeout_s:.0f} s (not enough CPUs/GPUs "
+                                   "free in the Ray cluster, or a slow model load)") from None
+            except ray.exceptions.RayActorError as exc:
+                raise RuntimeError(f"engine actor {name} failed to start: {_cause(exc)}") from None
+        log.info("engine pool ready in %.1f s", time.monotonic() - t0)
+        return self
+
+    def generate(self, requests: list[GenerationRequest], batch_size: int | None = None) -> list[GenerationResult]:
+        """Results in input order; per-item errors (including ``engine_unavailable``) instead of exceptions."""
+        if not requests:
+            return []
+        rc = self.settings.ray
+        size = max(1, batch_size or rc.batch_size)
+        queue = deque((start, requests[start:start + size]) for start in range(0, len(requests), size))
+        results: list[GenerationResult | None] = [None] * len(requests)
+        in_flight = [0] * len(self.actors)
+        pending: dict[Any, tuple[int, int, list[GenerationRequest]]] = {}
+
+        def fill(start: int, batch: list[GenerationRequest], out: list[GenerationResult]) -> None:
+            for k, r in enumerate(out):
+                results[start + k] = r
+
+        def submit() -> None:
+            while queue:
+                free = [i for i in range(len(self.actors)) if i not in self._dead and in_flight[i] < rc.max_in_flight]
+                if not free:
+                    if len(self._dead) == len(self.actors):  # nobody left: fail the rest as data
+                        while queue:
+                            start, batch = queue.popleft()
+                            fill(start, batch, [error_result(r.request_id, ENGINE_UNAVAILABLE) for r in batch])
+                    return
+                i = min(free, key=lambda j: in_flight[j])
+                start, batch = queue.popleft()
+                pending[self.actors[i].generate.remote(batch)] = (i, start, batch)
+                in_flight[i] += 1
+
+        submit()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i, start, batch = pending.pop(ref)
+                in_flight[i] -= 1
+                try:
+                    out = ray.get(ref)
+                    if len(out) != len(batch):
+                        raise ValueError("result count mismatch")
+                except ray.exceptions.RayActorError as exc:
+                    if isinstance(exc, getattr(ray.exceptions, "ActorDiedError", ())):
+                        self._dead.add(i)
+                    log.error("engine actor %s unavailable (%s): %d item(s) failed", self.names[i],
+                              type(exc).__name__, len(batch))
+                    out = [error_result(r.request_id, ENGINE_UNAVAILABLE) for r in batch]
+                except Exception as exc:  # noqa: BLE001 - RayTaskError etc.: the batch fails as data
+                    log.error("engine actor %s failed a batch (%s)", self.names[i], type(exc).__name__)
+                    out = [error_result(r.request_id, f"engine_error: {type(exc).__name__}") for r in batch]
+                fill(start, batch, out)
+            submit()
+        missing = [k for k, r in enumerate(results) if r is None]
+        for k in missing:  # defensive: never return a hole
+            results[k] = error_result(requests[k].request_id, ENGINE_UNAVAILABLE)
+        return results  # type: ignore[return-value]
+
+    def count_tokens(self, text: str) -> int:
+        return ray.get(self.actors[0].count_tokens.remote(text))
+
+    def describe(self) -> dict:
+        """The first actor's engine description plus every actor's name and pid."""
+        descs = ray.get([a.describe.remote() for a in self.actors])
+        out = dict(descs[0])
+        out.pop("pid", None)
+        out["actors"] = [{"name": n, "pid": d.get("pid")} for n, d in zip(self.names, descs)]
+        return out
+
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
+        self.names = []
+
+
+def _cause(exc: BaseException) -> str:
+    """First line of an actor error's cause (constructor errors carry no note text)."""
+    text = str(exc).strip().splitlines()
+    for line in reversed(text):
+        if "Error" in line or "error" in line:
+            return line.strip()[:500]
+    return (text[-1] if text else type(exc).__name__)[:500]

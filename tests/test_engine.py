@@ -1,0 +1,164 @@
+"""The vLLM engine behind one shared Ray actor (session fixtures ``ray_address`` / ``engine_pool``).
+
+Every test that needs vLLM reuses the one engine actor (load ~30-60 s on 2 CPU cores); each generate call
+is a few short prompts. Pool mechanics (ordering across batches, a dying actor) use tiny fake actors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import ray
+
+from notelake.conf.task import load_task
+from notelake.models.actor import ENGINE_UNAVAILABLE, EnginePool, actor_names, engine_config_hash
+from notelake.models.engine import GenerationRequest, GenerationResult
+from notelake.udfs.answer import answer_json_schema
+from notelake.udfs.prompts import build_messages
+
+PHEE_TEXT = "A 54-year-old woman developed severe hepatotoxicity after starting isoniazid for latent tuberculosis."
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_generate_preserves_order_and_ids(engine_pool):
+    reqs = [
+        GenerationRequest("first", _user("Name one color of the rainbow."), max_tokens=12),
+        GenerationRequest("second", _user("Say hello."), max_tokens=12),
+    ]
+    out = engine_pool.generate(reqs)
+    assert [r.request_id for r in out] == ["first", "second"]
+    for r in out:
+        assert r.error is None and r.text and r.output_tokens > 0 and r.prompt_tokens > 0
+        assert r.finish_reason in ("stop", "length")
+
+
+def test_sensible_text(engine_pool):
+    (res,) = engine_pool.generate([GenerationRequest("paris", _user("What is the capital of France?"), max_tokens=24)])
+    assert res.error is None
+    assert "Paris" in res.text
+    assert res.finish_reason == "stop"
+
+
+def test_guided_json_matches_schema(engine_pool):
+    jsonschema = pytest.importorskip("jsonschema")
+    task = load_task("phee")
+    schema = answer_json_schema(task)
+    # The untrained base model lists concepts/relations until max_tokens; cap the lists so the answer completes.
+    capped = copy.deepcopy(schema)
+    for key in ("concepts", "relations"):
+        if key in capped["properties"]:
+            capped["properties"][key]["maxItems"] = 3
+    req = GenerationRequest("j1", build_messages(task, PHEE_TEXT), json_schema=capped, max_tokens=200)
+    (res,) = engine_pool.generate([req])
+    assert res.error is None
+    assert res.finish_reason == "stop", f"answer truncated after {res.output_tokens} tokens"
+    answer = json.loads(res.text)
+    jsonschema.validate(answer, schema)
+    assert all(c["label"] in task.concepts for c in answer["concepts"])
+    assert "\n" not in res.text and ": " not in res.text.replace('": "', '"')  # compact: free whitespace off
+
+
+def test_bad_items_are_isolated(engine_pool):
+    reqs = [
+        GenerationRequest("ok-1", _user("What is the capital of France?"), max_tokens=16),
+        GenerationRequest("too-long", _user("note " * 5000), max_tokens=16),
+        GenerationRequest("bad-schema", _user("Answer in JSON."), json_schema={"type": "no-such-type"}, max_tokens=8),
+        GenerationRequest("ok-2", _user("Say hello."), max_tokens=8),
+    ]
+    out = engine_pool.generate(reqs)
+    assert [r.request_id for r in out] == ["ok-1", "too-long", "bad-schema", "ok-2"]
+    assert out[0].error is None and "Paris" in out[0].text
+    assert out[1].text is None and out[1].error.startswith("prompt_too_long")
+    assert "note" not in out[1].error  # no prompt text in errors
+    assert out[2].text is None and out[2].error  # rejected by vLLM, isolated by the one-by-one retry
+    assert out[3].error is None and out[3].text
+
+
+def _peft_greedy(base_model_path, adapter_path, messages, max_new_tokens) -> str:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_model_path))
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter_path)).eval()
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_lora_adapter_changes_output(engine_pool, tiny_adapter, base_model_path):
+    messages = _user("What is the capital of France?")
+    base, lora, default = engine_pool.generate([
+        GenerationRequest("base", messages, max_tokens=16, adapter=""),
+        GenerationRequest("lora", messages, max_tokens=16, adapter=str(tiny_adapter)),
+        GenerationRequest("default", messages, max_tokens=16),  # engine default = no adapter
+    ])
+    assert base.error is None and lora.error is None and default.error is None
+    assert "Paris" in base.text
+    assert lora.text != base.text
+    assert default.text == base.text
+    # vLLM applies the adapter as PEFT does: same greedy start as PEFT on transformers.
+    reference = _peft_greedy(base_model_path, tiny_adapter, messages, 16)
+    assert lora.text.split("\n")[0] == reference.split("\n")[0]
+
+
+def test_refused_adapter_is_a_per_item_error(engine_pool, base_model_path, tmp_path):
+    from conftest import make_tiny_adapter
+
+    wrong = make_tiny_adapter(base_model_path, tmp_path / "wrong-base", base_model_sha="0" * 64)
+    ok, bad = engine_pool.generate([
+        GenerationRequest("ok", _user("Say hello."), max_tokens=8, adapter=""),
+        GenerationRequest("bad", _user("Say hello."), max_tokens=8, adapter=str(wrong)),
+    ])
+    assert ok.error is None
+    assert bad.text is None and bad.error.startswith("adapter_refused") and "0" * 64 in bad.error
+
+
+def test_describe_and_connect(engine_pool, ray_address, settings, base_model_sha):
+    desc = engine_pool.describe()
+    assert desc["backend"] == "vllm" and desc["model_sha256"] == base_model_sha
+    assert desc["adapter"] is None and desc["dtype"] == "float32"
+    assert desc["actors"][0]["name"] == f"notelake-engine-{engine_config_hash(settings.engine)}-0"
+    again = EnginePool.connect(ray_address, settings)  # what a Spark executor does
+    assert again.names == engine_pool.names == actor_names(settings)
+    assert again.pids() == engine_pool.pids()
+
+
+# ------------------------------------------------------------------ pool mechanics with fake actors (no vLLM)
+@ray.remote(num_cpus=0)
+class _EchoActor:
+    def generate(self, requests):
+        return [GenerationResult(r.request_id, f"echo:{r.request_id}", None) for r in requests]
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
+class _DyingActor:
+    def generate(self, requests):
+        os._exit(1)
+
+
+def test_pool_orders_results_across_batches(ray_address, settings):
+    actors = [_EchoActor.remote(), _EchoActor.remote()]
+    pool = EnginePool(actors, ["echo-0", "echo-1"], settings)
+    reqs = [GenerationRequest(f"r{i}", _user("x")) for i in range(11)]
+    out = pool.generate(reqs, batch_size=2)
+    assert [r.request_id for r in out] == [f"r{i}" for i in range(11)]
+    assert all(r.text == f"echo:{r.request_id}" for r in out)
+    pool.shutdown()
+
+
+def test_dead_actor_gives_per_item_errors(ray_address, settings):
+    pool = EnginePool([_DyingActor.remote()], ["dying-0"], settings)
+    reqs = [GenerationRequest(f"r{i}", _user("x")) for i in range(5)]
+    out = pool.generate(reqs, batch_size=2)
+    assert [r.request_id for r in out] == [f"r{i}" for i in range(5)]
+    assert all(r.text is None and r.error == ENGINE_UNAVAILABLE for r in out)
+    pool.shutdown()
