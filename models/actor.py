@@ -141,6 +141,7 @@ class EnginePool:
         """Attach to an existing pool from another process (a Spark executor's Python worker)."""
         rc = settings.ray
         if not ray.is_initialized():
+            _adopt_token_auth()
             ray.init(address=gcs_address, namespace=rc.namespace, log_to_driver=False, logging_level=logging.WARNING)
         names = actor_names(settings)
         actors, deadline = [], time.monotonic() + timeout_s
@@ -252,6 +253,26 @@ class EnginePool:
                 pass
         self.actors = []
         self.names = []
+
+
+def _adopt_token_auth() -> None:
+    """Use Ray token auth when connecting from a process that did not inherit ``RAY_AUTH_MODE``.
+
+    Ray >= 2.5x enables token auth by default for a cluster started with ``ray.init()`` (the token lives in
+    ``~/.ray/auth_token``) and sets ``RAY_AUTH_MODE=token`` only in the starting process and its children. A
+    Spark executor's Python worker forked from a JVM started earlier lacks it and would be refused.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # refresh Ray's cached config so this process sees the mode (what ray.init does for new clusters)
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:  # noqa: BLE001 - private API; the env var alone suffices on a fresh import
+            pass
 
 
 def _cause(exc: BaseException) -> str:

@@ -162,3 +162,50 @@ def test_dead_actor_gives_per_item_errors(ray_address, settings):
     assert [r.request_id for r in out] == [f"r{i}" for i in range(5)]
     assert all(r.text is None and r.error == ENGINE_UNAVAILABLE for r in out)
     pool.shutdown()
+
+
+# ------------------------------------------------------------------ transformers fallback (no vLLM, no Ray)
+def test_hf_engine_fallback(settings, tiny_adapter, base_model_sha):
+    from notelake.models.engine import HFEngine, make_engine
+
+    cfg = settings.engine.model_copy(update={"backend": "hf"})
+    engine = make_engine(cfg)
+    assert isinstance(engine, HFEngine)
+    messages = _user("What is the capital of France?")
+    base, lora, long = engine.generate([
+        GenerationRequest("base", messages, max_tokens=12),
+        GenerationRequest("lora", messages, max_tokens=12, adapter=str(tiny_adapter)),
+        GenerationRequest("long", _user("note " * 5000), max_tokens=12),
+    ])
+    assert base.error is None and "Paris" in base.text and base.finish_reason == "stop"
+    assert lora.error is None and lora.text != base.text
+    assert long.text is None and long.error.startswith("prompt_too_long")
+    (again,) = engine.generate([GenerationRequest("again", messages, max_tokens=12, adapter="")])
+    assert again.text == base.text  # adapter switched off again for the base model
+    desc = engine.describe()
+    assert desc["backend"] == "hf" and desc["model_sha256"] == base_model_sha and desc["guided_json"] is False
+    assert engine.count_tokens("hello world") > 0
+
+
+_CHILD = """
+import json, sys
+from notelake.conf import Settings
+from notelake.models.actor import EnginePool
+from notelake.models.engine import GenerationRequest
+pool = EnginePool.connect(sys.argv[1], Settings.model_validate(json.loads(sys.argv[2])))
+(res,) = pool.generate([GenerationRequest("child", [{"role": "user", "content": "What is the capital of France?"}],
+                                          max_tokens=16)])
+print(json.dumps({"error": res.error, "paris": "Paris" in (res.text or "")}))
+"""
+
+
+def test_connect_from_another_process(engine_pool, ray_address, settings):
+    """What a Spark executor's Python worker does: attach by GCS address, without the driver's Ray env vars."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, ray_address, settings.model_dump_json()],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"error": None, "paris": True}
