@@ -1,0 +1,216 @@
+"""Evaluate the real extraction path (chunk -> prompt -> vLLM + guided JSON -> parse + ground) on gold data.
+
+Run from the repository root (no Spark needed; one in-process vLLM engine, float32 on CPU)::
+
+    python -m notelake.jobs.evaluate --task phee --gold ../shared/data/phee/dev.jsonl --limit 200 \
+        --adapter models/adapters/phee-pilot --out runs/eval/phee-pilot
+    python -m notelake.jobs.evaluate --task phee --gold ../shared/data/phee/dev.jsonl --limit 200 \
+        --adapter none --out runs/eval/phee-base                       # base model zero-shot
+    python -m notelake.jobs.evaluate --task maccrobat --gold ../shared/data/maccrobat/dev.jsonl --limit 5 \
+        --adapter models/adapters/phee-pilot --out runs/eval/mac       # task not in the adapter: zero-shot + warning
+    # several runs side by side (e.g. a learning curve), without generating anything:
+    python -m notelake.jobs.evaluate --compare runs/eval/a/report.json runs/eval/b/report.json --out runs/eval/curve
+
+The slice is fixed: notes sorted by note_id, shuffled with ``--seed``, the first ``--limit`` kept. Outputs in
+``--out``: ``report.json`` (all scores, CIs, throughput, lineage), ``report.md`` (tables) and, only when
+matplotlib is installed, ``per_label_f1.png``. ``--delta PATH`` appends the scores to a Delta table;
+``--record-dev-scores`` stores the headline scores in the adapter's manifest (``dev_scores``).
+
+An adapter trained on another base model is refused (exit 2, clear message). Exit codes: 0 done, 2 bad
+input/config/adapter, 3 the ``--gate`` baseline check failed. No note text or model output is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import uuid
+import warnings
+from pathlib import Path
+
+from notelake.conf.settings import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="notelake evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", help="task name (conf/tasks/<name>.yaml)")
+    p.add_argument("--gold", help="gold JSONL (shared/data format)")
+    p.add_argument("--limit", type=int, default=None, help="notes in the fixed slice (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="slice shuffle seed (and bootstrap seed)")
+    p.add_argument("--adapter", default="none", help="adapter folder, or 'none' for the base model zero-shot")
+    p.add_argument("--settings", default=None, help="settings YAML (default conf/local.yaml)")
+    p.add_argument("--backend", choices=["vllm", "hf"], default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="answer budget (default: the task's max_tokens)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--kv-fraction", type=float, default=0.08, help="engine.gpu_memory_utilization (CPU: of host RAM)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call (progress granularity)")
+    p.add_argument("--no-guided-json", action="store_true", help="free generation (ablation)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
+    p.add_argument("--label", default=None, help="run label in comparison tables")
+    p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
+    p.add_argument("--out", required=True, help="output folder for report.json / report.md")
+    p.add_argument("--delta", default=None, help="append score rows to this Delta table")
+    p.add_argument("--record-dev-scores", action="store_true", help="write headline scores into the adapter manifest")
+    p.add_argument("--gate", default=None, help="baseline JSON: exit 3 when lenient F1 < baseline - 2 SE")
+    return p
+
+
+def _adapter_info(path: str | None, model_sha: str, task: str) -> dict | None:
+    """Verify the adapter (refused on a base-model mismatch) and describe it for the report."""
+    if not path:
+        return None
+    from notelake.models.adapters import ZeroShotWarning, load_adapter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ZeroShotWarning)
+        info = load_adapter(path, model_sha, task)
+    zero_shot = any(issubclass(w.category, ZeroShotWarning) for w in caught)
+    if zero_shot:
+        print(f"warning: adapter {info.name} was not trained on task {task}: running zero-shot", file=sys.stderr)
+    training = info.manifest.get("training") or {}
+    return {"name": info.name, "path": str(info.path), "sha256": info.sha256, "tasks": info.tasks,
+            "rank": info.rank, "zero_shot": zero_shot, "train_tokens": training.get("tokens_processed"),
+            "train_wall_s": training.get("wall_time_s"), "kind": info.manifest.get("kind", "lora")}
+
+
+def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc: dict) -> dict:
+    from notelake.conf.task import load_task
+    from notelake.models.evaluation import evaluate_records, now_iso, read_gold, select_slice, slice_fingerprint
+    from notelake.models.adapters import AdapterError
+    from notelake.conf import load_settings
+
+    task = load_task(args.task)
+    records = select_slice(read_gold(args.gold), args.limit, args.seed)
+    if not records:
+        raise ConfigError(f"{args.gold}: no records")
+    adapter_path = None if str(args.adapter).lower() in ("none", "") else str(Path(args.adapter).resolve())
+    try:
+        adapter = _adapter_info(adapter_path, model_sha, task.name)
+    except AdapterError as exc:
+        raise ConfigError(f"adapter refused: {exc}") from None
+    settings = load_settings(args.settings)
+    max_tokens = args.max_tokens or task.max_tokens
+    scores = evaluate_records(
+        task, records, generate, adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
+        guided_json=not args.no_guided_json, chunk_overlap_chars=settings.job.chunk_overlap_chars,
+        batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
+        lineage={"model": model_name, "model_sha256": model_sha,
+                 "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
+    )
+    n_gold = scores["cce"]["lenient"]["n_gold"]
+    return {
+        "run_id": f"eval-{uuid.uuid4().hex[:12]}",
+        "label": args.label or (adapter["name"] if adapter else "base zero-shot"),
+        "created_at": now_iso(),
+        "task": task.name,
+        "gold": str(args.gold),
+        "slice": {"limit": args.limit, "seed": args.seed, "n_notes": len(records), "n_gold_concepts": n_gold,
+                  "n_gold_relations": (scores.get("cre") or {}).get("lenient", {}).get("n_gold"),
+                  "sha256": slice_fingerprint(records),
+                  "definition": "notes sorted by note_id, random.Random('dev-slice:<seed>').shuffle, first <limit>"},
+        "model": {"name": model_name, "sha256": model_sha},
+        "adapter": adapter,
+        "engine": {"backend": engine_desc.get("backend"), "dtype": engine_desc.get("dtype"),
+                   "greedy": True, "guided_json": not args.no_guided_json, "max_tokens": max_tokens,
+                   "chunk_overlap_chars": settings.job.chunk_overlap_chars, "max_chunk_chars": task.max_chunk_chars,
+                   "versions": engine_desc.get("versions")},
+        "machine": {"cpus": os.cpu_count(), "gpu": _gpu_name()},
+        "command": "python -m notelake.jobs.evaluate " + " ".join(shlex.quote(a) for a in (args._argv or [])),
+        "scores": scores,
+    }
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def write_reports(report: dict | None, out: Path, compare: list[dict]) -> None:
+    from notelake.models.evaluation import bar_plot, comparison_table, markdown_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    if report is None:  # comparison only
+        (out / "comparison.md").write_text("# Runs compared\n\n" + comparison_table(compare) + "\n", encoding="utf-8")
+        print(f"wrote {out / 'comparison.md'}")
+        return
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    runs = compare + [report] if compare else None
+    (out / "report.md").write_text(markdown_report(report, runs), encoding="utf-8")
+    png = bar_plot(report, out / "per_label_f1.png")
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}" + (f", {png}" if png else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args._argv = argv
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    compare = [json.loads(Path(p).read_text(encoding="utf-8")) for p in (args.compare or [])]
+    if not args.task and not args.gold:
+        if not compare:
+            print("error: give --task and --gold, or --compare", file=sys.stderr)
+            return 2
+        write_reports(None, out, compare)
+        return 0
+    if not (args.task and args.gold):
+        print("error: --task and --gold go together", file=sys.stderr)
+        return 2
+    try:
+        from notelake.conf import load_settings
+        from notelake.models.engine import make_engine
+
+        settings = load_settings(args.settings)
+        engine_over = {"adapter": None, "enable_lora": True, "max_model_len": args.max_model_len,
+                       "max_num_seqs": args.max_num_seqs, "gpu_memory_utilization": args.kv_fraction,
+                       "temperature": 0.0}
+        if args.backend:
+            engine_over["backend"] = args.backend
+        settings = settings.with_overrides(engine=engine_over)
+        engine = make_engine(settings.engine)
+        desc = engine.describe()
+        report = run_evaluation(args, engine.generate, settings.engine.model, desc["model_sha256"], desc)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_reports(report, out, compare)
+    s = report["scores"]
+    headline = {"cce_lenient_f1": s["cce"]["lenient"]["f1"], "cce_lenient_ci95": s["cce"]["lenient"].get("ci95"),
+                "cce_lenient_se": s["cce"]["lenient"].get("se"), "cce_strict_f1": s["cce"]["strict"]["f1"],
+                "cre_lenient_f1": (s.get("cre") or {}).get("lenient", {}).get("f1"),
+                "grounding_rate": s["grounding_rate"], "invalid_output_rate": s["invalid_output_rate"],
+                "output_tokens_per_s": s["throughput"]["output_tokens_per_s"], "n_notes": report["slice"]["n_notes"],
+                "n_gold_concepts": report["slice"]["n_gold_concepts"]}
+    print("summary: " + json.dumps(headline), flush=True)
+    if args.delta:
+        from notelake.models.evaluation import write_delta
+
+        write_delta(report, args.delta)
+        print(f"appended scores to Delta table {args.delta}")
+    if args.record_dev_scores and report.get("adapter") and not report["adapter"]["zero_shot"]:
+        from notelake.models.training import set_dev_scores
+
+        set_dev_scores(report["adapter"]["path"], report["task"], {
+            **headline, "slice": report["slice"], "command": report["command"], "created_at": report["created_at"]})
+        print(f"recorded dev scores in {report['adapter']['path']}/manifest.json")
+    if args.gate:
+        from notelake.models.evaluation import f1_gate
+
+        ok, msg = f1_gate(report, json.loads(Path(args.gate).read_text(encoding="utf-8")))
+        print(("gate passed: " if ok else "gate FAILED: ") + msg)
+        if not ok:
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
