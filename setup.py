@@ -18,6 +18,7 @@ COMMON = [
     "pyyaml>=6",
     "rich>=13",
     "numpy",
+    "pandas>=2.2,<3",  # pyspark needs it for mapInArrow
 ]
 
 setup(

