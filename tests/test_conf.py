@@ -1,0 +1,91 @@
+"""Configuration: shipped YAMLs load; each kind of bad YAML gives a message naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from notelake.conf import CONF_DIR, ConfigError, Settings, load_settings
+from notelake.conf.task import load_task, shipped_tasks
+from notelake.udfs.answer import answer_json_schema
+from notelake.udfs.prompts import build_messages, prompt_version
+
+
+@pytest.mark.parametrize("name", ["local", "gpu", "cluster"])
+def test_shipped_environments_load(name):
+    settings = load_settings(CONF_DIR / f"{name}.yaml")
+    assert isinstance(settings, Settings) and settings.environment == name
+
+
+def test_local_is_the_embedded_default():
+    s = load_settings()
+    assert (s.engine.backend, s.engine.dtype, s.ray.address, s.spark.delta_writer) == \
+        ("vllm", "float32", None, "deltalake")
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("engine:\n  dtype: float64\n", r"engine\.dtype: Input should be 'float32'"),
+    ("engine:\n  max_num_seqs: 0\n", r"engine\.max_num_seqs: Input should be greater than or equal to 1"),
+    ("engine:\n  gpu_memory_utilisation: 0.3\n", r"engine\.gpu_memory_utilisation: Extra inputs are not permitted"),
+    ("ray:\n  num_actors: many\n", r"ray\.num_actors: Input should be a valid integer"),
+    ("spark:\n  delta_writer: iceberg\n", r"spark\.delta_writer: Input should be 'deltalake' or 'delta-spark'"),
+    ("- just\n- a list\n", r"top level must be a mapping"),
+    ("engine: [unclosed\n", r"is not valid YAML"),
+    ("engine:\n  adapter: x\n  enable_lora: false\n", r"engine.adapter is set but engine.enable_lora is false"),
+])
+def test_bad_yaml_names_the_field(tmp_path, body, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_validated():
+    with pytest.raises(Exception, match="max_error_rate"):
+        load_settings().with_overrides(job={"max_error_rate": 2})
+
+
+def test_shipped_tasks_build_prompts_and_schemas():
+    assert {"phee", "maccrobat", "clinical"} <= set(shipped_tasks())
+    for name in shipped_tasks():
+        task = load_task(name)
+        schema = answer_json_schema(task)
+        assert schema["properties"]["concepts"]["items"]["properties"]["label"]["enum"] == sorted(task.concepts)
+        messages = build_messages(task, "Aspirin caused a rash.")
+        assert messages[-1]["content"].endswith("Aspirin caused a rash.")
+        assert prompt_version(task).startswith("t1-")
+
+
+def test_new_label_set_is_a_yaml_file_only(tmp_path):
+    path = tmp_path / "radiology.yaml"
+    path.write_text(
+        "description: Findings in radiology reports.\nkind: cre\n"
+        "concepts:\n  finding: an imaging finding\n  location: an anatomical location\n"
+        "relations:\n  located_in: {definition: finding is located in location, pairs: [[finding, location]]}\n")
+    task = load_task(path)
+    assert task.name == "radiology" and task.allows("located_in", "finding", "location")
+    assert not task.allows("located_in", "location", "finding")
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("description: x\nkind: cre\nconcepts: {a: b}\n", "kind 'cre' needs at least one relation label"),
+    ("description: x\nkind: cce\nconcepts: {a: b}\nrelations: {r: {definition: d}}\n", "kind 'cce' takes no relations"),
+    ("description: x\nkind: cre\nconcepts: {a: b}\nrelations: {r: {definition: d, pairs: [[a, zz]]}}\n",
+     "unknown concept label 'zz'"),
+    ("description: x\nkind: ner\nconcepts: {a: b}\n", r"kind: Input should be 'cce' or 'cre'"),
+    ("name: other\ndescription: x\nkind: cce\nconcepts: {a: b}\n", "must equal the file stem"),
+])
+def test_bad_task_yaml(tmp_path, body, expected):
+    path = tmp_path / "mytask.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=expected):
+        load_task(path)
+
+
+def test_unknown_task_lists_shipped_ones():
+    with pytest.raises(ConfigError, match="shipped tasks: .*phee"):
+        load_task("no_such_task")
