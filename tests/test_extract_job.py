@@ -163,3 +163,64 @@ def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (plan["selected"], plan["estimated_prompts"]) == (3, 3)
     assert read_delta_arrow(out / "concepts") is None
+
+
+def test_new_task_yaml_runs_zero_shot(tmp_path, spark, engine_pool, settings):
+    """A new corpus is served by writing a task YAML only; output carries only that task's labels."""
+    task_yaml = tmp_path / "drugsafety.yaml"
+    task_yaml.write_text(
+        "description: Drugs and adverse reactions in short clinical notes.\nkind: cce\nmax_tokens: 96\n"
+        "concepts:\n  drug: a medication name\n  reaction: an adverse reaction or side effect\n")
+    src = write_notes(tmp_path / "notes", sample_notes(2))
+    out = tmp_path / "warehouse"
+    cfg = job_settings(settings, task=str(task_yaml))
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert set(table(out, "ledger")["task"].to_pylist()) == {"drugsafety"}
+    concepts = table(out, "concepts")
+    assert set(concepts["label"].to_pylist()) <= {"drug", "reaction"}
+    assert set(concepts["task"].to_pylist()) <= {"drugsafety"}
+
+
+def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, engine_pool, settings, ray_address):
+    """SIGKILL the job (a separate process on the same Ray cluster) after its first round commits; rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    notes = sample_notes(4)
+    src = write_notes(tmp_path / "notes", notes)
+    out = tmp_path / "warehouse"
+    cfg = job_settings(settings, round_notes=1)
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(cfg.with_overrides(ray={"address": ray_address}).model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "notelake.jobs.extract", "--conf", str(conf), "--input", src,
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    committed = 0
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        ledger = read_delta_arrow(out / "ledger")
+        committed = 0 if ledger is None else ledger.num_rows
+        if committed >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=60)
+    assert 1 <= committed < len(notes), f"expected a kill mid-run, ledger had {committed} notes"
+
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    runs = sorted(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+    assert runs[0]["status"] == "running"  # the killed run never finished
+    assert (runs[-1]["status"], runs[-1]["selected"]) == ("succeeded", len(notes) - committed)
+    ledger = table(out, "ledger")
+    assert sorted(ledger["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
+    concepts = table(out, "concepts").to_pylist()
+    assert len({c["concept_id"] for c in concepts}) == len(concepts)
+    per_note_runs = {}
+    for c in concepts:
+        per_note_runs.setdefault(c["note_id"], set()).add(c["run_id"])
+    assert all(len(r) == 1 for r in per_note_runs.values()), "a note's rows mix two runs"
