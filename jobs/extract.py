@@ -530,6 +530,8 @@ def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehou
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # py4j logs benign socket resets at INFO when Ray's processes close inherited driver connections.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         settings = _resolve_settings(args)

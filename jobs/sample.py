@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     table = pj.read_json(args.source)
     if "note_date" in table.column_names:
         table = table.set_column(table.column_names.index("note_date"), "note_date",
-                                 table["note_date"].cast(pa.string()).cast(pa.date32()))
+                                 table["note_date"].cast(pa.date32()))
     write_deltalake(args.out, table, mode="overwrite")
     print(f"wrote {table.num_rows} notes to {args.out}")
     return 0
