@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gold", help="gold JSONL (shared/data format)")
     p.add_argument("--limit", type=int, default=None, help="notes in the fixed slice (default: all)")
     p.add_argument("--seed", type=int, default=0, help="slice shuffle seed (and bootstrap seed)")
-    p.add_argument("--adapter", default="none", help="adapter folder, or 'none' for the base model zero-shot")
+    p.add_argument("--adapter", nargs="+", default=["none"],
+                   help="adapter folder(s), or 'none' for the base model zero-shot; several = one engine, one "
+                        "report each under --out/<name>/ plus a comparison table")
+    p.add_argument("--prefix", type=int, nargs="*", default=[],
+                   help="also score the first N notes of the slice (e.g. the CI gate slice) from the same run")
     p.add_argument("--settings", default=None, help="settings YAML (default conf/local.yaml)")
     p.add_argument("--backend", choices=["vllm", "hf"], default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="answer budget (default: the task's max_tokens)")
@@ -78,7 +82,8 @@ def _adapter_info(path: str | None, model_sha: str, task: str) -> dict | None:
             "train_wall_s": training.get("wall_time_s"), "kind": info.manifest.get("kind", "lora")}
 
 
-def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc: dict) -> dict:
+def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc: dict,
+                   adapter_arg: str = "none") -> dict:
     from notelake.conf.task import load_task
     from notelake.models.evaluation import evaluate_records, now_iso, read_gold, select_slice, slice_fingerprint
     from notelake.models.adapters import AdapterError
@@ -88,7 +93,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     records = select_slice(read_gold(args.gold), args.limit, args.seed)
     if not records:
         raise ConfigError(f"{args.gold}: no records")
-    adapter_path = None if str(args.adapter).lower() in ("none", "") else str(Path(args.adapter).resolve())
+    adapter_path = None if str(adapter_arg).lower() in ("none", "") else str(Path(adapter_arg).resolve())
     try:
         adapter = _adapter_info(adapter_path, model_sha, task.name)
     except AdapterError as exc:
@@ -103,7 +108,11 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
     )
     n_gold = scores["cce"]["lenient"]["n_gold"]
+    from notelake.models.evaluation import rescore_prefix
+
+    prefixes = {str(n): rescore_prefix(scores, n, args.resamples, args.seed) for n in args.prefix if n < len(records)}
     return {
+        "prefix_scores": prefixes,
         "run_id": f"eval-{uuid.uuid4().hex[:12]}",
         "label": args.label or (adapter["name"] if adapter else "base zero-shot"),
         "created_at": now_iso(),
@@ -178,10 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.with_overrides(engine=engine_over)
         engine = make_engine(settings.engine)
         desc = engine.describe()
-        report = run_evaluation(args, engine.generate, settings.engine.model, desc["model_sha256"], desc)
+        reports = []
+        for adapter_arg in args.adapter:
+            reports.append(run_evaluation(args, engine.generate, settings.engine.model, desc["model_sha256"], desc,
+                                          adapter_arg))
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    rc = 0
+    for report in reports:
+        sub = out if len(reports) == 1 else out / _slug(report["label"])
+        rc = max(rc, _finish_report(args, report, sub, compare))
+    if len(reports) > 1:
+        write_reports(None, out, compare + reports)
+    return rc
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in label).strip("-") or "run"
+
+
+def _finish_report(args, report: dict, out: Path, compare: list[dict]) -> int:
     write_reports(report, out, compare)
     s = report["scores"]
     headline = {"cce_lenient_f1": s["cce"]["lenient"]["f1"], "cce_lenient_ci95": s["cce"]["lenient"].get("ci95"),
@@ -190,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                 "grounding_rate": s["grounding_rate"], "invalid_output_rate": s["invalid_output_rate"],
                 "output_tokens_per_s": s["throughput"]["output_tokens_per_s"], "n_notes": report["slice"]["n_notes"],
                 "n_gold_concepts": report["slice"]["n_gold_concepts"]}
-    print("summary: " + json.dumps(headline), flush=True)
+    print(f"summary [{report['label']}]: " + json.dumps(headline), flush=True)
+    for n, pre in report.get("prefix_scores", {}).items():
+        print(f"prefix {n} notes [{report['label']}]: lenient F1 {pre['cce_lenient']['f1']} "
+              f"(SE {pre['cce_lenient'].get('se')}, {pre['cce_lenient']['n_gold']} gold concepts)", flush=True)
     if args.delta:
         from notelake.models.evaluation import write_delta
 

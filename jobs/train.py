@@ -13,7 +13,9 @@ No Spark is involved; run it directly, from the repository root::
 
 Relative paths in the config (output_dir, checkpoint_dir, data_dir) are taken from the repository root.
 The run resumes from the last checkpoint in ``checkpoint_dir`` (default ``.notelake/checkpoints/<name>``,
-git-ignored) unless ``--no-resume``. The output folder holds only the weights, their config and
+git-ignored) unless ``--no-resume``. ``touch <checkpoint_dir>/STOP`` ends a run gracefully after the current step
+(checkpoint + adapter written); ``--export-checkpoint <checkpoint_dir>/checkpoint-N`` writes the adapter folder
+from a checkpoint of a run that was cut off. The output folder holds only the weights, their config and
 ``manifest.json``. Progress lines carry step, loss, tokens, tokens/s, ETA and peak RSS — never note text.
 Exit codes: 0 trained, 2 bad configuration.
 """
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--dry-run", action="store_true", help="print the data plan and token estimate, do not train")
+    p.add_argument("--export-checkpoint", metavar="CKPT",
+                   help="do not train: write output_dir (weights + manifest) from this checkpoint of the config's run")
+    p.add_argument("--note", help="free-text note stored in the manifest's training record (with --export-checkpoint)")
     return p
 
 
@@ -79,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         cfg = load_train_config(args.config, **overrides)
-        result = train(cfg, dry_run=args.dry_run)
+        if args.export_checkpoint:
+            from notelake.models.training import export_checkpoint
+
+            result = export_checkpoint(cfg, args.export_checkpoint, note=args.note)
+        else:
+            result = train(cfg, dry_run=args.dry_run)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 import uuid
@@ -324,6 +323,13 @@ def score_notes(task: Task, pairs: Iterable[tuple[NoteItems, NoteItems]], *, res
         for m in METRICS:
             for lab, row in _label_table(notes, f"cre_{m}_by_label").items():
                 out["per_relation"].setdefault(lab, {})[m] = row
+    # per-note counts (numbers only) so a prefix of the slice can be rescored without generating again
+    out["per_note"] = [
+        {"note_id": n["note_id"], **{k: [n[k].tp, n[k].n_pred, n[k].n_gold] for k in
+                                     ("cce_strict", "cce_lenient", "cre_strict", "cre_lenient")},
+         "grounded": n["grounded"], "emitted": n["emitted"]}
+        for n in notes
+    ]
     emitted = sum(n["emitted"] for n in notes)
     out["grounding_rate"] = round(sum(n["grounded"] for n in notes) / emitted, 4) if emitted else None
     a = Counts()
@@ -616,6 +622,22 @@ def f1_gate(report: dict, baseline: dict) -> tuple[bool, str]:
                 f"(baseline {baseline['lenient_f1']:.4f} - 2 x SE {baseline['lenient_f1_se']:.4f})")
 
 
+def rescore_prefix(scores: dict, n_notes: int, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Micro P/R/F1 (+ bootstrap CI/SE) of the first ``n_notes`` notes of a scored slice, from per-note counts.
+
+    ``select_slice(records, n)`` is a prefix of ``select_slice(records, m)`` for n < m, so this gives the scores
+    of the smaller fixed slice (e.g. the CI gate slice) from one larger run.
+    """
+    notes = scores["per_note"][:n_notes]
+    out: dict[str, Any] = {"n_notes": len(notes), "note_ids_sha256": hashlib.sha256(
+        "\n".join(n["note_id"] for n in notes).encode()).hexdigest()}
+    for key in ("cce_strict", "cce_lenient", "cre_strict", "cre_lenient"):
+        out[key] = summarize([Counts(*n[key]) for n in notes], resamples, seed)
+    emitted = sum(n["emitted"] for n in notes)
+    out["grounding_rate"] = round(sum(n["grounded"] for n in notes) / emitted, 4) if emitted else None
+    return out
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -623,5 +645,5 @@ def now_iso() -> str:
 __all__ = [
     "Mention", "Rel", "NoteItems", "gold_items", "predicted_items", "match_concepts", "match_relations",
     "note_counts", "score_notes", "bootstrap_f1", "select_slice", "evaluate_records", "markdown_report",
-    "comparison_table", "write_delta", "f1_gate", "read_gold", "slice_fingerprint", "prf", "math",
+    "comparison_table", "write_delta", "f1_gate", "read_gold", "slice_fingerprint", "prf", "rescore_prefix",
 ]

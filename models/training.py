@@ -344,6 +344,9 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+STOP_FILE = "STOP"
+
+
 def _make_callbacks(cfg: TrainConfig, run_state: dict):
     from transformers import TrainerCallback
 
@@ -358,6 +361,11 @@ def _make_callbacks(cfg: TrainConfig, run_state: dict):
         def on_step_end(self, args, state, control, **kw):
             done = state.global_step - run_state["step0"]
             seen = state.num_input_tokens_seen
+            if (Path(cfg.checkpoint_dir) / STOP_FILE).exists():  # graceful stop: save, write the adapter, exit
+                run_state["stopped_by"] = "stop_file"
+                control.should_training_stop = True
+                control.should_save = True
+                return control
             if cfg.token_budget is not None and done > 0:
                 per_step = (seen - run_state["tokens0"]) / done
                 if seen + per_step > cfg.token_budget:
@@ -579,6 +587,51 @@ def save_output(cfg: TrainConfig, model, tokenizer, base_path: Path, train_ex: l
 
 
 PENDING_MANIFEST = "manifest.pending.json"
+
+
+def export_checkpoint(cfg: TrainConfig, checkpoint: str | os.PathLike, note: str | None = None) -> dict:
+    """Write the adapter folder + manifest from a saved checkpoint of ``cfg``'s run (e.g. a run cut off at a
+    deadline). Steps, tokens and the loss curve come from the checkpoint's trainer_state.json."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    base_path = resolve_base(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    train_ex, val_ex, stats = build_datasets(cfg, tokenizer)
+    if cfg.mode == "lora":
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(checkpoint))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) if cfg.mode == "lora" else \
+        sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    history = state.get("log_history", [])
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    record = {
+        "config": json.loads(cfg.model_dump_json()),
+        "tokens_processed": int(state.get("num_input_tokens_seen") or 0),
+        "token_budget": cfg.token_budget,
+        "stopped_by": "exported_checkpoint",
+        "exported_from": checkpoint.name,
+        "note": note,
+        "optimizer_steps": int(state.get("global_step") or 0),
+        "examples_seen": int(state.get("global_step") or 0) * cfg.batch_size * cfg.grad_accum,
+        "wall_time_s": None,
+        "tokens_per_s": None,
+        "peak_rss_mb": None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "final_train_loss": losses[-1][1] if losses else None,
+        "loss_curve": losses,
+        "val_loss": None,
+        "data": {"examples_train": len(train_ex), "per_task": {k: vars(v) for k, v in stats.items()}},
+        "device": "cpu",
+    }
+    return save_output(cfg, model, tokenizer, base_path, train_ex, record)
 
 
 def _cast_safetensors(path: Path, dtype: str) -> None:

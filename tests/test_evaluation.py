@@ -205,3 +205,19 @@ def test_shipped_adapter_gate(engine_pool):
     ok, msg = f1_gate(report, {"lenient_f1": gate["lenient_f1"], "lenient_f1_se": gate["lenient_f1_se"]})
     assert scores["invalid_output_rate"] is not None
     assert ok, f"{path.name}: {msg}"
+
+
+def test_rescore_prefix_matches_scoring_the_prefix():
+    from notelake.models.evaluation import rescore_prefix
+
+    task = load_task("phee")
+    notes = []
+    for k in range(6):
+        g = NoteItems(f"n{k}", [M("Drug", (0, 7)), M("Effect", (20, 35))], [])
+        p = NoteItems(f"n{k}", [M("Drug", (0, 7)), M("Effect", (24 + k, 35))][: 1 + k % 2], [])
+        notes.append((p, g))
+    full = score_notes(task, notes, resamples=200, seed=3)
+    pre = rescore_prefix(full, 4, resamples=200, seed=3)
+    direct = score_notes(task, notes[:4], resamples=200, seed=3)
+    assert pre["n_notes"] == 4
+    assert pre["cce_lenient"] == direct["cce"]["lenient"] and pre["cce_strict"] == direct["cce"]["strict"]
