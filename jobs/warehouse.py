@@ -143,45 +143,30 @@ class Warehouse:
 
     def replace_notes(self, table: str, data: pa.Table, task: str, note_ids: list[str]) -> None:
         """Replace all rows of ``note_ids`` (for ``task``) with ``data`` in one commit."""
-        if not note_ids:
-            return
-        if self._create_or_append(table, data, "replace_notes"):
-            return
-        from deltalake import DeltaTable
-
-        key = _KEYS[table]
-        on = " AND ".join(f"t.{k} = s.{k}" for k in key)
-        scope = f"t.task = '{task}' AND t.note_id IN ({sql_string_list(note_ids)})"
-
-        def merge():
-            (
-                DeltaTable(self.path(table))
-                .merge(data, predicate=on, source_alias="s", target_alias="t",
-                       commit_properties=self._commit_properties("replace_notes"))
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .when_not_matched_by_source_delete(predicate=scope)
-                .execute()
-            )
-
-        self._with_retries(table, merge)
+        if note_ids and not self._create_or_append(table, data, "replace_notes"):
+            self._merge(table, data, scope=f"t.task = '{task}' AND t.note_id IN ({sql_string_list(note_ids)})")
 
     def upsert(self, table: str, data: pa.Table) -> None:
-        if data.num_rows == 0 or self._create_or_append(table, data, "upsert"):
-            return
+        if data.num_rows and not self._create_or_append(table, data, "upsert"):
+            self._merge(table, data)
+
+    def _merge(self, table: str, data: pa.Table, scope: str | None = None) -> None:
+        """MERGE on the table's key; with ``scope``, target rows in scope missing from ``data`` are deleted."""
         from deltalake import DeltaTable
 
         on = " AND ".join(f"t.{k} = s.{k}" for k in _KEYS[table])
 
         def merge():
-            (
+            merger = (
                 DeltaTable(self.path(table))
                 .merge(data, predicate=on, source_alias="s", target_alias="t",
-                       commit_properties=self._commit_properties("upsert"))
+                       commit_properties=self._commit_properties("replace_notes" if scope else "upsert"))
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
-                .execute()
             )
+            if scope:
+                merger = merger.when_not_matched_by_source_delete(predicate=scope)
+            merger.execute()
 
         self._with_retries(table, merge)
 
@@ -215,7 +200,7 @@ class SparkDeltaWarehouse(Warehouse):
         self.spark = spark
 
     def _df(self, data: pa.Table):
-        return self.spark.createDataFrame(data.to_pandas())
+        return self.spark.createDataFrame(data)
 
     def _exists(self, table: str) -> bool:
         from delta.tables import DeltaTable
@@ -228,12 +213,15 @@ class SparkDeltaWarehouse(Warehouse):
             writer = writer.partitionBy(*_PARTITIONS[table])
         writer.option("userMetadata", json.dumps(self.commit_metadata)).save(self.path(table))
 
-    def _merge(self, table: str, data: pa.Table, scope: str | None) -> None:
+    def _create_or_append(self, table: str, data: pa.Table, operation: str) -> bool:
+        if self._exists(table):
+            return False
+        self._write(table, data, "append")
+        return True
+
+    def _merge(self, table: str, data: pa.Table, scope: str | None = None) -> None:
         from delta.tables import DeltaTable
 
-        if not self._exists(table):
-            self._write(table, data, "append")
-            return
         on = " AND ".join(f"t.{k} = s.{k}" for k in _KEYS[table])
         merger = (
             DeltaTable.forPath(self.spark, self.path(table)).alias("t")
@@ -249,14 +237,6 @@ class SparkDeltaWarehouse(Warehouse):
         from delta.tables import DeltaTable
 
         return DeltaTable.forPath(self.spark, self.path(table)).history(1).collect()[0]["version"]
-
-    def replace_notes(self, table, data, task, note_ids):
-        if note_ids:
-            self._merge(table, data, f"t.task = '{task}' AND t.note_id IN ({sql_string_list(note_ids)})")
-
-    def upsert(self, table, data):
-        if data.num_rows:
-            self._merge(table, data, None)
 
     def append(self, table, data):
         if data.num_rows:
