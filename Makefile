@@ -30,6 +30,7 @@ demo: base-model
 	$(BIN)/notelake sample-table --out $(OUT)/notes
 	$(BIN)/spark-submit --master 'local[2]' jobs/extract.py --conf conf/local.yaml \
 		--input $(OUT)/notes --output $(OUT)/warehouse --task phee
+	$(BIN)/notelake sql --output $(OUT)/warehouse --query concept_counts
 	$(BIN)/notelake sql --output $(OUT)/warehouse --query drug_adverse_effects
 
 test: base-model

@@ -137,6 +137,11 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(str(path), exc)) from None
+    adapter = settings.engine.adapter
+    if adapter and not Path(adapter).is_absolute() and (CONF_DIR.parent / adapter).is_dir():
+        # Adapters shipped in the repository are named relative to its root, wherever the job is started.
+        settings = settings.with_overrides(engine={"adapter": str(CONF_DIR.parent / adapter)})
+    return settings

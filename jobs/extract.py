@@ -529,9 +529,10 @@ def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehou
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # py4j logs benign socket resets at INFO when Ray's processes close inherited driver connections.
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    # Our progress at INFO; libraries at WARNING (py4j logs benign socket resets at INFO through the root logger
+    # when Ray's processes close inherited driver connections).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("notelake").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         settings = _resolve_settings(args)
