@@ -149,6 +149,15 @@ def test_lora_few_steps_writes_adapter_with_manifest(toy, tmp_path, base_model_p
     assert manifest2["training"]["resumed_from"] == "checkpoint-2"
     assert manifest2["training"]["optimizer_steps"] == 3
 
+    # a run cut off at a deadline: the adapter is written from a checkpoint
+    from notelake.models.training import export_checkpoint
+
+    exported = export_checkpoint(cfg.model_copy(update={"output_dir": tmp_path / "exported"}),
+                                 Path(cfg.checkpoint_dir) / "checkpoint-2", note="test")
+    assert exported["training"]["exported_from"] == "checkpoint-2"
+    assert exported["training"]["optimizer_steps"] == 2 and exported["training"]["trainable_params"] > 0
+    load_adapter(tmp_path / "exported", model_sha256(base_model_path), "toy_ade")
+
 
 def test_token_budget_stops_the_run(toy, tmp_path, base_model_path):
     from notelake.models.training import train
