@@ -29,7 +29,7 @@ setup(
     packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES],
     package_dir={"notelake": "notelake", **{f"notelake.{k}": v for k, v in SUBPACKAGES.items()}},
     package_data={
-        "notelake.conf": ["*.yaml", "tasks/*.yaml"],
+        "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml"],
         "notelake.models": ["adapters/*/*", "baselines/*.json"],
         "notelake.jobs": ["sql/*.sql"],
     },
