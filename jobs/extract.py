@@ -426,9 +426,10 @@ def run(settings: Settings, source: str, output: str, *, limit: int | None = Non
     ident = describe_extraction(settings, task)
     run_id = f"{now_utc():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     started = now_utc()
+    commit_sha = git_sha()
     spark = spark or start_spark(settings)
     warehouse = open_warehouse(output, settings.spark.delta_writer, {
-        "notelake.run_id": run_id, "notelake.git_sha": git_sha() or "", "notelake.model": ident["model"],
+        "notelake.run_id": run_id, "notelake.git_sha": commit_sha or "", "notelake.model": ident["model"],
         "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],
     }, spark=spark)
 
@@ -455,7 +456,7 @@ def run(settings: Settings, source: str, output: str, *, limit: int | None = Non
     run_row = {
         "run_id": run_id, "task": task.name, "fingerprint": ident["fingerprint"], "status": "running",
         "model": ident["model"], "adapter": ident["adapter"], "adapter_sha256": ident["adapter_sha256"],
-        "prompt_version": ident["prompt_version"], "git_sha": git_sha(),
+        "prompt_version": ident["prompt_version"], "git_sha": commit_sha,
         "config_json": settings.model_dump_json(), "table_versions_json": "{}",
         "started_at": started, "ended_at": None, **{k: 0 for k in
         ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in", "tokens_out")},

@@ -316,15 +316,7 @@ class VLLMEngine:
         return results
 
     def describe(self) -> dict:
-        info = self.adapters.default
-        return {
-            "backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
-            "model_sha256": self.model_sha256, "adapter": info.name if info else None,
-            "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
-            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len, "guided_json": self.cfg.guided_json,
-            "enable_lora": self.cfg.enable_lora, "load_seconds": self.load_seconds, "versions": _versions(),
-            "pid": os.getpid(),
-        }
+        return _describe(self, guided_json=self.cfg.guided_json)
 
 
 def _accepted_llm_kwargs(LLM) -> set[str]:
@@ -465,15 +457,20 @@ class HFEngine:
         return results
 
     def describe(self) -> dict:
-        info = self.adapters.default
-        return {
-            "backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
-            "model_sha256": self.model_sha256, "adapter": info.name if info else None,
-            "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
-            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len, "guided_json": False,
-            "enable_lora": self.cfg.enable_lora, "load_seconds": self.load_seconds, "versions": _versions(),
-            "pid": os.getpid(),
-        }
+        return _describe(self, guided_json=False)  # no guided decoding in the fallback
+
+
+def _describe(engine: "VLLMEngine | HFEngine", guided_json: bool) -> dict:
+    """Identity and settings of a loaded engine (model, adapter and their hashes, versions); no prompt text."""
+    info = engine.adapters.default
+    return {
+        "backend": engine.backend, "model": engine.cfg.model, "model_path": str(engine.model_path),
+        "model_sha256": engine.model_sha256, "adapter": info.name if info else None,
+        "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
+        "dtype": engine.cfg.dtype, "max_model_len": engine.cfg.max_model_len, "guided_json": guided_json,
+        "enable_lora": engine.cfg.enable_lora, "load_seconds": engine.load_seconds, "versions": _versions(),
+        "pid": os.getpid(),
+    }
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
