@@ -41,6 +41,10 @@ class Task(BaseModel):
     concepts: dict[str, str] = Field(..., min_length=1, description="concept label -> one-line definition")
     relations: dict[str, RelationSpec] = Field(default_factory=dict, description="relation label -> spec")
     examples: list[FewShotExample] = Field(default_factory=list, description="optional few-shot examples")
+    define_labels: bool = Field(
+        True, description="list each label with its definition in the prompt (a zero-shot task needs them); false "
+                          "lists the names only, for tasks an adapter was trained on: it learnt the labels from data, "
+                          "and the shorter prompt halves training and prefill cost")
     max_tokens: int = Field(512, ge=16, description="answer token budget, sized from the task's answer density")
     max_chunk_chars: int = Field(1500, ge=100, description="longest text span sent in one prompt")
 

@@ -5,7 +5,8 @@
   the driver (``log_to_driver=False``), so nothing an engine prints can reach driver logs.
 * :class:`EngineActor` wraps one engine (``models.engine.make_engine``); ``generate`` never raises for
   per-item problems -- they come back as ``GenerationResult.error``.
-* :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>``
+* :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>`` (per-request
+  fields such as ``max_tokens`` left out)
   (``get_if_exists``), so every process using the same engine config shares the same actors. ``generate``
   splits requests into batches, keeps up to ``max_in_flight`` batches queued per actor, returns results in
   input order and turns a dead actor into per-item ``engine_unavailable`` errors.
@@ -49,8 +50,12 @@ def ensure_ray(cfg: RayConfig) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+# Carried by each request, so configs differing only here share one engine actor (no second model load).
+PER_REQUEST_FIELDS = frozenset({"max_tokens"})
+
+
 def engine_config_hash(cfg: EngineConfig) -> str:
-    payload = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    payload = json.dumps(cfg.model_dump(mode="json", exclude=set(PER_REQUEST_FIELDS)), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 

@@ -89,6 +89,7 @@ class TrainConfig(BaseModel):
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (null = at the end only)")
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (resumable)")
+    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (null = all: a learning curve over steps)")
     select_best: bool = Field(False, description="ship the checkpoint with the lowest validation loss")
     token_budget: int | None = Field(None, ge=1, description="hard cap on input tokens processed (non-padding)")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads (null = leave as is)")
@@ -463,7 +464,7 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         logging_steps=1,
         save_strategy="steps",
         save_steps=cfg.save_every,
-        save_total_limit=2,
+        save_total_limit=cfg.keep_checkpoints,
         eval_strategy="steps" if (has_val and cfg.eval_every) else "no",
         eval_steps=cfg.eval_every,
         load_best_model_at_end=bool(cfg.select_best and has_val),

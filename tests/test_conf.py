@@ -57,7 +57,7 @@ def test_shipped_tasks_build_prompts_and_schemas():
         assert schema["properties"]["concepts"]["items"]["properties"]["label"]["enum"] == sorted(task.concepts)
         messages = build_messages(task, "Aspirin caused a rash.")
         assert messages[-1]["content"].endswith("Aspirin caused a rash.")
-        assert prompt_version(task).startswith("t1-")
+        assert prompt_version(task).startswith("t2-")
 
 
 def test_new_label_set_is_a_yaml_file_only(tmp_path):

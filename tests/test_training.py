@@ -141,7 +141,7 @@ def test_lora_few_steps_writes_adapter_with_manifest(toy, tmp_path, base_model_p
     assert t["optimizer_steps"] == 2 and t["tokens_processed"] > 0 and t["peak_rss_mb"] > 0
     assert t["trainable_params"] < t["total_params"] / 10
     assert manifest["label_sets"] == {"toy_ade": ["Drug", "Effect"]}
-    assert manifest["prompt_versions"]["toy_ade"].startswith("t1-")
+    assert manifest["prompt_versions"]["toy_ade"].startswith("t2-")
     assert len(manifest["data_fingerprint"]) == 64 and manifest["answer_schema"] == "v1"
 
     # resume: the same config with more steps continues from the last checkpoint

@@ -13,7 +13,7 @@ import json
 from notelake.conf.task import Task
 from notelake.udfs.answer import ANSWER_SCHEMA_VERSION, dump_answer
 
-TEMPLATE_VERSION = "t1"
+TEMPLATE_VERSION = "t2"
 SYSTEM = "You are a clinical information extraction system. You answer with JSON only."
 
 _FORMAT_CCE = (
@@ -29,12 +29,19 @@ _FORMAT_CRE = _FORMAT_CCE[:-len("List concepts in text order.")] + (
 
 
 def instruction(task: Task) -> str:
-    lines = [f"Task: {task.description}", "Extract these concept labels:"]
-    lines += [f"- {label}: {definition}" for label, definition in task.concepts.items()]
+    lines = [f"Task: {task.description}"]
+    if task.define_labels:
+        lines.append("Extract these concept labels:")
+        lines += [f"- {label}: {definition}" for label, definition in task.concepts.items()]
+    else:
+        lines.append("Concept labels: " + ", ".join(task.concepts) + ".")
     if task.kind == "cre":
-        lines.append("and these relation labels:")
         # Allowed head/tail pairs are enforced by the parser; listing them would double the prompt.
-        lines += [f"- {label}: {spec.definition}" for label, spec in task.relations.items()]
+        if task.define_labels:
+            lines.append("and these relation labels:")
+            lines += [f"- {label}: {spec.definition}" for label, spec in task.relations.items()]
+        else:
+            lines.append("Relation labels: " + ", ".join(task.relations) + ".")
     lines.append(_FORMAT_CRE if task.kind == "cre" else _FORMAT_CCE)
     return "\n".join(lines)
 
