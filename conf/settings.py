@@ -33,7 +33,9 @@ class _Strict(BaseModel):
 class EngineConfig(_Strict):
     """One vLLM engine (one per GPU, one on CPU)."""
 
-    backend: Literal["vllm", "hf"] = Field("vllm", description="vllm (default) or the HF-transformers fallback")
+    backend: Literal["vllm", "hf", "replay"] = Field(
+        "vllm", description="vllm (default) or the HF-transformers fallback; replay = made-up answers after a "
+                            "simulated latency, for data-plane benchmarks only, never quality (models/replay.py)")
     model: str = Field("smollm2-135m-instruct", description="base model: a folder or a name under NOTELAKE_HOME/models")
     adapter: str | None = Field(None, description="LoRA adapter folder (with manifest.json); null = base model")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU, bfloat16 on GPU")
@@ -90,7 +92,14 @@ class JobConfig(_Strict):
     round_notes: int = Field(2000, ge=1, description="notes extracted and committed per round (bounds memory, limits rework)")
     max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when failed/selected exceeds this")
     chunk_overlap_chars: int = Field(200, ge=0, description="overlap between chunks of a long note")
-    log_phi: bool = Field(False, description="debug only: allow note text in logs")
+    log_phi: bool = Field(False, description="debug only: full tracebacks (which may quote note text) in logs; "
+                                             "warns at start. Off: logs carry ids, counts, types and rates only")
+    output_root: str | None = Field(None, description="when set, --output must resolve (symlinks followed) inside "
+                                                      "this directory; the job writes nothing outside --output")
+    umask: str = Field("077", pattern=r"^0?[0-7]{3}$", description="octal umask for everything the job writes "
+                                                                  "(077: files 0600, folders 0700: PHI)")
+    lock_timeout_s: float = Field(0, ge=0, description="wait this long for another run on the same --output to "
+                                                       "finish, then exit 3 (0 = fail at once)")
 
 
 class Settings(_Strict):

@@ -13,12 +13,20 @@
   parses and grounds the answers, and stages the rows as Parquet; only per-note counts come back.
 * :func:`load` commits a round's staged rows to the Delta tables (ledger last).
 
-Note text never passes through the Spark driver; logs carry ids, counts and rates only.
+Note text never passes through the Spark driver; logs carry ids, counts and rates only (an unexpected failure
+is logged as its type and code location, not its message, unless ``job.log_phi``). Everything written is
+confined to ``--output`` (``job.output_root``), created under ``job.umask`` (077) and done under an exclusive
+run lock on ``--output``.
+
+Exit codes: 0 success; 1 error rate above ``job.max_error_rate``; 2 bad config, flags or input table; 3 another
+run holds the output's lock; 4 an output table could not be written (the ledger is not advanced past the last
+committed round: a rerun redoes the rest); 5 any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,7 +54,7 @@ from notelake.udfs.prompts import prompt_version
 
 log = logging.getLogger("notelake.extract")
 
-EXIT_OK, EXIT_ERROR_RATE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR_RATE, EXIT_USAGE, EXIT_LOCKED, EXIT_WRITE_FAILED, EXIT_FAILED = 0, 1, 2, 3, 4, 5
 SUMMARY_SCHEMA = pa.schema([
     ("note_id", pa.string()), ("status", pa.string()), ("n_chunks", pa.int32()), ("n_concepts", pa.int32()),
     ("n_relations", pa.int32()), ("n_errors", pa.int32()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
@@ -105,6 +114,8 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
         "spark.sql.session.timeZone": "UTC",
         "spark.python.worker.reuse": "true",
         "spark.ui.showConsoleProgress": "false",
+        # files Spark itself writes (delta-spark writer, local dirs) get the same restrictive umask as ours
+        "spark.hadoop.fs.permissions.umask-mode": settings.job.umask[-3:],
         **settings.spark.extra,
     }
     for key, value in defaults.items():
@@ -310,6 +321,7 @@ def transform(selected, ctx: RunContext, partitions: int):
     """Lazy per-note summaries; staging files are written as a side effect when an action runs."""
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        os.umask(int(ctx.settings["job"]["umask"], 8))  # staged Parquet holds PHI: same modes as the tables
         task = ctx.task
         pool = None
         for batch in batches:
@@ -418,9 +430,24 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
 
 def run(settings: Settings, source: str, output: str, *, limit: int | None = None, full_refresh: bool = False,
         dry_run: bool = False, spark=None) -> int:
+    """Run the job once; returns the exit code. Raises InputError, ConfigError, LockedError, OutputWriteError."""
+    from notelake.jobs.guards import RunLock, resolve_output, restrictive_umask
+
+    out = resolve_output(output, settings.job.output_root)
+    if settings.job.log_phi:
+        log.warning("job.log_phi is on: failure tracebacks may quote note text; use for debugging only")
+    with restrictive_umask(settings.job.umask):
+        lock = contextlib.nullcontext() if dry_run else RunLock(out, settings.job.lock_timeout_s)
+        with lock:
+            return _run(settings, source, str(out), limit=limit, full_refresh=full_refresh, dry_run=dry_run,
+                        spark=spark)
+
+
+def _run(settings: Settings, source: str, output: str, *, limit: int | None, full_refresh: bool, dry_run: bool,
+         spark) -> int:
     from pyspark.sql import functions as F
 
-    from notelake.jobs.warehouse import open_warehouse
+    from notelake.jobs.warehouse import OutputWriteError, open_warehouse
 
     task = load_task(settings.job.task)
     ident = describe_extraction(settings, task)
@@ -462,12 +489,18 @@ def run(settings: Settings, source: str, output: str, *, limit: int | None = Non
         ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in", "tokens_out")},
     }
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
-    warehouse.append("errors", schemas.rows_to_table(rejected_error_rows(rejected_rows, run_id, task),
-                                                     schemas.ERRORS_SCHEMA))
-
-    if stats.selected:
-        _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats)
-    selected.unpersist()
+    try:
+        warehouse.append("errors", schemas.rows_to_table(rejected_error_rows(rejected_rows, run_id, task),
+                                                         schemas.ERRORS_SCHEMA))
+        if stats.selected:
+            _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats)
+    except OutputWriteError:
+        run_row.update(status="failed", ended_at=now_utc())
+        with contextlib.suppress(OutputWriteError):  # best effort: the runs table may be unwritable too
+            warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
+        raise
+    finally:
+        selected.unpersist()
 
     failed_run = stats.error_rate > settings.job.max_error_rate
     run_row.update(status="failed" if failed_run else "succeeded", ended_at=now_utc(),
@@ -535,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("notelake").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    from notelake.jobs.guards import LockedError
+    from notelake.jobs.warehouse import OutputWriteError
+
+    settings = None
     try:
         settings = _resolve_settings(args)
         return run(settings, args.input, args.output, limit=args.limit, full_refresh=args.full_refresh,
@@ -542,6 +579,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except LockedError as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED
+    except OutputWriteError as exc:
+        log.error("%s; the ledger was not advanced past the last committed round: a rerun redoes the rest", exc)
+        return EXIT_WRITE_FAILED
+    except Exception as exc:  # noqa: BLE001 - one clear line, PHI-safe, instead of a traceback that may quote text
+        log.error("run failed: %s", describe_failure(exc, with_message=bool(settings and settings.job.log_phi)))
+        return EXIT_FAILED
+
+
+def describe_failure(exc: BaseException, with_message: bool = False) -> str:
+    """The exception type and where it was raised; its message (which may quote note text) only on request."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    if with_message:
+        return f"{type(exc).__name__}{where}\n" + "".join(traceback.format_exception(exc))
+    return f"{type(exc).__name__}{where} (message withheld: may contain PHI; set job.log_phi to see it)"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ _PARTITIONS = {"concepts": ["task"], "relations": ["task"]}
 _COMMIT_RETRIES = 5
 
 
+class OutputWriteError(RuntimeError):
+    """A Delta commit failed for a reason other than a concurrent writer (read-only or full disk, permissions)."""
+
+
 def sql_string_list(values: Iterable[str]) -> str:
     """A SQL IN-list of string literals with quotes escaped."""
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
@@ -117,8 +121,12 @@ class Warehouse:
         )
 
     def _with_retries(self, what: str, action):
-        """Run a commit, retrying optimistic-concurrency conflicts with backoff (another writer committed)."""
-        from deltalake.exceptions import CommitFailedError
+        """Run a commit, retrying optimistic-concurrency conflicts with backoff (another writer committed).
+
+        Any other failure (read-only or full disk, permissions) becomes :class:`OutputWriteError` naming the table;
+        nothing later in the round -- above all the ledger -- is committed after it.
+        """
+        from deltalake.exceptions import CommitFailedError, DeltaError
 
         for attempt in range(1, _COMMIT_RETRIES + 1):
             try:
@@ -128,18 +136,23 @@ class Warehouse:
                     raise
                 log.warning("commit conflict on %s, retry %d/%d", what, attempt, _COMMIT_RETRIES)
                 time.sleep(0.2 * 2**attempt)
+            except (OSError, DeltaError) as exc:
+                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                raise OutputWriteError(f"cannot write table {what} at {self.path(what)} "
+                                       f"({type(exc).__name__}: {detail})") from exc
 
     def _create_or_append(self, table: str, data: pa.Table, operation: str) -> bool:
         """Create the table with ``data`` if it does not exist; True when it did so."""
         from deltalake import write_deltalake
 
-        if self.version(table) is not None:
-            return False
-        write_deltalake(
-            self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
-            commit_properties=self._commit_properties(operation),
-        )
-        return True
+        def create() -> bool:
+            if self.version(table) is not None:
+                return False
+            write_deltalake(self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
+                            commit_properties=self._commit_properties(operation))
+            return True
+
+        return self._with_retries(table, create)
 
     def replace_notes(self, table: str, data: pa.Table, task: str, note_ids: list[str]) -> None:
         """Replace all rows of ``note_ids`` (for ``task``) with ``data`` in one commit."""

@@ -4,7 +4,7 @@ Both implement :class:`Engine`: ``generate(requests) -> results`` (one per reque
 becomes a per-item error, never an exception for the batch), ``count_tokens(text)`` and ``describe()``.
 
 Prompts are chat messages (``notelake.udfs.prompts.build_messages``) rendered with the base model's own chat
-template. With ``EngineConfig.guided_json`` and a request's ``json_schema`` the output is constrained to the
+template. A request carrying a ``json_schema`` (callers send one when ``EngineConfig.guided_json``) is constrained to the
 schema (vLLM structured outputs, compact JSON: free whitespace is disabled in the engine's config).
 
 Nothing here logs prompt, note or output text (PHI): request ids, counts and timings only. Error strings in
@@ -41,7 +41,7 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class GenerationRequest:
     request_id: str
     messages: list[dict]  # from notelake.udfs.prompts.build_messages
-    json_schema: dict | None = None  # guided decoding when set and EngineConfig.guided_json
+    json_schema: dict | None = None  # guided decoding when set (callers honour EngineConfig.guided_json)
     max_tokens: int = 512
     adapter: str | None = None  # adapter folder; None = the engine's default adapter; "" = base model
 
@@ -216,7 +216,7 @@ class VLLMEngine:
     def _sampling_params(self, req: GenerationRequest):
         kwargs: dict[str, Any] = {"temperature": self.cfg.temperature, "max_tokens": req.max_tokens,
                                   "seed": self.cfg.seed}
-        if req.json_schema is not None and self.cfg.guided_json:
+        if req.json_schema is not None:  # the caller decides (jobs send no schema when engine.guided_json is off)
             params_cls, field_name = self._so
             so_kwargs = {"json": req.json_schema}
             if "disable_any_whitespace" in _dataclass_fields(params_cls):
@@ -474,9 +474,13 @@ def _describe(engine: "VLLMEngine | HFEngine", guided_json: bool) -> dict:
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
-    """The engine ``cfg.backend`` names (vllm or hf)."""
+    """The engine ``cfg.backend`` names (vllm, hf, or replay for data-plane benchmarks)."""
     if cfg.backend == "hf":
         return HFEngine(cfg)
+    if cfg.backend == "replay":
+        from notelake.models.replay import ReplayEngine
+
+        return ReplayEngine(cfg)
     return VLLMEngine(cfg)
 
 
