@@ -10,7 +10,7 @@ TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 
-.PHONY: demo test install base-model clean
+.PHONY: demo test bench install base-model clean
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: base-model
 
 test: base-model
 	$(BIN)/python -m pytest
+
+# Benchmarks (docs/benchmarks.md): prints the table and writes runs/bench/<UTC time>/results.json.
+BENCH_ARGS ?= --notes 32 --seed 0
+bench: base-model
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache

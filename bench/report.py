@@ -1,0 +1,156 @@
+"""Results -> the printed/Markdown table, the headline ratios and the throughput-vs-corpus-size plot (SVG)."""
+
+from __future__ import annotations
+
+import math
+
+COLUMNS = [("row", "row"), ("notes", "notes"), ("wall_s", "wall s"), ("notes_per_s", "notes/s"),
+           ("input_tok_per_s", "in tok/s"), ("output_tok_per_s", "out tok/s"), ("peak_mem_gib", "peak GiB")]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.3f}" if value < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _extra(r: dict) -> str:
+    if r.get("error"):
+        return f"ERROR {r['error']}"
+    parts = []
+    if r.get("failed") is not None:
+        parts.append(f"ok {r['succeeded']}, failed {r['failed']}, unchanged {r['skipped']}")
+    if r.get("errors"):
+        parts.append(f"{r['errors']} errors")
+    if r.get("first_token_s") is not None:
+        parts.append(f"first token {r['first_token_s']} s")
+    if r.get("grounded_share") is not None:
+        parts.append(f"{r['concept_rows']:,} concept rows, {r['grounded_share']:.0%} grounded")
+    return "; ".join(parts)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = [label for _, label in COLUMNS] + ["notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS) + f" | {_extra(r)} |")
+    return "\n".join(lines)
+
+
+def text_table(rows: list[dict]) -> str:
+    cells = [[label for _, label in COLUMNS]] + [[_cell(r.get(k)) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    out = []
+    for i, c in enumerate(cells):
+        line = "  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(c, widths)))
+        out.append(line + ("  " + _extra(rows[i - 1]) if i else ""))
+    return "\n".join(out)
+
+
+def fixed_table(fixed: dict) -> str:
+    keys = ["spark_up_s", "ray_up_s", "engine_load_s", "first_token_s"]
+    lines = ["| stack | Spark up s | Ray up s | engine load s | first token s |", "|---|---|---|---|---|"]
+    for stack, values in fixed.items():
+        lines.append(f"| {stack} | " + " | ".join(_cell(values.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _find(rows: list[dict], prefix: str) -> dict | None:
+    return next((r for r in rows if r["row"].startswith(prefix) and not r.get("error")), None)
+
+
+def _ratio(num: dict | None, den: dict | None, key: str) -> float | None:
+    if not num or not den or not num.get(key) or not den.get(key):
+        return None
+    return round(num[key] / den[key], 3)
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """The issue's headline ratios, each with its target and the rows it divides."""
+    shipped = _find(rows, "job end to end (shipped")
+    tuned = _find(rows, "job end to end (tuned")
+    bare = _find(rows, "bare vLLM LLM.generate (job engine args), guided")
+    bare_default = _find(rows, "bare vLLM LLM.generate (default engine args), guided")
+    ray_data = _find(rows, "ray.data.llm")
+    rerun = _find(rows, "job incremental rerun")
+    base_pure = _find(rows, "bare vLLM LLM.generate, base, ignore_eos")
+    lora_pure = _find(rows, "bare vLLM LLM.generate, LoRA")
+    base_guided = _find(rows, "VLLMEngine.generate, base, guided JSON on")
+    lora_guided = _find(rows, "VLLMEngine.generate, LoRA")
+
+    def entry(name, value, target, op, num, den, metric):
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        return {"ratio": name, "value": value, "target": f"{op} {target}", "met": met, "metric": metric,
+                "numerator": num["row"] if num else None, "denominator": den["row"] if den else None}
+
+    return [
+        entry("job / bare vLLM (same engine args)", _ratio(shipped, bare, "notes_per_s"), 0.95, ">=", shipped, bare,
+              "notes/s"),
+        entry("tuned job / bare vLLM (same engine args)", _ratio(tuned, bare, "notes_per_s"), 0.95, ">=", tuned, bare,
+              "notes/s"),
+        entry("tuned job / bare vLLM (default args)", _ratio(tuned, bare_default, "notes_per_s"), 1.5, ">=", tuned,
+              bare_default, "notes/s"),
+        entry("tuned job / ray.data.llm", _ratio(tuned, ray_data, "notes_per_s"), 1.1, ">=", tuned, ray_data,
+              "notes/s"),
+        entry("LoRA / base (pure decode, ignore_eos)", _ratio(lora_pure, base_pure, "output_tok_per_s"), 0.9, ">=",
+              lora_pure, base_pure, "output tok/s"),
+        entry("LoRA / base (guided JSON, our engine)", _ratio(lora_guided, base_guided, "output_tok_per_s"), 0.9, ">=",
+              lora_guided, base_guided, "output tok/s"),
+        entry("rerun / first run wall", _ratio(rerun, shipped, "wall_s"), 0.1, "<=", rerun, shipped, "wall s"),
+    ]
+
+
+def ratio_table(entries: list[dict]) -> str:
+    lines = ["| ratio | value | target | met | metric |", "|---|---|---|---|---|"]
+    for e in entries:
+        met = "n/a" if e["met"] is None else ("yes" if e["met"] else "**no**")
+        lines.append(f"| {e['ratio']} | {_cell(e['value'])} | {e['target']} | {met} | {e['metric']} |")
+    return "\n".join(lines)
+
+
+def throughput_svg(series: dict[str, list[tuple[int, float]]], title: str) -> str:
+    """A log-log line plot of notes/s against corpus size (notes), one line per series."""
+    points = [p for pts in series.values() for p in pts if p[1] > 0]
+    if not points:
+        return ""
+    w, h, left, right, top, bottom = 640, 400, 70, 190, 40, 50
+    x_lo, x_hi = math.floor(math.log10(min(p[0] for p in points))), math.ceil(math.log10(max(p[0] for p in points)))
+    y_lo, y_hi = math.floor(math.log10(min(p[1] for p in points))), math.ceil(math.log10(max(p[1] for p in points)))
+    x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1)
+
+    def sx(x: float) -> float:
+        return left + (math.log10(x) - x_lo) / (x_hi - x_lo) * (w - left - right)
+
+    def sy(y: float) -> float:
+        return h - bottom - (math.log10(y) - y_lo) / (y_hi - y_lo) * (h - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2 - right / 2 + left / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>']
+    for e in range(x_lo, x_hi + 1):
+        out.append(f'<line x1="{sx(10**e):.1f}" y1="{top}" x2="{sx(10**e):.1f}" y2="{h - bottom}" stroke="#ddd"/>')
+        out.append(f'<text x="{sx(10**e):.1f}" y="{h - bottom + 16}" text-anchor="middle">10^{e}</text>')
+    for e in range(y_lo, y_hi + 1):
+        out.append(f'<line x1="{left}" y1="{sy(10**e):.1f}" x2="{w - right}" y2="{sy(10**e):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{sy(10**e) + 4:.1f}" text-anchor="end">{10.0**e:g}</text>')
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">corpus size (notes)</text>')
+    out.append(f'<text x="16" y="{(top + h - bottom) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {(top + h - bottom) / 2})">notes/s (job end to end)</text>')
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for k, (name, pts) in enumerate(series.items()):
+        pts = sorted(p for p in pts if p[1] > 0)
+        color = colors[k % len(colors)]
+        if len(pts) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, y in pts:
+            out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}"/>')
+            out.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" fill="{color}">{y:.3g}</text>')
+        out.append(f'<rect x="{w - right + 12}" y="{top + 20 * k}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{w - right + 30}" y="{top + 20 * k + 11}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,553 @@
+"""Benchmark rows. ``bench.run`` starts each in its own process (one vLLM engine at a time, clean teardown):
+
+    python -m bench.rows <row> --notes 32 --seed 0 --max-tokens 128 [--conf conf/gpu.yaml] \\
+        --work runs/bench/work --out runs/bench/work/<row>.json
+
+Every row uses the same notes (bench.corpus, seeded), the same prompts (udfs.prompts.build_messages rendered
+with the model's chat template), the same model and the same sampling (greedy, seed 0, ``--max-tokens``,
+guided JSON with the task's answer schema unless a row says otherwise). Pure-throughput rows add
+``ignore_eos`` and drop the schema so every prompt decodes exactly ``--max-tokens`` tokens.
+
+Before each timed pass the engine's prefix cache is emptied and one probe prompt (not in the corpus) is
+generated with max_tokens=1: every pass starts with the shared instruction prefix cached and nothing else,
+and the probe's latency is the "first token" figure. Logs carry counts and timings only, never note text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench.corpus import PROBE_TEXT, render_prompts, synthetic_notes, write_note_table
+from bench.measure import PeakMemory, row
+
+log = logging.getLogger("bench")
+
+TASK = "phee"
+REPO = Path(__file__).resolve().parents[1]
+# The job's shipped batching (conf/local.yaml) and the tuned one: one Spark partition hands all its notes to
+# the engine actor in one call, so vLLM batches them all (the actor runs one generate call at a time).
+TUNED_JOB = {"ray": {"batch_size": 256, "max_in_flight": 1}, "spark": {"arrow_batch_size": 256}}
+
+
+def bench_settings(args, **overrides):
+    """``--conf`` with the bench's answer budget and task; base model unless ``engine={"adapter": ...}``."""
+    from notelake.conf import load_settings
+
+    engine = {"adapter": None, "max_tokens": args.max_tokens, **overrides.pop("engine", {})}
+    # The bench measures speed: answers cut at a small --max-tokens are failed notes, not a failed run.
+    job = {"task": TASK, "max_error_rate": 1.0, **overrides.pop("job", {})}
+    return load_settings(REPO / args.conf).with_overrides(engine=engine, job=job, **overrides)
+
+
+def corpus_texts(args, n: int | None = None) -> list[str]:
+    return synthetic_notes(n or args.notes, args.seed)["text"].to_pylist()
+
+
+# ============================================================================================== vLLM passes
+def sampling_params(cfg, max_tokens: int, schema: dict | None = None, ignore_eos: bool = False):
+    """The engine's sampling (models/engine.py): greedy, seeded, compact guided JSON when a schema is given."""
+    from vllm import SamplingParams
+
+    from notelake.models.engine import _dataclass_fields, _structured_output_api
+
+    kwargs = {"temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": max_tokens, "ignore_eos": ignore_eos}
+    if schema is not None:
+        params_cls, field_name = _structured_output_api()
+        so_kwargs = {"json": schema}
+        if "disable_any_whitespace" in _dataclass_fields(params_cls):
+            so_kwargs["disable_any_whitespace"] = True
+        kwargs[field_name] = params_cls(**so_kwargs)
+    return SamplingParams(**kwargs)
+
+
+def probe_first_token(llm, probe: list[int], cfg, lora=None) -> float:
+    """Empty the prefix cache, then time one 1-token generation of the probe prompt."""
+    llm.reset_prefix_cache()
+    t0 = time.monotonic()
+    llm.generate([{"prompt_token_ids": probe}], sampling_params(cfg, 1), use_tqdm=False, lora_request=lora)
+    return round(time.monotonic() - t0, 3)
+
+
+def timed_llm_generate(name: str, llm, prompts: list[list[int]], probe: list[int], cfg, params, lora=None,
+                       **extra) -> dict:
+    """One timed ``LLM.generate`` over all prompts (after the cache reset and probe)."""
+    first_token_s = probe_first_token(llm, probe, cfg, lora)
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora)
+        wall = time.monotonic() - t0
+    tokens_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    log.info("%s: %d prompts, %d output tokens in %.1f s", name, len(outs), tokens_out, wall)
+    return row(name, notes=len(prompts), wall_s=wall, tokens_in=sum(len(o.prompt_token_ids) for o in outs),
+               tokens_out=tokens_out, peak_gib=mem.peak_gib, first_token_s=first_token_s, **extra)
+
+
+def _load_vllm_engine(settings):
+    from notelake.models.engine import VLLMEngine
+
+    with PeakMemory() as mem:
+        engine = VLLMEngine(settings.engine)
+    return engine, {"engine_load_s": engine.load_seconds, "engine_load_peak_mem_gib": mem.peak_gib}
+
+
+def row_bare(args) -> dict:
+    """Row 1: bare ``LLM.generate`` on the prompt list, with exactly the job's engine arguments (the ceiling)."""
+    from notelake.conf.task import load_task
+    from notelake.udfs.answer import answer_json_schema
+
+    settings = bench_settings(args)
+    task = load_task(TASK)
+    engine, fixed = _load_vllm_engine(settings)
+    prompts = render_prompts(engine.tokenizer, task, corpus_texts(args))
+    probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
+    cfg = settings.engine
+    rows = [
+        timed_llm_generate("bare vLLM LLM.generate (job engine args), guided JSON", engine.llm, prompts, probe, cfg,
+                           sampling_params(cfg, args.max_tokens, answer_json_schema(task))),
+        timed_llm_generate("bare vLLM LLM.generate (job engine args), ignore_eos", engine.llm, prompts, probe, cfg,
+                           sampling_params(cfg, args.max_tokens, ignore_eos=True)),
+    ]
+    fixed["first_token_s"] = rows[0]["first_token_s"]
+    return {"rows": rows, "fixed": {"bare vLLM": fixed}}
+
+
+def row_bare_default(args) -> dict:
+    """Row 1': bare ``LLM(model, dtype)`` with vLLM's default engine arguments, same prompts and sampling."""
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from notelake.conf.task import load_task
+    from notelake.models.base_model import resolve_model
+    from notelake.udfs.answer import answer_json_schema
+
+    settings = bench_settings(args)
+    cfg = settings.engine
+    task = load_task(TASK)
+    model_path = str(resolve_model(cfg.model))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = render_prompts(tokenizer, task, corpus_texts(args))
+    probe = render_prompts(tokenizer, task, [PROBE_TEXT])[0]
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        # vLLM's default KV-cache share (0.9 of host memory on CPU) does not fit beside the rest of a 24 GiB
+        # machine: the job's share is the one non-default argument.
+        llm = LLM(model=model_path, dtype=cfg.dtype, seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        load_s = round(time.monotonic() - t0, 1)
+    rows = [
+        timed_llm_generate("bare vLLM LLM.generate (default engine args), guided JSON", llm, prompts, probe, cfg,
+                           sampling_params(cfg, args.max_tokens, answer_json_schema(task))),
+        timed_llm_generate("bare vLLM LLM.generate (default engine args), ignore_eos", llm, prompts, probe, cfg,
+                           sampling_params(cfg, args.max_tokens, ignore_eos=True)),
+    ]
+    return {"rows": rows, "fixed": {"bare vLLM, default args": {
+        "engine_load_s": load_s, "engine_load_peak_mem_gib": mem.peak_gib, "first_token_s": rows[0]["first_token_s"]}}}
+
+
+def row_lora(args) -> dict:
+    """Row 4: base model vs the shipped LoRA adapter, guided JSON on vs off, through our VLLMEngine.generate;
+    plus the pure per-token LoRA cost (bare LLM.generate, ignore_eos, no schema)."""
+    from vllm.lora.request import LoRARequest
+
+    from notelake.conf.task import load_task
+    from notelake.models.adapters import load_adapter
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.prompts import build_messages
+
+    settings = bench_settings(args)
+    cfg = settings.engine
+    task = load_task(TASK)
+    engine, _ = _load_vllm_engine(settings)
+    adapter = load_adapter(args.adapter, engine.model_sha256)  # refuses an adapter trained on another base
+    texts = corpus_texts(args)
+    schema = answer_json_schema(task)
+    probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
+    lora = LoRARequest(adapter.name, 1, str(adapter.path))
+    rows = []
+    for guided in (True, False):
+        for label, adapter_path, probe_lora in (("base", "", None), (f"LoRA {adapter.name}", str(adapter.path), lora)):
+            name = f"VLLMEngine.generate, {label}, guided JSON {'on' if guided else 'off'}"
+            requests = [GenerationRequest(f"{i}", build_messages(task, t), json_schema=schema if guided else None,
+                                          max_tokens=args.max_tokens, adapter=adapter_path)
+                        for i, t in enumerate(texts)]
+            first_token_s = probe_first_token(engine.llm, probe, cfg, probe_lora)
+            with PeakMemory() as mem:
+                t0 = time.monotonic()
+                results = engine.generate(requests)
+                wall = time.monotonic() - t0
+            rows.append(row(name, notes=len(texts), wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results),
+                            tokens_out=sum(r.output_tokens for r in results), peak_gib=mem.peak_gib,
+                            first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok),
+                            adapter=adapter.name if adapter_path else None, guided_json=guided))
+    prompts = render_prompts(engine.tokenizer, task, texts)
+    pure = sampling_params(cfg, args.max_tokens, ignore_eos=True)
+    rows.append(timed_llm_generate("bare vLLM LLM.generate, base, ignore_eos", engine.llm, prompts, probe, cfg, pure))
+    rows.append(timed_llm_generate(f"bare vLLM LLM.generate, LoRA {adapter.name}, ignore_eos", engine.llm, prompts,
+                                   probe, cfg, pure, lora=[lora] * len(prompts), adapter=adapter.name))
+    return {"rows": rows, "adapter": {"name": adapter.name, "sha256": adapter.sha256, "rank": adapter.rank}}
+
+
+# ============================================================================================== job
+def _runs_row(output: str) -> dict:
+    """The latest row of the job's ``runs`` table (counts and tokens)."""
+    from notelake.jobs.warehouse import read_delta_arrow
+
+    runs = read_delta_arrow(Path(output) / "runs").to_pylist()
+    return max(runs, key=lambda r: r["started_at"])
+
+
+def _reset_actor_prefix_cache(pool) -> None:
+    import ray
+
+    ray.get([a.__ray_call__.remote(lambda actor: actor.engine.llm.reset_prefix_cache()) for a in pool.actors])
+
+
+def _probe_pool(pool, task) -> float:
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.prompts import build_messages
+
+    t0 = time.monotonic()
+    pool.generate([GenerationRequest("probe", build_messages(task, PROBE_TEXT), max_tokens=1)])
+    return round(time.monotonic() - t0, 3)
+
+
+def timed_job(name: str, settings, spark, source: str, output: str, pool=None, task=None, **extra) -> dict:
+    """One ``jobs.extract.run`` on a warm Spark, Ray and engine; counts and tokens from its ``runs`` row."""
+    from notelake.jobs.extract import run
+
+    first_token_s = None
+    if pool is not None:  # same cache state as the bare passes: shared prefix only
+        _reset_actor_prefix_cache(pool)
+        first_token_s = _probe_pool(pool, task)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.spark.arrow_batch_size))
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        code = run(settings, source, output, spark=spark)
+        wall = time.monotonic() - t0
+    runs = _runs_row(output)
+    log.info("%s: exit %d, %d selected, %d succeeded in %.1f s", name, code, runs["selected"], runs["succeeded"], wall)
+    return row(name, notes=runs["selected"], wall_s=wall, tokens_in=runs["tokens_in"], tokens_out=runs["tokens_out"],
+               peak_gib=mem.peak_gib, exit_code=code, succeeded=runs["succeeded"], failed=runs["failed"],
+               skipped=runs["skipped"], first_token_s=first_token_s,
+               batching={"batch_size": settings.ray.batch_size, "max_in_flight": settings.ray.max_in_flight,
+                         "arrow_batch_size": settings.spark.arrow_batch_size}, **extra)
+
+
+def timed_job_without_spark(name: str, settings, notes, output: str, pool, task) -> dict:
+    """The job's executor path without Spark: ``extract_batch`` (chunk, prompt, EnginePool.generate, parse,
+    ground, stage) on Arrow batches of ``spark.arrow_batch_size`` notes, in ``num_actors x max_in_flight``
+    threads (the job's Spark partitions), then ``load`` to Delta. Isolates what Spark adds to the job."""
+    import shutil
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from notelake.jobs.extract import RunContext, describe_extraction, extract_batch, load
+    from notelake.jobs.warehouse import open_warehouse
+    from notelake.udfs.hashing import sha256_text
+
+    _reset_actor_prefix_cache(pool)
+    first_token_s = _probe_pool(pool, task)
+    passthrough = ("patient_id", "note_date", "note_type")
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        ident = describe_extraction(settings, task)
+        run_id = f"bench-nospark-{uuid.uuid4().hex[:8]}"
+        lineage = {"run_id": run_id, **{k: ident[k] for k in ("model", "adapter", "adapter_sha256", "prompt_version",
+                                                               "fingerprint")}}
+        warehouse = open_warehouse(output, "deltalake", {"notelake.run_id": run_id})
+        staging = Path(output) / "_staging" / run_id
+        ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"),
+                         settings=settings.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
+                         passthrough=passthrough, lineage=lineage)
+        hashed = notes.append_column("text_sha256", pa.array([sha256_text(t) for t in notes["text"].to_pylist()]))
+        batches = hashed.to_batches(max_chunksize=settings.spark.arrow_batch_size)
+        with ThreadPoolExecutor(settings.ray.num_actors * settings.ray.max_in_flight) as threads:
+            summaries = pa.Table.from_batches(list(threads.map(lambda b: extract_batch(b, ctx, task, pool), batches)))
+        load(warehouse, staging, task, notes["note_id"].to_pylist(), hashed.select(list(passthrough)).schema)
+        shutil.rmtree(staging, ignore_errors=True)
+        wall = time.monotonic() - t0
+    status = summaries["status"].to_pylist()
+    log.info("%s: %d notes in %.1f s", name, len(status), wall)
+    return row(name, notes=len(status), wall_s=wall, tokens_in=sum(summaries["tokens_in"].to_pylist()),
+               tokens_out=sum(summaries["tokens_out"].to_pylist()), peak_gib=mem.peak_gib,
+               succeeded=status.count("succeeded"), failed=status.count("failed"), skipped=0,
+               first_token_s=first_token_s,
+               batching={"batch_size": settings.ray.batch_size, "max_in_flight": settings.ray.max_in_flight,
+                         "arrow_batch_size": settings.spark.arrow_batch_size})
+
+
+def _start_job_stack(settings, task, work: Path):
+    """Spark, Ray and the engine pool, each timed (row 7's fixed costs), the first-token probe, then one job run
+    on 4 other notes: it starts Spark's Python workers and their Ray connections, which every later run reuses."""
+    from notelake.jobs.extract import run, start_spark
+    from notelake.models.actor import EnginePool, ensure_ray
+
+    fixed = {}
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        spark = start_spark(settings, app_name="notelake-bench")
+        fixed["spark_up_s"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()
+        ensure_ray(settings.ray)
+        fixed["ray_up_s"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()
+        pool = EnginePool.get_or_create(settings).ready()
+        fixed["engine_load_s"] = round(time.monotonic() - t0, 2)
+        fixed["first_token_s"] = _probe_pool(pool, task)
+        warmup = write_note_table(synthetic_notes(4, seed=10_000), work / "notes-warmup")
+        t0 = time.monotonic()
+        run(settings, warmup, str(work / "wh-warmup"), spark=spark)
+        fixed["first_job_run_4_notes_s"] = round(time.monotonic() - t0, 2)
+    fixed["startup_peak_mem_gib"] = mem.peak_gib
+    return spark, pool, fixed
+
+
+def row_job(args) -> dict:
+    """Rows 2, 5, 6 and 7: the job end to end (shipped and tuned batching), the incremental rerun, scaling."""
+    from notelake.conf.task import load_task
+
+    work = Path(args.work)
+    task = load_task(TASK)
+    shipped = bench_settings(args)
+    tuned = bench_settings(args, **TUNED_JOB)
+    spark, pool, fixed = _start_job_stack(shipped, task, work)
+    notes = synthetic_notes(max([args.notes, *args.scaling]), args.seed)
+    source = write_note_table(notes.slice(0, args.notes), work / f"notes-{args.notes}")
+    rows = [timed_job("job end to end (shipped batching)", shipped, spark, source, str(work / "wh-shipped"), pool, task)]
+    rows.append(timed_job("job incremental rerun, unchanged corpus", shipped, spark, source, str(work / "wh-shipped")))
+    rows.append(timed_job("job end to end (tuned batching)", tuned, spark, source, str(work / "wh-tuned"), pool, task))
+    rows.append(timed_job_without_spark("job without Spark: extract_batch + load (tuned batching)", tuned,
+                                        notes.slice(0, args.notes), str(work / "wh-nospark"), pool, task))
+    for n in args.scaling:
+        scaled = write_note_table(notes.slice(0, n), work / f"notes-{n}")
+        rows.append(timed_job(f"job scaling {n} notes (tuned batching)", tuned, spark, scaled,
+                              str(work / f"wh-scale-{n}"), pool, task, scaling_notes=n))
+    pool.shutdown()
+    spark.stop()
+    return {"rows": rows, "fixed": {"job": fixed}}
+
+
+def row_job_nospark(args) -> dict:
+    """Row 2 where Spark is absent (the GPU box): Ray engine actors + the job's extract_batch + load, both
+    batchings, plus Ray up / engine load / first token."""
+    from notelake.conf.task import load_task
+    from notelake.models.actor import EnginePool, ensure_ray
+
+    work = Path(args.work)
+    task = load_task(TASK)
+    shipped = bench_settings(args)
+    tuned = bench_settings(args, **TUNED_JOB)
+    fixed = {}
+    t0 = time.monotonic()
+    ensure_ray(shipped.ray)
+    fixed["ray_up_s"] = round(time.monotonic() - t0, 2)
+    t0 = time.monotonic()
+    pool = EnginePool.get_or_create(shipped).ready()
+    fixed["engine_load_s"] = round(time.monotonic() - t0, 2)
+    fixed["first_token_s"] = _probe_pool(pool, task)
+    notes = synthetic_notes(args.notes, args.seed)
+    rows = [timed_job_without_spark(f"job without Spark: extract_batch + load ({label} batching)", settings, notes,
+                                    str(work / f"wh-nospark-{label}"), pool, task)
+            for label, settings in (("shipped", shipped), ("tuned", tuned))]
+    pool.shutdown()
+    return {"rows": rows, "fixed": {"job without Spark": fixed}}
+
+
+def row_multi_adapter(args) -> dict:
+    """Several LoRA adapters in one batch (requests round-robin over ``--adapters``) vs one adapter, guided JSON,
+    through VLLMEngine.generate."""
+    from notelake.conf.task import load_task
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.prompts import build_messages
+
+    settings = bench_settings(args, engine={"max_loras": max(len(args.adapters), 1)})
+    task = load_task(TASK)
+    engine, _ = _load_vllm_engine(settings)
+    texts = corpus_texts(args)
+    schema = answer_json_schema(task)
+    probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
+    rows = []
+    for label, adapters in ((f"one adapter ({Path(args.adapters[0]).name})", args.adapters[:1]),
+                            (f"{len(args.adapters)} adapters mixed", args.adapters)):
+        requests = [GenerationRequest(f"{i}", build_messages(task, t), json_schema=schema, max_tokens=args.max_tokens,
+                                      adapter=str(Path(adapters[i % len(adapters)]).resolve()))
+                    for i, t in enumerate(texts)]
+        first_token_s = probe_first_token(engine.llm, probe, settings.engine)
+        with PeakMemory() as mem:
+            t0 = time.monotonic()
+            results = engine.generate(requests)
+            wall = time.monotonic() - t0
+        rows.append(row(f"VLLMEngine.generate, {label}, guided JSON", notes=len(texts), wall_s=wall,
+                        tokens_in=sum(r.prompt_tokens for r in results), tokens_out=sum(r.output_tokens for r in results),
+                        peak_gib=mem.peak_gib, first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok)))
+    return {"rows": rows}
+
+
+def row_replay(args) -> dict:
+    """Row 6 (data plane): the whole job at --notes with the REPLAY engine (made-up answers, simulated latency)."""
+    from notelake.conf.task import load_task
+
+    work = Path(args.work)
+    task = load_task(TASK)
+    settings = bench_settings(args, engine={"backend": "replay", "enable_lora": False, "max_num_seqs": 256},
+                              job={"round_notes": args.round_notes}, **TUNED_JOB)
+    t0 = time.monotonic()
+    source = write_note_table(synthetic_notes(args.notes, args.seed), work / f"replay-notes-{args.notes}")
+    table_s = round(time.monotonic() - t0, 1)
+    spark, pool, fixed = _start_job_stack(settings, task, work)
+    replay = pool.describe()
+    out = timed_job(f"job with REPLAY engine, {args.notes} notes", settings, spark, source,
+                    str(work / f"wh-replay-{args.notes}"), extra_note_table_write_s=table_s,
+                    replay={k: replay[k] for k in ("replay_decode_step_s", "replay_prefill_s_per_token")},
+                    round_notes=args.round_notes)
+    from notelake.jobs.warehouse import read_delta_arrow
+
+    concepts = read_delta_arrow(work / f"wh-replay-{args.notes}" / "concepts", columns=["grounded"])
+    out["concept_rows"] = concepts.num_rows
+    out["grounded_share"] = round(sum(concepts["grounded"].to_pylist()) / max(1, concepts.num_rows), 3)
+    pool.shutdown()
+    spark.stop()
+    return {"rows": [out], "fixed": {"job (replay engine)": fixed}}
+
+
+# ============================================================================================== ray.data.llm
+def row_ray_data_llm(args) -> dict:
+    """Row 3: ray.data.llm's vLLM engine processor on the same prompts and sampling; answers parsed, grounded
+    and written to a Delta ``concepts`` table like the job's. On failure the row records the error."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from notelake.conf.task import load_task
+    from notelake.models.actor import ensure_ray
+    from notelake.models.base_model import resolve_model
+    from notelake.udfs.answer import answer_json_schema
+
+    settings = bench_settings(args)
+    cfg = settings.engine
+    task = load_task(TASK)
+    model_path = str(resolve_model(cfg.model))
+    texts = corpus_texts(args)
+    prompts = render_prompts(AutoTokenizer.from_pretrained(model_path), task, texts)
+    name = "ray.data.llm vLLMEngineProcessor, guided JSON"
+    ensure_ray(settings.ray)
+    try:
+        with PeakMemory() as mem:
+            t0 = time.monotonic()
+            processor = _build_ray_data_processor(settings, model_path, json.dumps(answer_json_schema(task)),
+                                                  args.max_tokens)
+            ds = ray.data.from_items([{"note_index": i, "tokenized_prompt": p} for i, p in enumerate(prompts)])
+            outputs = processor(ds).select_columns(["note_index", "generated_text", "num_generated_tokens",
+                                                    "num_input_tokens"]).take_all()
+            generate_wall = time.monotonic() - t0
+            concept_rows = _write_concepts(task, texts, outputs, Path(args.work) / "wh-ray-data-llm")
+            wall = time.monotonic() - t0
+    except Exception as exc:  # noqa: BLE001 - the row reports why it cannot run here
+        message = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {(message[0] if message else '')[:300]}"
+        log.error("%s failed: %s", name, error)
+        return {"rows": [{"row": name, "notes": len(texts), "error": error}]}
+    finally:
+        ray.shutdown()
+    return {"rows": [row(name, notes=len(outputs), wall_s=wall, tokens_in=sum(o["num_input_tokens"] for o in outputs),
+                         tokens_out=sum(o["num_generated_tokens"] for o in outputs), peak_gib=mem.peak_gib,
+                         generate_and_engine_load_s=round(generate_wall, 2), concept_rows=concept_rows,
+                         note="wall includes the processor's engine load (it starts its own engine per run)")]}
+
+
+def _build_ray_data_processor(settings, model_path: str, schema_json: str, max_tokens: int):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    cfg = settings.engine
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs={"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
+                       "gpu_memory_utilization": cfg.gpu_memory_utilization, "enforce_eager": cfg.enforce_eager,
+                       "enable_prefix_caching": True, "seed": cfg.seed,
+                       "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}},
+        batch_size=settings.ray.batch_size, concurrency=1,
+        # A CPU bundle instead of the default GPU one, so the engine stage can be scheduled on a CPU-only node.
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        # Prompts come tokenized (the same ids as every other row); vLLM detokenizes itself. A separate
+        # detokenize actor would hold the second of the 2 Ray CPUs and starve the preprocess task (measured: the
+        # dataset never starts).
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        # The default (True) exports engine metrics through ray.serve, which ray[default] lacks: the engine
+        # actor then dies in its constructor (ImportError "RayPrometheusMetric requires Ray to be installed").
+        log_engine_metrics=False,
+    )
+    return build_processor(
+        config,
+        preprocess=lambda r: {**r, "sampling_params": {
+            "temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": max_tokens,
+            "structured_outputs": {"json": schema_json, "disable_any_whitespace": True}}},
+        postprocess=lambda r: r,
+    )
+
+
+def _write_concepts(task, texts: list[str], outputs: list[dict], warehouse: Path) -> int:
+    """Parse and ground the answers with the job's udfs and write them as a Delta ``concepts`` table."""
+    from datetime import datetime, timezone
+
+    from deltalake import write_deltalake
+
+    from notelake.udfs import schemas
+    from notelake.udfs.assemble import assemble_note
+    from notelake.udfs.chunking import chunk_text
+
+    lineage = {"run_id": "bench-ray-data-llm", "model": task.name, "adapter": None, "adapter_sha256": None,
+               "prompt_version": "", "fingerprint": "", "extracted_at": datetime.now(timezone.utc)}
+    rows = []
+    for out in sorted(outputs, key=lambda o: o["note_index"]):
+        text = texts[out["note_index"]]
+        chunks = chunk_text(text, task.max_chunk_chars)  # one chunk: bench notes are single sentences
+        result = assemble_note(note_id=str(out["note_index"]), text=text, task=task, chunks=chunks,
+                               outputs=[out["generated_text"]], output_errors=[None], lineage=lineage, passthrough={})
+        rows += result.concepts
+    write_deltalake(str(warehouse / "concepts"), schemas.rows_to_table(rows, schemas.concepts_schema()),
+                    mode="overwrite")
+    return len(rows)
+
+
+# ============================================================================================== main
+ROWS = {"bare": row_bare, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
+        "ray-data-llm": row_ray_data_llm, "lora": row_lora, "multi-adapter": row_multi_adapter, "replay": row_replay}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.rows")
+    p.add_argument("row", choices=sorted(ROWS))
+    p.add_argument("--conf", default="conf/local.yaml", help="settings YAML (conf/gpu.yaml on a GPU node)")
+    p.add_argument("--notes", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, required=True)
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (lora row)")
+    p.add_argument("--adapters", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="multi-adapter row: adapter folders whose requests are mixed in one batch")
+    p.add_argument("--scaling", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="job row: also run the tuned job on these corpus sizes")
+    p.add_argument("--round-notes", type=int, default=2000, help="replay row: job.round_notes")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bench").setLevel(logging.INFO)
+    logging.getLogger("notelake").setLevel(logging.INFO)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    result = ROWS[args.row](args)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # vLLM engines started in this process need the guard
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""REPLAY engine (``engine.backend: replay``): made-up, schema-valid answers after a simulated latency.
+
+For data-plane benchmarks only, never for quality: it lets the job's Spark -> Ray hand-off, back-pressure,
+parsing, grounding and Delta writes run at corpus sizes (10^5-10^6 notes) the real engine cannot reach on a
+benchmark machine. It implements the :class:`~notelake.models.engine.Engine` interface of models/engine.py.
+
+Answers: for each prompt, a v1 answer naming a few words that really occur in the prompt's text (so grounding
+finds real offsets), with labels drawn from the request's JSON schema (no schema: an empty answer), and one
+relation when the schema asks for relations. Deterministic per text (seeded by its sha256).
+
+Latency (what one vLLM engine with continuous batching costs): a ``generate`` call runs one batch at a time,
+like :class:`~notelake.models.engine.VLLMEngine`, in waves of ``max_num_seqs`` requests; each wave sleeps
+``prefill_s_per_token`` x its prompt tokens + ``decode_step_s`` x its longest answer in tokens. Token counts
+come from the base model's tokenizer and chat template, as in the vLLM engine. Defaults (GPU-like for a
+135M model) can be changed with the environment variables ``NOTELAKE_REPLAY_DECODE_STEP_S`` and
+``NOTELAKE_REPLAY_PREFILL_S_PER_TOKEN`` (read when the engine is created, e.g. in a Ray actor that inherits
+the driver's environment).
+
+Nothing here logs prompt, note or answer text: counts and timings only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+
+from notelake.conf.settings import EngineConfig
+from notelake.models.engine import GenerationRequest, GenerationResult, _exc_category, _versions, error_result
+
+log = logging.getLogger(__name__)
+
+DECODE_STEP_ENV = "NOTELAKE_REPLAY_DECODE_STEP_S"
+PREFILL_ENV = "NOTELAKE_REPLAY_PREFILL_S_PER_TOKEN"
+DEFAULT_DECODE_STEP_S = 0.004
+DEFAULT_PREFILL_S_PER_TOKEN = 5e-6
+# udfs.prompts puts the note text last, after this marker, in the final user turn.
+TEXT_MARKER = "\n\nText:\n"
+WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]{2,}")
+MAX_CONCEPTS = 4
+
+
+def replay_answer(text: str, json_schema: dict | None) -> dict:
+    """A schema-valid v1 answer naming up to MAX_CONCEPTS distinct words of ``text``, in text order."""
+    if not json_schema:
+        return {"concepts": []}
+    props = json_schema["properties"]
+    labels = props["concepts"]["items"]["properties"]["label"]["enum"]
+    rng = random.Random(hashlib.sha256(text.encode()).digest())
+    words = list(dict.fromkeys(WORD.findall(text)))
+    picked = sorted(rng.sample(range(len(words)), min(MAX_CONCEPTS, len(words))))
+    answer: dict = {"concepts": [{"label": rng.choice(labels), "text": words[i]} for i in picked]}
+    if "relations" in props:
+        relation_labels = props["relations"]["items"]["properties"]["label"]["enum"]
+        answer["relations"] = ([{"label": rng.choice(relation_labels), "head": 0, "tail": 1}]
+                               if len(picked) >= 2 else [])
+    return answer
+
+
+class ReplayEngine:
+    """Generated answers with a simulated batched latency (see the module docstring)."""
+
+    backend = "replay"
+
+    def __init__(self, cfg: EngineConfig, decode_step_s: float | None = None,
+                 prefill_s_per_token: float | None = None):
+        from transformers import AutoTokenizer
+
+        from notelake.models.base_model import model_sha256, resolve_model
+
+        t0 = time.monotonic()
+        self.cfg = cfg
+        self.decode_step_s = float(os.environ.get(DECODE_STEP_ENV, DEFAULT_DECODE_STEP_S)) \
+            if decode_step_s is None else decode_step_s
+        self.prefill_s_per_token = float(os.environ.get(PREFILL_ENV, DEFAULT_PREFILL_S_PER_TOKEN)) \
+            if prefill_s_per_token is None else prefill_s_per_token
+        self.model_path = resolve_model(cfg.model)
+        self.model_sha256 = model_sha256(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self._gen_lock = threading.Lock()  # one batch at a time, like VLLMEngine
+        self.load_seconds = round(time.monotonic() - t0, 1)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _prompt_tokens(self, messages: list[dict]) -> int:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.count_tokens(text)
+
+    def _answer(self, req: GenerationRequest) -> GenerationResult:
+        try:
+            prompt_tokens = self._prompt_tokens(req.messages)
+            text = req.messages[-1]["content"].rpartition(TEXT_MARKER)[2]
+        except Exception as exc:  # noqa: BLE001 - malformed messages
+            return error_result(req.request_id, f"bad_prompt: {_exc_category(exc)}")
+        if prompt_tokens > self.cfg.max_model_len - req.max_tokens:
+            return error_result(req.request_id, f"prompt_too_long: {prompt_tokens} prompt tokens > max_model_len "
+                                f"{self.cfg.max_model_len} - max_tokens {req.max_tokens}", prompt_tokens)
+        ids = self.tokenizer.encode(json.dumps(replay_answer(text, req.json_schema), separators=(",", ":")),
+                                    add_special_tokens=False)
+        finish = "length" if len(ids) > req.max_tokens else "stop"
+        ids = ids[:req.max_tokens]
+        return GenerationResult(request_id=req.request_id, text=self.tokenizer.decode(ids), error=None,
+                                prompt_tokens=prompt_tokens, output_tokens=len(ids), finish_reason=finish)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with self._gen_lock:
+            t0 = time.monotonic()
+            results = [self._answer(r) for r in requests]
+            wave = self.cfg.max_num_seqs
+            simulated = sum(
+                self.prefill_s_per_token * sum(r.prompt_tokens for r in results[i:i + wave])
+                + self.decode_step_s * max(r.output_tokens for r in results[i:i + wave])
+                for i in range(0, len(results), wave)
+            )
+            # The answers' own tokenisation counts as part of the simulated time.
+            time.sleep(max(0.0, simulated - (time.monotonic() - t0)))
+        log.info("replayed %d results (%d prompt tokens, %d output tokens) in %.2f s", len(results),
+                 sum(r.prompt_tokens for r in results), sum(r.output_tokens for r in results), time.monotonic() - t0)
+        return results
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
+            "model_sha256": self.model_sha256, "adapter": None, "adapter_path": None, "adapter_sha256": None,
+            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len, "guided_json": self.cfg.guided_json,
+            "enable_lora": False, "load_seconds": self.load_seconds, "versions": _versions(), "pid": os.getpid(),
+            "replay_decode_step_s": self.decode_step_s, "replay_prefill_s_per_token": self.prefill_s_per_token,
+        }
