@@ -5,8 +5,9 @@ write ``results.json``, ``results.md`` and ``throughput.svg`` into ``--out``:
     .venv/bin/python -m bench.run --notes 4 --max-tokens 32 --scaling 2 --replay-notes 500   # smoke
 
 Rows (see bench/rows.py): bare vLLM with the job's engine args and with vLLM's defaults (1), the job end to
-end with the shipped and the tuned batching (2), ray.data.llm (3), base vs LoRA and guided JSON on/off (4),
-the incremental rerun (5), scaling with the real engine and the REPLAY data plane (6), fixed costs (7).
+end with the conf's batching and the pre-tuning one, and without Spark (2), ray.data.llm (3), base vs LoRA
+(served by vLLM and merged into the weights) and guided JSON on/off (4), the incremental rerun (5), scaling
+with the real engine and the REPLAY data plane (6), fixed costs (7).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from bench.measure import machine
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "models" / "adapters"
-ROW_ORDER = ["bare", "bare-default", "job", "job-nospark", "ray-data-llm", "lora", "multi-adapter", "replay"]
+ROW_ORDER = ["bare", "bare-default", "job", "job-nospark", "ray-data-llm", "lora", "lora-merged", "multi-adapter",
+             "replay"]
 # job-nospark (the job without Spark) and multi-adapter are for the GPU box (bench/gpu/run_gpu.sh); on CPU the
 # job row already measures the no-Spark path beside the Spark one.
-DEFAULT_ROWS = "bare,bare-default,job,ray-data-llm,lora,replay"
+DEFAULT_ROWS = "bare,bare-default,job,ray-data-llm,lora,lora-merged,replay"
 
 
 def default_adapter() -> str:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", type=int, default=32, help="corpus size of rows 1-5 (synthetic PHEE-like notes)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
     p.add_argument("--max-tokens", type=int, default=128, help="answer budget (max_tokens) of every row")
-    p.add_argument("--scaling", default="8,128", help="extra corpus sizes for the tuned job (--notes is the third)")
+    p.add_argument("--scaling", default="8,128", help="extra corpus sizes for the job (--notes is the third)")
     p.add_argument("--replay-notes", default="2000", help="corpus sizes of the REPLAY data-plane row, comma-separated")
     p.add_argument("--replay-round-notes", type=int, default=10_000, help="job.round_notes of the REPLAY row")
     p.add_argument("--adapter", default=None, help="LoRA adapter of row 4 (default: notelake-mt, else phee-pilot)")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [r for r in ROW_ORDER if r in args.rows.split(",")]:
         if name == "job":
             plan.append((name, common + ["--scaling", args.scaling]))
-        elif name == "lora":
+        elif name in ("lora", "lora-merged"):
             plan.append((name, common + ["--adapter", adapter]))
         elif name == "multi-adapter":
             plan.append((name, common + ["--adapters", adapters]))
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             extras["adapter"] = result["adapter"]
         extras.setdefault("process_wall_s", {})[f"{name} {row_argv[1]}"] = result["process_wall_s"]
 
-    entries = report.ratios(rows)
+    rows += report.cold_rows(rows, fixed)
+    entries = report.ratios(rows, fixed)
     results = {
         "started_at": started.isoformat(timespec="seconds"),
         "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text("\n\n".join([report.markdown_table(rows), report.fixed_table(fixed),
                                                  report.ratio_table(entries)]) + "\n")
     real = [(r["notes"], r["notes_per_s"]) for r in rows
-            if r["row"].startswith(("job end to end (tuned", "job scaling")) and r.get("notes_per_s")]
+            if r["row"].startswith(("job end to end, conf", "job scaling")) and r.get("notes_per_s")]
     replay = [(r["notes"], r["notes_per_s"]) for r in rows if r["row"].startswith("job with REPLAY")
               and r.get("notes_per_s")]
     svg = report.throughput_svg({"vLLM CPU engine": real, "REPLAY engine": replay},
