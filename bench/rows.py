@@ -485,32 +485,35 @@ def row_multi_adapter(args) -> dict:
 
 
 def row_replay(args) -> dict:
-    """Row 6 (data plane): the whole job at --notes with the REPLAY engine (made-up answers, simulated latency)."""
+    """Row 6 (data plane): the whole job with the REPLAY engine (made-up answers, simulated latency) on each corpus
+    size of --scaling (on one Spark/Ray start), each followed by its rerun; two engine actors (a simulated 2-GPU
+    node: two Spark partitions feeding two actors)."""
     from notelake.conf.task import load_task
+    from notelake.jobs.warehouse import read_delta_arrow
 
     work = Path(args.work)
     task = load_task(TASK)
     settings = bench_settings(args, engine={"backend": "replay", "enable_lora": False, "max_num_seqs": 256},
-                              job={"round_notes": args.round_notes})
-    t0 = time.monotonic()
-    source = write_note_table(synthetic_notes(args.notes, args.seed), work / f"replay-notes-{args.notes}")
-    table_s = round(time.monotonic() - t0, 1)
+                              job={"round_notes": args.round_notes}, ray={"num_actors": 2})
     spark, pool, fixed = _start_job_stack(settings, task, work)
     replay = pool.describe()
-    out = timed_job(f"job with REPLAY engine, {args.notes} notes", settings, spark, source,
-                    str(work / f"wh-replay-{args.notes}"), extra_note_table_write_s=table_s,
-                    replay={k: replay[k] for k in ("replay_decode_step_s", "replay_prefill_s_per_token")},
-                    round_notes=args.round_notes)
-    from notelake.jobs.warehouse import read_delta_arrow
-
-    concepts = read_delta_arrow(work / f"wh-replay-{args.notes}" / "concepts", columns=["grounded"])
-    out["concept_rows"] = concepts.num_rows
-    out["grounded_share"] = round(sum(concepts["grounded"].to_pylist()) / max(1, concepts.num_rows), 3)
-    rerun = timed_job(f"job incremental rerun, unchanged corpus of {args.notes} notes", settings, spark, source,
-                      str(work / f"wh-replay-{args.notes}"))
+    rows = []
+    for n in args.scaling:
+        t0 = time.monotonic()
+        source = write_note_table(synthetic_notes(n, args.seed), work / f"replay-notes-{n}")
+        table_s = round(time.monotonic() - t0, 1)
+        output = work / f"wh-replay-{n}"
+        out = timed_job(f"job with REPLAY engine, {n} notes", settings, spark, source, str(output),
+                        note_table_write_s=table_s, round_notes=args.round_notes,
+                        replay={k: replay[k] for k in ("replay_decode_step_s", "replay_prefill_s_per_token")})
+        concepts = read_delta_arrow(output / "concepts", columns=["grounded"])
+        out["concept_rows"] = concepts.num_rows
+        out["grounded_share"] = round(sum(concepts["grounded"].to_pylist()) / max(1, concepts.num_rows), 3)
+        rows += [out, timed_job(f"job incremental rerun, unchanged corpus of {n} notes", settings, spark, source,
+                                str(output))]
     pool.shutdown()
     spark.stop()
-    return {"rows": [out, rerun], "fixed": {"job (replay engine)": fixed}}
+    return {"rows": rows, "fixed": {"job (replay engine)": fixed}}
 
 
 # ============================================================================================== ray.data.llm
@@ -645,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="multi-adapter row: adapter folders whose requests are mixed in one batch")
     p.add_argument("--scaling", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
-                   help="job row: also run the job on these corpus sizes")
+                   help="job row: also run the job on these corpus sizes; replay row: its corpus sizes")
     p.add_argument("--round-notes", type=int, default=2000, help="replay row: job.round_notes")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)

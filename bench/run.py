@@ -1,8 +1,8 @@
 """Run the benchmark rows (each in its own process, one after another), print the table and the ratios, and
 write ``results.json``, ``results.md`` and ``throughput.svg`` into ``--out``:
 
-    .venv/bin/python -m bench.run --notes 32 --seed 0            # or: make bench
-    .venv/bin/python -m bench.run --notes 4 --max-tokens 32 --scaling 2 --replay-notes 500   # smoke
+    .venv/bin/python -m bench.run --notes 32 --seed 0            # or: make bench (~20 min on 2 cores)
+    .venv/bin/python -m bench.run --notes 4 --max-tokens 32 --scaling 2 --replay-notes 500   # smoke (~12 min)
 
 Rows (see bench/rows.py): bare vLLM with the job's engine args and with vLLM's defaults (1), the job end to
 end with the conf's batching and the pre-tuning one, and without Spark (2), ray.data.llm (3), base vs LoRA
@@ -74,16 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--notes", type=int, default=32, help="corpus size of rows 1-5 (synthetic PHEE-like notes)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
-    p.add_argument("--max-tokens", type=int, default=128, help="answer budget (max_tokens) of every row")
+    p.add_argument("--max-tokens", type=int, default=64, help="answer budget (max_tokens) of every row")
     p.add_argument("--scaling", default="8,128", help="extra corpus sizes for the job (--notes is the third)")
-    p.add_argument("--replay-notes", default="2000", help="corpus sizes of the REPLAY data-plane row, comma-separated")
+    p.add_argument("--replay-notes", default="2000,100000",
+                   help="corpus sizes of the REPLAY data-plane row, comma-separated")
     p.add_argument("--replay-round-notes", type=int, default=10_000, help="job.round_notes of the REPLAY row")
     p.add_argument("--adapter", default=None, help="LoRA adapter of row 4 (default: notelake-mt, else phee-pilot)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"subset of {','.join(ROW_ORDER)}")
     p.add_argument("--conf", default="conf/local.yaml", help="settings YAML (conf/gpu.yaml on a GPU node)")
     p.add_argument("--adapters", default=None, help="multi-adapter row: comma-separated adapter folders "
                                                     "(default: every shipped adapter)")
-    p.add_argument("--row-timeout-s", type=float, default=1800, help="a row still running after this is killed")
+    p.add_argument("--row-timeout-s", type=float, default=900, help="a row still running after this is killed")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/<UTC time>)")
     args = p.parse_args(argv)
 
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "multi-adapter":
             plan.append((name, common + ["--adapters", adapters]))
         elif name == "replay":
-            for n in [int(x) for x in args.replay_notes.split(",") if x]:
-                plan.append((name, ["--notes", str(n), *common[2:], "--round-notes", str(args.replay_round_notes)]))
+            plan.append((name, common + ["--scaling", args.replay_notes, "--round-notes", str(args.replay_round_notes)]))
         else:
             plan.append((name, common))
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             fixed[stack] = values
         if "adapter" in result:
             extras["adapter"] = result["adapter"]
-        extras.setdefault("process_wall_s", {})[f"{name} {row_argv[1]}"] = result["process_wall_s"]
+        extras.setdefault("process_wall_s", {})[name] = result["process_wall_s"]
 
     rows += report.cold_rows(rows, fixed)
     entries = report.ratios(rows, fixed)

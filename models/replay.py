@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DECODE_STEP_ENV = "NOTELAKE_REPLAY_DECODE_STEP_S"
 PREFILL_ENV = "NOTELAKE_REPLAY_PREFILL_S_PER_TOKEN"
 DEFAULT_DECODE_STEP_S = 0.004
-DEFAULT_PREFILL_S_PER_TOKEN = 5e-6
+DEFAULT_PREFILL_S_PER_TOKEN = 2e-6
 # udfs.prompts puts the note text last, after this marker, in the final user turn.
 TEXT_MARKER = "\n\nText:\n"
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]{2,}")
