@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", default=None, help="append score rows to this Delta table")
     p.add_argument("--record-dev-scores", action="store_true", help="write headline scores into the adapter manifest")
     p.add_argument("--gate", default=None, help="baseline JSON: exit 3 when lenient F1 < baseline - 2 SE")
+    p.add_argument("--baseline-out", default=None,
+                   help="write the CI gate baseline JSON here (the adapter's run; gate slice = the first --prefix)")
     return p
 
 
@@ -203,6 +205,40 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def write_gate_baseline(report: dict, path: Path, resamples: int) -> Path:
+    """The CI gate's baseline: headline scores of the whole slice, and the gate slice (the first ``--prefix``
+    notes) with its lenient F1 and bootstrap SE; the test fails below F1 - 2 x SE."""
+    if not report.get("prefix_scores"):
+        raise ConfigError("--baseline-out needs --prefix N (the gate slice, >= 100 gold concepts)")
+    n, pre = next(iter(report["prefix_scores"].items()))
+    s, engine = report["scores"], report["engine"]
+    repo = Path(__file__).resolve().parents[1]
+    adapter_path = Path(report["adapter"]["path"])
+    baseline = {
+        "task": report["task"],
+        "adapter": str(adapter_path.relative_to(repo)) if adapter_path.is_relative_to(repo) else str(adapter_path),
+        "adapter_sha256": report["adapter"]["sha256"], "base_model_sha256": report["model"]["sha256"],
+        "gold": report["gold"],
+        "lenient_f1": s["cce"]["lenient"]["f1"], "lenient_f1_se": s["cce"]["lenient"].get("se"),
+        "lenient_f1_ci95": s["cce"]["lenient"].get("ci95"), "strict_f1": s["cce"]["strict"]["f1"],
+        "cre_lenient_f1": (s.get("cre") or {}).get("lenient", {}).get("f1"),
+        "grounding_rate": s["grounding_rate"], "invalid_output_rate": s["invalid_output_rate"],
+        "slice": report["slice"],
+        "gate": {"limit": int(n), "seed": report["slice"]["seed"], "n_gold_concepts": pre["cce_lenient"]["n_gold"],
+                 "note_ids_sha256": pre["note_ids_sha256"], "lenient_f1": pre["cce_lenient"]["f1"],
+                 "lenient_f1_se": pre["cce_lenient"].get("se"), "lenient_f1_ci95": pre["cce_lenient"].get("ci95"),
+                 "rule": f"fail when lenient F1 < lenient_f1 - 2 x lenient_f1_se (greedy, guided JSON, "
+                         f"max_tokens {engine['max_tokens']})"},
+        "bootstrap": {"resamples": resamples, "seed": report["slice"]["seed"],
+                      "unit": "note"},
+        "engine": {k: engine[k] for k in ("backend", "dtype", "greedy", "guided_json", "max_tokens")},
+        "command": report["command"], "created_at": report["created_at"],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(baseline, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in label).strip("-") or "run"
 
@@ -231,6 +267,9 @@ def _finish_report(args, report: dict, out: Path, compare: list[dict]) -> int:
         set_dev_scores(report["adapter"]["path"], report["task"], {
             **headline, "slice": report["slice"], "command": report["command"], "created_at": report["created_at"]})
         print(f"recorded dev scores in {report['adapter']['path']}/manifest.json")
+    if args.baseline_out and report.get("adapter"):
+        path = write_gate_baseline(report, Path(args.baseline_out), args.resamples)
+        print(f"wrote gate baseline {path}")
     if args.gate:
         from notelake.models.evaluation import f1_gate
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,12 @@ _COMMIT_RETRIES = 5
 
 class OutputWriteError(RuntimeError):
     """A Delta commit failed for a reason other than a concurrent writer (read-only or full disk, permissions)."""
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """delta-rs errors span several lines with ANSI colour codes: one plain line (they hold paths, not data)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    return " / ".join(part.strip(" ↳") for part in text.splitlines() if part.strip())[:limit]
 
 
 def sql_string_list(values: Iterable[str]) -> str:
@@ -131,15 +138,15 @@ class Warehouse:
         for attempt in range(1, _COMMIT_RETRIES + 1):
             try:
                 return action()
-            except CommitFailedError:
+            except CommitFailedError as exc:
                 if attempt == _COMMIT_RETRIES:
-                    raise
+                    raise OutputWriteError(f"cannot write table {what} at {self.path(what)}: commit conflicts "
+                                           f"persisted after {_COMMIT_RETRIES} retries ({_one_line(exc)})") from exc
                 log.warning("commit conflict on %s, retry %d/%d", what, attempt, _COMMIT_RETRIES)
                 time.sleep(0.2 * 2**attempt)
             except (OSError, DeltaError) as exc:
-                detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 raise OutputWriteError(f"cannot write table {what} at {self.path(what)} "
-                                       f"({type(exc).__name__}: {detail})") from exc
+                                       f"({type(exc).__name__}: {_one_line(exc)})") from exc
 
     def _create_or_append(self, table: str, data: pa.Table, operation: str) -> bool:
         """Create the table with ``data`` if it does not exist; True when it did so."""

@@ -45,7 +45,9 @@ def ensure_ray(cfg: RayConfig) -> str:
         if cfg.address:
             ray.init(address=cfg.address, **common)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **common)
+            # "local" always starts this job's own Ray: never attach to (and share named actors with) another
+            # job's local cluster found on the machine.
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **common)
         log.info("ray ready (namespace %s)", cfg.namespace)
     return ray.get_runtime_context().gcs_address
 

@@ -68,6 +68,8 @@ class TrainConfig(BaseModel):
     data_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the training notes used (learning curve)")
     max_examples: int | None = Field(None, ge=1, description="cap on training examples per task (after chunking)")
     max_notes: int | None = Field(None, ge=1, description="cap on training notes per task (few-shot: k notes)")
+    task_max_notes: dict[str, int] = Field(default_factory=dict, description="cap for one task only, e.g. "
+                                           "{maccrobat: 5}: few-shot transfer to a corpus held out of the mix")
     validation_fraction: float = Field(0.05, ge=0, lt=1, description="notes of TRAIN held out for validation/selection")
     max_validation_examples: int = Field(64, ge=0, description="cap on validation examples per task")
     chunk_overlap_chars: int = Field(0, ge=0, description="overlap of training chunks (0 = no duplicated supervision)")
@@ -162,7 +164,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def split_notes(records: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+def split_notes(records: list[dict], cfg: TrainConfig, task_name: str = "") -> tuple[list[dict], list[dict]]:
     """Seeded split of TRAIN notes into (training, validation); then the data fraction / note cap.
 
     The training subset for a fraction f is the first f of one fixed seeded permutation, so the 10 % notes are
@@ -173,8 +175,9 @@ def split_notes(records: list[dict], cfg: TrainConfig) -> tuple[list[dict], list
     n_val = int(round(len(order) * cfg.validation_fraction))
     val, train = order[:n_val], order[n_val:]
     n_train = max(1, int(math.floor(len(train) * cfg.data_fraction + 1e-9)))
-    if cfg.max_notes is not None:
-        n_train = min(n_train, cfg.max_notes)
+    for cap in (cfg.max_notes, cfg.task_max_notes.get(task_name)):
+        if cap is not None:
+            n_train = min(n_train, cap)
     return train[:n_train], val
 
 
@@ -237,7 +240,7 @@ def build_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exa
         path = cfg.data_dir / task_name / "train.jsonl"
         if not path.exists():
             raise ConfigError(f"no training data for task {task_name!r}: {path} not found (data_dir={cfg.data_dir})")
-        train_notes, val_notes = split_notes(read_jsonl(path), cfg)
+        train_notes, val_notes = split_notes(read_jsonl(path), cfg, task_name)
         st = DataStats(notes_train=len(train_notes), notes_val=len(val_notes))
 
         def build(notes: list[dict], cap: int | None) -> list[Example]:

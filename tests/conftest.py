@@ -6,6 +6,7 @@
 * ``ray_address``     -- one local Ray (num_cpus=2) for the whole session; returns its GCS address.
 * ``engine_pool``     -- one EnginePool (one vLLM engine actor) shared by every test that needs vLLM.
 * ``tiny_adapter``    -- a tiny LoRA adapter (PEFT, r=8, random init) with its manifest, in a tmp folder.
+* ``spark``           -- one local Spark session (driver maxResultSize 1m: note text must never reach the driver).
 """
 
 from __future__ import annotations
@@ -95,3 +96,13 @@ def make_tiny_adapter(base_model_path: Path, out: Path, *, name: str = "tiny-tes
 @pytest.fixture(scope="session")
 def tiny_adapter(base_model_path, tmp_path_factory) -> Path:
     return make_tiny_adapter(base_model_path, tmp_path_factory.mktemp("adapters") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def spark(settings):
+    from notelake.jobs.extract import start_spark
+
+    session = start_spark(settings.with_overrides(
+        spark={"extra": {"spark.driver.maxResultSize": "1m", "spark.ui.enabled": "false"}}))
+    yield session
+    session.stop()

@@ -7,50 +7,16 @@ engine actor serve every test here.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable
+from jobkit import job_settings, offsets_exact, sample_notes, sorted_rows, table, write_notes
 
 from notelake.jobs import extract as job
 from notelake.jobs.cohort import query_text, run_duckdb, run_spark
 from notelake.jobs.warehouse import read_delta_arrow
 from notelake.udfs import schemas
-
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "notes.jsonl"
-
-
-@pytest.fixture(scope="module")
-def spark(settings):
-    spark = job.start_spark(settings.with_overrides(
-        spark={"extra": {"spark.driver.maxResultSize": "1m", "spark.ui.enabled": "false"}}))
-    yield spark
-    spark.stop()
-
-
-def sample_notes(n: int) -> list[dict]:
-    return [json.loads(line) for line in SAMPLE.read_text().splitlines()[:n]]
-
-
-def write_notes(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
-    write_deltalake(str(path), pa.Table.from_pylist(rows, schema=schema), mode="overwrite")
-    return str(path)
-
-
-def job_settings(settings, **job_overrides):
-    # The base model runs zero-shot here: a note whose answer fails to parse is a legitimate outcome, so these
-    # tests judge the data plane (selection, replacement, lineage), not extraction quality.
-    return settings.with_overrides(job={"task": "phee", "max_error_rate": 1.0, **job_overrides})
-
-
-def table(out: Path, name: str) -> pa.Table:
-    return read_delta_arrow(out / name)
-
-
-def sorted_rows(t: pa.Table, key: str, drop=("run_id", "extracted_at")) -> list[dict]:
-    return sorted(({k: v for k, v in r.items() if k not in drop} for r in t.to_pylist()), key=lambda r: r[key])
-
 
 def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings):
     notes = sample_notes(4)
@@ -69,9 +35,7 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings)
     for row in concepts.to_pylist():
         assert row["task"] == "phee" and row["label"] in job.load_task("phee").concepts
         if row["grounded"]:
-            note = texts[row["note_id"]]
-            assert " ".join(note[s["start"]:s["end"]] for s in row["spans"]) == row["text"] or \
-                note[row["start"]:row["end"]].lower().split() == row["text"].lower().split()
+            assert offsets_exact(row, texts[row["note_id"]])
         else:
             assert row["start"] is None and row["end"] is None
     first_run = runs.to_pylist()[0]

@@ -98,6 +98,9 @@ def test_split_is_seeded_nested_and_disjoint(toy, tmp_path):
     assert [r["note_id"] for r in big[0][: len(small[0])]] == [r["note_id"] for r in small[0]]
     assert not {r["note_id"] for r in big[0]} & {r["note_id"] for r in big[1]}
     assert len(small[1]) == 20 and len(small[0]) == 8 and len(big[0]) == 40
+    few = split_notes(recs, _cfg(toy, tmp_path, task_max_notes={"heldout": 5}), "heldout")
+    assert [r["note_id"] for r in few[0]] == [r["note_id"] for r in big[0][:5]] and few[1] == big[1]
+    assert len(split_notes(recs, _cfg(toy, tmp_path, task_max_notes={"heldout": 5}), "other")[0]) == 80
 
 
 def test_loss_mask_covers_only_the_answer(base_model_path):
