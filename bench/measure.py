@@ -11,13 +11,14 @@ import psutil
 
 class PeakMemory:
     """Samples the summed memory of this process and all its descendants (vLLM engine core, Ray's raylet and
-    workers, Spark's JVM and Python workers) every ``interval_s``; ``peak_gib`` is the largest sum seen.
+    workers, Spark's JVM and Python workers) every ``interval_s``; ``peak_gib`` is the largest sum seen. One
+    sample of the job's tree costs ~35 ms of CPU (2 cores): every 2 s keeps that under 1% of the machine.
 
     PSS (proportional set size) so pages shared between processes (model weights, Ray's object store) count
     once; RSS where PSS cannot be read.
     """
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 2.0):
         self.interval_s = interval_s
         self.peak_bytes = 0
         self._stop = threading.Event()

@@ -118,6 +118,25 @@ def row_bare(args) -> dict:
     return {"rows": rows, "fixed": {"bare vLLM": fixed}}
 
 
+def row_bare_all_cores(args) -> dict:
+    """Row 1 with every core computing: vLLM CPU reserves one core per worker for its scheduler process
+    (measured: the worker is pinned to core 0 of 2, OMP_NUM_THREADS=1, in the bench and in the job's Ray actor);
+    VLLM_CPU_NUM_OF_RESERVED_CPU=0 lets the worker use both, beside the scheduler."""
+    from notelake.conf.task import load_task
+    from notelake.udfs.answer import answer_json_schema
+
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    settings = bench_settings(args)
+    task = load_task(TASK)
+    engine, fixed = _load_vllm_engine(settings)
+    prompts = render_prompts(engine.tokenizer, task, corpus_texts(args))
+    probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
+    cfg = settings.engine
+    rows = [timed_llm_generate("bare vLLM LLM.generate (job engine args, no reserved core), guided JSON", engine.llm,
+                               prompts, probe, cfg, sampling_params(cfg, args.max_tokens, answer_json_schema(task)))]
+    return {"rows": rows, "fixed": {"bare vLLM, no reserved core": {**fixed, "first_token_s": rows[0]["first_token_s"]}}}
+
+
 def row_bare_default(args) -> dict:
     """Row 1': bare ``LLM(model, dtype)`` with vLLM's default engine arguments, same prompts and sampling."""
     from transformers import AutoTokenizer
@@ -633,7 +652,7 @@ def _write_concepts(task, texts: list[str], outputs: list[dict], warehouse: Path
 
 
 # ============================================================================================== main
-ROWS = {"bare": row_bare, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
+ROWS = {"bare": row_bare, "bare-all-cores": row_bare_all_cores, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
         "ray-data-llm": row_ray_data_llm, "lora": row_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay}
 
 
