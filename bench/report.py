@@ -164,7 +164,7 @@ def throughput_svg(series: dict[str, list[tuple[int, float]]], title: str) -> st
     points = [p for pts in series.values() for p in pts if p[1] > 0]
     if not points:
         return ""
-    w, h, left, right, top, bottom = 640, 400, 70, 190, 40, 50
+    w, h, left, right, top, bottom = 680, 400, 70, 220, 40, 50
     x_lo, x_hi = math.floor(math.log10(min(p[0] for p in points))), math.ceil(math.log10(max(p[0] for p in points)))
     y_lo, y_hi = math.floor(math.log10(min(p[1] for p in points))), math.ceil(math.log10(max(p[1] for p in points)))
     x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1)
@@ -197,7 +197,7 @@ def throughput_svg(series: dict[str, list[tuple[int, float]]], title: str) -> st
         for x, y in pts:
             out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}"/>')
             out.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" fill="{color}">{y:.3g}</text>')
-        out.append(f'<rect x="{w - right + 12}" y="{top + 20 * k}" width="12" height="12" fill="{color}"/>')
-        out.append(f'<text x="{w - right + 30}" y="{top + 20 * k + 11}">{name}</text>')
+        out.append(f'<rect x="{w - right + 50}" y="{top + 20 * k}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{w - right + 68}" y="{top + 20 * k + 11}">{name}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             if r["row"].startswith(("job end to end, conf", "job scaling")) and r.get("notes_per_s")]
     replay = [(r["notes"], r["notes_per_s"]) for r in rows if r["row"].startswith("job with REPLAY")
               and r.get("notes_per_s")]
-    svg = report.throughput_svg({"vLLM CPU engine": real, "REPLAY engine": replay},
+    svg = report.throughput_svg({"vLLM CPU engine": real, "REPLAY (simulated)": replay},
                                 f"notelake job throughput vs corpus size ({os.cpu_count()} CPU cores)")
     if svg:
         (out / "throughput.svg").write_text(svg)
