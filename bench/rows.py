@@ -465,9 +465,10 @@ def row_job_nospark(args) -> dict:
     fixed["engine_load_s"] = round(time.monotonic() - t0, 2)
     fixed["first_token_s"] = _probe_pool(pool, task)
     notes = synthetic_notes(args.notes, args.seed)
-    rows = [timed_job_without_spark(f"job without Spark: extract_batch + load ({batching_label(settings)})", settings,
-                                    notes, str(work / f"wh-nospark-{label}"), pool, task)
-            for label, settings in (("conf", conf), ("one-call", one_call))]
+    rows = [timed_job_without_spark(f"job without Spark: extract_batch + load, {label} ({batching_label(settings)})",
+                                    settings, notes, str(work / f"wh-nospark-{i}"), pool, task)
+            for i, (label, settings) in enumerate((("conf batching", conf),
+                                                   ("one engine call per Arrow batch", one_call)))]
     pool.shutdown()
     return {"rows": rows, "fixed": {"job without Spark": fixed}}
 
