@@ -1,6 +1,6 @@
 """Benchmark rows. ``bench.run`` starts each in its own process (one vLLM engine at a time, clean teardown):
 
-    python -m bench.rows <row> --notes 32 --seed 0 --max-tokens 128 [--conf conf/gpu.yaml] \\
+    python -m bench.rows <row> --notes 32 --seed 0 --max-tokens 64 [--conf conf/gpu.yaml] \\
         --work runs/bench/work --out runs/bench/work/<row>.json
 
 Every row uses the same notes (bench.corpus, seeded), the same prompts (udfs.prompts.build_messages rendered
@@ -46,8 +46,8 @@ def bench_settings(args, **overrides):
     return load_settings(REPO / args.conf).with_overrides(engine=engine, job=job, **overrides)
 
 
-def corpus_texts(args, n: int | None = None) -> list[str]:
-    return synthetic_notes(n or args.notes, args.seed)["text"].to_pylist()
+def corpus_texts(args) -> list[str]:
+    return synthetic_notes(args.notes, args.seed)["text"].to_pylist()
 
 
 # ============================================================================================== vLLM passes
@@ -97,8 +97,8 @@ def _load_vllm_engine(settings):
     return engine, {"engine_load_s": engine.load_seconds, "engine_load_peak_mem_gib": mem.peak_gib}
 
 
-def row_bare(args) -> dict:
-    """Row 1: bare ``LLM.generate`` on the prompt list, with exactly the job's engine arguments (the ceiling)."""
+def _bare_passes(args, label: str, with_ignore_eos: bool) -> tuple[list[dict], dict]:
+    """Bare ``LLM.generate`` passes on an engine built with exactly the job's engine arguments."""
     from notelake.conf.task import load_task
     from notelake.udfs.answer import answer_json_schema
 
@@ -108,13 +108,17 @@ def row_bare(args) -> dict:
     prompts = render_prompts(engine.tokenizer, task, corpus_texts(args))
     probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
     cfg = settings.engine
-    rows = [
-        timed_llm_generate("bare vLLM LLM.generate (job engine args), guided JSON", engine.llm, prompts, probe, cfg,
-                           sampling_params(cfg, args.max_tokens, answer_json_schema(task))),
-        timed_llm_generate("bare vLLM LLM.generate (job engine args), ignore_eos", engine.llm, prompts, probe, cfg,
-                           sampling_params(cfg, args.max_tokens, ignore_eos=True)),
-    ]
-    fixed["first_token_s"] = rows[0]["first_token_s"]
+    rows = [timed_llm_generate(f"bare vLLM LLM.generate ({label}), guided JSON", engine.llm, prompts, probe, cfg,
+                               sampling_params(cfg, args.max_tokens, answer_json_schema(task)))]
+    if with_ignore_eos:
+        rows.append(timed_llm_generate(f"bare vLLM LLM.generate ({label}), ignore_eos", engine.llm, prompts, probe,
+                                       cfg, sampling_params(cfg, args.max_tokens, ignore_eos=True)))
+    return rows, {**fixed, "first_token_s": rows[0]["first_token_s"]}
+
+
+def row_bare(args) -> dict:
+    """Row 1: bare ``LLM.generate`` on the prompt list, with exactly the job's engine arguments (the ceiling)."""
+    rows, fixed = _bare_passes(args, "job engine args", with_ignore_eos=True)
     return {"rows": rows, "fixed": {"bare vLLM": fixed}}
 
 
@@ -122,19 +126,9 @@ def row_bare_all_cores(args) -> dict:
     """Row 1 with every core computing: vLLM CPU reserves one core per worker for its scheduler process
     (measured: the worker is pinned to core 0 of 2, OMP_NUM_THREADS=1, in the bench and in the job's Ray actor);
     VLLM_CPU_NUM_OF_RESERVED_CPU=0 lets the worker use both, beside the scheduler."""
-    from notelake.conf.task import load_task
-    from notelake.udfs.answer import answer_json_schema
-
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    settings = bench_settings(args)
-    task = load_task(TASK)
-    engine, fixed = _load_vllm_engine(settings)
-    prompts = render_prompts(engine.tokenizer, task, corpus_texts(args))
-    probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
-    cfg = settings.engine
-    rows = [timed_llm_generate("bare vLLM LLM.generate (job engine args, no reserved core), guided JSON", engine.llm,
-                               prompts, probe, cfg, sampling_params(cfg, args.max_tokens, answer_json_schema(task)))]
-    return {"rows": rows, "fixed": {"bare vLLM, no reserved core": {**fixed, "first_token_s": rows[0]["first_token_s"]}}}
+    rows, fixed = _bare_passes(args, "job engine args, no reserved core", with_ignore_eos=False)
+    return {"rows": rows, "fixed": {"bare vLLM, no reserved core": fixed}}
 
 
 def row_bare_default(args) -> dict:
