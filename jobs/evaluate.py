@@ -3,11 +3,11 @@
 Run from the repository root (no Spark needed; one in-process vLLM engine, float32 on CPU)::
 
     python -m notelake.jobs.evaluate --task phee --gold ../shared/data/phee/dev.jsonl --limit 200 \
-        --adapter models/adapters/phee-pilot --out runs/eval/phee-pilot
+        --adapter models/adapters/notelake-mt --out runs/eval/notelake-mt
     python -m notelake.jobs.evaluate --task phee --gold ../shared/data/phee/dev.jsonl --limit 200 \
         --adapter none --out runs/eval/phee-base                       # base model zero-shot
     python -m notelake.jobs.evaluate --task maccrobat --gold ../shared/data/maccrobat/dev.jsonl --limit 5 \
-        --adapter models/adapters/phee-pilot --out runs/eval/mac       # task not in the adapter: zero-shot + warning
+        --adapter models/adapters/notelake-mt --out runs/eval/mac
     # several runs side by side (e.g. a learning curve), without generating anything:
     python -m notelake.jobs.evaluate --compare runs/eval/a/report.json runs/eval/b/report.json --out runs/eval/curve
 

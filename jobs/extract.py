@@ -1,7 +1,7 @@
 """The nightly extraction job: note table -> Spark -> Ray vLLM actors -> Delta tables.
 
     spark-submit jobs/extract.py --conf conf/local.yaml --input <note table> --output <warehouse dir> \\
-        --task phee [--adapter models/adapters/phee-pilot] [--limit N] [--full-refresh] [--dry-run]
+        --task phee [--adapter models/adapters/notelake-mt] [--limit N] [--full-refresh] [--dry-run]
 
 (also ``notelake extract`` with the same flags). Stages, each testable alone:
 

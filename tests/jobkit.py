@@ -41,3 +41,9 @@ def offsets_exact(row: dict, text: str) -> bool:
     if " ".join(text[s["start"]:s["end"]] for s in row["spans"]) == row["text"]:
         return True
     return text[row["start"]:row["end"]].lower().split() == row["text"].lower().split()
+
+
+def rows(out: Path, name: str) -> list[dict]:
+    """All rows of an output table; [] when the run never created it (e.g. no errors)."""
+    t = read_delta_arrow(out / name)
+    return t.to_pylist() if t is not None else []
