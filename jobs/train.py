@@ -2,14 +2,14 @@
 
 No Spark is involved; run it directly, from the repository root::
 
-    python -m notelake.jobs.train --config conf/train/pilot_phee.yaml
-    notelake train --config conf/train/pilot_phee.yaml          # same, through the CLI
+    python -m notelake.jobs.train --config conf/train/multitask.yaml
+    notelake train --config conf/train/multitask.yaml          # same, through the CLI
 
     # plan only: example counts, mean tokens per example, estimated tokens for the steps (no training)
-    python -m notelake.jobs.train --config conf/train/pilot_phee.yaml --dry-run
+    python -m notelake.jobs.train --config conf/train/multitask.yaml --dry-run
     # overrides (any TrainConfig field has a YAML key; the common ones have flags)
-    python -m notelake.jobs.train --config conf/train/pilot_phee.yaml --steps 2 --batch-size 1 \
-        --max-examples 4 --output-dir /tmp/adapter-smoke --token-budget 5000
+    python -m notelake.jobs.train --config conf/train/multitask.yaml --steps 2 --batch-size 1 \
+        --max-examples 4 --output-dir /tmp/adapter-smoke --checkpoint-dir /tmp/adapter-smoke-ckpt --token-budget 5000
 
 Relative paths in the config (output_dir, checkpoint_dir, data_dir) are taken from the repository root.
 The run resumes from the last checkpoint in ``checkpoint_dir`` (default ``.notelake/checkpoints/<name>``,
