@@ -86,4 +86,5 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],  # other work sharing the cores
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}

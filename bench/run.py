@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     started = datetime.now(timezone.utc)
+    machine_at_start = machine()
     out = Path(args.out or REPO / "runs" / "bench" / f"{started:%Y%m%dT%H%M%S}")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(), "conf": args.conf, "task": "phee", "notes": args.notes, "seed": args.seed, "max_tokens": args.max_tokens,
+        "machine": machine_at_start, "load_avg_at_end": machine()["load_avg_1_5_15"], "conf": args.conf, "task": "phee", "notes": args.notes, "seed": args.seed, "max_tokens": args.max_tokens,
         "rows": rows, "fixed": fixed, "ratios": entries, **extras,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
