@@ -111,14 +111,15 @@ def ratios(rows: list[dict], fixed: dict) -> list[dict]:
     base_guided = _find(rows, "VLLMEngine.generate, base, guided JSON on")
     lora_guided = _find(rows, "VLLMEngine.generate, LoRA")
 
-    # Marginal cost: the extra notes of the largest scaling run over the --notes run, per extra second; the
-    # job's fixed per-run cost (Spark actions, Delta commits) cancels out.
-    largest = max((r for r in rows if r["row"].startswith("job scaling") and not r.get("error")),
-                  key=lambda r: r["notes"], default=None)
+    # Marginal cost between the smallest and the largest corpus of the job's scaling series: extra notes per extra
+    # second, so the job's fixed per-run cost (Spark actions, Delta commits) cancels out.
+    series = [r for r in rows if r["row"].startswith(("job scaling", "job end to end, conf")) and not r.get("error")]
+    small = min(series, key=lambda r: r["notes"], default=None)
+    large = max(series, key=lambda r: r["notes"], default=None)
     marginal = None
-    if job and largest and largest["notes"] > job["notes"] and largest["wall_s"] > job["wall_s"]:
-        marginal = {"row": f"job marginal, {job['notes']} -> {largest['notes']} notes",
-                    "notes_per_s": (largest["notes"] - job["notes"]) / (largest["wall_s"] - job["wall_s"])}
+    if small and large and large["notes"] > small["notes"] and large["wall_s"] > small["wall_s"]:
+        marginal = {"row": f"job marginal, {small['notes']} -> {large['notes']} notes",
+                    "notes_per_s": (large["notes"] - small["notes"]) / (large["wall_s"] - small["wall_s"])}
 
     def entry(name, value, target, op, num, den, metric):
         met = None if value is None else (value >= target if op == ">=" else value <= target)
