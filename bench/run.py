@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "(default: every shipped adapter)")
     p.add_argument("--row-timeout-s", type=float, default=900, help="a row still running after this is killed")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/<UTC time>)")
+    p.add_argument("--include", nargs="*", default=[], help="row results (<out>/work/<row>.json) of earlier runs to "
+                                                            "report with this one's (--rows '' reports them alone)")
     args = p.parse_args(argv)
 
     started = datetime.now(timezone.utc)
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             plan.append((name, common))
 
     rows, fixed, extras = [], {}, {}
-    for name, row_argv in plan:
-        result = run_row(name, row_argv, work, args.row_timeout_s)
+    earlier = [(Path(path).stem, {**json.loads(Path(path).read_text()), "process_wall_s": None}) for path in args.include]
+    ran = ((name, run_row(name, row_argv, work, args.row_timeout_s)) for name, row_argv in plan)
+    for name, result in [*earlier, *ran]:
         rows += result["rows"]
         for stack, values in result.get("fixed", {}).items():
             fixed[stack] = values
