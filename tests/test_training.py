@@ -112,7 +112,7 @@ def test_loss_mask_covers_only_the_answer(base_model_path):
     task = load_task("phee")
     ids, labels = encode_example(tok, task, "Lithium caused tremor.", {"concepts": [], "relations": []})
     answer = [t for t in labels if t != -100]
-    assert 0 < len(answer) < 20 and len(ids) > 500
+    assert 0 < len(answer) < 20 and len(ids) > 300  # the whole t2 instruction (~290 tokens) is in the prompt
     assert labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
     assert '{"concepts":[],"relations":[]}' in tok.decode(answer)
 
