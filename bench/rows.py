@@ -375,25 +375,33 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
                          "arrow_batch_size": settings.spark.arrow_batch_size})
 
 
+def _start_engine_pool(settings, task) -> tuple:
+    """Ray up, the engine actor loaded, one probe note: (pool, {ray_up_s, engine_load_s, first_token_s})."""
+    from notelake.models.actor import EnginePool, ensure_ray
+
+    fixed = {}
+    t0 = time.monotonic()
+    ensure_ray(settings.ray)
+    fixed["ray_up_s"] = round(time.monotonic() - t0, 2)
+    t0 = time.monotonic()
+    pool = EnginePool.get_or_create(settings).ready()
+    fixed["engine_load_s"] = round(time.monotonic() - t0, 2)
+    fixed["first_token_s"] = _probe_pool(pool, task)
+    return pool, fixed
+
+
 def _start_job_stack(settings, task, work: Path, also_warm=()):
     """Spark, Ray and the engine pool, each timed (row 7's fixed costs), the first-token probe, then one job run
     on 4 other notes (and one per settings in ``also_warm``): they start Spark's Python workers and their Ray
     connections, which every later run reuses."""
     from notelake.jobs.extract import run, start_spark
-    from notelake.models.actor import EnginePool, ensure_ray
 
-    fixed = {}
     with PeakMemory() as mem:
         t0 = time.monotonic()
         spark = start_spark(settings, app_name="notelake-bench")
-        fixed["spark_up_s"] = round(time.monotonic() - t0, 2)
-        t0 = time.monotonic()
-        ensure_ray(settings.ray)
-        fixed["ray_up_s"] = round(time.monotonic() - t0, 2)
-        t0 = time.monotonic()
-        pool = EnginePool.get_or_create(settings).ready()
-        fixed["engine_load_s"] = round(time.monotonic() - t0, 2)
-        fixed["first_token_s"] = _probe_pool(pool, task)
+        spark_up_s = round(time.monotonic() - t0, 2)
+        pool, fixed = _start_engine_pool(settings, task)
+        fixed = {"spark_up_s": spark_up_s, **fixed}
         warmup = write_note_table(synthetic_notes(4, seed=10_000), work / "notes-warmup")
         t0 = time.monotonic()
         run(settings, warmup, str(work / "wh-warmup"), spark=spark)
@@ -442,7 +450,6 @@ def row_job_nospark(args) -> dict:
     """Row 2 where Spark is absent (the GPU box): Ray engine actors + the job's extract_batch + load, with the
     conf's batching and with one engine call per Arrow batch, plus Ray up / engine load / first token."""
     from notelake.conf.task import load_task
-    from notelake.models.actor import EnginePool, ensure_ray
 
     work = Path(args.work)
     task = load_task(TASK)
@@ -450,14 +457,7 @@ def row_job_nospark(args) -> dict:
     # One engine call per Arrow batch: on a GPU conf whose batch_size is below max_num_seqs this shows what the
     # engine's one-call-at-a-time batching costs.
     one_call = bench_settings(args, ray={"batch_size": conf.spark.arrow_batch_size})
-    fixed = {}
-    t0 = time.monotonic()
-    ensure_ray(conf.ray)
-    fixed["ray_up_s"] = round(time.monotonic() - t0, 2)
-    t0 = time.monotonic()
-    pool = EnginePool.get_or_create(conf).ready()
-    fixed["engine_load_s"] = round(time.monotonic() - t0, 2)
-    fixed["first_token_s"] = _probe_pool(pool, task)
+    pool, fixed = _start_engine_pool(conf, task)
     notes = synthetic_notes(args.notes, args.seed)
     rows = [timed_job_without_spark(f"job without Spark: extract_batch + load, {label} ({batching_label(settings)})",
                                     settings, notes, str(work / f"wh-nospark-{i}"), pool, task)
