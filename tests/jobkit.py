@@ -47,3 +47,15 @@ def rows(out: Path, name: str) -> list[dict]:
     """All rows of an output table; [] when the run never created it (e.g. no errors)."""
     t = read_delta_arrow(out / name)
     return t.to_pylist() if t is not None else []
+
+
+def assert_no_duplicates(out: Path) -> None:
+    """Every concept id once, every note's rows from one run, every ledger note once."""
+    concepts = table(out, "concepts").to_pylist()
+    assert len({c["concept_id"] for c in concepts}) == len(concepts)
+    runs_per_note: dict[str, set] = {}
+    for c in concepts:
+        runs_per_note.setdefault(c["note_id"], set()).add(c["run_id"])
+    assert all(len(r) == 1 for r in runs_per_note.values()), "a note's rows mix two runs"
+    ledger = table(out, "ledger")["note_id"].to_pylist()
+    assert len(ledger) == len(set(ledger))

@@ -11,7 +11,7 @@ import json
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-from jobkit import job_settings, offsets_exact, sample_notes, sorted_rows, table, write_notes
+from jobkit import assert_no_duplicates, job_settings, offsets_exact, sample_notes, sorted_rows, table, write_notes
 
 from notelake.jobs import extract as job
 from notelake.jobs.cohort import query_text, run_duckdb, run_spark
@@ -182,9 +182,4 @@ def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, en
     assert (runs[-1]["status"], runs[-1]["selected"]) == ("succeeded", len(notes) - committed)
     ledger = table(out, "ledger")
     assert sorted(ledger["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
-    concepts = table(out, "concepts").to_pylist()
-    assert len({c["concept_id"] for c in concepts}) == len(concepts)
-    per_note_runs = {}
-    for c in concepts:
-        per_note_runs.setdefault(c["note_id"], set()).add(c["run_id"])
-    assert all(len(r) == 1 for r in per_note_runs.values()), "a note's rows mix two runs"
+    assert_no_duplicates(out)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from jobkit import job_settings, offsets_exact, rows, sample_notes, table, write_notes
+from jobkit import assert_no_duplicates, job_settings, offsets_exact, rows, sample_notes, table, write_notes
 
 from notelake.conf.task import load_task
 from notelake.jobs import extract as job
@@ -39,17 +39,6 @@ def write_conf(path: Path, settings) -> str:
 def concept_keys(out: Path) -> list[tuple]:
     rows = table(out, "concepts").to_pylist()
     return sorted((r["note_id"], r["label"], r["start"], r["end"], r["text"]) for r in rows)
-
-
-def assert_no_duplicates(out: Path) -> None:
-    concepts = table(out, "concepts").to_pylist()
-    assert len({c["concept_id"] for c in concepts}) == len(concepts)
-    runs_per_note: dict[str, set] = {}
-    for c in concepts:
-        runs_per_note.setdefault(c["note_id"], set()).add(c["run_id"])
-    assert all(len(r) == 1 for r in runs_per_note.values()), "a note's rows mix two runs"
-    ledger = table(out, "ledger")["note_id"].to_pylist()
-    assert len(ledger) == len(set(ledger))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
