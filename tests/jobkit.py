@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import yaml
 from deltalake import write_deltalake
 
 from notelake.jobs.warehouse import read_delta_arrow
@@ -19,6 +20,12 @@ def sample_notes(n: int) -> list[dict]:
 
 def write_notes(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
     write_deltalake(str(path), pa.Table.from_pylist(rows, schema=schema), mode="overwrite")
+    return str(path)
+
+
+def write_conf(path: Path, settings) -> str:
+    """Settings as a YAML file for ``--conf`` (a job started as its own process, or through ``main``)."""
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     return str(path)
 
 

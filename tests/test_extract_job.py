@@ -11,7 +11,8 @@ import json
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-from jobkit import assert_no_duplicates, job_settings, offsets_exact, sample_notes, sorted_rows, table, write_notes
+from jobkit import (assert_no_duplicates, job_settings, offsets_exact, sample_notes, sorted_rows, table, write_conf,
+                    write_notes)
 
 from notelake.jobs import extract as job
 from notelake.jobs.cohort import query_text, run_duckdb, run_spark
@@ -153,15 +154,12 @@ def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, en
     import sys
     import time
 
-    import yaml
-
     notes = sample_notes(4)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
     cfg = job_settings(settings, round_notes=1)
-    conf = tmp_path / "conf.yaml"
-    conf.write_text(yaml.safe_dump(cfg.with_overrides(ray={"address": ray_address}).model_dump(mode="json")))
-    proc = subprocess.Popen([sys.executable, "-m", "notelake.jobs.extract", "--conf", str(conf), "--input", src,
+    conf = write_conf(tmp_path / "conf.yaml", cfg.with_overrides(ray={"address": ray_address}))
+    proc = subprocess.Popen([sys.executable, "-m", "notelake.jobs.extract", "--conf", conf, "--input", src,
                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     committed = 0

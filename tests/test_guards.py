@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-import yaml
+from jobkit import write_conf
 
 from notelake.conf import ConfigError
 from notelake.jobs import extract as job
@@ -41,9 +41,8 @@ def test_second_run_fails_cleanly_while_another_holds_the_output(tmp_path, setti
         assert time.monotonic() - t0 >= 1.0  # it waited lock_timeout_s first
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing read or written
 
-        conf = tmp_path / "conf.yaml"
-        conf.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-        assert job.main(["--conf", str(conf), "--input", str(tmp_path / "notes"), "--output", str(out)]) == job.EXIT_LOCKED
+        conf = write_conf(tmp_path / "conf.yaml", settings)
+        assert job.main(["--conf", conf, "--input", str(tmp_path / "notes"), "--output", str(out)]) == job.EXIT_LOCKED
     finally:
         holder.kill()
         holder.wait()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from jobkit import assert_no_duplicates, job_settings, offsets_exact, rows, sample_notes, table, write_notes
+from jobkit import (assert_no_duplicates, job_settings, offsets_exact, rows, sample_notes, table, write_conf,
+                    write_notes)
 
 from notelake.conf.task import load_task
 from notelake.jobs import extract as job
@@ -29,11 +29,6 @@ from notelake.jobs.warehouse import OutputWriteError, read_delta_arrow
 from notelake.udfs.chunking import chunk_text
 
 PHEE_LABELS = set(load_task("phee").concepts)
-
-
-def write_conf(path: Path, settings) -> str:
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    return str(path)
 
 
 def concept_keys(out: Path) -> list[tuple]:
