@@ -226,20 +226,57 @@ def extract(spark, settings: Settings, source: str):
     return valid, rejected, passthrough
 
 
-def select(spark, valid, ledger_path: str, fingerprint: str, full_refresh: bool = False, limit: int | None = None):
-    """Notes whose (note_id, text sha256, fingerprint) has no ledger entry; ``limit`` caps the count."""
+def done_notes(spark, ledger_path: str, fingerprint: str, full_refresh: bool = False):
+    """(note_id, text_sha256) already extracted under ``fingerprint``, or None (no ledger yet, or full refresh)."""
     from pyspark.sql import functions as F
 
     from notelake.jobs.warehouse import read_snapshot_spark
 
-    selected = valid
     ledger = None if full_refresh else read_snapshot_spark(spark, ledger_path)
-    if ledger is not None:
-        done = ledger.where(F.col("fingerprint") == fingerprint).select("note_id", "text_sha256").distinct()
-        selected = valid.join(done, ["note_id", "text_sha256"], "left_anti")
+    if ledger is None:
+        return None
+    return ledger.where(F.col("fingerprint") == fingerprint).select("note_id", "text_sha256").distinct()
+
+
+def select(valid, done, limit: int | None = None):
+    """Notes whose (note_id, text sha256) is not in ``done``; ``limit`` caps the count."""
+    selected = valid if done is None else valid.join(done, ["note_id", "text_sha256"], "left_anti")
     if limit is not None:
         selected = selected.orderBy("note_id").limit(limit)
     return selected
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    valid: int
+    new: int
+    rejected_rows: list  # ids, hashes and reasons only: never text
+
+
+def summarize_input(valid, rejected, done) -> InputSummary:
+    """Valid and new (not in ``done``) note counts plus the rejected rows, in one Spark action: every separate
+    count or collect re-reads the input and re-runs the duplicate-id shuffle."""
+    from pyspark.sql import functions as F
+
+    marked = valid.select("note_id", "text_sha256")
+    if done is None:
+        marked = marked.withColumn("is_new", F.lit(True))
+    else:
+        marked = marked.join(done.withColumn("is_done", F.lit(True)), ["note_id", "text_sha256"], "left") \
+            .select("note_id", "text_sha256", F.col("is_done").isNull().alias("is_new"))
+    none = F.lit(None).cast("string")
+    rows = marked.select("note_id", "text_sha256", none.alias("error_type"), none.alias("message"),
+                         F.lit(True).alias("is_valid"), "is_new").unionByName(
+        rejected.select("note_id", "text_sha256", "error_type", "message",
+                        F.lit(False).alias("is_valid"), F.lit(False).alias("is_new")))
+    totals = rows.agg(
+        F.sum(F.col("is_valid").cast("long")).alias("valid"),
+        F.sum(F.col("is_new").cast("long")).alias("new"),
+        F.collect_list(F.when(~F.col("is_valid"), F.struct("note_id", "text_sha256", "error_type", "message")))
+        .alias("rejected"),
+    ).collect()[0]
+    return InputSummary(valid=int(totals["valid"] or 0), new=int(totals["new"] or 0),
+                        rejected_rows=list(totals["rejected"]))
 
 
 # ---------------------------------------------------------------------------------------------- transform
@@ -461,16 +498,13 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     }, spark=spark)
 
     valid, rejected, passthrough = extract(spark, settings, source)
-    selected = select(spark, valid, warehouse.path("ledger"), ident["fingerprint"], full_refresh, limit)
-    selected = selected.persist()
-    stats = RunStats()
-    counts = valid.agg(F.count(F.lit(1)).alias("n")).collect()[0]["n"]
-    stats.selected = selected.count()
-    stats.skipped = counts - stats.selected
-    rejected_rows = rejected.collect()  # ids, hashes and reasons only: never text
-    stats.rejected = len(rejected_rows)
+    done = done_notes(spark, warehouse.path("ledger"), ident["fingerprint"], full_refresh)
+    summary = summarize_input(valid, rejected, done)
+    selected = select(valid, done, limit).persist()
+    n_selected = summary.new if limit is None else min(limit, summary.new)
+    stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=len(summary.rejected_rows))
     log.info("run %s task=%s: %d valid notes, %d selected, %d unchanged, %d rejected",
-             run_id, task.name, counts, stats.selected, stats.skipped, stats.rejected)
+             run_id, task.name, summary.valid, stats.selected, stats.skipped, stats.rejected)
     if dry_run:
         est = selected.agg(F.sum(F.ceil(F.length("text") / task.max_chunk_chars)).alias("chunks")).collect()[0]
         chunks = int(est["chunks"] or 0)
@@ -490,7 +524,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     }
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
     try:
-        warehouse.append("errors", schemas.rows_to_table(rejected_error_rows(rejected_rows, run_id, task),
+        warehouse.append("errors", schemas.rows_to_table(rejected_error_rows(summary.rejected_rows, run_id, task),
                                                          schemas.ERRORS_SCHEMA))
         if stats.selected:
             _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats)

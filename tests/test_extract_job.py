@@ -121,6 +121,23 @@ def test_missing_column_is_a_clear_error_before_work(tmp_path, spark, settings):
         job.extract(spark, settings, src)
 
 
+def test_input_summary_counts_new_unchanged_and_rejected_in_one_pass(tmp_path, spark, settings):
+    notes = sample_notes(4) + [{**sample_notes(1)[0], "note_id": "dup"}, {**sample_notes(1)[0], "note_id": "dup"},
+                               {**sample_notes(1)[0], "note_id": "blank", "text": "  \n "}]
+    valid, rejected, _ = job.extract(spark, settings, write_notes(tmp_path / "notes", notes))
+    first = sorted(valid.select("note_id", "text_sha256").collect())[:1]
+    done = spark.createDataFrame(first, "note_id string, text_sha256 string")
+
+    summary = job.summarize_input(valid, rejected, done)
+    assert (summary.valid, summary.new) == (4, 3)
+    assert sorted((r["note_id"], r["error_type"]) for r in summary.rejected_rows) == [
+        ("blank", "empty_text"), ("dup", "duplicate_note_id"), ("dup", "duplicate_note_id")]
+    assert all(set(r.asDict()) == {"note_id", "text_sha256", "error_type", "message"} for r in summary.rejected_rows)
+    assert job.summarize_input(valid, rejected, None).new == 4
+    picked = [r["note_id"] for r in job.select(valid, done, limit=2).collect()]
+    assert len(picked) == 2 and first[0]["note_id"] not in picked
+
+
 def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
     src = write_notes(tmp_path / "notes", sample_notes(3))
     out = tmp_path / "warehouse"
