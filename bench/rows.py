@@ -210,24 +210,11 @@ def row_lora(args) -> dict:
     return {"rows": rows, "adapter": {"name": adapter.name, "sha256": adapter.sha256, "rank": adapter.rank}}
 
 
-def merge_adapter(base_path: Path, adapter, out: Path) -> Path:
-    """The base model with the LoRA folded into its weights (PEFT merge_and_unload), float32, plus tokenizer."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
-    merged.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(base_path)).save_pretrained(str(out))
-    return out
-
-
 def row_lora_merged(args) -> dict:
-    """Row 4': the adapter merged into the base weights and served as a plain model (no per-token LoRA work),
+    """Row 4': the adapter merged into the base weights (engine.merge_adapter: no per-token LoRA work),
     same engine args, same passes as the base rows of the lora row."""
     from notelake.conf.task import load_task
-    from notelake.models.adapters import load_adapter
+    from notelake.models.adapters import load_adapter, merged_model
     from notelake.models.base_model import model_sha256, resolve_model
     from notelake.models.engine import GenerationRequest
     from notelake.udfs.answer import answer_json_schema
@@ -237,9 +224,9 @@ def row_lora_merged(args) -> dict:
     base_path = resolve_model(base.engine.model)
     adapter = load_adapter(args.adapter, model_sha256(base_path))
     t0 = time.monotonic()
-    merged = merge_adapter(base_path, adapter, Path(args.work) / f"merged-{adapter.name}")
+    merged_model(base_path, adapter)  # built once per (adapter, base), then cached: 0-ish when cached
     merge_s = round(time.monotonic() - t0, 1)
-    settings = bench_settings(args, engine={"model": str(merged)})
+    settings = bench_settings(args, engine={"adapter": str(adapter.path), "merge_adapter": True})
     cfg = settings.engine
     task = load_task(TASK)
     engine, fixed = _load_vllm_engine(settings)

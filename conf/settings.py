@@ -45,6 +45,9 @@ class EngineConfig(_Strict):
     enable_lora: bool = Field(True, description="serve LoRA adapters through LoRARequest")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the engine accepts")
     max_loras: int = Field(2, ge=1, description="adapters resident at once")
+    merge_adapter: bool = Field(
+        False, description="vLLM backend: serve engine.adapter merged into the base weights (built once, cached "
+                           "under NOTELAKE_HOME/merged): no per-token LoRA work, but no other adapter on that engine")
     guided_json: bool = Field(True, description="constrain output to the task's answer schema")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     max_tokens: int | None = Field(None, ge=1, description="answer budget; null = the task's own max_tokens")

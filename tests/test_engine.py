@@ -110,6 +110,26 @@ def test_lora_adapter_changes_output(engine_pool, tiny_adapter, base_model_path)
     assert lora.text.split("\n")[0] == reference.split("\n")[0]
 
 
+def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, settings, tiny_adapter,
+                                                                  base_model_path):
+    """engine.merge_adapter: the default adapter is folded into the weights (no LoRARequest); answers match
+    PEFT's, and any other adapter (or the bare base model) is refused per item."""
+    merged_settings = settings.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": True})
+    pool = EnginePool.get_or_create(merged_settings)
+    try:
+        pool.ready()
+        messages = _user("What is the capital of France?")
+        default, base = pool.generate([GenerationRequest("default", messages, max_tokens=16),
+                                       GenerationRequest("base", messages, max_tokens=16, adapter="")])
+        assert default.error is None
+        assert default.text.split("\n")[0] == _peft_greedy(base_model_path, tiny_adapter, messages, 16).split("\n")[0]
+        assert base.text is None and base.error.startswith("adapter_refused") and "merge_adapter" in base.error
+        desc = pool.describe()
+        assert desc["adapter_merged"] is True and desc["adapter"] == "tiny-test"
+    finally:
+        pool.shutdown()
+
+
 def test_refused_adapter_is_a_per_item_error(engine_pool, base_model_path, tmp_path):
     from conftest import make_tiny_adapter
 
