@@ -6,6 +6,8 @@ Run from the repository root (no Spark needed; one in-process vLLM engine, float
         --adapter models/adapters/notelake-mt --out runs/eval/notelake-mt
     python -m notelake.jobs.evaluate --task phee --gold ../shared/data/phee/dev.jsonl --limit 200 \
         --adapter none --out runs/eval/phee-base                       # base model zero-shot
+    python -m notelake.jobs.evaluate --task phee --gold ../shared/data/phee/dev.jsonl --limit 200 \
+        --model .notelake/adapters/exp-mt-full --out runs/eval/mt-full    # a full fine-tune, served as the model
     python -m notelake.jobs.evaluate --task maccrobat --gold ../shared/data/maccrobat/dev.jsonl --limit 5 \
         --adapter models/adapters/notelake-mt --out runs/eval/mac
     # several runs side by side (e.g. a learning curve), without generating anything:
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", nargs="+", default=["none"],
                    help="adapter folder(s), or 'none' for the base model zero-shot; several = one engine, one "
                         "report each under --out/<name>/ plus a comparison table")
+    p.add_argument("--model", default=None,
+                   help="served model: a folder (e.g. a full fine-tune from `train --mode full`) or a model name; "
+                        "default: the settings' engine.model")
     p.add_argument("--prefix", type=int, nargs="*", default=[],
                    help="also score the first N notes of the slice (e.g. the CI gate slice) from the same run")
     p.add_argument("--settings", default=None, help="settings YAML (default conf/local.yaml)")
@@ -116,7 +121,8 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     return {
         "prefix_scores": prefixes,
         "run_id": f"eval-{uuid.uuid4().hex[:12]}",
-        "label": args.label or (adapter["name"] if adapter else "base zero-shot"),
+        "label": args.label or (adapter["name"] if adapter else Path(args.model).name if args.model
+                                else "base zero-shot"),
         "created_at": now_iso(),
         "task": task.name,
         "gold": str(args.gold),
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                        "temperature": 0.0}
         if args.backend:
             engine_over["backend"] = args.backend
+        if args.model:
+            engine_over["model"] = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
         settings = settings.with_overrides(engine=engine_over)
         engine = make_engine(settings.engine)
         desc = engine.describe()

@@ -75,6 +75,9 @@ class TrainConfig(BaseModel):
     chunk_overlap_chars: int = Field(0, ge=0, description="overlap of training chunks (0 = no duplicated supervision)")
     seed: int = Field(0, description="data split, shuffle, LoRA init and dropout seed")
 
+    init_adapter: Path | None = Field(
+        None, description="LoRA mode: continue training this adapter (verified; its rank and modules are kept) "
+                          "instead of a fresh one, e.g. few-shot adaptation of a trained adapter to a new corpus")
     lora_r: int = Field(16, ge=1, description="LoRA rank (the engine serves rank <= engine.max_lora_rank)")
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -114,6 +117,10 @@ class TrainConfig(BaseModel):
     def _resolve(self) -> "TrainConfig":
         self.data_dir = _repo_path(self.data_dir)
         self.output_dir = _repo_path(self.output_dir)
+        if self.init_adapter is not None:
+            if self.mode != "lora":
+                raise ValueError("init_adapter needs mode: lora")
+            self.init_adapter = _repo_path(self.init_adapter)
         if self.name is None:
             self.name = self.output_dir.name
         if self.checkpoint_dir is None:
@@ -437,7 +444,17 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     model.config.use_cache = False
-    if cfg.mode == "lora":
+    init = None
+    if cfg.init_adapter is not None:
+        from peft import PeftModel
+
+        from notelake.models.adapters import load_adapter
+        from notelake.models.base_model import model_sha256
+
+        init = load_adapter(cfg.init_adapter, model_sha256(base_path))
+        model = PeftModel.from_pretrained(model, str(init.path), is_trainable=True)
+        print(f"continuing adapter {init.name} (sha256 {init.sha256[:12]}, tasks {init.tasks})", flush=True)
+    elif cfg.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -530,6 +547,7 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         "loss_curve": run_state.get("losses", []),
         "val_loss_curve": run_state.get("eval_losses", []),
         "resumed_from": Path(last).name if last else None,
+        "init_adapter": {"name": init.name, "sha256": init.sha256, "tasks": init.tasks} if init else None,
         "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
         "data": plan,
         "dtype": str(dtype).removeprefix("torch."),
@@ -560,7 +578,8 @@ def save_output(cfg: TrainConfig, model, tokenizer, base_path: Path, train_ex: l
     if cfg.mode == "full":
         tokenizer.save_pretrained(str(tmp))  # a full model folder must be loadable on its own
     (tmp / "README.md").unlink(missing_ok=True)  # PEFT's generated model card
-    tasks = {t.name: t for t in (load_task(ref) for ref in cfg.tasks)}
+    inherited = (training_record.get("init_adapter") or {}).get("tasks", [])  # what the continued adapter knew
+    tasks = {t.name: t for t in (load_task(ref) for ref in dict.fromkeys([*inherited, *cfg.tasks]))}
     fields = dict(
         name=cfg.name,
         kind=cfg.mode,
@@ -635,6 +654,11 @@ def export_checkpoint(cfg: TrainConfig, checkpoint: str | os.PathLike, note: str
         "data": {"examples_train": len(train_ex), "per_task": {k: vars(v) for k, v in stats.items()}},
         "device": "cpu",
     }
+    if cfg.init_adapter is not None:
+        from notelake.models.base_model import read_manifest
+
+        init_manifest = read_manifest(Path(cfg.init_adapter)) or {}
+        record["init_adapter"] = {k: init_manifest.get(k) for k in ("name", "sha256", "tasks")}
     return save_output(cfg, model, tokenizer, base_path, train_ex, record)
 
 

@@ -171,6 +171,29 @@ def test_token_budget_stops_the_run(toy, tmp_path, base_model_path):
     assert t["tokens_processed"] <= 600 and t["optimizer_steps"] < 50
 
 
+def test_init_adapter_continues_a_trained_adapter(toy, tmp_path, base_model_path, tiny_adapter):
+    """Few-shot adaptation: training starts from the given adapter's weights (its rank, not lora_r), and the
+    result keeps the tasks that adapter knew."""
+    from safetensors.torch import load_file
+
+    from notelake.models.training import train
+
+    cfg = _cfg(toy, tmp_path, init_adapter=tiny_adapter, steps=1, validation_fraction=0.0, learning_rate=1e-4)
+    manifest = train(cfg)
+    t = manifest["training"]
+    assert t["init_adapter"]["name"] == "tiny-test" and t["optimizer_steps"] == 1
+    assert manifest["tasks"] == ["phee", "toy_ade"] and set(manifest["label_sets"]) == {"phee", "toy_ade"}
+    assert json.loads((Path(cfg.output_dir) / "adapter_config.json").read_text())["r"] == 8  # tiny's rank
+    before, after = load_file(str(tiny_adapter / "adapter_model.safetensors")), \
+        load_file(str(Path(cfg.output_dir) / "adapter_model.safetensors"))
+    key = next(k for k in before if "lora_A" in k)
+    delta = (after[key].float() - before[key].float()).abs().max().item()
+    assert 0 < delta < 0.01  # one small step away from the initial adapter, not a fresh init
+
+    with pytest.raises(ValueError, match="init_adapter needs mode: lora"):
+        _cfg(toy, tmp_path, init_adapter=tiny_adapter, mode="full")
+
+
 def test_full_finetuning_one_step(toy, tmp_path, base_model_path):
     from notelake.models.training import train
 
