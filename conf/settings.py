@@ -86,7 +86,9 @@ class InputConfig(_Strict):
         default_factory=lambda: ["patient_id", "note_date", "note_type"],
         description="copied onto every output row when present in the input",
     )
-    updated_at_column: str | None = Field(None, description="watermark column; only newer rows are considered")
+    updated_at_column: str | None = Field(
+        None, description="watermark column (timestamp or date): a run reads only rows updated after the last "
+                          "successful run's high-water mark for the same task and fingerprint; null = every row")
     max_text_chars: int = Field(200_000, ge=1, description="longer notes are rejected to the errors table")
 
 
@@ -103,6 +105,12 @@ class JobConfig(_Strict):
                                                                   "(077: files 0600, folders 0700: PHI)")
     lock_timeout_s: float = Field(0, ge=0, description="wait this long for another run on the same --output to "
                                                        "finish, then exit 3 (0 = fail at once)")
+    propagate_deletes: bool = Field(
+        False, description="remove the output rows of notes no longer in the input (one extra scan of the id "
+                           "column). Only for a full note table: never with an input that holds changed rows only")
+    max_runtime_s: float | None = Field(None, gt=0, description="start no new round after this many seconds (a "
+                                                                "backfill in nightly slices); the rest waits for "
+                                                                "the next run")
 
 
 class Settings(_Strict):

@@ -1,14 +1,17 @@
 """The nightly extraction job: note table -> Spark -> Ray vLLM actors -> Delta tables.
 
     spark-submit jobs/extract.py --conf conf/local.yaml --input <note table> --output <warehouse dir> \\
-        --task phee [--adapter models/adapters/notelake-mt] [--limit N] [--full-refresh] [--dry-run]
+        --task phee [--adapter models/adapters/notelake-mt] [--limit N] [--max-runtime 6h] [--full-refresh]
+        [--propagate-deletes] [--dry-run]
 
 (also ``notelake extract`` with the same flags). Stages, each testable alone:
 
 * :func:`extract` reads the note table (Delta, Parquet, JSONL or a catalog table), checks the schema up front,
   hashes the text on the executors (Spark ``sha2``) and splits rows into valid notes and rejected rows.
+  With ``input.updated_at_column`` it reads only rows updated after the last successful run's watermark.
 * :func:`select` anti-joins the valid notes with the ledger: (note_id, text sha256, extraction fingerprint).
-  An unchanged corpus selects nothing and the engine is never started.
+  An unchanged corpus selects nothing and the engine is never started. ``--propagate-deletes`` removes the
+  output rows of notes gone from the input (:func:`source_deletes`).
 * :func:`transform` ships Arrow batches from the executors (``mapInArrow``) to the pool of Ray engine actors,
   parses and grounds the answers, and stages the rows as Parquet; only per-note counts come back.
 * :func:`load` commits a round's staged rows to the Delta tables (ledger last).
@@ -40,7 +43,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +58,7 @@ from notelake.udfs.prompts import prompt_version
 log = logging.getLogger("notelake.extract")
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_USAGE, EXIT_LOCKED, EXIT_WRITE_FAILED, EXIT_FAILED = 0, 1, 2, 3, 4, 5
+WATERMARK = "source_updated_at"  # input.updated_at_column as a timestamp, carried to the watermark aggregate
 SUMMARY_SCHEMA = pa.schema([
     ("note_id", pa.string()), ("status", pa.string()), ("n_chunks", pa.int32()), ("n_concepts", pa.int32()),
     ("n_relations", pa.int32()), ("n_errors", pa.int32()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
@@ -161,10 +165,12 @@ def read_notes(spark, source: str, settings: Settings):
 
 
 # ---------------------------------------------------------------------------------------------- extract
-def extract(spark, settings: Settings, source: str):
+def extract(spark, settings: Settings, source: str, since: datetime | None = None):
     """Read and validate the note table. Returns (valid notes, rejected rows, passthrough column names).
 
-    valid: note_id, text, text_sha256, passthrough...; rejected: note_id, text_sha256, error_type, message.
+    valid: note_id, text, text_sha256, passthrough...; rejected: note_id, text_sha256, error_type, message; both
+    also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only rows updated after it
+    (and rows whose updated_at is null: they cannot be placed before the watermark).
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -177,9 +183,14 @@ def extract(spark, settings: Settings, source: str):
         raise InputError(f"input {source} lacks column(s) {missing}; it has {df.columns} "
                          f"(set input.note_id_column / input.text_column in the conf)")
     passthrough = tuple(c for c in cfg.passthrough_columns if c in df.columns)
+    watermark = []
     if cfg.updated_at_column:
         if cfg.updated_at_column not in df.columns:
             raise InputError(f"input lacks the watermark column {cfg.updated_at_column!r}")
+        updated = F.col(cfg.updated_at_column).cast("timestamp")
+        if since is not None:
+            df = df.where(updated.isNull() | (updated > F.lit(since)))
+        watermark = [updated.alias(WATERMARK)]
 
     text_type = df.schema[cfg.text_column].dataType
     raw_text = F.col(cfg.text_column)
@@ -199,6 +210,7 @@ def extract(spark, settings: Settings, source: str):
         text.alias("text"),
         type_error.alias("type_error"),
         *[F.col(c) for c in passthrough],
+        *watermark,
     )
     dup_count = F.count(F.lit(1)).over(Window.partitionBy("note_id"))
     reason = (
@@ -220,9 +232,10 @@ def extract(spark, settings: Settings, source: str):
         "duplicate_note_id": "note id occurs more than once in the input; all its rows are rejected",
     }
     message = F.create_map(*[F.lit(x) for kv in messages.items() for x in kv])[F.col("error_type")]
+    tail = [WATERMARK] if watermark else []
     rejected = checked.where(F.col("error_type").isNotNull()).select(
-        "note_id", "text_sha256", "error_type", message.alias("message"))
-    valid = checked.where(F.col("error_type").isNull()).select("note_id", "text", "text_sha256", *passthrough)
+        "note_id", "text_sha256", "error_type", message.alias("message"), *tail)
+    valid = checked.where(F.col("error_type").isNull()).select("note_id", "text", "text_sha256", *passthrough, *tail)
     return valid, rejected, passthrough
 
 
@@ -240,6 +253,7 @@ def done_notes(spark, ledger_path: str, fingerprint: str, full_refresh: bool = F
 
 def select(valid, done, limit: int | None = None):
     """Notes whose (note_id, text sha256) is not in ``done``; ``limit`` caps the count."""
+    valid = valid.drop(WATERMARK)
     selected = valid if done is None else valid.join(done, ["note_id", "text_sha256"], "left_anti")
     if limit is not None:
         selected = selected.orderBy("note_id").limit(limit)
@@ -251,6 +265,7 @@ class InputSummary:
     valid: int
     new: int
     rejected_rows: list  # ids, hashes and reasons only: never text
+    watermark: datetime | None = None  # the latest updated_at read (input.updated_at_column)
 
 
 def summarize_input(valid, rejected, done) -> InputSummary:
@@ -258,25 +273,67 @@ def summarize_input(valid, rejected, done) -> InputSummary:
     count or collect re-reads the input and re-runs the duplicate-id shuffle."""
     from pyspark.sql import functions as F
 
-    marked = valid.select("note_id", "text_sha256")
+    def updated_at(frame):
+        return F.col(WATERMARK) if WATERMARK in frame.columns else F.lit(None).cast("timestamp")
+
+    marked = valid.select("note_id", "text_sha256", updated_at(valid).alias("updated_at"))
     if done is None:
         marked = marked.withColumn("is_new", F.lit(True))
     else:
         marked = marked.join(done.withColumn("is_done", F.lit(True)), ["note_id", "text_sha256"], "left") \
-            .select("note_id", "text_sha256", F.col("is_done").isNull().alias("is_new"))
+            .select("note_id", "text_sha256", "updated_at", F.col("is_done").isNull().alias("is_new"))
     none = F.lit(None).cast("string")
-    rows = marked.select("note_id", "text_sha256", none.alias("error_type"), none.alias("message"),
+    rows = marked.select("note_id", "text_sha256", none.alias("error_type"), none.alias("message"), "updated_at",
                          F.lit(True).alias("is_valid"), "is_new").unionByName(
-        rejected.select("note_id", "text_sha256", "error_type", "message",
+        rejected.select("note_id", "text_sha256", "error_type", "message", updated_at(rejected).alias("updated_at"),
                         F.lit(False).alias("is_valid"), F.lit(False).alias("is_new")))
     totals = rows.agg(
         F.sum(F.col("is_valid").cast("long")).alias("valid"),
         F.sum(F.col("is_new").cast("long")).alias("new"),
         F.collect_list(F.when(~F.col("is_valid"), F.struct("note_id", "text_sha256", "error_type", "message")))
         .alias("rejected"),
+        F.max("updated_at").alias("watermark"),
     ).collect()[0]
+    latest = totals["watermark"]  # naive, in the session time zone: UTC (start_spark)
     return InputSummary(valid=int(totals["valid"] or 0), new=int(totals["new"] or 0),
-                        rejected_rows=list(totals["rejected"]))
+                        rejected_rows=list(totals["rejected"]),
+                        watermark=latest.replace(tzinfo=timezone.utc) if latest else None)
+
+
+def source_deletes(spark, settings: Settings, source: str, ledger_path: str, task: str) -> list[str]:
+    """Ids in the ledger for ``task`` that the input no longer holds (one scan of the input's id column)."""
+    from pyspark.sql import functions as F
+
+    from notelake.jobs.warehouse import read_snapshot_spark
+
+    ledger = read_snapshot_spark(spark, ledger_path)
+    if ledger is None:
+        return []
+    present = read_notes(spark, source, settings).select(
+        F.col(settings.input.note_id_column).cast("string").alias("note_id")).where(F.col("note_id").isNotNull())
+    known = ledger.where(F.col("task") == task).select("note_id").distinct()
+    return sorted(r["note_id"] for r in known.join(present.distinct(), "note_id", "left_anti").collect())
+
+
+def previous_runs(warehouse, task: str, fingerprint: str) -> list[dict]:
+    """Succeeded runs of ``task`` under ``fingerprint`` (the runs table's small rows), oldest first."""
+    from notelake.jobs.warehouse import read_delta_arrow
+
+    runs = read_delta_arrow(warehouse.path("runs"))
+    if runs is None:
+        return []
+    rows = [r for r in runs.to_pylist()
+            if r["status"] == "succeeded" and r["task"] == task and r["fingerprint"] == fingerprint]
+    return sorted(rows, key=lambda r: r["started_at"])
+
+
+def estimate_seconds(runs: list[dict], notes: int) -> float | None:
+    """ETA for ``notes`` at the notes/s of the latest succeeded run that extracted any (None without one)."""
+    for r in reversed(runs):
+        wall = (r["ended_at"] - r["started_at"]).total_seconds() if r["ended_at"] else 0
+        if r["succeeded"] + r["failed"] > 0 and wall > 0:
+            return round(notes * wall / (r["succeeded"] + r["failed"]), 1)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- transform
@@ -407,6 +464,9 @@ class RunStats:
     rejected: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    deleted: int = 0
+
+    COUNTS: ClassVar[tuple[str, ...]] = ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in", "tokens_out", "deleted")
 
     def add(self, row) -> None:
         self.succeeded += row["succeeded"] or 0
@@ -428,7 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task name (conf/tasks/<name>.yaml) or a task YAML path")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder; 'none' = base model")
     p.add_argument("--limit", type=int, default=None, help="process at most N selected notes")
-    p.add_argument("--full-refresh", action="store_true", help="ignore the ledger and reprocess every note")
+    p.add_argument("--max-runtime", type=parse_duration, default=None, metavar="DURATION",
+                   help="start no new round after this long (e.g. 90m, 6h, 3600); the rest waits for the next run")
+    p.add_argument("--propagate-deletes", action="store_true",
+                   help="remove the output rows of notes no longer in the input (the input must be the full table)")
+    p.add_argument("--full-refresh", action="store_true", help="ignore the ledger (and the watermark): reprocess all")
     p.add_argument("--dry-run", action="store_true", help="print the notes selected and an estimate; change nothing")
     return p
 
@@ -440,7 +504,23 @@ def _resolve_settings(args) -> Settings:
         engine["adapter"] = None if args.adapter.lower() == "none" else str(Path(args.adapter).resolve())
     if args.task:
         job["task"] = args.task
+    if args.max_runtime is not None:
+        job["max_runtime_s"] = args.max_runtime
+    if args.propagate_deletes:
+        job["propagate_deletes"] = True
     return settings.with_overrides(engine=engine, job=job)
+
+
+def parse_duration(text: str) -> float:
+    """'90m', '6h', '45s' or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90m, 6h, 3600)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return value
 
 
 def describe_extraction(settings: Settings, task: Task) -> dict:
@@ -497,20 +577,29 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],
     }, spark=spark)
 
-    valid, rejected, passthrough = extract(spark, settings, source)
+    history = previous_runs(warehouse, task.name, ident["fingerprint"])
+    since = None
+    if settings.input.updated_at_column and not full_refresh:
+        since = max((r["watermark"] for r in history if r.get("watermark")), default=None)
+    valid, rejected, passthrough = extract(spark, settings, source, since)
     done = done_notes(spark, warehouse.path("ledger"), ident["fingerprint"], full_refresh)
     summary = summarize_input(valid, rejected, done)
     selected = select(valid, done, limit).persist()
     n_selected = summary.new if limit is None else min(limit, summary.new)
+    gone = source_deletes(spark, settings, source, warehouse.path("ledger"), task.name) \
+        if settings.job.propagate_deletes else []
     stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=len(summary.rejected_rows))
-    log.info("run %s task=%s: %d valid notes, %d selected, %d unchanged, %d rejected",
-             run_id, task.name, summary.valid, stats.selected, stats.skipped, stats.rejected)
+    log.info("run %s task=%s: %d valid notes%s, %d selected, %d unchanged, %d rejected, %d deleted at the source",
+             run_id, task.name, summary.valid, f" updated after {since:%Y-%m-%dT%H:%M:%S}Z" if since else "",
+             stats.selected, stats.skipped, stats.rejected, len(gone))
     if dry_run:
         est = selected.agg(F.sum(F.ceil(F.length("text") / task.max_chunk_chars)).alias("chunks")).collect()[0]
         chunks = int(est["chunks"] or 0)
         print(json.dumps({"run_id": run_id, "selected": stats.selected, "unchanged": stats.skipped,
-                          "rejected": stats.rejected, "estimated_prompts": chunks,
-                          "estimated_output_tokens": chunks * (settings.engine.max_tokens or task.max_tokens)}))
+                          "rejected": stats.rejected, "to_delete": len(gone),
+                          "updated_after": since.isoformat() if since else None, "estimated_prompts": chunks,
+                          "estimated_output_tokens": chunks * (settings.engine.max_tokens or task.max_tokens),
+                          "estimated_seconds": estimate_seconds(history, stats.selected)}))
         selected.unpersist()
         return EXIT_OK
 
@@ -519,14 +608,16 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         "model": ident["model"], "adapter": ident["adapter"], "adapter_sha256": ident["adapter_sha256"],
         "prompt_version": ident["prompt_version"], "git_sha": commit_sha,
         "config_json": settings.model_dump_json(), "table_versions_json": "{}",
-        "started_at": started, "ended_at": None, **{k: 0 for k in
-        ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in", "tokens_out")},
+        "started_at": started, "ended_at": None, "watermark": None, **{k: 0 for k in RunStats.COUNTS},
     }
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
     try:
         warehouse.append("errors", schemas.rows_to_table(rejected_error_rows(summary.rejected_rows, run_id, task),
                                                          schemas.ERRORS_SCHEMA))
-        if stats.selected:
+        if gone:
+            warehouse.delete_notes(task.name, gone)
+            stats.deleted = len(gone)
+        finished = not stats.selected or \
             _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats)
     except OutputWriteError:
         run_row.update(status="failed", ended_at=now_utc())
@@ -537,9 +628,12 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         selected.unpersist()
 
     failed_run = stats.error_rate > settings.job.max_error_rate
+    # The watermark moves past what was read only when every selected note was extracted (no --limit cut, no
+    # --max-runtime stop): otherwise the next run reads the same window again (the ledger skips what is done).
+    complete = finished and n_selected == summary.new
     run_row.update(status="failed" if failed_run else "succeeded", ended_at=now_utc(),
-                   **{k: getattr(stats, k) for k in ("selected", "succeeded", "failed", "skipped", "rejected",
-                                                      "tokens_in", "tokens_out")})
+                   watermark=(summary.watermark or since) if complete else since,
+                   **{k: getattr(stats, k) for k in RunStats.COUNTS})
     run_row["table_versions_json"] = json.dumps(warehouse.versions())
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
     log.info("run %s %s: %d succeeded, %d failed, %d rejected, error rate %.3f (max %.3f)",
@@ -551,7 +645,8 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     return EXIT_OK
 
 
-def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats) -> None:
+def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats) -> bool:
+    """Extract and commit ``selected`` round by round; False when ``job.max_runtime_s`` stopped it early."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_type
 
@@ -569,6 +664,12 @@ def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehou
     staging_root = Path(warehouse.root) / "_staging" / run_id
     done, t0 = 0, time.monotonic()
     for round_index in range(n_rounds):
+        limit_s = settings.job.max_runtime_s
+        if limit_s is not None and round_index and time.monotonic() - t0 > limit_s:
+            log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
+                        limit_s, round_index, n_rounds, stats.selected - done)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            return False
         staging = staging_root / f"round-{round_index:05d}"
         ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"), settings=settings.model_dump(mode="json"),
             gcs_address=gcs_address, staging_dir=str(staging), passthrough=tuple(passthrough), lineage=lineage)
@@ -594,6 +695,7 @@ def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehou
                  round_index + 1, n_rounds, done, stats.selected, rate, stats.tokens_out / max(elapsed, 1e-9),
                  stats.failed, eta)
     shutil.rmtree(staging_root, ignore_errors=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ _KEYS = {
 }
 _PARTITIONS = {"concepts": ["task"], "relations": ["task"]}
 _COMMIT_RETRIES = 5
+_DELETE_BATCH = 5000  # note ids per DELETE predicate
 
 
 class OutputWriteError(RuntimeError):
@@ -179,7 +180,8 @@ class Warehouse:
         def merge():
             merger = (
                 DeltaTable(self.path(table))
-                .merge(data, predicate=on, source_alias="s", target_alias="t",
+                # merge_schema: a table written by an older release gains the columns added since (all nullable)
+                .merge(data, predicate=on, source_alias="s", target_alias="t", merge_schema=True,
                        commit_properties=self._commit_properties("replace_notes" if scope else "upsert"))
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
@@ -199,6 +201,21 @@ class Warehouse:
             self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
             commit_properties=self._commit_properties("append"),
         ))
+
+    def delete_notes(self, task: str, note_ids: list[str]) -> None:
+        """Remove every row of ``note_ids`` for ``task`` (notes deleted at the source): concepts and relations
+        first, the ledger last, so a crash in between is finished by the next run (the ledger still lists them)."""
+        for start in range(0, len(note_ids), _DELETE_BATCH):
+            scope = f"task = '{task}' AND note_id IN ({sql_string_list(note_ids[start:start + _DELETE_BATCH])})"
+            for table in ("concepts", "relations", "ledger"):
+                if self.version(table) is not None:
+                    self._delete(table, scope)
+
+    def _delete(self, table: str, predicate: str) -> None:
+        from deltalake import DeltaTable
+
+        self._with_retries(table, lambda: DeltaTable(self.path(table)).delete(
+            predicate, commit_properties=self._commit_properties("delete_notes")))
 
     def commit_round(self, staged: dict[str, pa.Table], task: str, note_ids: list[str]) -> None:
         """Commit one round of staged output: concepts, relations, errors, then the ledger last."""
@@ -249,7 +266,14 @@ class SparkDeltaWarehouse(Warehouse):
         )
         if scope:
             merger = merger.whenNotMatchedBySourceDelete(condition=scope)
+        # a table written by an older release gains the columns added since (all nullable)
+        self.spark.conf.set("spark.databricks.delta.schema.autoMerge.enabled", "true")
         merger.execute()
+
+    def _delete(self, table: str, predicate: str) -> None:
+        from delta.tables import DeltaTable
+
+        DeltaTable.forPath(self.spark, self.path(table)).delete(predicate)
 
     def version(self, table: str) -> int | None:
         if not self._exists(table):

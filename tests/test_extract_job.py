@@ -138,6 +138,70 @@ def test_input_summary_counts_new_unchanged_and_rejected_in_one_pass(tmp_path, s
     assert len(picked) == 2 and first[0]["note_id"] not in picked
 
 
+def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path, spark, engine_pool, settings,
+                                                                        capsys):
+    from datetime import datetime, timezone
+
+    def at(day: int) -> datetime:
+        return datetime(2026, 11, day, 3, 0, tzinfo=timezone.utc)
+
+    notes = [{**n, "updated_at": at(1 + i)} for i, n in enumerate(sample_notes(4))]
+    out = tmp_path / "warehouse"
+    cfg = job_settings(settings, round_notes=1, max_runtime_s=0.001).with_overrides(
+        input={"updated_at_column": "updated_at"})
+    src = write_notes(tmp_path / "notes", notes[:3])
+
+    # Stopped by max_runtime after the first of three rounds: the watermark must not move past unread rows.
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    first = table(out, "runs").to_pylist()[0]
+    done = first["succeeded"] + first["failed"]
+    assert first["selected"] == 3 and done < 3 and first["watermark"] is None
+
+    # Unlimited: the rest is extracted and the watermark moves to the latest updated_at read.
+    cfg = cfg.with_overrides(job={"max_runtime_s": None})
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    second = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+    assert (second["selected"], second["skipped"], second["watermark"]) == (3 - done, done, at(3))
+
+    # A new note (updated later) and an edit stamped before the watermark: only rows after it are read.
+    edited = {**notes[0], "text": notes[0]["text"] + " Dose reduced."}
+    src = write_notes(tmp_path / "notes", [edited, notes[1], notes[2], notes[3]])
+    assert job.run(cfg, src, str(out), spark=spark, dry_run=True) == job.EXIT_OK
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (plan["selected"], plan["unchanged"], plan["updated_after"]) == (1, 0, at(3).isoformat())
+    assert plan["estimated_seconds"] > 0  # from the last run's notes/s
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    third = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+    assert (third["selected"], third["skipped"], third["watermark"]) == (1, 0, at(4))
+    assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
+    assert_no_duplicates(out)
+
+
+def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, engine_pool, settings):
+    notes = sample_notes(3)
+    out = tmp_path / "warehouse"
+    cfg = job_settings(settings, propagate_deletes=True)
+    assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == job.EXIT_OK
+    gone = notes[1]["note_id"]
+    assert gone in table(out, "ledger")["note_id"].to_pylist()
+
+    src = write_notes(tmp_path / "notes", [notes[0], notes[2]])
+    for expected_deleted in (1, 0):  # the rerun finds nothing more to delete
+        assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+        run = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+        assert (run["deleted"], run["selected"]) == (expected_deleted, 0)
+        for name in ("concepts", "relations", "ledger"):
+            assert gone not in table(out, name)["note_id"].to_pylist(), name
+    assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted([notes[0]["note_id"], notes[2]["note_id"]])
+
+
+def test_parse_duration():
+    assert [job.parse_duration(t) for t in ("90m", "6h", "45s", "3600")] == [5400, 21600, 45, 3600]
+    for bad in ("", "soon", "-5m", "0"):
+        with pytest.raises(Exception, match="duration"):
+            job.parse_duration(bad)
+
+
 def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
     src = write_notes(tmp_path / "notes", sample_notes(3))
     out = tmp_path / "warehouse"

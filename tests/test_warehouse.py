@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pyarrow as pa
 
-from notelake.jobs.warehouse import Warehouse, read_delta_arrow
+from notelake.jobs.warehouse import Warehouse, open_warehouse, read_delta_arrow
+from notelake.udfs import schemas
 
 SCHEMA = pa.schema([("note_id", pa.string()), ("concept_id", pa.string()), ("task", pa.string()),
                     ("label", pa.string())])
@@ -71,3 +74,28 @@ def test_unwritable_table_is_a_clear_write_error(tmp_path):
     (tmp_path / "concepts").write_text("not a directory")  # any write below it fails, even for root
     with pytest.raises(OutputWriteError, match=r"cannot write table concepts at .*concepts"):
         Warehouse(tmp_path, {}).replace_notes("concepts", rows(("n1", "a", "phee", "Drug")), "phee", ["n1"])
+
+
+def test_runs_table_of_an_older_release_gains_the_new_columns(tmp_path):
+    """A runs table written before schema 2 (no deleted / watermark columns) takes the new rows."""
+    old_schema = pa.schema([f for f in schemas.RUNS_SCHEMA if f.name not in ("deleted", "watermark")])
+    wh = open_warehouse(tmp_path / "out", "deltalake", {"notelake.run_id": "r"})
+    row = {f.name: None for f in schemas.RUNS_SCHEMA}
+    row.update(run_id="old", task="phee", fingerprint="f", status="succeeded", model="m", prompt_version="p",
+               config_json="{}", table_versions_json="{}", started_at=datetime(2026, 11, 1, tzinfo=timezone.utc),
+               **{k: 0 for k in ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in", "tokens_out")})
+    wh.upsert("runs", schemas.rows_to_table([{k: v for k, v in row.items() if k in old_schema.names}], old_schema))
+    new = {**row, "run_id": "new", "deleted": 2, "watermark": datetime(2026, 11, 2, tzinfo=timezone.utc)}
+    wh.upsert("runs", schemas.rows_to_table([new], schemas.RUNS_SCHEMA))
+    runs = {r["run_id"]: r for r in read_delta_arrow(tmp_path / "out" / "runs").to_pylist()}
+    assert (runs["old"]["deleted"], runs["old"]["watermark"]) == (None, None)
+    assert (runs["new"]["deleted"], runs["new"]["watermark"]) == (2, datetime(2026, 11, 2, tzinfo=timezone.utc))
+
+
+def test_delete_notes_is_scoped_to_task_and_ids(tmp_path):
+    wh = Warehouse(tmp_path, {"notelake.run_id": "r1"})
+    wh.replace_notes("concepts", rows(("n1", "a", "phee", "Drug"), ("n2", "b", "phee", "Drug"),
+                                      ("it's", "c", "phee", "Drug")), "phee", ["n1", "n2", "it's"])
+    wh.replace_notes("concepts", rows(("n1", "x", "other", "drug")), "other", ["n1"])
+    wh.delete_notes("phee", ["n1", "it's", "never-seen"])  # quotes escaped; tables without rows are skipped
+    assert snapshot(wh) == sorted([("n2", "b", "phee", "Drug"), ("n1", "x", "other", "drug")])

@@ -133,6 +133,9 @@ RUNS_SCHEMA = pa.schema(
         pa.field("rejected", pa.int64(), nullable=False),
         pa.field("tokens_in", pa.int64(), nullable=False),
         pa.field("tokens_out", pa.int64(), nullable=False),
+        # added in schema 2 (nullable: older runs tables gain them on the next write)
+        pa.field("deleted", pa.int64(), nullable=True),      # notes removed because the source deleted them
+        pa.field("watermark", TIMESTAMP, nullable=True),     # input.updated_at_column high-water mark read
     ]
 )
 
