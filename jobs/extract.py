@@ -1,7 +1,7 @@
 """The nightly extraction job: note table -> Spark -> Ray vLLM actors -> Delta tables.
 
     spark-submit jobs/extract.py --conf conf/local.yaml --input <note table> --output <warehouse dir> \\
-        --task phee [--adapter models/adapters/notelake-mt] [--limit N] [--max-runtime 6h] [--full-refresh]
+        --task phee [--adapter models/adapters/notelake-mt] [--limit N | --max-notes N] [--max-runtime 6h] [--full-refresh]
         [--propagate-deletes] [--dry-run]
 
 (also ``notelake extract`` with the same flags). Stages, each testable alone:
@@ -487,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="warehouse directory for the Delta output tables")
     p.add_argument("--task", default=None, help="task name (conf/tasks/<name>.yaml) or a task YAML path")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder; 'none' = base model")
-    p.add_argument("--limit", type=int, default=None, help="process at most N selected notes")
+    p.add_argument("--limit", "--max-notes", dest="limit", type=int, default=None,
+                   help="process at most N selected notes (a backfill slice)")
     p.add_argument("--max-runtime", type=parse_duration, default=None, metavar="DURATION",
                    help="start no new round after this long (e.g. 90m, 6h, 3600); the rest waits for the next run")
     p.add_argument("--propagate-deletes", action="store_true",
