@@ -590,9 +590,10 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     gone = source_deletes(spark, settings, source, warehouse.path("ledger"), task.name) \
         if settings.job.propagate_deletes else []
     stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=len(summary.rejected_rows))
-    log.info("run %s task=%s: %d valid notes%s, %d selected, %d unchanged, %d rejected, %d deleted at the source",
+    log.info("run %s task=%s: %d valid notes%s, %d selected, %d unchanged, %d rejected%s",
              run_id, task.name, summary.valid, f" updated after {since:%Y-%m-%dT%H:%M:%S}Z" if since else "",
-             stats.selected, stats.skipped, stats.rejected, len(gone))
+             stats.selected, stats.skipped, stats.rejected,
+             f", {len(gone)} deleted at the source" if settings.job.propagate_deletes else "")
     if dry_run:
         est = selected.agg(F.sum(F.ceil(F.length("text") / task.max_chunk_chars)).alias("chunks")).collect()[0]
         chunks = int(est["chunks"] or 0)
