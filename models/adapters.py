@@ -187,8 +187,11 @@ def merged_model(base_path: str | os.PathLike, info: AdapterInfo, cache_root: Pa
         if ready():  # built by another engine meanwhile
             return target
         import torch
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            from peft import PeftModel
+        except ImportError as exc:
+            raise ImportError(f"engine.merge_adapter needs peft: pip install -e '.[cpu]' ({exc})") from exc
 
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
         try:
