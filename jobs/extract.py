@@ -466,7 +466,8 @@ class RunStats:
     tokens_out: int = 0
     deleted: int = 0
 
-    COUNTS: ClassVar[tuple[str, ...]] = ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in", "tokens_out", "deleted")
+    COUNTS: ClassVar[tuple[str, ...]] = ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in",
+                                         "tokens_out", "deleted")
 
     def add(self, row) -> None:
         self.succeeded += row["succeeded"] or 0
@@ -665,8 +666,8 @@ def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehou
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
     staging_root = Path(warehouse.root) / "_staging" / run_id
     done, t0 = 0, time.monotonic()
+    limit_s = settings.job.max_runtime_s
     for round_index in range(n_rounds):
-        limit_s = settings.job.max_runtime_s
         if limit_s is not None and round_index and time.monotonic() - t0 > limit_s:
             log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
                         limit_s, round_index, n_rounds, stats.selected - done)

