@@ -7,6 +7,7 @@ The task name is the file stem and the ``task`` column of every output row.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from notelake.conf.settings import TASKS_DIR, ConfigError, _format_validation_error
+
+_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 class RelationSpec(BaseModel):
@@ -29,7 +32,27 @@ class FewShotExample(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: str = Field(..., min_length=1)
-    answer: dict = Field(..., description="the answer in schema v1 for `text`")
+    answer: str = Field(..., min_length=1, description="the answer to `text` in answer schema v2 (udfs/answer.py)")
+
+
+class DerivedRelation(BaseModel):
+    """A relation the answer does not spell out: added between every (head, tail) concept pair of one event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    relation: str = Field(..., description="relation label")
+    head: str = Field(..., description="concept label of the head")
+    tail: str = Field(..., description="concept label of the tail")
+    anchor: str | None = Field(None, description="only in events anchored by this label (null = any event)")
+
+
+class EventSpec(BaseModel):
+    """Event tasks (answer schema v2): a line starts with an anchor (a trigger) and lists its arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    anchors: list[str] = Field(..., min_length=1, description="concept labels that head an event line")
+    derived: list[DerivedRelation] = Field(default_factory=list, description="relations implied by an event")
 
 
 class Task(BaseModel):
@@ -40,6 +63,7 @@ class Task(BaseModel):
     kind: Literal["cce", "cre"] = Field(..., description="cce: concepts only; cre: concepts and relations")
     concepts: dict[str, str] = Field(..., min_length=1, description="concept label -> one-line definition")
     relations: dict[str, RelationSpec] = Field(default_factory=dict, description="relation label -> spec")
+    events: EventSpec | None = Field(None, description="event task: one answer line per event (see EventSpec)")
     examples: list[FewShotExample] = Field(default_factory=list, description="optional few-shot examples")
     define_labels: bool = Field(
         True, description="list each label with its definition in the prompt (a zero-shot task needs them); false "
@@ -50,6 +74,10 @@ class Task(BaseModel):
 
     @model_validator(mode="after")
     def _relations_consistent(self) -> "Task":
+        for label in [*self.concepts, *self.relations]:
+            if not _LABEL.match(label):
+                raise ValueError(f"label {label!r}: letters, digits, '_' and '-' only, starting with a letter "
+                                 "(labels are written verbatim in the answer format)")
         if self.kind == "cre" and not self.relations:
             raise ValueError("kind 'cre' needs at least one relation label")
         if self.kind == "cce" and self.relations:
@@ -59,7 +87,34 @@ class Task(BaseModel):
                 for end in (head, tail):
                     if end not in self.concepts:
                         raise ValueError(f"relation {label!r} names unknown concept label {end!r}")
+        if self.events is not None:
+            self._check_events(self.events)
+        elif set(self.relations) & set(self.concepts):
+            raise ValueError("relation labels that are also concept labels need an event task (events:)")
         return self
+
+    def _check_events(self, events: EventSpec) -> None:
+        if self.kind != "cre":
+            raise ValueError("events: need kind 'cre'")
+        for anchor in events.anchors:
+            if anchor not in self.concepts:
+                raise ValueError(f"events.anchors: {anchor!r} is not a concept label")
+            for label in self.concepts:
+                if len(self.argument_relations(anchor, label)) > 1:
+                    raise ValueError(f"events: several relations allow {anchor} -> {label}; an argument's relation "
+                                     "must follow from its label")
+        for d in events.derived:
+            if d.relation not in self.relations:
+                raise ValueError(f"events.derived: {d.relation!r} is not a relation label")
+            for end in (d.head, d.tail, *([d.anchor] if d.anchor else [])):
+                if end not in self.concepts:
+                    raise ValueError(f"events.derived: {end!r} is not a concept label")
+
+    def argument_relations(self, anchor: str, label: str) -> list[str]:
+        """Relation labels (not derived ones) whose pairs allow ``anchor`` -> ``label``."""
+        derived = {d.relation for d in self.events.derived} if self.events else set()
+        return [r for r, spec in self.relations.items()
+                if r not in derived and spec.pairs is not None and (anchor, label) in spec.pairs]
 
     def allows(self, relation: str, head_label: str, tail_label: str) -> bool:
         spec = self.relations.get(relation)

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--kv-fraction", type=float, default=0.08, help="engine.gpu_memory_utilization (CPU: of host RAM)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call (progress granularity)")
-    p.add_argument("--no-guided-json", action="store_true", help="free generation (ablation)")
+    p.add_argument("--guided", choices=["grounded", "labels", "off"], default="grounded",
+                   help="guided decoding: mentions from the chunk only (default), labels only, or free (A/B)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
     p.add_argument("--label", default=None, help="run label in comparison tables")
     p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
@@ -109,7 +110,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     max_tokens = args.max_tokens or task.max_tokens
     scores = evaluate_records(
         task, records, generate, adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
-        guided_json=not args.no_guided_json, chunk_overlap_chars=settings.job.chunk_overlap_chars,
+        guided_decoding=args.guided, chunk_overlap_chars=settings.job.chunk_overlap_chars,
         batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
         lineage={"model": model_name, "model_sha256": model_sha,
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
@@ -133,7 +134,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
         "model": {"name": model_name, "sha256": model_sha},
         "adapter": adapter,
         "engine": {"backend": engine_desc.get("backend"), "dtype": engine_desc.get("dtype"),
-                   "greedy": True, "guided_json": not args.no_guided_json, "max_tokens": max_tokens,
+                   "greedy": True, "guided_decoding": args.guided, "max_tokens": max_tokens,
                    "chunk_overlap_chars": settings.job.chunk_overlap_chars, "max_chunk_chars": task.max_chunk_chars,
                    "versions": engine_desc.get("versions")},
         "machine": {"cpus": os.cpu_count(), "gpu": _gpu_name()},
@@ -236,11 +237,11 @@ def write_gate_baseline(report: dict, path: Path, resamples: int) -> Path:
         "gate": {"limit": int(n), "seed": report["slice"]["seed"], "n_gold_concepts": pre["cce_lenient"]["n_gold"],
                  "note_ids_sha256": pre["note_ids_sha256"], "lenient_f1": pre["cce_lenient"]["f1"],
                  "lenient_f1_se": pre["cce_lenient"].get("se"), "lenient_f1_ci95": pre["cce_lenient"].get("ci95"),
-                 "rule": f"fail when lenient F1 < lenient_f1 - 2 x lenient_f1_se (greedy, guided JSON, "
-                         f"max_tokens {engine['max_tokens']})"},
+                 "rule": f"fail when lenient F1 < lenient_f1 - 2 x lenient_f1_se (greedy, guided decoding "
+                         f"{engine['guided_decoding']}, max_tokens {engine['max_tokens']})"},
         "bootstrap": {"resamples": resamples, "seed": report["slice"]["seed"],
                       "unit": "note"},
-        "engine": {k: engine[k] for k in ("backend", "dtype", "greedy", "guided_json", "max_tokens")},
+        "engine": {k: engine[k] for k in ("backend", "dtype", "greedy", "guided_decoding", "max_tokens")},
         "command": report["command"], "created_at": report["created_at"],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

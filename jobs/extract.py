@@ -361,7 +361,7 @@ def _write_staged(ctx: RunContext, table: str, rows: list[dict], schema: pa.Sche
 def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool) -> pa.RecordBatch:
     """Chunk, prompt, generate, parse and ground one Arrow batch of notes; stage rows; return per-note counts."""
     from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.answer import answer_guide
     from notelake.udfs.assemble import assemble_note
     from notelake.udfs.chunking import chunk_text
     from notelake.udfs.prompts import build_messages
@@ -369,12 +369,12 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool) -> p
     engine_cfg = ctx.settings["engine"]
     job_cfg = ctx.settings["job"]
     max_tokens = engine_cfg.get("max_tokens") or task.max_tokens
-    schema = answer_json_schema(task) if engine_cfg.get("guided_json", True) else None
+    guided = engine_cfg.get("guided_decoding", "grounded")
     notes = batch.to_pylist()
     chunked = [chunk_text(n["text"], task.max_chunk_chars, job_cfg["chunk_overlap_chars"]) for n in notes]
     requests = [
         GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
-                          json_schema=schema, max_tokens=max_tokens)
+                          guide=answer_guide(task, c.text, guided), max_tokens=max_tokens)
         for i, chunks in enumerate(chunked) for c in chunks
     ]
     results = iter(pool.generate(requests))
@@ -386,7 +386,8 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool) -> p
         lineage = {**ctx.lineage, "text_sha256": note["text_sha256"], "extracted_at": now_utc()}
         result = assemble_note(
             note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
-            outputs=[o.text for o in outs], output_errors=[o.error for o in outs], lineage=lineage,
+            outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
+            truncated=[o.finish_reason == "length" for o in outs], lineage=lineage,
             passthrough={c: note[c] for c in ctx.passthrough},
         )
         status = "failed" if result.errors else "succeeded"
@@ -536,7 +537,7 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     version = prompt_version(task)
     max_tokens = settings.engine.max_tokens or task.max_tokens
     sampling = {"temperature": settings.engine.temperature, "max_tokens": max_tokens,
-                "guided_json": settings.engine.guided_json, "seed": settings.engine.seed}
+                "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
     chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": settings.job.chunk_overlap_chars}
     fp = extraction_fingerprint(base_sha, adapter.sha256 if adapter else None, version, sampling, chunking,
                                 PARSER_VERSION)

@@ -6,7 +6,7 @@
 * :class:`EngineActor` wraps one engine (``models.engine.make_engine``); ``generate`` never raises for
   per-item problems -- they come back as ``GenerationResult.error``.
 * :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>`` (per-request
-  fields -- ``max_tokens``, ``guided_json`` -- left out)
+  fields -- ``max_tokens``, ``guided_decoding`` -- left out)
   (``get_if_exists``), so every process using the same engine config shares the same actors. ``generate``
   splits requests into batches, keeps up to ``max_in_flight`` batches queued per actor, returns results in
   input order and turns a dead actor into per-item ``engine_unavailable`` errors.
@@ -53,7 +53,7 @@ def ensure_ray(cfg: RayConfig) -> str:
 
 
 # Carried by each request, so configs differing only here share one engine actor (no second model load).
-PER_REQUEST_FIELDS = frozenset({"max_tokens", "guided_json"})
+PER_REQUEST_FIELDS = frozenset({"max_tokens", "guided_decoding"})
 
 
 def engine_config_hash(cfg: EngineConfig) -> str:

@@ -4,8 +4,8 @@ Both implement :class:`Engine`: ``generate(requests) -> results`` (one per reque
 becomes a per-item error, never an exception for the batch), ``count_tokens(text)`` and ``describe()``.
 
 Prompts are chat messages (``notelake.udfs.prompts.build_messages``) rendered with the base model's own chat
-template. A request carrying a ``json_schema`` (callers send one when ``EngineConfig.guided_json``) is constrained to the
-schema (vLLM structured outputs, compact JSON: free whitespace is disabled in the engine's config).
+template. A request carrying a ``guide`` (callers send one unless ``EngineConfig.guided_decoding`` is off) is
+constrained by it through vLLM structured outputs: ``{"grammar": <GBNF>}`` from ``udfs.answer.answer_guide``.
 
 Nothing here logs prompt, note or output text (PHI): request ids, counts and timings only. Error strings in
 results carry a category and numbers, never text.
@@ -41,7 +41,7 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class GenerationRequest:
     request_id: str
     messages: list[dict]  # from notelake.udfs.prompts.build_messages
-    json_schema: dict | None = None  # guided decoding when set (callers honour EngineConfig.guided_json)
+    guide: dict | None = None  # structured-output constraint, e.g. {"grammar": ...} (udfs.answer.answer_guide)
     max_tokens: int = 512
     adapter: str | None = None  # adapter folder; None = the engine's default adapter; "" = base model
 
@@ -196,14 +196,11 @@ class VLLMEngine:
             kwargs["enable_prefix_caching"] = True
         if "disable_log_stats" in accepted:
             kwargs["disable_log_stats"] = True
-        # Compact JSON: no free whitespace in guided output.
+        # The answer grammar (GBNF) is compiled by xgrammar.
         if "structured_outputs_config" in accepted:
-            kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
-        elif "guided_decoding_disable_any_whitespace" in accepted:  # older vLLM
+            kwargs["structured_outputs_config"] = {"backend": "xgrammar"}
+        elif "guided_decoding_backend" in accepted:  # older vLLM
             kwargs["guided_decoding_backend"] = "xgrammar"
-            kwargs["guided_decoding_disable_any_whitespace"] = True
-        elif "guided_decoding_backend" in accepted:  # oldest: backend options in the name
-            kwargs["guided_decoding_backend"] = "xgrammar:disable-any-whitespace"
         return {k: v for k, v in kwargs.items() if k == "model" or k in accepted}
 
     def _lora_request(self, info):
@@ -225,12 +222,9 @@ class VLLMEngine:
     def _sampling_params(self, req: GenerationRequest):
         kwargs: dict[str, Any] = {"temperature": self.cfg.temperature, "max_tokens": req.max_tokens,
                                   "seed": self.cfg.seed}
-        if req.json_schema is not None:  # the caller decides (jobs send no schema when engine.guided_json is off)
+        if req.guide is not None:  # the caller decides (no guide when engine.guided_decoding is off)
             params_cls, field_name = self._so
-            so_kwargs = {"json": req.json_schema}
-            if "disable_any_whitespace" in _dataclass_fields(params_cls):
-                so_kwargs["disable_any_whitespace"] = True
-            kwargs[field_name] = params_cls(**so_kwargs)
+            kwargs[field_name] = params_cls(**req.guide)
         return self._SamplingParams(**kwargs)
 
     # ------------------------------------------------------------------ Engine protocol
@@ -328,7 +322,7 @@ class VLLMEngine:
         return results
 
     def describe(self) -> dict:
-        return _describe(self, guided_json=self.cfg.guided_json)
+        return _describe(self, guided_decoding=self.cfg.guided_decoding)
 
 
 def _accepted_llm_kwargs(LLM) -> set[str]:
@@ -341,13 +335,6 @@ def _accepted_llm_kwargs(LLM) -> set[str]:
     except Exception:  # noqa: BLE001
         pass
     return names
-
-
-def _dataclass_fields(cls) -> set[str]:
-    try:
-        return {f.name for f in dataclasses.fields(cls)}
-    except TypeError:
-        return set(inspect.signature(cls).parameters)
 
 
 def _structured_output_api() -> tuple[type, str]:
@@ -365,7 +352,7 @@ def _structured_output_api() -> tuple[type, str]:
 class HFEngine:
     """transformers fallback where vLLM cannot be installed: greedy/sampled generation, one request at a time.
 
-    No guided decoding (``json_schema`` is ignored; ``describe()['guided_json']`` is False). LoRA adapters are
+    No guided decoding (``guide`` is ignored; ``describe()['guided_decoding']`` is "off"). LoRA adapters are
     served through PEFT (loaded on first use, switched per request); ``engine.merge_adapter`` does not apply.
     """
 
@@ -470,17 +457,18 @@ class HFEngine:
         return results
 
     def describe(self) -> dict:
-        return _describe(self, guided_json=False)  # no guided decoding in the fallback
+        return _describe(self, guided_decoding="off")  # no guided decoding in the fallback
 
 
-def _describe(engine: "VLLMEngine | HFEngine", guided_json: bool) -> dict:
+def _describe(engine: "VLLMEngine | HFEngine", guided_decoding: str) -> dict:
     """Identity and settings of a loaded engine (model, adapter and their hashes, versions); no prompt text."""
     info = engine.adapters.default
     return {
         "backend": engine.backend, "model": engine.cfg.model, "model_path": str(engine.model_path),
         "model_sha256": engine.model_sha256, "adapter": info.name if info else None,
         "adapter_path": str(info.path) if info else None, "adapter_sha256": info.sha256 if info else None,
-        "dtype": engine.cfg.dtype, "max_model_len": engine.cfg.max_model_len, "guided_json": guided_json,
+        "dtype": engine.cfg.dtype, "max_model_len": engine.cfg.max_model_len,
+        "guided_decoding": guided_decoding,
         "enable_lora": engine.cfg.enable_lora, "adapter_merged": engine.merged, "load_seconds": engine.load_seconds,
         "versions": _versions(), "pid": os.getpid(),
     }

@@ -1,7 +1,7 @@
 """Evaluation harness: the real extraction path on a gold JSONL, scored per task and per label.
 
 Path (the same functions the nightly job uses): ``udfs.chunking.chunk_text`` -> ``udfs.prompts.build_messages``
--> the vLLM engine (``models.engine``, guided JSON from ``udfs.answer.answer_json_schema``) ->
+-> the vLLM engine (``models.engine``, guided decoding by ``udfs.answer.answer_guide``) ->
 ``udfs.assemble.assemble_note`` (parse + ground). Scores:
 
 * CCE strict: a predicted concept is right when its label and its exact spans equal a gold concept's.
@@ -70,26 +70,18 @@ class NoteItems:
 
 def gold_items(task: Task, record: dict) -> NoteItems:
     """Gold concepts/relations of one record restricted to the task's labels."""
-    from notelake.udfs.answer import _concept_assertion  # the same assertion rule as the gold answers
+    from notelake.udfs.answer import concept_assertion, event_assertions  # the gold answers' assertion rule
 
     by_id: dict[str, Mention] = {}
     items = NoteItems(record["note_id"])
-    negated, speculated = set(), set()
-    raw_by_id = {c["id"]: c for c in record["concepts"]}
-    for rel in record.get("relations", []):
-        attrs = raw_by_id[rel["head"]].get("attributes") or {}
-        if rel["label"] == "Effect":
-            if attrs.get("Negated"):
-                negated.add(rel["tail"])
-            if attrs.get("Speculated"):
-                speculated.add(rel["tail"])
+    negated, speculated = event_assertions(record)
     for c in record["concepts"]:
         if c["label"] not in task.concepts:
             continue
         m = Mention(c["label"], tuple((int(s), int(e)) for s, e in c["spans"]))
         by_id[c["id"]] = m
         items.concepts.append(m)
-        items.assertions[(m.label, m.spans)] = _concept_assertion(c, negated, speculated)
+        items.assertions[(m.label, m.spans)] = concept_assertion(c, negated, speculated)
     if task.kind == "cre":
         for r in record.get("relations", []):
             if r["label"] in task.relations and r["head"] in by_id and r["tail"] in by_id:
@@ -379,6 +371,9 @@ class EvalRun:
     prompt_tokens: int = 0
     output_tokens: int = 0
     wall_s: float = 0.0
+    warnings: int = 0
+    ungrounded: int = 0
+    dropped_relations: int = 0
     error_types: Counter = field(default_factory=Counter)
 
 
@@ -389,7 +384,7 @@ def evaluate_records(
     *,
     adapter: Any = None,
     max_tokens: int | None = None,
-    guided_json: bool = True,
+    guided_decoding: str = "grounded",
     chunk_overlap_chars: int = 200,
     lineage: dict | None = None,
     batch_size: int = 64,
@@ -399,12 +394,11 @@ def evaluate_records(
 ) -> dict[str, Any]:
     """Chunk -> prompt -> generate -> assemble -> score for ``records`` (gold JSONL rows)."""
     from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.answer import answer_guide
     from notelake.udfs.assemble import assemble_note
     from notelake.udfs.chunking import chunk_text
     from notelake.udfs.prompts import build_messages, prompt_version
 
-    schema = answer_json_schema(task) if guided_json else None
     max_tokens = max_tokens or task.max_tokens
     lineage = {
         "run_id": f"eval-{uuid.uuid4().hex[:12]}", "model": "eval", "model_sha256": None,
@@ -415,8 +409,8 @@ def evaluate_records(
     requests = []
     for k, chunks in enumerate(chunked):
         for c in chunks:
-            kwargs = dict(request_id=f"{k}:{c.index}", messages=build_messages(task, c.text), json_schema=schema,
-                          max_tokens=max_tokens)
+            kwargs = dict(request_id=f"{k}:{c.index}", messages=build_messages(task, c.text),
+                          guide=answer_guide(task, c.text, guided_decoding), max_tokens=max_tokens)
             if adapter is not None:
                 kwargs["adapter"] = adapter
             requests.append(GenerationRequest(**kwargs))
@@ -447,7 +441,11 @@ def evaluate_records(
             if getattr(o, "finish_reason", None) == "length":
                 run.truncated += 1
         res = assemble_note(note_id=rec["note_id"], text=rec["text"], task=task, chunks=chunks,
-                            outputs=[o.text for o in outs], output_errors=[o.error for o in outs], lineage=lineage)
+                            outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
+                            truncated=[getattr(o, "finish_reason", None) == "length" for o in outs], lineage=lineage)
+        run.warnings += res.warnings
+        run.ungrounded += res.ungrounded
+        run.dropped_relations += res.dropped_relations
         for e in res.errors:
             if e.get("stage") == "parse":
                 run.parse_failures += 1
@@ -460,6 +458,8 @@ def evaluate_records(
     scores["invalid_output_rate"] = round(run.parse_failures / run.prompts, 4) if run.prompts else None
     scores["engine_error_rate"] = round(run.engine_errors / run.prompts, 4) if run.prompts else None
     scores["error_types"] = dict(run.error_types)
+    scores["parser"] = {"warnings": run.warnings, "ungrounded_mentions": run.ungrounded,
+                        "dropped_relations": run.dropped_relations}
     scores["throughput"] = {
         "prompts": run.prompts, "notes": len(records), "wall_s": round(run.wall_s, 1),
         "prompts_per_s": round(run.prompts / run.wall_s, 3) if run.wall_s else None,
@@ -498,7 +498,7 @@ def markdown_report(report: dict, runs: list[dict] | None = None) -> str:
               + (" — **task not in the adapter: zero-shot through it**" if report.get("adapter", {}) and
                  report["adapter"].get("zero_shot") else ""),
               f"- engine: {report['engine']['backend']} {report['engine'].get('dtype')}, greedy={report['engine']['greedy']},"
-              f" guided JSON={report['engine']['guided_json']}, max_tokens={report['engine']['max_tokens']}",
+              f" guided decoding={report['engine'].get('guided_decoding')}, max_tokens={report['engine']['max_tokens']}",
               f"- command: `{report.get('command', '')}`", ""]
     lines += ["| metric | P | R | F1 | 95 % CI | SE | TP / pred / gold |", "|---|---:|---:|---:|---|---:|---|"]
     blocks = [("CCE strict", s["cce"]["strict"]), ("CCE lenient", s["cce"]["lenient"])]

@@ -4,9 +4,10 @@ For data-plane benchmarks only, never for quality: it lets the job's Spark -> Ra
 parsing, grounding and Delta writes run at corpus sizes (10^5-10^6 notes) the real engine cannot reach on a
 benchmark machine. It implements the :class:`~notelake.models.engine.Engine` interface of models/engine.py.
 
-Answers: for each prompt, a v1 answer naming a few words that really occur in the prompt's text (so grounding
-finds real offsets), with labels drawn from the request's JSON schema (no schema: an empty answer), and one
-relation when the schema asks for relations. Deterministic per text (seeded by its sha256).
+Answers: for each prompt, a v2 answer (udfs/answer.py) naming a few words that really occur in the prompt's text
+(so grounding finds real offsets), one ``Label: word`` line each, labels drawn from the request's answer grammar
+(no grammar: ``none``), the first line carrying a reference to the second when the grammar has reference items.
+Deterministic per text (seeded by its sha256).
 
 Latency (what one vLLM engine with continuous batching costs): a ``generate`` call runs one batch at a time,
 like :class:`~notelake.models.engine.VLLMEngine`, in waves of ``max_num_seqs`` requests; each wave sleeps
@@ -22,7 +23,6 @@ Nothing here logs prompt, note or answer text: counts and timings only.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -31,6 +31,7 @@ import threading
 import time
 
 from notelake.conf.settings import EngineConfig
+from notelake.udfs.answer import ITEM_SEP, NONE
 from notelake.models.engine import GenerationRequest, GenerationResult, _exc_category, _versions, error_result
 
 log = logging.getLogger(__name__)
@@ -39,27 +40,31 @@ DECODE_STEP_ENV = "NOTELAKE_REPLAY_DECODE_STEP_S"
 PREFILL_ENV = "NOTELAKE_REPLAY_PREFILL_S_PER_TOKEN"
 DEFAULT_DECODE_STEP_S = 0.004
 DEFAULT_PREFILL_S_PER_TOKEN = 2e-6
-# udfs.prompts puts the note text last, after this marker, in the final user turn.
+# udfs.prompts puts the note text last in the final user turn, after this marker in a zero-shot prompt.
 TEXT_MARKER = "\n\nText:\n"
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9-]{2,}")
 MAX_CONCEPTS = 4
 
 
-def replay_answer(text: str, json_schema: dict | None) -> dict:
-    """A schema-valid v1 answer naming up to MAX_CONCEPTS distinct words of ``text``, in text order."""
-    if not json_schema:
-        return {"concepts": []}
-    props = json_schema["properties"]
-    labels = props["concepts"]["items"]["properties"]["label"]["enum"]
+def _rule_labels(grammar: str, rule: str) -> list[str]:
+    """The quoted alternatives in the first group of ``rule`` of an answer grammar (udfs.answer.answer_grammar)."""
+    m = re.search(rf"^{rule} ::= \(([^)]*)\)", grammar, re.MULTILINE)
+    return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+
+def replay_answer(text: str, guide: dict | None) -> str:
+    """A grammar-valid v2 answer naming up to MAX_CONCEPTS distinct words of ``text``, in text order."""
     rng = random.Random(hashlib.sha256(text.encode()).digest())
     words = list(dict.fromkeys(WORD.findall(text)))
+    labels = _rule_labels(guide["grammar"], "concept") if guide else []
+    if not labels or not words:
+        return NONE
     picked = sorted(rng.sample(range(len(words)), min(MAX_CONCEPTS, len(words))))
-    answer: dict = {"concepts": [{"label": rng.choice(labels), "text": words[i]} for i in picked]}
-    if "relations" in props:
-        relation_labels = props["relations"]["items"]["properties"]["label"]["enum"]
-        answer["relations"] = ([{"label": rng.choice(relation_labels), "head": 0, "tail": 1}]
-                               if len(picked) >= 2 else [])
-    return answer
+    lines = [f"{rng.choice(labels)}: {words[i]}" for i in picked]
+    references = _rule_labels(guide["grammar"], "reference")
+    if references and len(picked) >= 2:
+        lines[0] += f"{ITEM_SEP}{rng.choice(references)}: {words[picked[1]]}"
+    return "\n".join(lines)
 
 
 class ReplayEngine:
@@ -101,8 +106,7 @@ class ReplayEngine:
         if prompt_tokens > self.cfg.max_model_len - req.max_tokens:
             return error_result(req.request_id, f"prompt_too_long: {prompt_tokens} prompt tokens > max_model_len "
                                 f"{self.cfg.max_model_len} - max_tokens {req.max_tokens}", prompt_tokens)
-        ids = self.tokenizer.encode(json.dumps(replay_answer(text, req.json_schema), separators=(",", ":")),
-                                    add_special_tokens=False)
+        ids = self.tokenizer.encode(replay_answer(text, req.guide), add_special_tokens=False)
         finish = "length" if len(ids) > req.max_tokens else "stop"
         ids = ids[:req.max_tokens]
         return GenerationResult(request_id=req.request_id, text=self.tokenizer.decode(ids), error=None,
@@ -128,7 +132,8 @@ class ReplayEngine:
         return {
             "backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
             "model_sha256": self.model_sha256, "adapter": None, "adapter_path": None, "adapter_sha256": None,
-            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len, "guided_json": self.cfg.guided_json,
+            "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len,
+            "guided_decoding": self.cfg.guided_decoding,
             "enable_lora": False, "load_seconds": self.load_seconds, "versions": _versions(), "pid": os.getpid(),
             "replay_decode_step_s": self.decode_step_s, "replay_prefill_s_per_token": self.prefill_s_per_token,
         }

@@ -88,6 +88,8 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     steps: int = Field(70, ge=1, description="optimizer steps (upper bound; the token budget may stop earlier)")
+    epochs: float | None = Field(None, gt=0, description="train this many passes over the training examples "
+                                                         "(sets the step count, replacing `steps`)")
     batch_size: int = Field(8, ge=1, description="examples per forward pass")
     grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
     max_length: int = Field(1280, ge=32, description="longer examples are dropped (counted), never truncated")
@@ -281,10 +283,17 @@ def data_fingerprint(examples: list[Example]) -> str:
     return hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
 
 
+def planned_steps(cfg: TrainConfig, examples: list[Example]) -> int:
+    """Optimizer steps of the run: ``epochs`` passes over ``examples`` when set, else ``steps``."""
+    if cfg.epochs is None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * len(examples) / (cfg.batch_size * cfg.grad_accum)))
+
+
 def estimate_tokens(cfg: TrainConfig, examples: list[Example]) -> int:
-    """Expected input tokens (non-padding) for cfg.steps optimizer steps, ignoring the budget."""
+    """Expected input tokens (non-padding) for the run's optimizer steps, ignoring the budget."""
     mean = sum(e.n_tokens for e in examples) / len(examples)
-    return int(mean * cfg.batch_size * cfg.grad_accum * cfg.steps)
+    return int(mean * cfg.batch_size * cfg.grad_accum * planned_steps(cfg, examples))
 
 
 class _TorchDataset:
@@ -435,7 +444,8 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         "per_task": {k: vars(v) for k, v in stats.items()},
         "mean_example_tokens": round(sum(e.n_tokens for e in train_ex) / len(train_ex), 1),
         "estimated_tokens_for_steps": est, "token_budget": cfg.token_budget, "planned_tokens": planned,
-        "epochs_for_steps": round(cfg.steps * cfg.batch_size * cfg.grad_accum / len(train_ex), 3),
+        "steps": planned_steps(cfg, train_ex),
+        "epochs_for_steps": round(planned_steps(cfg, train_ex) * cfg.batch_size * cfg.grad_accum / len(train_ex), 3),
     }
     print("data plan: " + json.dumps(plan), flush=True)
     if dry_run:
@@ -473,7 +483,7 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     has_val = bool(val_ex)
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
-        max_steps=cfg.steps,
+        max_steps=planned_steps(cfg, train_ex),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,

@@ -1,7 +1,6 @@
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from notelake.udfs.answer import occurrence_index
 from notelake.udfs.grounding import Grounding, collapse_ws, ground_mentions, strip_ws
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -29,22 +28,25 @@ def check_invariants(text: str, mention: str, g: Grounding) -> None:
 
 @PROPS
 @given(text=texts, data=st.data())
-def test_substring_of_text_is_grounded_exactly_and_hint_picks_it(text, data):
+def test_substring_of_text_is_grounded_exactly_and_anchor_picks_the_nearest(text, data):
     if not text:
         return
     s = data.draw(st.integers(0, len(text) - 1))
     e = data.draw(st.integers(s + 1, len(text)))
     mention = text[s:e]
-    hint = occurrence_index(text, mention, s)
-    hinted, plain = ground_mentions(text, [("L", mention, hint), ("M", mention, None)])
+    anchor, near, plain = ground_mentions(text, [("A", text[s], None), ("L", mention, 0), ("M", mention, None)])
     if not mention.strip():
-        assert not hinted.grounded  # blank mentions are never grounded
+        assert not near.grounded  # blank mentions are never grounded
         return
-    assert hinted.method == "exact" and hinted.spans == ((s, e),)
-    assert plain.method == "exact"
-    check_invariants(text, mention, hinted)
+    assert near.method == "exact" and plain.method == "exact"
+    check_invariants(text, mention, near)
     check_invariants(text, mention, plain)
-    assert plain.spans == ((text.find(mention), text.find(mention) + len(mention)),)
+    if anchor.grounded:  # no occurrence of the mention starts nearer its anchor than the one picked
+        starts = [i for i in range(len(text)) if text.startswith(mention, i)]
+        assert abs(near.start - anchor.start) == min(abs(i - anchor.start) for i in starts)
+    if not text[s].strip():
+        return  # a blank anchor is ungrounded and leaves the cursor at 0
+    assert plain.start >= anchor.start or mention not in text[anchor.start:]
 
 
 @PROPS
@@ -78,22 +80,26 @@ def test_discontinuous_mentions_from_text(words, data):
     check_invariants(text, mention, g)
 
 
-def test_exact_and_occurrence_hint():
+def test_repeats_ground_in_reading_order():
     text = "insulin then insulin again, insulin"
-    (g1, g2, g3, g4) = ground_mentions(text, [("Drug", "insulin", 2), ("Drug", "insulin", None),
-                                             ("Drug", "insulin", None), ("Drug", "insulin", 9)])
-    assert g1.spans == ((13, 20),)
-    assert g2.spans == ((0, 7),)  # first unused
-    assert g3.spans == ((28, 35),)  # 1st and 2nd used
-    assert g4.spans == ((0, 7),)  # hint beyond count -> unused rule; all used -> first
-    assert all(g.method == "exact" and g.score == 1.0 for g in (g1, g2, g3, g4))
+    g = ground_mentions(text, [("Drug", "insulin", None), ("Drug", "insulin", None),
+                               ("Drug", "insulin", None), ("Drug", "insulin", None)])
+    assert [x.spans for x in g] == [((0, 7),), ((13, 20),), ((28, 35),), ((0, 7),)]  # all used -> the first
+    assert all(x.method == "exact" and x.score == 1.0 for x in g)
 
 
-def test_overlapping_occurrences_count_like_occurrence_index():
-    text = "aaaa"
-    (g,) = ground_mentions(text, [("L", "aa", 2)])
-    assert g.spans == ((1, 3),)
-    assert occurrence_index(text, "aa", 1) == 2
+def test_the_cursor_skips_earlier_occurrences():
+    # "pain" at 6 precedes the cursor set by "fever" at 16: the pain after it is taken
+    text = "chest pain, then fever and pain"
+    g = ground_mentions(text, [("S", "fever", None), ("S", "pain", None)])
+    assert g[1].spans == ((27, 31),)
+
+
+def test_arguments_ground_next_to_their_anchor():
+    text = "aspirin caused rash; later aspirin induced ulcer"
+    g = ground_mentions(text, [("T", "caused", None), ("Drug", "aspirin", 0), ("T", "induced", None),
+                               ("Drug", "aspirin", 2), ("Effect", "ulcer", 2)])
+    assert g[1].spans == ((0, 7),) and g[3].spans == ((27, 34),) and g[4].spans == ((43, 48),)
 
 
 def test_used_is_tracked_per_label_and_text():

@@ -1,85 +1,53 @@
-"""Answer schema v1: the JSON a model emits for one text, and the gold answers rendered in it.
+"""Answer schema v2: the terse line format a model writes for one text, and gold answers rendered in it.
 
-Frozen contract (a change bumps ANSWER_SCHEMA_VERSION, hence every ``prompt_version``, and invalidates
-trained adapters)::
+Designed for a 135M decoder (ablation in docs/results.md): one line per concept or per event, every mention
+copied from the text, relations anchored by mention text, never by index::
 
-    {"concepts": [{"label": "Drug", "text": "lithium", "occurrence": 2, "assertion": "negated"}, ...],
-     "relations": [{"label": "adverse_effect", "head": 0, "tail": 3}, ...]}
+    ADE_trigger: induced | Drug: lithium | Effect(speculated): seizure    an event (task with `events:`)
+    Severity: severe | MODIFY: pain                                       a concept and an outgoing relation
+    Sign_symptom: pain
+    none                                                                  nothing to extract
 
-* ``label``: one of the task's concept labels (an enum in the guided-decoding schema).
-* ``text``: the mention copied exactly from the text; a discontinuous mention is its fragments joined by
-  one space, in text order (as in the corpora).
-* ``occurrence``: optional, 1-based: which occurrence of ``text`` in the prompt's text is meant, given only
-  when the text occurs more than once. Omitted = the first occurrence not yet used.
-* ``assertion``: optional, default ``present``: ``negated`` / ``speculated`` / ``hypothetical``, so that
+* A line is items joined by ``" | "``; an item is ``Label[(assertion)]: mention``. The mention is copied from
+  the text; a discontinuous mention is its fragments joined by one space (as in the corpora).
+* The first item of a line is a concept. In an event task a line that starts with an anchor label (PHEE: the
+  trigger) is an event: each following concept item is an argument, linked anchor -> argument by the task's one
+  relation whose pairs allow (anchor label, argument label), and the task's derived relations are added per
+  event (PHEE: every Drug -> every Effect as ``adverse_effect`` in an ADE event).
+* An item whose label is a relation label (not a concept label) is a reference: a relation from the line's first
+  concept to the concept of the same answer with that mention (the one nearest the head when repeated).
+* ``assertion``: ``(negated)``, ``(speculated)`` or ``(hypothetical)`` after the label; absent = present, so
   cohorts do not count "denies chest pain" as chest pain.
-* ``relations`` (``cre`` tasks only): ``head``/``tail`` are 0-based indexes into ``concepts``.
+* Lines are in text order of their first mention, arguments in text order; grounding relies on it (repeated
+  mentions ground in order, arguments next to their anchor).
 
-Concepts are listed in text order; gold answers are rendered by :func:`gold_answer`.
+Gold answers are rendered by :func:`gold_answer`; :func:`answer_grammar` is the guided-decoding grammar (labels as
+enums, argument labels per anchor, and optionally every mention restricted to the text's own word n-grams).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from notelake.conf.task import Task
 
-ANSWER_SCHEMA_VERSION = "v1"
+ANSWER_SCHEMA_VERSION = "v2"
 ASSERTIONS = ("present", "negated", "speculated", "hypothetical")
+NONE = "none"
+ITEM_SEP = " | "
+#: Longest mention (in word/punctuation tokens) the grounded grammar admits: covers 99.8 % of PHEE and
+#: MACCROBAT train mentions (docs/results.md).
+MAX_MENTION_TOKENS = 24
 
 # MACCROBAT POLARITY values and PHEE event attributes -> assertion.
 _POLARITY_TO_ASSERTION = {"NEG": "negated", "UNCERTAIN": "speculated", "MAYBE_POS": "speculated", "MAYBE_NEG": "speculated"}
+_TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
-def answer_json_schema(task: Task) -> dict[str, Any]:
-    """JSON schema of a v1 answer for ``task``: labels as enums, so guided decoding cannot invent one."""
-    concept = {
-        "type": "object",
-        "properties": {
-            "label": {"type": "string", "enum": sorted(task.concepts)},
-            "text": {"type": "string", "minLength": 1},
-            "occurrence": {"type": "integer", "minimum": 1},
-            "assertion": {"type": "string", "enum": list(ASSERTIONS[1:])},
-        },
-        "required": ["label", "text"],
-        "additionalProperties": False,
-    }
-    properties: dict[str, Any] = {"concepts": {"type": "array", "items": concept}}
-    required = ["concepts"]
-    if task.kind == "cre":
-        properties["relations"] = {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "label": {"type": "string", "enum": sorted(task.relations)},
-                    "head": {"type": "integer", "minimum": 0},
-                    "tail": {"type": "integer", "minimum": 0},
-                },
-                "required": ["label", "head", "tail"],
-                "additionalProperties": False,
-            },
-        }
-        required.append("relations")
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
-
-
-def dump_answer(answer: dict[str, Any]) -> str:
-    """Compact JSON, as guided decoding emits it with free whitespace off."""
-    return json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
-
-
-def occurrence_index(text: str, mention: str, start: int) -> int:
-    """1-based index of the occurrence of ``mention`` that starts at ``start`` (overlapping matches count)."""
-    index, pos = 0, text.find(mention)
-    while pos != -1 and pos <= start:
-        index += 1
-        pos = text.find(mention, pos + 1)
-    return index
-
-
-def _concept_assertion(concept: dict, negated_ids: set[str], speculated_ids: set[str]) -> str:
+def concept_assertion(concept: dict, negated_ids: set[str], speculated_ids: set[str]) -> str:
+    """Assertion of a gold concept: its own attributes, or (PHEE) those of the event it is the Effect of."""
     attrs = concept.get("attributes") or {}
     if attrs.get("Negated") or concept["id"] in negated_ids:
         return "negated"
@@ -91,46 +59,151 @@ def _concept_assertion(concept: dict, negated_ids: set[str], speculated_ids: set
     return "present"
 
 
-def gold_answer(task: Task, record: dict, window: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Render a gold record (shared/data JSONL format) as a v1 answer over ``text[window]``.
+def event_assertions(record: dict) -> tuple[set[str], set[str]]:
+    """Ids of PHEE Effect concepts whose event is negated, resp. speculated (the trigger's attributes)."""
+    by_id = {c["id"]: c for c in record["concepts"]}
+    negated: set[str] = set()
+    speculated: set[str] = set()
+    for rel in record.get("relations", []):
+        if rel["label"] != "Effect":
+            continue
+        attrs = by_id[rel["head"]].get("attributes") or {}
+        if attrs.get("Negated"):
+            negated.add(rel["tail"])
+        if attrs.get("Speculated"):
+            speculated.add(rel["tail"])
+    return negated, speculated
 
-    Only concepts lying wholly inside the window are kept, and relations between two kept concepts.
-    PHEE event attributes (Negated/Speculated on the trigger) carry over to the event's Effect concepts.
+
+def one_line(mention: str) -> str:
+    """A mention as written in an answer: whitespace runs (newlines included) become one space."""
+    return " ".join(mention.split())
+
+
+def render_item(label: str, mention: str, assertion: str = "present") -> str:
+    marker = f"({assertion})" if assertion != "present" else ""
+    return f"{label}{marker}: {one_line(mention)}"
+
+
+def gold_answer(task: Task, record: dict, window: tuple[int, int] | None = None) -> str:
+    """Render a gold record (shared/data JSONL format) as a v2 answer over ``text[window]``.
+
+    Only concepts lying wholly inside the window are kept, and relations between two kept concepts. Relations
+    that the format cannot carry (a non-derived relation between two arguments of an event task) are left out:
+    the golden round-trip test measures what survives.
     """
     text = record["text"]
     lo, hi = window or (0, len(text))
-    window_text = text[lo:hi]
-    concepts = [c for c in record["concepts"] if c["spans"][0][0] >= lo and c["spans"][-1][1] <= hi and c["label"] in task.concepts]
+    concepts = [c for c in record["concepts"]
+                if c["spans"][0][0] >= lo and c["spans"][-1][1] <= hi and c["label"] in task.concepts]
     concepts.sort(key=lambda c: (c["spans"][0][0], c["spans"][-1][1], c["label"]))
-    by_id = {c["id"]: c for c in record["concepts"]}
-    negated_ids: set[str] = set()
-    speculated_ids: set[str] = set()
-    for rel in record.get("relations", []):
-        trigger_attrs = by_id[rel["head"]].get("attributes") or {}
-        if rel["label"] == "Effect":
-            if trigger_attrs.get("Negated"):
-                negated_ids.add(rel["tail"])
-            if trigger_attrs.get("Speculated"):
-                speculated_ids.add(rel["tail"])
+    if not concepts:
+        return NONE
+    kept = {c["id"]: c for c in concepts}
+    negated, speculated = event_assertions(record)
+    relations = [r for r in record.get("relations", [])
+                 if r["head"] in kept and r["tail"] in kept and r["label"] in task.relations]
 
-    rendered, index_of = [], {}
+    def item(c: dict) -> str:
+        return render_item(c["label"], c["text"], concept_assertion(c, negated, speculated))
+
+    anchors = set(task.events.anchors) if task.events else set()
+    arguments: dict[str, list[dict]] = {}
+    placed: set[str] = set()
     for c in concepts:
-        item: dict[str, Any] = {"label": c["label"], "text": c["text"]}
-        first_start = c["spans"][0][0] - lo
-        if len(c["spans"]) == 1 and occurrence_index(window_text, c["text"], len(window_text)) > 1:
-            item["occurrence"] = occurrence_index(window_text, c["text"], first_start)
-        assertion = _concept_assertion(c, negated_ids, speculated_ids)
-        if assertion != "present":
-            item["assertion"] = assertion
-        index_of[c["id"]] = len(rendered)
-        rendered.append(item)
-    answer: dict[str, Any] = {"concepts": rendered}
-    if task.kind == "cre":
-        relations = [
-            {"label": r["label"], "head": index_of[r["head"]], "tail": index_of[r["tail"]]}
-            for r in record.get("relations", [])
-            if r["head"] in index_of and r["tail"] in index_of and r["label"] in task.relations
-        ]
-        relations.sort(key=lambda r: (r["head"], r["tail"], r["label"]))
-        answer["relations"] = relations
-    return answer
+        if c["label"] in anchors:
+            args = [kept[r["tail"]] for r in relations if r["head"] == c["id"]
+                    and r["label"] in task.argument_relations(c["label"], kept[r["tail"]]["label"])]
+            arguments[c["id"]] = sorted({a["id"]: a for a in args}.values(), key=lambda a: a["spans"][0][0])
+            placed.update(a["id"] for a in args)
+    refs: dict[str, list[str]] = {}
+    referable = set(reference_relations(task))
+    for r in relations:
+        if r["label"] in referable:  # a reference item on the head's line
+            refs.setdefault(r["head"], []).append(f"{r['label']}: {one_line(kept[r['tail']]['text'])}")
+    lines = []
+    for c in concepts:
+        if c["id"] in placed and c["id"] not in arguments:
+            continue  # written as an argument of its event
+        items = [item(c), *(item(a) for a in arguments.get(c["id"], [])), *dict.fromkeys(refs.get(c["id"], []))]
+        lines.append(ITEM_SEP.join(items))
+    return "\n".join(lines)
+
+
+def reference_relations(task: Task) -> list[str]:
+    """Relation labels written as reference items: neither an event argument's relation nor a derived one."""
+    anchors = task.events.anchors if task.events else []
+    covered = {d.relation for d in task.events.derived} if task.events else set()
+    covered |= {r for a in anchors for c in task.concepts for r in task.argument_relations(a, c)}
+    return [r for r in task.relations if r not in covered and r not in task.concepts]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guided decoding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _literal(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a GBNF string literal uses JSON's escapes
+
+
+def _alternatives(values: list[str]) -> str:
+    return " | ".join(_literal(v) for v in values)
+
+
+def mention_ngrams(text: str, max_tokens: int = MAX_MENTION_TOKENS) -> list[str]:
+    """Every mention the grounded grammar admits: runs of 1..max_tokens word/punctuation tokens of ``text``,
+    as they appear there, that hold no line break and no item separator."""
+    tokens = [(m.start(), m.end()) for m in _TOKEN.finditer(text)]
+    out: dict[str, None] = {}
+    for i, (start, _) in enumerate(tokens):
+        for j in range(i, min(len(tokens), i + max_tokens)):
+            span = text[start:tokens[j][1]]
+            if "\n" in span or "\r" in span or "|" in span:
+                break
+            out[one_line(span)] = None
+    return list(out)
+
+
+def answer_grammar(task: Task, text: str | None = None) -> str:
+    """GBNF grammar of a v2 answer for ``task`` (vLLM structured outputs, ``grammar``).
+
+    Labels are enums; an event line admits only the argument labels its anchor has a relation for; reference
+    items only relation labels. With ``text``, a mention can only be one of ``mention_ngrams(text)``: every
+    emitted mention is then grounded by construction (discontinuous mentions cannot be written).
+    """
+    marker = '("(" ("negated" | "speculated" | "hypothetical") ")")?'
+    anchors = list(task.events.anchors) if task.events else []
+    plain = [c for c in task.concepts if c not in anchors]
+    references = reference_relations(task)
+    rules = {"root": f'"{NONE}" | line ("\\n" line)*'}
+    line_kinds = []
+    if plain:
+        rules["concept"] = f"({_alternatives(plain)}) {marker} \": \" mention"
+        line_kinds.append("concept")
+    for k, anchor in enumerate(anchors):
+        args = [c for c in task.concepts if task.argument_relations(anchor, c)]
+        body = f"{_literal(anchor)} {marker} \": \" mention"
+        if args:
+            rules[f"arg{k}"] = f"({_alternatives(args)}) {marker} \": \" mention"
+            body += f' (" | " arg{k})*'
+        rules[f"event{k}"] = body
+        line_kinds.append(f"event{k}")
+    if references:
+        rules["reference"] = f"({_alternatives(references)}) \": \" mention"
+        line_kinds = [f'{kind} (" | " reference)*' for kind in line_kinds]
+    rules["line"] = " | ".join(f"({kind})" for kind in line_kinds)
+    if text is None:
+        rules["mention"] = "[^|\\n ] [^|\\n]*"
+    else:
+        ngrams = mention_ngrams(text)
+        rules["mention"] = _alternatives(ngrams) if ngrams else '"-"'
+    return "\n".join(f"{name} ::= {body}" for name, body in rules.items())
+
+
+def answer_guide(task: Task, text: str, mode: str) -> dict[str, Any] | None:
+    """The structured-output constraint of one request: ``grounded`` (mentions from ``text`` only), ``labels``
+    (labels as enums, free mentions) or ``off``."""
+    if mode == "off":
+        return None
+    return {"grammar": answer_grammar(task, text if mode == "grounded" else None)}

@@ -1,7 +1,8 @@
 """Per-chunk model outputs of one note -> concept, relation and error rows (the job and the evaluation
 harness both use this, so a note is assembled the same way everywhere).
 
-Per chunk: parse the output, ground the concepts inside the chunk's text, shift offsets by the chunk's
+Per chunk: parse the output, ground the concepts inside the chunk's text (arguments next to their anchor),
+resolve reference items to the grounded concept with that mention nearest the head, shift offsets by the chunk's
 start. Across chunks: a concept found twice (overlap) with the same (label, spans) becomes one row (lowest
 chunk index wins); an ungrounded concept is merged with another ungrounded one of the same (label, text).
 Relations come from one chunk (both ends), are mapped onto the merged rows and deduplicated on
@@ -35,7 +36,10 @@ class NoteResult:
     relations: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     n_chunks: int = 0
-    warnings: int = 0
+    warnings: int = 0  # parser warnings (dropped lines, items, labels)
+    ungrounded: int = 0  # emitted mentions not found in the text
+    dropped_relations: int = 0  # reference items with no matching concept, or a label pair the task forbids
+    truncated_chunks: int = 0  # outputs cut at max_tokens
 
 
 def _lineage_columns(lineage: dict, text: str) -> dict[str, Any]:
@@ -52,6 +56,18 @@ def _lineage_columns(lineage: dict, text: str) -> dict[str, Any]:
     return out
 
 
+def _resolve_reference(concepts: list, groundings: list, head: int, mention: str) -> int | None:
+    """Index of the concept a reference item names: same mention (exact, else case-insensitive), the one
+    grounded nearest the head; None when the answer has no such concept."""
+    for same in (lambda c: " ".join(c.text.split()) == mention,
+                 lambda c: " ".join(c.text.split()).casefold() == mention.casefold()):
+        found = [k for k, c in enumerate(concepts) if k != head and same(c)]
+        if found:
+            origin = groundings[head].start
+            return min(found, key=lambda k: (groundings[k].start is None, abs((groundings[k].start or 0) - (origin or 0))))
+    return None
+
+
 def assemble_note(
     *,
     note_id: str,
@@ -60,6 +76,7 @@ def assemble_note(
     chunks: list[Chunk],
     outputs: list[str | None],
     output_errors: list[str | None] | None = None,
+    truncated: list[bool] | None = None,
     lineage: dict,
     passthrough: dict | None = None,
     fuzzy: bool = False,
@@ -67,7 +84,8 @@ def assemble_note(
     """Rows of one note from its chunks' raw outputs. See the module docstring for the rules.
 
     ``output_errors[i]`` non-None means the engine failed on chunk i (an error row of stage ``generate``,
-    error_type ``engine_error``, the string as message: it must carry no note text).
+    error_type ``engine_error``, the string as message: it must carry no note text). ``truncated[i]``: chunk i's
+    output hit max_tokens (its last, possibly partial, line is dropped).
     """
     if len(outputs) != len(chunks):
         raise ValueError(f"{len(chunks)} chunks but {len(outputs)} outputs")
@@ -101,16 +119,19 @@ def assemble_note(
         if engine_error is not None:
             fail(i, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
             continue
-        parsed = parse_answer(raw, task)
+        cut = bool(truncated[pos]) if truncated is not None else False
+        result.truncated_chunks += cut
+        parsed = parse_answer(raw, task, truncated=cut)
         if isinstance(parsed, ParseFailure):
             fail(i, "parse", parsed.error_type, parsed.message)
             continue
         result.warnings += len(parsed.warnings)
         groundings = ground_mentions(
-            chunk.text, [(c.label, c.text, c.occurrence) for c in parsed.concepts], fuzzy=fuzzy
+            chunk.text, [(c.label, c.text, c.anchor) for c in parsed.concepts], fuzzy=fuzzy
         )
         keys: list[tuple] = []
         for concept, g in zip(parsed.concepts, groundings):
+            result.ungrounded += g.spans is None
             if g.spans is not None:
                 spans = tuple((s + chunk.start, e + chunk.start) for s, e in g.spans)
                 key: tuple = ("g", concept.label, spans)
@@ -126,7 +147,13 @@ def assemble_note(
                     "method": g.method, "score": g.score, "chunk_index": i,
                 }
         for rel in parsed.relations:
-            head, tail = keys[rel.head], keys[rel.tail]
+            tail_index = rel.tail if isinstance(rel.tail, int) else _resolve_reference(
+                parsed.concepts, groundings, rel.head, rel.tail)
+            if tail_index is None or not task.allows(
+                    rel.label, parsed.concepts[rel.head].label, parsed.concepts[tail_index].label):
+                result.dropped_relations += 1
+                continue
+            head, tail = keys[rel.head], keys[tail_index]
             if head == tail:
                 continue  # two mentions merged into one concept: no self-loop
             pending_relations.setdefault((rel.label, head, tail), i)

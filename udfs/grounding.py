@@ -1,12 +1,11 @@
 """Grounding: find the character offsets of model-emitted mentions in the text they were extracted from.
 
-A model copies mentions as text (answer schema v1); offsets are recovered here and never invented: a
+A model copies mentions as text (answer schema v2); offsets are recovered here and never invented: a
 mention that cannot be found is returned ungrounded (``Grounding(None, "none", 0.0)``).
 
 Tiers, first hit wins:
 
-1. ``exact``: the mention occurs verbatim (every occurrence counts, overlapping ones included, as
-   :func:`notelake.udfs.answer.occurrence_index` counts them).
+1. ``exact``: the mention occurs verbatim (every occurrence counts, overlapping ones included).
 2. ``normalized``: equal modulo case and whitespace, first with whitespace runs collapsed to one space,
    then with whitespace ignored altogether (``"60mg"`` ~ ``"60 mg"``). Offsets index the original text.
 3. discontinuous (method ``exact``): the corpora join the fragments of a discontinuous mention with one
@@ -14,10 +13,15 @@ Tiers, first hit wins:
    gap between fragments 1..``max_gap`` characters; several spans are returned.
 4. ``fuzzy`` (optional): the most similar word-aligned window (difflib ratio >= ``min_fuzzy_score``).
 
-Which occurrence: a 1-based occurrence hint picks that one; without a hint (or with a hint beyond the
-count) the first occurrence not already taken by an earlier mention with the same (label, text) is used,
-so PHEE's Drug "insulin" and Treatment "insulin" may share offsets while two Drug "insulin" take two
-occurrences. When every occurrence is taken, the first one is reused (a repeated concept, merged later).
+Which occurrence (answer schema v2 writes lines in text order and arguments next to their event's anchor):
+
+* a mention with an anchor (an event argument) takes the occurrence nearest to where its anchor was grounded;
+* any other mention takes the first occurrence at or after the previous such mention's start (the reading
+  cursor) that no earlier mention with the same (label, text) took, else the first one not taken, else the
+  first one (a repeated concept, merged later).
+
+So PHEE's Drug "insulin" and Treatment "insulin" may share offsets, two Sign_symptom "pain" lines take two
+occurrences in order, and an argument repeated in two events grounds next to each event's trigger.
 """
 
 from __future__ import annotations
@@ -161,9 +165,14 @@ class _TextIndex:
         return self._word_bounds
 
 
-def _pick(candidates: list[Spans], hint: int | None, used: set[Spans]) -> Spans:
-    if isinstance(hint, int) and not isinstance(hint, bool) and 1 <= hint <= len(candidates):
-        return candidates[hint - 1]
+def _pick(candidates: list[Spans], used: set[Spans], cursor: int = 0, near: int | None = None) -> Spans:
+    """``near`` given: the candidate starting nearest to it. Else the first unused one at or after ``cursor``,
+    else the first unused one, else the first (candidates are in text order)."""
+    if near is not None:
+        return min(candidates, key=lambda spans: (abs(spans[0][0] - near), spans[0][0]))
+    for cand in candidates:
+        if cand not in used and cand[0][0] >= cursor:
+            return cand
     for cand in candidates:
         if cand not in used:
             return cand
@@ -267,8 +276,9 @@ def _fuzzy_candidates(index: _TextIndex, mention: str, min_score: float) -> list
 def _ground_one(
     index: _TextIndex,
     mention: str,
-    hint: int | None,
     used: set[Spans],
+    cursor: int,
+    near: int | None,
     fuzzy: bool,
     min_fuzzy_score: float,
     max_gap: int,
@@ -279,22 +289,21 @@ def _ground_one(
 
     exact = [((p, p + len(mention)),) for p in find_all(text, mention)]
     if exact:
-        return Grounding(_pick(exact, hint, used), "exact", 1.0)
+        return Grounding(_pick(exact, used, cursor, near), "exact", 1.0)
 
     for view in (index.collapsed, index.stripped):
         normalized = view.spans_of(text, mention)
         if normalized:
-            return Grounding(_pick(normalized, hint, used), "normalized", 1.0)
+            return Grounding(_pick(normalized, used, cursor, near), "normalized", 1.0)
 
     discontinuous = _discontinuous_candidates(text, mention, max_gap)
-    if discontinuous:
-        # an occurrence hint counts whole-string matches, of which there are none here: unused rule
-        return Grounding(_pick(discontinuous, None, used), "exact", 1.0)
+    if discontinuous:  # ranked by fit, not position: the best fit not yet taken
+        return Grounding(_pick(discontinuous, used), "exact", 1.0)
 
     if fuzzy:
         scored = _fuzzy_candidates(index, mention, min_fuzzy_score)
         if scored:
-            spans = _pick([spans for _, spans in scored], None, used)
+            spans = _pick([spans for _, spans in scored], used)
             score = next(sc for sc, sp in scored if sp == spans)
             return Grounding(spans, "fuzzy", round(score, 4))
     return UNGROUNDED
@@ -307,19 +316,24 @@ def ground_mentions(
     min_fuzzy_score: float = 0.9,
     max_gap: int = DEFAULT_MAX_GAP,
 ) -> list[Grounding]:
-    """Ground each (label, mention_text, occurrence_hint) in ``text``; one :class:`Grounding` per mention.
+    """Ground each (label, mention_text, anchor index) in ``text``; one :class:`Grounding` per mention.
 
-    Offsets index ``text``. A grounded mention with one span satisfies ``text[start:end] == mention``
-    (method ``exact``) or equality modulo case and whitespace (``normalized``); with several spans,
-    ``" ".join(text[s:e] for s, e in spans) == mention``.
+    The anchor index (or None) points to an earlier mention of the list: an event argument is grounded next to
+    it (module docstring). Offsets index ``text``. A grounded mention with one span satisfies
+    ``text[start:end] == mention`` (method ``exact``) or equality modulo case and whitespace (``normalized``);
+    with several spans, ``" ".join(text[s:e] for s, e in spans) == mention``.
     """
     index = _TextIndex(text)
     used: dict[tuple[str, str], set[Spans]] = {}
     out: list[Grounding] = []
-    for label, mention, hint in mentions:
+    cursor = 0
+    for label, mention, anchor in mentions:
         taken = used.setdefault((label, mention), set())
-        grounding = _ground_one(index, mention, hint, taken, fuzzy, min_fuzzy_score, max_gap)
+        near = out[anchor].start if anchor is not None and 0 <= anchor < len(out) else None
+        grounding = _ground_one(index, mention, taken, cursor, near, fuzzy, min_fuzzy_score, max_gap)
         if grounding.spans is not None:
             taken.add(grounding.spans)
+            if near is None and anchor is None:
+                cursor = grounding.start
         out.append(grounding)
     return out

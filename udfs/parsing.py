@@ -1,38 +1,42 @@
-"""Parse a model's raw output into a validated v1 answer, or a typed failure. Never raises.
+"""Parse a model's raw output (answer schema v2, udfs/answer.py) into concepts and relations. Never raises.
 
-Whatever the model emits, only the task's concept labels, relation labels and allowed (head, tail) label
-pairs come out; everything else is dropped with a warning. Warnings and failure messages carry counts,
-positions, types and task label names only, never the raw output or note text (PHI).
+Whatever the model writes, only the task's concept labels, relation labels and allowed (head, tail) label pairs
+come out; everything else is dropped with a warning. Warnings and failure messages carry counts, line numbers and
+task label names only, never the raw output or note text (PHI).
+
+A concept is returned with the index of its event's anchor (arguments are grounded next to their anchor); a
+relation's tail is a concept index, or, for a reference item, the mention text to resolve against the answer's
+grounded concepts (udfs/assemble.py).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from notelake.conf.task import Task
-from notelake.udfs.answer import ASSERTIONS
+from notelake.udfs.answer import ASSERTIONS, ITEM_SEP, NONE, reference_relations
 
-PARSER_VERSION = "p1"
+PARSER_VERSION = "p2"
 
-ERROR_TYPES = ("empty_output", "not_json", "truncated_json", "schema_violation")
+ERROR_TYPES = ("empty_output", "not_text", "no_answer_lines")
+
+_ITEM = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_-]*)\s*(?:\(\s*([A-Za-z]+)\s*\))?\s*:\s*(.*?)\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
 class ParsedConcept:
     label: str
     text: str
-    occurrence: int | None
     assertion: str = "present"
+    anchor: int | None = None  # index of the concept anchoring this argument's event
 
 
 @dataclass(frozen=True)
 class ParsedRelation:
     label: str
     head: int
-    tail: int
+    tail: int | str  # concept index, or the mention of a reference item (resolved after grounding)
 
 
 @dataclass(frozen=True)
@@ -49,300 +53,113 @@ class ParseFailure:
     message: str  # no raw output, no note text
 
 
-_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)\r?\n?```\s*$", re.DOTALL)
-_DECODER = json.JSONDecoder()
+def _parse_item(raw_item: str) -> tuple[str, str, str] | None:
+    """(label, assertion, mention) of ``Label[(assertion)]: mention``, or None."""
+    m = _ITEM.match(raw_item)
+    if not m or not m.group(3):
+        return None
+    assertion = (m.group(2) or "present").lower()
+    return m.group(1), assertion, m.group(3)
 
 
-class _Truncated(Exception):
-    """Input ended inside a JSON value."""
+class _Builder:
+    def __init__(self, task: Task):
+        self.task = task
+        self.anchors = set(task.events.anchors) if task.events else set()
+        self.references = set(reference_relations(task))
+        self.concepts: list[ParsedConcept] = []
+        self.relations: list[ParsedRelation] = []
+        self.seen: set[tuple[str, int, int | str]] = set()
+        self.warnings: list[str] = []
 
-
-class _Malformed(Exception):
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-def _skip_ws(s: str, pos: int) -> int:
-    n = len(s)
-    while pos < n and s[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _value_end(s: str, pos: int) -> int:
-    """End of the JSON value starting at ``pos`` (string-aware bracket matching, iterative).
-
-    Raises _Truncated when the input ends inside the value, _Malformed on a bracket mismatch. The value is
-    not validated here beyond its brackets (json decodes it afterwards).
-    """
-    n = len(s)
-    if pos >= n:
-        raise _Truncated
-    ch = s[pos]
-    if ch == '"':
-        i = pos + 1
-        while i < n:
-            c = s[i]
-            if c == "\\":
-                i += 2
-                continue
-            if c == '"':
-                return i + 1
-            i += 1
-        raise _Truncated
-    if ch not in "[{":
-        # scalar: runs until a delimiter
-        i = pos
-        while i < n and s[i] not in ",]}: \t\r\n":
-            i += 1
-        if i == n:
-            raise _Truncated  # a number or literal cut at the end may be incomplete
-        return i
-    stack = [ch]
-    i = pos + 1
-    while i < n:
-        c = s[i]
-        if c == '"':
-            i += 1
-            while i < n and s[i] != '"':
-                i += 2 if s[i] == "\\" else 1
-            if i >= n:
-                raise _Truncated
-        elif c in "[{":
-            stack.append(c)
-        elif c in "]}":
-            opener = stack.pop()
-            if (opener == "[") != (c == "]"):
-                raise _Malformed(f"mismatched bracket at char {i}")
-            if not stack:
-                return i + 1
-        i += 1
-    raise _Truncated
-
-
-def _decode_at(s: str, pos: int) -> tuple[Any, int]:
-    """Decode one complete JSON value at ``pos``; _Truncated if the input ends inside it."""
-    end = _value_end(s, pos)
-    try:
-        value, stop = _DECODER.raw_decode(s, pos)
-    except json.JSONDecodeError as exc:
-        # json's message prefix only ("Invalid \\escape: 'x'" would echo a character of the output)
-        raise _Malformed(f"{exc.msg.split(':')[0]} at char {exc.pos}") from None
-    if stop != end:
-        raise _Malformed(f"unexpected character at char {stop}")
-    return value, stop
-
-
-def _salvage(s: str, start: int) -> tuple[dict[str, list], int]:
-    """Walk a top-level object cut short; keep the complete items of its arrays that precede the cut.
-
-    Returns ({key: [complete items]} for array values, number of complete items).
-    """
-    found: dict[str, list] = {}
-    n_items = 0
-    pos = _skip_ws(s, start + 1)
-    try:
-        while True:
-            pos = _skip_ws(s, pos)
-            if pos >= len(s):
-                raise _Truncated
-            if s[pos] == "}":
-                raise _Malformed("object closed but output did not parse")
-            key, pos = _decode_at(s, pos)
-            if not isinstance(key, str):
-                raise _Malformed(f"object key is not a string at char {pos}")
-            pos = _skip_ws(s, pos)
-            if pos >= len(s):
-                raise _Truncated
-            if s[pos] != ":":
-                raise _Malformed(f"expected ':' at char {pos}")
-            pos = _skip_ws(s, pos + 1)
-            if pos >= len(s):
-                raise _Truncated
-            if s[pos] == "[":
-                items = found.setdefault(key, [])
-                pos = _skip_ws(s, pos + 1)
-                if pos < len(s) and s[pos] == "]":
-                    pos += 1
-                else:
-                    while True:
-                        item, pos = _decode_at(s, pos)
-                        items.append(item)
-                        n_items += 1
-                        pos = _skip_ws(s, pos)
-                        if pos >= len(s):
-                            raise _Truncated
-                        if s[pos] == "]":
-                            pos += 1
-                            break
-                        if s[pos] != ",":
-                            raise _Malformed(f"expected ',' or ']' at char {pos}")
-                        pos = _skip_ws(s, pos + 1)
-            else:
-                _, pos = _decode_at(s, pos)
-            pos = _skip_ws(s, pos)
-            if pos >= len(s):
-                raise _Truncated
-            if s[pos] == ",":
-                pos += 1
-            elif s[pos] == "}":
-                raise _Malformed("object closed but output did not parse")
-            else:
-                raise _Malformed(f"expected ',' or '}}' at char {pos}")
-    except _Truncated:
-        return found, n_items
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _validate(obj: dict, task: Task, warnings: list[str], truncated: bool) -> ParsedAnswer | ParseFailure:
-    raw_concepts = obj.get("concepts")
-    if raw_concepts is None and not truncated:
-        return ParseFailure("schema_violation", "answer has no 'concepts' list")
-    if raw_concepts is None:
-        raw_concepts = []
-    if not isinstance(raw_concepts, list):
-        return ParseFailure("schema_violation", f"'concepts' is a {type(raw_concepts).__name__}, not a list")
-    extra_keys = [k for k in obj if k not in ("concepts", "relations")]
-    if extra_keys:
-        warnings.append(f"{len(extra_keys)} unknown top-level key(s) ignored")
-
-    concepts: list[ParsedConcept] = []
-    new_index: dict[int, int] = {}  # position in the model's list -> position in `concepts`
-    for i, item in enumerate(raw_concepts):
-        if not isinstance(item, dict):
-            warnings.append(f"concept {i}: not an object ({type(item).__name__}), dropped")
-            continue
-        label, text = item.get("label"), item.get("text")
-        if not isinstance(label, str) or label not in task.concepts:
-            kind = "unknown label" if isinstance(label, str) else f"label is {type(label).__name__}"
-            warnings.append(f"concept {i}: {kind}, dropped")
-            continue
-        if not isinstance(text, str) or not text.strip():
-            warnings.append(f"concept {i} ({label}): missing or empty text, dropped")
-            continue
-        occurrence = item.get("occurrence")
-        if occurrence is not None and not (_is_int(occurrence) and occurrence >= 1):
-            warnings.append(f"concept {i} ({label}): invalid occurrence ignored")
-            occurrence = None
-        assertion = item.get("assertion", "present")
-        if assertion is None:
+    def concept(self, line_no: int, label: str, assertion: str, mention: str, anchor: int | None = None) -> int | None:
+        if assertion not in ASSERTIONS:
+            self.warnings.append(f"line {line_no} ({label}): invalid assertion, read as present")
             assertion = "present"
-        if isinstance(assertion, str) and assertion.strip().lower() in ASSERTIONS:
-            assertion = assertion.strip().lower()
-        else:
-            warnings.append(f"concept {i} ({label}): invalid assertion value, dropped")
-            continue
-        extra = [k for k in item if k not in ("label", "text", "occurrence", "assertion")]
-        if extra:
-            warnings.append(f"concept {i} ({label}): {len(extra)} unknown key(s) ignored")
-        new_index[i] = len(concepts)
-        concepts.append(ParsedConcept(label=label, text=text.strip(), occurrence=occurrence, assertion=assertion))
+        self.concepts.append(ParsedConcept(label, mention, assertion, anchor))
+        return len(self.concepts) - 1
 
-    raw_relations = obj.get("relations")
-    relations: list[ParsedRelation] = []
-    if task.kind == "cce":
-        if raw_relations:
-            warnings.append("relations ignored: task extracts concepts only")
-        raw_relations = []
-    elif raw_relations is None:
-        if not truncated:
-            warnings.append("answer has no 'relations' list")
-        raw_relations = []
-    elif not isinstance(raw_relations, list):
-        warnings.append(f"'relations' is a {type(raw_relations).__name__}, not a list: ignored")
-        raw_relations = []
+    def relation(self, label: str, head: int, tail: int | str) -> None:
+        if (label, head, tail) not in self.seen:
+            self.seen.add((label, head, tail))
+            self.relations.append(ParsedRelation(label, head, tail))
 
-    seen: set[tuple[str, int, int]] = set()
-    for j, item in enumerate(raw_relations):
-        if not isinstance(item, dict):
-            warnings.append(f"relation {j}: not an object ({type(item).__name__}), dropped")
-            continue
-        label, head, tail = item.get("label"), item.get("head"), item.get("tail")
-        if not isinstance(label, str) or label not in task.relations:
-            warnings.append(f"relation {j}: unknown label, dropped")
-            continue
-        if not (_is_int(head) and _is_int(tail)):
-            warnings.append(f"relation {j} ({label}): head/tail not integers, dropped")
-            continue
-        if not (0 <= head < len(raw_concepts) and 0 <= tail < len(raw_concepts)):
-            warnings.append(f"relation {j} ({label}): index out of range ({len(raw_concepts)} concepts), dropped")
-            continue
-        if head == tail:
-            warnings.append(f"relation {j} ({label}): self-loop, dropped")
-            continue
-        if head not in new_index or tail not in new_index:
-            warnings.append(f"relation {j} ({label}): refers to a dropped concept, dropped")
-            continue
-        h, t = new_index[head], new_index[tail]
-        head_label, tail_label = concepts[h].label, concepts[t].label
-        if not task.allows(label, head_label, tail_label):
-            warnings.append(f"relation {j} ({label}): pair {head_label} -> {tail_label} not allowed, dropped")
-            continue
-        if (label, h, t) in seen:
-            warnings.append(f"relation {j} ({label}): duplicate, dropped")
-            continue
-        seen.add((label, h, t))
-        relations.append(ParsedRelation(label=label, head=h, tail=t))
-    return ParsedAnswer(concepts=concepts, relations=relations, warnings=warnings, truncated=truncated)
+    def line(self, line_no: int, raw_line: str) -> None:
+        items = [_parse_item(part) for part in raw_line.split(ITEM_SEP.strip())]
+        if items[0] is None or items[0][0] not in self.task.concepts:
+            self.warnings.append(f"line {line_no}: no concept label at its start, dropped")
+            return
+        label, assertion, mention = items[0]
+        head = self.concept(line_no, label, assertion, mention)
+        event = label in self.anchors
+        members = [head]
+        for k, parsed in enumerate(items[1:], start=2):
+            if parsed is None:
+                self.warnings.append(f"line {line_no} item {k}: not 'Label: mention', dropped")
+                continue
+            item_label, item_assertion, item_mention = parsed
+            if item_label in self.task.concepts:
+                if not event:
+                    self.warnings.append(f"line {line_no} item {k} ({item_label}): concept after a line's first "
+                                         "item outside an event, kept without relation")
+                    self.concept(line_no, item_label, item_assertion, item_mention)
+                    continue
+                relations = self.task.argument_relations(label, item_label)
+                if not relations:
+                    self.warnings.append(f"line {line_no} item {k}: {label} takes no {item_label} argument, dropped")
+                    continue
+                arg = self.concept(line_no, item_label, item_assertion, item_mention, anchor=head)
+                members.append(arg)
+                self.relation(relations[0], head, arg)
+            elif item_label in self.references:
+                self.relation(item_label, head, " ".join(item_mention.split()))
+            else:
+                self.warnings.append(f"line {line_no} item {k}: unknown label, dropped")
+        if event:
+            self._derive(label, members)
+
+    def _derive(self, anchor_label: str, members: list[int]) -> None:
+        for d in self.task.events.derived:
+            if d.anchor is not None and d.anchor != anchor_label:
+                continue
+            heads = [i for i in members if self.concepts[i].label == d.head]
+            tails = [i for i in members if self.concepts[i].label == d.tail]
+            for h in heads:
+                for t in tails:
+                    if h != t:
+                        self.relation(d.relation, h, t)
 
 
-def _parse(raw: Any, task: Task) -> ParsedAnswer | ParseFailure:
+def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFailure:
     if raw is None:
         return ParseFailure("empty_output", "model output is empty (None)")
     if isinstance(raw, (bytes, bytearray)):
         raw = bytes(raw).decode("utf-8", "replace")
     if not isinstance(raw, str):
-        return ParseFailure("not_json", f"model output is a {type(raw).__name__}, not a string")
+        return ParseFailure("not_text", f"model output is a {type(raw).__name__}, not a string")
     if not raw.strip():
         return ParseFailure("empty_output", f"model output is empty ({len(raw)} whitespace chars)")
+    lines = [(n, line.strip()) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
+    lines = [(n, line) for n, line in lines if not line.startswith("```")]
+    builder = _Builder(task)
+    if truncated and lines:
+        lines.pop()
+        builder.warnings.append("output cut at max_tokens: its last line dropped")
+    if len(lines) == 1 and lines[0][1].lower() == NONE:
+        return ParsedAnswer([], [], builder.warnings, truncated)
+    for n, line in lines:
+        if line.lower() == NONE:
+            builder.warnings.append(f"line {n}: '{NONE}' beside other lines, ignored")
+            continue
+        builder.line(n, line)
+    if not builder.concepts and lines:
+        return ParseFailure("no_answer_lines", f"none of {len(lines)} line(s) is an answer line")
+    return ParsedAnswer(builder.concepts, builder.relations, builder.warnings, truncated)
 
-    warnings: list[str] = []
-    s = raw
-    fenced = _FENCE.match(s)
-    if fenced:
-        s = fenced.group(1)
-        warnings.append("markdown code fence removed")
-    elif s.lstrip().startswith("```"):
-        # an opening fence whose closing fence was cut off (truncated output)
-        s = s.lstrip()[3:]
-        s = s[s.find("\n") + 1 :] if "\n" in s else ""
 
+def parse_answer(raw: str | None, task: Task, truncated: bool = False) -> ParsedAnswer | ParseFailure:
+    """Parse one model output for ``task`` (``truncated``: generation hit max_tokens). Never raises."""
     try:
-        obj = json.loads(s)
-    except (json.JSONDecodeError, ValueError, RecursionError):
-        obj = None
-        start = s.find("{")
-        if start == -1:
-            return ParseFailure("not_json", f"no JSON object in output ({len(raw)} chars)")
-        if s[:start].strip():
-            warnings.append(f"{start} chars before the JSON object ignored")
-        try:
-            obj, stop = _decode_at(s, start)
-            if s[stop:].strip():
-                warnings.append(f"{len(s) - stop} chars after the JSON object ignored")
-        except _Malformed as exc:
-            return ParseFailure("not_json", f"invalid JSON: {exc.message} ({len(raw)} chars)")
-        except _Truncated:
-            try:
-                found, n_items = _salvage(s, start)
-            except _Malformed as exc:
-                return ParseFailure("not_json", f"invalid JSON before the cut: {exc.message} ({len(raw)} chars)")
-            if n_items == 0:
-                return ParseFailure("truncated_json", f"output cut off after {len(raw)} chars; nothing complete to salvage")
-            warnings.append(f"output truncated after {len(raw)} chars; salvaged {n_items} complete item(s)")
-            return _validate(found, task, warnings, truncated=True)
-    if not isinstance(obj, dict):
-        return ParseFailure("schema_violation", f"top level is a {type(obj).__name__}, not an object")
-    return _validate(obj, task, warnings, truncated=False)
-
-
-def parse_answer(raw: str | None, task: Task) -> ParsedAnswer | ParseFailure:
-    """Parse one model output for ``task``. Never raises; see the module docstring for what is dropped."""
-    try:
-        return _parse(raw, task)
+        return _parse(raw, task, truncated)
     except Exception as exc:  # defensive: a parser bug must cost one chunk, not the batch
-        return ParseFailure("not_json", f"unparseable output ({type(exc).__name__})")
+        return ParseFailure("not_text", f"unparseable output ({type(exc).__name__})")
