@@ -82,7 +82,7 @@ def cold_rows(rows: list[dict], fixed: dict) -> list[dict]:
         out.append({"row": "job cold one-shot (conf batching, all start-up costs)", "notes": job_run["notes"],
                     "wall_s": round(start + job_run["wall_s"], 2),
                     "notes_per_s": round(job_run["notes"] / (start + job_run["wall_s"]), 3)})
-    cold, rdl = _find(rows, "ray.data.llm vLLMEngineProcessor, guided JSON, cold"), fixed.get("ray.data.llm")
+    cold, rdl = _find(rows, "ray.data.llm vLLMEngineProcessor, guided, cold"), fixed.get("ray.data.llm")
     if cold and rdl:
         wall = rdl["ray_up_s"] + cold["wall_s"]
         out.append({"row": "ray.data.llm cold one-shot (Ray up + its run)", "notes": cold["notes"],
@@ -97,7 +97,7 @@ def ratios(rows: list[dict], fixed: dict) -> list[dict]:
     before = _find(rows, "job end to end, pre-tuning")
     bare = _find(rows, "bare vLLM LLM.generate (job engine args), guided")
     bare_default = _find(rows, "bare vLLM LLM.generate (default engine args), guided")
-    ray_data = _find(rows, "ray.data.llm vLLMEngineProcessor, guided JSON, steady")
+    ray_data = _find(rows, "ray.data.llm vLLMEngineProcessor, guided, steady")
     rerun = _find(rows, "job incremental rerun, unchanged corpus")
     replay_runs = [r for r in rows if r["row"].startswith("job with REPLAY engine") and not r.get("error")]
     replay_run = max(replay_runs, key=lambda r: r["notes"], default=None)
@@ -108,7 +108,7 @@ def ratios(rows: list[dict], fixed: dict) -> list[dict]:
                       and not r.get("error")), None)
     merged_pure = next((r for r in rows if "merged into the weights, ignore_eos" in r["row"] and not r.get("error")),
                        None)
-    base_guided = _find(rows, "VLLMEngine.generate, base, guided JSON on")
+    base_guided = _find(rows, "VLLMEngine.generate, base, guided on")
     lora_guided = _find(rows, "VLLMEngine.generate, LoRA")
 
     # Marginal cost between the smallest and the largest corpus of the job's scaling series: extra notes per extra
@@ -142,7 +142,7 @@ def ratios(rows: list[dict], fixed: dict) -> list[dict]:
               cold.get("ray.data.llm"), "notes/s"),
         entry("LoRA / base (pure decode, ignore_eos)", _ratio(lora_pure, base_pure, "output_tok_per_s"), 0.9, ">=",
               lora_pure, base_pure, "output tok/s"),
-        entry("LoRA / base (guided JSON, our engine)", _ratio(lora_guided, base_guided, "output_tok_per_s"), 0.9, ">=",
+        entry("LoRA / base (guided, our engine)", _ratio(lora_guided, base_guided, "output_tok_per_s"), 0.9, ">=",
               lora_guided, base_guided, "output tok/s"),
         entry("merged LoRA / base (pure decode, ignore_eos)", _ratio(merged_pure, base_pure, "output_tok_per_s"), 0.9,
               ">=", merged_pure, base_pure, "output tok/s"),

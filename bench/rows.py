@@ -5,8 +5,8 @@
 
 Every row uses the same notes (bench.corpus, seeded), the same prompts (udfs.prompts.build_messages rendered
 with the model's chat template), the same model and the same sampling (greedy, seed 0, ``--max-tokens``,
-guided JSON with the task's answer schema unless a row says otherwise). Pure-throughput rows add
-``ignore_eos`` and drop the schema so every prompt decodes exactly ``--max-tokens`` tokens.
+the job's answer grammar (``engine.guided_decoding``) unless a row says otherwise). Pure-throughput rows add
+``ignore_eos`` and drop the grammar so every prompt decodes exactly ``--max-tokens`` tokens.
 
 Before each timed pass the engine's prefix cache is emptied and one probe prompt (not in the corpus) is
 generated with max_tokens=1: every pass starts with the shared instruction prefix cached and nothing else,
@@ -51,20 +51,24 @@ def corpus_texts(args) -> list[str]:
 
 
 # ============================================================================================== vLLM passes
-def sampling_params(cfg, max_tokens: int, schema: dict | None = None, ignore_eos: bool = False):
-    """The engine's sampling (models/engine.py): greedy, seeded, compact guided JSON when a schema is given."""
+def sampling_params(cfg, max_tokens: int, guide: dict | None = None, ignore_eos: bool = False):
+    """The engine's sampling (models/engine.py): greedy, seeded, constrained by ``guide`` when given."""
     from vllm import SamplingParams
 
-    from notelake.models.engine import _dataclass_fields, _structured_output_api
+    from notelake.models.engine import _structured_output_api
 
     kwargs = {"temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": max_tokens, "ignore_eos": ignore_eos}
-    if schema is not None:
+    if guide is not None:
         params_cls, field_name = _structured_output_api()
-        so_kwargs = {"json": schema}
-        if "disable_any_whitespace" in _dataclass_fields(params_cls):
-            so_kwargs["disable_any_whitespace"] = True
-        kwargs[field_name] = params_cls(**so_kwargs)
+        kwargs[field_name] = params_cls(**guide)
     return SamplingParams(**kwargs)
+
+
+def guided_params(cfg, task, texts: list[str], max_tokens: int) -> list:
+    """Per-prompt sampling with the job's answer grammar (grounded: each prompt's own mentions)."""
+    from notelake.udfs.answer import answer_guide
+
+    return [sampling_params(cfg, max_tokens, answer_guide(task, t, cfg.guided_decoding)) for t in texts]
 
 
 def probe_first_token(llm, probe: list[int], cfg, lora=None) -> float:
@@ -100,16 +104,15 @@ def _load_vllm_engine(settings):
 def _bare_passes(args, label: str, with_ignore_eos: bool) -> tuple[list[dict], dict]:
     """Bare ``LLM.generate`` passes on an engine built with exactly the job's engine arguments."""
     from notelake.conf.task import load_task
-    from notelake.udfs.answer import answer_json_schema
-
     settings = bench_settings(args)
     task = load_task(TASK)
     engine, fixed = _load_vllm_engine(settings)
-    prompts = render_prompts(engine.tokenizer, task, corpus_texts(args))
+    texts = corpus_texts(args)
+    prompts = render_prompts(engine.tokenizer, task, texts)
     probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
     cfg = settings.engine
-    rows = [timed_llm_generate(f"bare vLLM LLM.generate ({label}), guided JSON", engine.llm, prompts, probe, cfg,
-                               sampling_params(cfg, args.max_tokens, answer_json_schema(task)))]
+    rows = [timed_llm_generate(f"bare vLLM LLM.generate ({label}), guided", engine.llm, prompts, probe, cfg,
+                               guided_params(cfg, task, texts, args.max_tokens))]
     if with_ignore_eos:
         rows.append(timed_llm_generate(f"bare vLLM LLM.generate ({label}), ignore_eos", engine.llm, prompts, probe,
                                        cfg, sampling_params(cfg, args.max_tokens, ignore_eos=True)))
@@ -138,14 +141,14 @@ def row_bare_default(args) -> dict:
 
     from notelake.conf.task import load_task
     from notelake.models.base_model import resolve_model
-    from notelake.udfs.answer import answer_json_schema
 
     settings = bench_settings(args)
     cfg = settings.engine
     task = load_task(TASK)
     model_path = str(resolve_model(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = render_prompts(tokenizer, task, corpus_texts(args))
+    texts = corpus_texts(args)
+    prompts = render_prompts(tokenizer, task, texts)
     probe = render_prompts(tokenizer, task, [PROBE_TEXT])[0]
     with PeakMemory() as mem:
         t0 = time.monotonic()
@@ -154,8 +157,8 @@ def row_bare_default(args) -> dict:
         llm = LLM(model=model_path, dtype=cfg.dtype, seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
         load_s = round(time.monotonic() - t0, 1)
     rows = [
-        timed_llm_generate("bare vLLM LLM.generate (default engine args), guided JSON", llm, prompts, probe, cfg,
-                           sampling_params(cfg, args.max_tokens, answer_json_schema(task))),
+        timed_llm_generate("bare vLLM LLM.generate (default engine args), guided", llm, prompts, probe, cfg,
+                           guided_params(cfg, task, texts, args.max_tokens)),
         timed_llm_generate("bare vLLM LLM.generate (default engine args), ignore_eos", llm, prompts, probe, cfg,
                            sampling_params(cfg, args.max_tokens, ignore_eos=True)),
     ]
@@ -164,14 +167,14 @@ def row_bare_default(args) -> dict:
 
 
 def row_lora(args) -> dict:
-    """Row 4: base model vs the shipped LoRA adapter, guided JSON on vs off, through our VLLMEngine.generate;
-    plus the pure per-token LoRA cost (bare LLM.generate, ignore_eos, no schema)."""
+    """Row 4: base model vs the shipped LoRA adapter, guided decoding on vs off, through our VLLMEngine.generate;
+    plus the pure per-token LoRA cost (bare LLM.generate, ignore_eos, unguided)."""
     from vllm.lora.request import LoRARequest
 
     from notelake.conf.task import load_task
     from notelake.models.adapters import load_adapter
     from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.answer import answer_guide
     from notelake.udfs.prompts import build_messages
 
     settings = bench_settings(args)
@@ -180,17 +183,17 @@ def row_lora(args) -> dict:
     engine, _ = _load_vllm_engine(settings)
     adapter = load_adapter(args.adapter, engine.model_sha256)  # refuses an adapter trained on another base
     texts = corpus_texts(args)
-    schema = answer_json_schema(task)
     probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
     lora = LoRARequest(adapter.name, 1, str(adapter.path))
     rows = []
-    # LoRA with guided JSON off is left out: the guided on/off difference is measured on the base model, and a
+    # LoRA with guided decoding off is left out: the guided on/off difference is measured on the base model, and a
     # LoRA pass costs ~3x a base pass on vLLM CPU.
     for guided, label, adapter_path, probe_lora in ((True, "base", "", None),
                                                     (True, f"LoRA {adapter.name}", str(adapter.path), lora),
                                                     (False, "base", "", None)):
-        name = f"VLLMEngine.generate, {label}, guided JSON {'on' if guided else 'off'}"
-        requests = [GenerationRequest(f"{i}", build_messages(task, t), json_schema=schema if guided else None,
+        name = f"VLLMEngine.generate, {label}, guided {'on' if guided else 'off'}"
+        requests = [GenerationRequest(f"{i}", build_messages(task, t),
+                                      guide=answer_guide(task, t, cfg.guided_decoding) if guided else None,
                                       max_tokens=args.max_tokens, adapter=adapter_path)
                     for i, t in enumerate(texts)]
         first_token_s = probe_first_token(engine.llm, probe, cfg, probe_lora)
@@ -201,7 +204,8 @@ def row_lora(args) -> dict:
         rows.append(row(name, notes=len(texts), wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results),
                         tokens_out=sum(r.output_tokens for r in results), peak_gib=mem.peak_gib,
                         first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok),
-                        adapter=adapter.name if adapter_path else None, guided_json=guided))
+                        adapter=adapter.name if adapter_path else None,
+                        guided=cfg.guided_decoding if guided else "off"))
     prompts = render_prompts(engine.tokenizer, task, texts)
     pure = sampling_params(cfg, args.max_tokens, ignore_eos=True)
     rows.append(timed_llm_generate("bare vLLM LLM.generate, base, ignore_eos", engine.llm, prompts, probe, cfg, pure))
@@ -217,7 +221,7 @@ def row_lora_merged(args) -> dict:
     from notelake.models.adapters import load_adapter, merged_model
     from notelake.models.base_model import model_sha256, resolve_model
     from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.answer import answer_guide
     from notelake.udfs.prompts import build_messages
 
     base = bench_settings(args)
@@ -233,17 +237,17 @@ def row_lora_merged(args) -> dict:
     texts = corpus_texts(args)
     probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
     label = f"LoRA {adapter.name} merged into the weights"
-    requests = [GenerationRequest(f"{i}", build_messages(task, t), json_schema=answer_json_schema(task),
+    requests = [GenerationRequest(f"{i}", build_messages(task, t), guide=answer_guide(task, t, cfg.guided_decoding),
                                   max_tokens=args.max_tokens) for i, t in enumerate(texts)]
     first_token_s = probe_first_token(engine.llm, probe, cfg)
     with PeakMemory() as mem:
         t0 = time.monotonic()
         results = engine.generate(requests)
         wall = time.monotonic() - t0
-    rows = [row(f"VLLMEngine.generate, {label}, guided JSON on", notes=len(texts), wall_s=wall,
+    rows = [row(f"VLLMEngine.generate, {label}, guided on", notes=len(texts), wall_s=wall,
                 tokens_in=sum(r.prompt_tokens for r in results), tokens_out=sum(r.output_tokens for r in results),
                 peak_gib=mem.peak_gib, first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok),
-                adapter=adapter.name, guided_json=True)]
+                adapter=adapter.name, guided=cfg.guided_decoding)]
     prompts = render_prompts(engine.tokenizer, task, texts)
     rows.append(timed_llm_generate(f"bare vLLM LLM.generate, {label}, ignore_eos", engine.llm, prompts, probe, cfg,
                                    sampling_params(cfg, args.max_tokens, ignore_eos=True), adapter=adapter.name))
@@ -455,23 +459,23 @@ def row_job_nospark(args) -> dict:
 
 
 def row_multi_adapter(args) -> dict:
-    """Several LoRA adapters in one batch (requests round-robin over ``--adapters``) vs one adapter, guided JSON,
+    """Several LoRA adapters in one batch (requests round-robin over ``--adapters``) vs one adapter, guided,
     through VLLMEngine.generate."""
     from notelake.conf.task import load_task
     from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.answer import answer_guide
     from notelake.udfs.prompts import build_messages
 
     settings = bench_settings(args, engine={"max_loras": max(len(args.adapters), 1)})
     task = load_task(TASK)
     engine, _ = _load_vllm_engine(settings)
     texts = corpus_texts(args)
-    schema = answer_json_schema(task)
     probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
     rows = []
     for label, adapters in ((f"one adapter ({Path(args.adapters[0]).name})", args.adapters[:1]),
                             (f"{len(args.adapters)} adapters mixed", args.adapters)):
-        requests = [GenerationRequest(f"{i}", build_messages(task, t), json_schema=schema, max_tokens=args.max_tokens,
+        requests = [GenerationRequest(f"{i}", build_messages(task, t), max_tokens=args.max_tokens,
+                                      guide=answer_guide(task, t, settings.engine.guided_decoding),
                                       adapter=str(Path(adapters[i % len(adapters)]).resolve()))
                     for i, t in enumerate(texts)]
         first_token_s = probe_first_token(engine.llm, probe, settings.engine)
@@ -479,7 +483,7 @@ def row_multi_adapter(args) -> dict:
             t0 = time.monotonic()
             results = engine.generate(requests)
             wall = time.monotonic() - t0
-        rows.append(row(f"VLLMEngine.generate, {label}, guided JSON", notes=len(texts), wall_s=wall,
+        rows.append(row(f"VLLMEngine.generate, {label}, guided", notes=len(texts), wall_s=wall,
                         tokens_in=sum(r.prompt_tokens for r in results), tokens_out=sum(r.output_tokens for r in results),
                         peak_gib=mem.peak_gib, first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok)))
     return {"rows": rows}
@@ -531,7 +535,7 @@ def row_ray_data_llm(args) -> dict:
     from notelake.conf.task import load_task
     from notelake.models.actor import ensure_ray
     from notelake.models.base_model import resolve_model
-    from notelake.udfs.answer import answer_json_schema
+    from notelake.udfs.answer import answer_guide
 
     settings = bench_settings(args)
     cfg = settings.engine
@@ -541,25 +545,26 @@ def row_ray_data_llm(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = render_prompts(tokenizer, task, texts)
     probe = render_prompts(tokenizer, task, [PROBE_TEXT])
-    name = "ray.data.llm vLLMEngineProcessor, guided JSON"
+    name = "ray.data.llm vLLMEngineProcessor, guided"
     t0 = time.monotonic()
     ensure_ray(settings.ray)
     fixed = {"ray_up_s": round(time.monotonic() - t0, 2)}
 
-    def generate(token_ids: list[list[int]]) -> list[dict]:
-        processor = _build_ray_data_processor(settings, model_path, json.dumps(answer_json_schema(task)),
-                                              args.max_tokens)
-        ds = ray.data.from_items([{"note_index": i, "tokenized_prompt": p} for i, p in enumerate(token_ids)])
+    def generate(token_ids: list[list[int]], prompt_texts: list[str]) -> list[dict]:
+        processor = _build_ray_data_processor(settings, model_path, args.max_tokens)
+        ds = ray.data.from_items([{"note_index": i, "tokenized_prompt": p,
+                                   "guide": answer_guide(task, t, cfg.guided_decoding)}
+                                  for i, (p, t) in enumerate(zip(token_ids, prompt_texts))])
         return processor(ds).select_columns(["note_index", "generated_text", "num_generated_tokens",
                                              "num_input_tokens"]).take_all()
 
     try:
         t0 = time.monotonic()
-        generate(probe)
+        generate(probe, [PROBE_TEXT])
         fixed["engine_load_and_1_note_s"] = round(time.monotonic() - t0, 2)
         with PeakMemory() as mem:
             t0 = time.monotonic()
-            outputs = generate(prompts)
+            outputs = generate(prompts, texts)
             concept_rows = _write_concepts(task, texts, outputs, Path(args.work) / "wh-ray-data-llm")
             wall = time.monotonic() - t0
     except Exception as exc:  # noqa: BLE001 - the row reports why it cannot run here
@@ -579,7 +584,7 @@ def row_ray_data_llm(args) -> dict:
     return {"rows": [warm, cold], "fixed": {"ray.data.llm": fixed}}
 
 
-def _build_ray_data_processor(settings, model_path: str, schema_json: str, max_tokens: int):
+def _build_ray_data_processor(settings, model_path: str, max_tokens: int):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     cfg = settings.engine
@@ -588,7 +593,7 @@ def _build_ray_data_processor(settings, model_path: str, schema_json: str, max_t
         engine_kwargs={"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
                        "gpu_memory_utilization": cfg.gpu_memory_utilization, "enforce_eager": cfg.enforce_eager,
                        "enable_prefix_caching": True, "seed": cfg.seed,
-                       "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}},
+                       "structured_outputs_config": {"backend": "xgrammar"}},
         batch_size=settings.ray.batch_size, concurrency=1,
         # A CPU bundle instead of the default GPU one, so the engine stage can be scheduled on a CPU-only node.
         placement_group_config={"bundles": [{"CPU": 1}]},
@@ -604,7 +609,7 @@ def _build_ray_data_processor(settings, model_path: str, schema_json: str, max_t
         config,
         preprocess=lambda r: {**r, "sampling_params": {
             "temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": max_tokens,
-            "structured_outputs": {"json": schema_json, "disable_any_whitespace": True}}},
+            "structured_outputs": r["guide"]}},
         postprocess=lambda r: r,
     )
 

@@ -6,7 +6,7 @@ write ``results.json``, ``results.md`` and ``throughput.svg`` into ``--out``:
 
 Rows (see bench/rows.py): bare vLLM with the job's engine args and with vLLM's defaults (1), the job end to
 end with the conf's batching and the pre-tuning one, and without Spark (2), ray.data.llm (3), base vs LoRA
-(served by vLLM and merged into the weights) and guided JSON on/off (4), the incremental rerun (5), scaling
+(served by vLLM and merged into the weights) and guided decoding on/off (4), the incremental rerun (5), scaling
 with the real engine and the REPLAY data plane (6), fixed costs (7).
 """
 

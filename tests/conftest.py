@@ -2,7 +2,7 @@
 
 * ``base_model_path`` -- the fetched, checksummed base model folder (fetch_base(); ~20 s the first time).
 * ``settings``        -- the Settings used by the engine tests (conf/local.yaml, engine max_model_len 2048,
-                         max_num_seqs 8, guided_json on, no default adapter).
+                         max_num_seqs 8, grounded guided decoding, no default adapter).
 * ``ray_address``     -- one local Ray (num_cpus=2) for the whole session; returns its GCS address.
 * ``engine_pool``     -- one EnginePool (one vLLM engine actor) shared by every test that needs vLLM.
 * ``tiny_adapter``    -- a tiny LoRA adapter (PEFT, r=8, random init) with its manifest, in a tmp folder.
@@ -40,7 +40,7 @@ def settings():
     from notelake.conf import load_settings
 
     return load_settings().with_overrides(
-        engine={"max_model_len": 2048, "max_num_seqs": 8, "guided_json": True, "adapter": None,
+        engine={"max_model_len": 2048, "max_num_seqs": 8, "guided_decoding": "grounded", "adapter": None,
                 "enable_lora": True, "max_lora_rank": 16, "gpu_memory_utilization": 0.15},
         ray={"num_cpus": 2, "num_actors": 1, "num_cpus_per_actor": 1},
     )

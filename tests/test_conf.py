@@ -6,7 +6,7 @@ import pytest
 
 from notelake.conf import CONF_DIR, ConfigError, Settings, load_settings
 from notelake.conf.task import load_task, shipped_tasks
-from notelake.udfs.answer import answer_json_schema
+from notelake.udfs.answer import answer_grammar
 from notelake.udfs.prompts import build_messages, prompt_version
 
 
@@ -49,15 +49,37 @@ def test_overrides_are_validated():
         load_settings().with_overrides(job={"max_error_rate": 2})
 
 
-def test_shipped_tasks_build_prompts_and_schemas():
+def test_shipped_tasks_build_prompts_and_grammars():
     assert {"phee", "maccrobat", "clinical"} <= set(shipped_tasks())
     for name in shipped_tasks():
         task = load_task(name)
-        schema = answer_json_schema(task)
-        assert schema["properties"]["concepts"]["items"]["properties"]["label"]["enum"] == sorted(task.concepts)
+        grammar = answer_grammar(task, "Aspirin caused a rash.")
+        assert all(f'"{label}"' in grammar for label in task.concepts)
+        assert '"Aspirin caused a rash"' in grammar and '"Aspirin rash"' not in grammar  # n-grams of the text
         messages = build_messages(task, "Aspirin caused a rash.")
         assert messages[-1]["content"].endswith("Aspirin caused a rash.")
-        assert prompt_version(task).startswith("t2-")
+        assert prompt_version(task).startswith("t3-")
+
+
+def test_trained_tasks_get_short_prompts_zero_shot_tasks_definitions():
+    phee, clinical = load_task("phee"), load_task("clinical")
+    system, user = build_messages(phee, "Aspirin caused a rash.")
+    assert system["content"] == "Extract phee events." and user["content"] == "Aspirin caused a rash."
+    zero_shot = build_messages(clinical, "Aspirin caused a rash.")[-1]["content"]
+    assert all(definition in zero_shot for definition in clinical.concepts.values())
+    assert "treats" in zero_shot and "| RELATION: tail mention" in zero_shot
+
+
+@pytest.mark.parametrize("events, expected", [
+    ("events: {anchors: [nope]}\n", "not a concept label"),
+    ("events: {anchors: [trig], derived: [{relation: nope, head: drug, tail: effect}]}\n", "not a relation label"),
+])
+def test_event_specs_are_validated(tmp_path, events, expected):
+    path = tmp_path / "ev.yaml"
+    path.write_text("description: x\nkind: cre\nconcepts: {trig: t, drug: d, effect: e}\n"
+                    "relations:\n  drug: {definition: d, pairs: [[trig, drug]]}\n" + events)
+    with pytest.raises(ConfigError, match=expected):
+        load_task(path)
 
 
 def test_new_label_set_is_a_yaml_file_only(tmp_path):

@@ -6,7 +6,6 @@ is a few short prompts. Pool mechanics (ordering across batches, a dying actor) 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -16,7 +15,8 @@ import ray
 from notelake.conf.task import load_task
 from notelake.models.actor import ENGINE_UNAVAILABLE, EnginePool, actor_names, engine_config_hash
 from notelake.models.engine import GenerationRequest, GenerationResult
-from notelake.udfs.answer import answer_json_schema
+from notelake.udfs.answer import answer_guide, mention_ngrams
+from notelake.udfs.parsing import ParsedAnswer, parse_answer
 from notelake.udfs.prompts import build_messages
 
 PHEE_TEXT = "A 54-year-old woman developed severe hepatotoxicity after starting isoniazid for latent tuberculosis."
@@ -45,30 +45,27 @@ def test_sensible_text(engine_pool):
     assert res.finish_reason == "stop"
 
 
-def test_guided_json_matches_schema(engine_pool):
-    jsonschema = pytest.importorskip("jsonschema")
-    task = load_task("phee")
-    schema = answer_json_schema(task)
-    # The untrained base model lists concepts/relations until max_tokens; cap the lists so the answer completes.
-    capped = copy.deepcopy(schema)
-    for key in ("concepts", "relations"):
-        if key in capped["properties"]:
-            capped["properties"][key]["maxItems"] = 3
-    req = GenerationRequest("j1", build_messages(task, PHEE_TEXT), json_schema=capped, max_tokens=200)
+@pytest.mark.parametrize("task_name", ["phee", "maccrobat"])
+def test_grounded_grammar_admits_only_task_labels_and_text_mentions(engine_pool, task_name):
+    """The base model knows neither the labels nor the format: whatever it writes under the grounded grammar is
+    answer-format lines of the task's labels whose every mention is a word n-gram of the text."""
+    task = load_task(task_name)
+    req = GenerationRequest("g1", build_messages(task, PHEE_TEXT), guide=answer_guide(task, PHEE_TEXT, "grounded"),
+                            max_tokens=48)
     (res,) = engine_pool.generate([req])
-    assert res.error is None
-    assert res.finish_reason == "stop", f"answer truncated after {res.output_tokens} tokens"
-    answer = json.loads(res.text)
-    jsonschema.validate(answer, schema)
-    assert all(c["label"] in task.concepts for c in answer["concepts"])
-    assert "\n" not in res.text and ": " not in res.text.replace('": "', '"')  # compact: free whitespace off
+    assert res.error is None and res.text
+    parsed = parse_answer(res.text, task, truncated=res.finish_reason == "length")
+    assert isinstance(parsed, ParsedAnswer) and parsed.warnings in ([], ["output cut at max_tokens: its last line dropped"])
+    allowed = set(mention_ngrams(PHEE_TEXT))
+    assert parsed.concepts or res.text.strip() == "none" or res.finish_reason == "length"
+    assert all(c.label in task.concepts and c.text in allowed for c in parsed.concepts)
 
 
 def test_bad_items_are_isolated(engine_pool):
     reqs = [
         GenerationRequest("ok-1", _user("What is the capital of France?"), max_tokens=16),
         GenerationRequest("too-long", _user("note " * 5000), max_tokens=16),
-        GenerationRequest("bad-schema", _user("Answer in JSON."), json_schema={"type": "no-such-type"}, max_tokens=8),
+        GenerationRequest("bad-schema", _user("Answer."), guide={"grammar": "root ::= ( no such rule"}, max_tokens=8),
         GenerationRequest("ok-2", _user("Say hello."), max_tokens=8),
     ]
     out = engine_pool.generate(reqs)
@@ -203,7 +200,7 @@ def test_hf_engine_fallback(settings, tiny_adapter, base_model_sha):
     (again,) = engine.generate([GenerationRequest("again", messages, max_tokens=12, adapter="")])
     assert again.text == base.text  # adapter switched off again for the base model
     desc = engine.describe()
-    assert desc["backend"] == "hf" and desc["model_sha256"] == base_model_sha and desc["guided_json"] is False
+    assert desc["backend"] == "hf" and desc["model_sha256"] == base_model_sha and desc["guided_decoding"] == "off"
     assert engine.count_tokens("hello world") > 0
 
 

@@ -160,7 +160,7 @@ def test_markdown_report_renders_without_text():
     report = {"task": "phee", "gold": "g.jsonl", "run_id": "r", "label": "x",
               "slice": {"n_notes": 1, "seed": 0, "limit": 1, "n_gold_concepts": 1, "sha256": "0" * 64},
               "model": {"name": "m", "sha256": "1" * 64}, "adapter": None,
-              "engine": {"backend": "vllm", "dtype": "float32", "greedy": True, "guided_json": True, "max_tokens": 8},
+              "engine": {"backend": "vllm", "dtype": "float32", "greedy": True, "guided_decoding": "grounded", "max_tokens": 8},
               "scores": s}
     md = markdown_report(report, [report])
     assert "| CCE lenient |" in md and "| Drug |" in md and "Runs compared" in md

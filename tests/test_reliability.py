@@ -124,7 +124,7 @@ def test_unguided_output_that_is_not_json_becomes_error_rows(tmp_path, spark, en
     notes = sample_notes(2)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
-    cfg = job_settings(settings).with_overrides(engine={"guided_json": False, "max_tokens": 24})
+    cfg = job_settings(settings).with_overrides(engine={"guided_decoding": "off", "max_tokens": 24})
     assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # max_error_rate 1.0 here
     ledger = table(out, "ledger").to_pylist()
     assert sorted(r["note_id"] for r in ledger) == sorted(n["note_id"] for n in notes)

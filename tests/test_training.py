@@ -110,11 +110,12 @@ def test_loss_mask_covers_only_the_answer(base_model_path):
 
     tok = AutoTokenizer.from_pretrained(base_model_path)
     task = load_task("phee")
-    ids, labels = encode_example(tok, task, "Lithium caused tremor.", {"concepts": [], "relations": []})
+    answer_text = "ADE_trigger: caused | Drug: Lithium | Effect: tremor"
+    ids, labels = encode_example(tok, task, "Lithium caused tremor.", answer_text)
     answer = [t for t in labels if t != -100]
-    assert 0 < len(answer) < 20 and len(ids) > 300  # the whole t2 instruction (~290 tokens) is in the prompt
+    assert 0 < len(answer) < 30 and len(ids) < 60  # trained-task prompt: "Extract phee events." + the text
     assert labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
-    assert '{"concepts":[],"relations":[]}' in tok.decode(answer)
+    assert answer_text in tok.decode(answer)
 
 
 def test_chunked_examples_and_fingerprint(toy, tmp_path, base_model_path):
