@@ -78,9 +78,6 @@ class RayConfig(_Strict):
 class SparkConfig(_Strict):
     master: str = Field("local[2]", description="Spark master URL")
     shuffle_partitions: int = Field(4, ge=1, description="spark.sql.shuffle.partitions")
-    delta_writer: Literal["deltalake", "delta-spark"] = Field(
-        "deltalake", description="deltalake (delta-rs, embedded) or delta-spark (cluster, needs --packages)"
-    )
     arrow_batch_size: int = Field(64, ge=1, description="notes per Arrow batch handed to Ray")
     extra: dict[str, str] = Field(default_factory=dict, description="extra spark.* settings")
 
@@ -102,7 +99,12 @@ class InputConfig(_Strict):
 class JobConfig(_Strict):
     task: str = Field("phee", description="task name (conf/tasks/<name>.yaml) or a task YAML path")
     round_notes: int = Field(2000, ge=1, description="notes extracted and committed per round (bounds memory, limits rework)")
-    max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when failed/selected exceeds this")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when (newly failed + newly rejected) / "
+                                                                "(selected + newly rejected) exceeds this")
+    max_attempts: int = Field(3, ge=1, description="extraction attempts per note text and fingerprint; a note that "
+                                                   "failed this often is reported as given up, not retried")
+    note_buckets: int = Field(64, ge=1, le=4096, description="hash buckets of note ids partitioning the output "
+                                                             "tables (with task); fixed when an output is created")
     chunk_overlap_chars: int = Field(200, ge=0, description="overlap between chunks of a long note")
     log_phi: bool = Field(False, description="debug only: full tracebacks (which may quote note text) in logs; "
                                              "warns at start. Off: logs carry ids, counts, types and rates only")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,16 +41,17 @@ import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from notelake.conf import ConfigError, Settings, load_settings
 from notelake.conf.task import Task, load_task
+from notelake.jobs.stage import RunContext, read_staged, transform
+from notelake.jobs.warehouse import OutputLayoutError
 from notelake.udfs import schemas
 from notelake.udfs.hashing import fingerprint as extraction_fingerprint
 from notelake.udfs.parsing import PARSER_VERSION
@@ -69,24 +71,6 @@ SUMMARY_DDL = ", ".join(f"{f.name} {'string' if f.type == pa.string() else 'int'
 
 class InputError(ValueError):
     """The input table cannot be used (missing column, unreadable path): raised before any work starts."""
-
-
-# ---------------------------------------------------------------------------------------------- run context
-@dataclass(frozen=True)
-class RunContext:
-    """Everything the executors need, picklable (no Spark or Ray objects)."""
-
-    run_id: str
-    task_def: dict
-    settings: dict
-    gcs_address: str | None
-    staging_dir: str
-    passthrough: tuple[str, ...]
-    lineage: dict = field(default_factory=dict)
-
-    @property
-    def task(self) -> Task:
-        return Task.model_validate(self.task_def)
 
 
 def git_sha() -> str | None:
@@ -118,7 +102,7 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
         "spark.sql.session.timeZone": "UTC",
         "spark.python.worker.reuse": "true",
         "spark.ui.showConsoleProgress": "false",
-        # files Spark itself writes (delta-spark writer, local dirs) get the same restrictive umask as ours
+        # files Spark itself writes (staged rejections and rounds, local dirs) get the same restrictive umask
         "spark.hadoop.fs.permissions.umask-mode": settings.job.umask[-3:],
         **settings.spark.extra,
     }
@@ -155,8 +139,6 @@ def read_notes(spark, source: str, settings: Settings):
     if fmt == "jsonl":
         return spark.read.json(source)
     if fmt == "delta":
-        if settings.spark.delta_writer == "delta-spark":
-            return spark.read.format("delta").load(source)
         notes = read_snapshot_spark(spark, source)
         if notes is None:
             raise InputError(f"Delta table {source} has no data files")
@@ -165,12 +147,13 @@ def read_notes(spark, source: str, settings: Settings):
 
 
 # ---------------------------------------------------------------------------------------------- extract
-def extract(spark, settings: Settings, source: str, since: datetime | None = None):
+def extract(spark, settings: Settings, source: str, since: datetime | None = None, retry=None):
     """Read and validate the note table. Returns (valid notes, rejected rows, passthrough column names).
 
     valid: note_id, text, text_sha256, passthrough...; rejected: note_id, text_sha256, error_type, message; both
     also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only rows updated after it
-    (and rows whose updated_at is null: they cannot be placed before the watermark).
+    (and rows whose updated_at is null: they cannot be placed before the watermark), plus the notes of ``retry``
+    (a note_id DataFrame: failed notes to attempt again, wherever the watermark is).
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -189,7 +172,12 @@ def extract(spark, settings: Settings, source: str, since: datetime | None = Non
             raise InputError(f"input lacks the watermark column {cfg.updated_at_column!r}")
         updated = F.col(cfg.updated_at_column).cast("timestamp")
         if since is not None:
-            df = df.where(updated.isNull() | (updated > F.lit(since)))
+            keep = updated.isNull() | (updated > F.lit(since))
+            if retry is not None:
+                flagged = retry.select(F.col("note_id").alias("_retry_id"), F.lit(True).alias("_retry"))
+                df = df.join(flagged, F.col(cfg.note_id_column).cast("string") == F.col("_retry_id"), "left")
+                keep = keep | F.col("_retry").isNotNull()
+            df = df.where(keep)
         watermark = [updated.alias(WATERMARK)]
 
     text_type = df.schema[cfg.text_column].dataType
@@ -239,22 +227,98 @@ def extract(spark, settings: Settings, source: str, since: datetime | None = Non
     return valid, rejected, passthrough
 
 
-def done_notes(spark, ledger_path: str, fingerprint: str, full_refresh: bool = False):
-    """(note_id, text_sha256) already extracted under ``fingerprint``, or None (no ledger yet, or full refresh)."""
+def ledger_state(spark, warehouse, task: str):
+    """The ledger's current row per note of ``task`` (Spark), or None before the first run."""
     from pyspark.sql import functions as F
 
     from notelake.jobs.warehouse import read_snapshot_spark
 
-    ledger = None if full_refresh else read_snapshot_spark(spark, ledger_path)
+    ledger = read_snapshot_spark(spark, warehouse.path("ledger"))
     if ledger is None:
         return None
-    return ledger.where(F.col("fingerprint") == fingerprint).select("note_id", "text_sha256").distinct()
+    return ledger.where(F.col("task") == task).select(
+        "note_id", *[F.col(c).alias(f"l_{c}") for c in
+                     ("note_bucket", "text_sha256", "fingerprint", "passthrough_sha256", "status", "attempts",
+                      "has_output")])
 
 
-def select(valid, done, limit: int | None = None):
-    """Notes whose (note_id, text sha256) is not in ``done``; ``limit`` caps the count."""
-    valid = valid.drop(WATERMARK)
-    selected = valid if done is None else valid.join(done, ["note_id", "text_sha256"], "left_anti")
+def plan(valid, state, fingerprint: str, max_attempts: int, buckets: int, passthrough: tuple[str, ...],
+         full_refresh: bool = False):
+    """Each valid note with what this run does with it (``action``) and how:
+
+    * ``extract``: new, its text or the extraction fingerprint changed, or a full refresh;
+    * ``retry``: its last attempt on this text and fingerprint failed and fewer than ``max_attempts`` were made;
+    * ``given_up``: failed ``max_attempts`` times on this text and fingerprint (reported, not selected);
+    * ``refresh``: extracted, but its pass-through columns changed (the rows are updated, the model not called);
+    * ``unchanged``.
+    """
+    from pyspark.sql import functions as F
+
+    planned = valid.withColumn("note_bucket", note_bucket_col(buckets)) \
+        .withColumn("passthrough_sha256", passthrough_hash_col(passthrough))
+    if state is None:
+        return planned.select("*", F.lit("extract").alias("action"), F.lit(1).alias("attempt"),
+                              F.lit(False).alias("has_output"), F.lit(False).alias("in_ledger"))
+    joined = planned.join(state, "note_id", "left")
+    same = (F.col("l_text_sha256") == F.col("text_sha256")) & (F.col("l_fingerprint") == F.lit(fingerprint))
+    failed = same & (F.col("l_status") == "failed")
+    action = (F.when(F.lit(full_refresh) | F.col("l_status").isNull(), "extract")
+              .when(~same | (F.col("l_status") == "rejected"), "extract")
+              .when(failed & (F.col("l_attempts") < max_attempts), "retry")
+              .when(failed, "given_up")
+              .when(~F.col("l_passthrough_sha256").eqNullSafe(F.col("passthrough_sha256")), "refresh")
+              .otherwise("unchanged"))
+    attempt = F.when(failed & ~F.lit(full_refresh), F.col("l_attempts") + 1).otherwise(1)
+    return joined.select(
+        *planned.columns, action.alias("action"), attempt.cast("int").alias("attempt"),
+        F.coalesce(F.col("l_has_output"), F.lit(False)).alias("has_output"),
+        F.col("l_status").isNotNull().alias("in_ledger"))
+
+
+def note_bucket_col(buckets: int):
+    """Spark twin of :func:`notelake.udfs.hashing.note_bucket`."""
+    from pyspark.sql import functions as F
+
+    return F.pmod(F.conv(F.substring(F.sha2(F.col("note_id"), 256), 1, 8), 16, 10).cast("long"),
+                  F.lit(buckets)).cast("int")
+
+
+def passthrough_hash_col(passthrough: tuple[str, ...]):
+    """sha256 of the note's pass-through values (null without pass-through columns)."""
+    from pyspark.sql import functions as F
+
+    if not passthrough:
+        return F.lit(None).cast("string")
+    return F.sha2(F.to_json(F.struct(*[F.col(c) for c in passthrough])), 256)
+
+
+def classify_rejected(rejected, state, input_errors, buckets: int):
+    """Rejected rows marked ``is_new`` (no earlier error row for this note id, text sha256 and reason: a rejection
+    is recorded once) and ``has_output`` (the note had rows, which must go: a rejected note is not in cohorts)."""
+    from pyspark.sql import functions as F
+
+    marked = rejected.withColumn("note_bucket", note_bucket_col(buckets))
+    if input_errors is None:
+        marked = marked.withColumn("is_new", F.lit(True))
+    else:
+        seen = input_errors.select(F.col("note_id").alias("e_note_id"), F.col("text_sha256").alias("e_sha"),
+                                   F.col("error_type").alias("e_type")).distinct()
+        cond = (marked["note_id"].eqNullSafe(seen["e_note_id"]) & marked["text_sha256"].eqNullSafe(seen["e_sha"])
+                & (marked["error_type"] == seen["e_type"]))
+        marked = marked.join(seen, cond, "left").select(*marked.columns, F.col("e_type").isNull().alias("is_new"))
+    if state is None:
+        return marked.select("*", F.lit(False).alias("has_output"), F.lit(False).alias("in_ledger"),
+                             F.lit(None).cast("string").alias("l_status"))
+    return marked.join(state.select("note_id", "l_has_output", "l_status"), "note_id", "left").select(
+        *marked.columns, F.coalesce(F.col("l_has_output"), F.lit(False)).alias("has_output"),
+        F.col("l_status").isNotNull().alias("in_ledger"), "l_status")
+
+
+def select(planned, limit: int | None = None):
+    """Notes to extract this run (new, changed or retried); ``limit`` caps the count."""
+    from pyspark.sql import functions as F
+
+    selected = planned.where(F.col("action").isin("extract", "retry")).drop(WATERMARK)
     if limit is not None:
         selected = selected.orderBy("note_id").limit(limit)
     return selected
@@ -263,56 +327,51 @@ def select(valid, done, limit: int | None = None):
 @dataclass(frozen=True)
 class InputSummary:
     valid: int
-    new: int
-    rejected_rows: list  # ids, hashes and reasons only: never text
+    actions: dict[str, int]  # notes per plan() action
+    rejected: int  # rejected rows not recorded before (the error rate counts these)
+    rejected_known: int  # rejected rows recorded on an earlier run (no new error row)
+    stale: int  # rejected notes that still have rows from an earlier extraction
     watermark: datetime | None = None  # the latest updated_at read (input.updated_at_column)
 
+    @property
+    def new(self) -> int:
+        return self.actions.get("extract", 0) + self.actions.get("retry", 0)
 
-def summarize_input(valid, rejected, done) -> InputSummary:
-    """Valid and new (not in ``done``) note counts plus the rejected rows, in one Spark action: every separate
-    count or collect re-reads the input and re-runs the duplicate-id shuffle."""
+
+def summarize_input(planned, rejected) -> InputSummary:
+    """Note counts per action and rejection counts in one Spark action (each separate count would re-read the
+    input and re-run the duplicate-id shuffle). Nothing but counts reaches the driver."""
     from pyspark.sql import functions as F
 
     def updated_at(frame):
         return F.col(WATERMARK) if WATERMARK in frame.columns else F.lit(None).cast("timestamp")
 
-    marked = valid.select("note_id", "text_sha256", updated_at(valid).alias("updated_at"))
-    if done is None:
-        marked = marked.withColumn("is_new", F.lit(True))
-    else:
-        marked = marked.join(done.withColumn("is_done", F.lit(True)), ["note_id", "text_sha256"], "left") \
-            .select("note_id", "text_sha256", "updated_at", F.col("is_done").isNull().alias("is_new"))
-    none = F.lit(None).cast("string")
-    rows = marked.select("note_id", "text_sha256", none.alias("error_type"), none.alias("message"), "updated_at",
-                         F.lit(True).alias("is_valid"), "is_new").unionByName(
-        rejected.select("note_id", "text_sha256", "error_type", "message", updated_at(rejected).alias("updated_at"),
-                        F.lit(False).alias("is_valid"), F.lit(False).alias("is_new")))
-    totals = rows.agg(
-        F.sum(F.col("is_valid").cast("long")).alias("valid"),
-        F.sum(F.col("is_new").cast("long")).alias("new"),
-        F.collect_list(F.when(~F.col("is_valid"), F.struct("note_id", "text_sha256", "error_type", "message")))
-        .alias("rejected"),
-        F.max("updated_at").alias("watermark"),
-    ).collect()[0]
-    latest = totals["watermark"]  # naive, in the session time zone: UTC (start_spark)
-    return InputSummary(valid=int(totals["valid"] or 0), new=int(totals["new"] or 0),
-                        rejected_rows=list(totals["rejected"]),
+    rows = planned.select(F.col("action").alias("kind"), updated_at(planned).alias("updated_at")).unionByName(
+        rejected.select(F.when(F.col("is_new"), "rejected").otherwise("rejected_known").alias("kind"),
+                        updated_at(rejected).alias("updated_at")))
+    stale = rejected.where(F.col("has_output") & (F.col("note_id").isNotNull())).select("note_id").distinct() \
+        .select(F.lit("stale").alias("kind"), F.lit(None).cast("timestamp").alias("updated_at"))
+    totals = rows.unionByName(stale).groupBy("kind").agg(F.count(F.lit(1)).alias("n"),
+                                                        F.max("updated_at").alias("latest")).collect()
+    counts = {r["kind"]: int(r["n"]) for r in totals}
+    latest = max((r["latest"] for r in totals if r["latest"] is not None and r["kind"] != "stale"), default=None)
+    actions = {k: counts.get(k, 0) for k in ("extract", "retry", "given_up", "refresh", "unchanged")}
+    return InputSummary(valid=sum(actions.values()), actions=actions, rejected=counts.get("rejected", 0),
+                        rejected_known=counts.get("rejected_known", 0), stale=counts.get("stale", 0),
+                        # naive, in the session time zone: UTC (start_spark)
                         watermark=latest.replace(tzinfo=timezone.utc) if latest else None)
 
 
-def source_deletes(spark, settings: Settings, source: str, ledger_path: str, task: str) -> list[str]:
-    """Ids in the ledger for ``task`` that the input no longer holds (one scan of the input's id column)."""
+def source_deletes(spark, settings: Settings, source: str, state) -> dict[str, int]:
+    """{note_id: note_bucket} of the ledger's notes that the input no longer holds (one scan of its id column)."""
     from pyspark.sql import functions as F
 
-    from notelake.jobs.warehouse import read_snapshot_spark
-
-    ledger = read_snapshot_spark(spark, ledger_path)
-    if ledger is None:
-        return []
+    if state is None:
+        return {}
     present = read_notes(spark, source, settings).select(
         F.col(settings.input.note_id_column).cast("string").alias("note_id")).where(F.col("note_id").isNotNull())
-    known = ledger.where(F.col("task") == task).select("note_id").distinct()
-    return sorted(r["note_id"] for r in known.join(present.distinct(), "note_id", "left_anti").collect())
+    gone = state.select("note_id", "l_note_bucket").join(present.distinct(), "note_id", "left_anti")
+    return {r["note_id"]: r["l_note_bucket"] for r in gone.collect()}
 
 
 def previous_runs(warehouse, task: str, fingerprint: str) -> list[dict]:
@@ -336,123 +395,102 @@ def estimate_seconds(runs: list[dict], notes: int) -> float | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- transform
-_POOLS: dict = {}
-
-
-def _executor_pool(ctx: RunContext):
-    """One Ray connection and actor-pool handle per Python worker process (workers are reused)."""
-    from notelake.models.actor import EnginePool
-
-    key = (ctx.gcs_address, json.dumps(ctx.settings["engine"], sort_keys=True))
-    if key not in _POOLS:
-        _POOLS[key] = EnginePool.connect(ctx.gcs_address, Settings.model_validate(ctx.settings))
-    return _POOLS[key]
-
-
-def _write_staged(ctx: RunContext, table: str, rows: list[dict], schema: pa.Schema) -> None:
-    if not rows:
-        return
-    out = Path(ctx.staging_dir) / table
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(schemas.rows_to_table(rows, schema), out / f"part-{uuid.uuid4().hex}.parquet")
-
-
-def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool) -> pa.RecordBatch:
-    """Chunk, prompt, generate, parse and ground one Arrow batch of notes; stage rows; return per-note counts."""
-    from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_guide
-    from notelake.udfs.assemble import assemble_note
-    from notelake.udfs.chunking import chunk_text
-    from notelake.udfs.prompts import build_messages
-
-    engine_cfg = ctx.settings["engine"]
-    job_cfg = ctx.settings["job"]
-    max_tokens = engine_cfg.get("max_tokens") or task.max_tokens
-    guided = engine_cfg.get("guided_decoding", "grounded")
-    notes = batch.to_pylist()
-    chunked = [chunk_text(n["text"], task.max_chunk_chars, job_cfg["chunk_overlap_chars"]) for n in notes]
-    requests = [
-        GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
-                          guide=answer_guide(task, c.text, guided), max_tokens=max_tokens)
-        for i, chunks in enumerate(chunked) for c in chunks
-    ]
-    results = iter(pool.generate(requests))
-
-    passthrough_schema = pa.schema([batch.schema.field(c) for c in ctx.passthrough])
-    concept_rows, relation_rows, error_rows, ledger_rows, summaries = [], [], [], [], []
-    for note, chunks in zip(notes, chunked):
-        outs = [next(results) for _ in chunks]
-        lineage = {**ctx.lineage, "text_sha256": note["text_sha256"], "extracted_at": now_utc()}
-        result = assemble_note(
-            note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
-            outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
-            truncated=[o.finish_reason == "length" for o in outs], lineage=lineage,
-            passthrough={c: note[c] for c in ctx.passthrough},
-        )
-        status = "failed" if result.errors else "succeeded"
-        concept_rows += result.concepts
-        relation_rows += result.relations
-        error_rows += result.errors
-        ledger_rows.append({
-            "note_id": note["note_id"], "task": task.name, "text_sha256": note["text_sha256"],
-            "fingerprint": ctx.lineage["fingerprint"], "run_id": ctx.run_id, "status": status,
-            "n_chunks": len(chunks), "n_concepts": len(result.concepts), "n_relations": len(result.relations),
-            "processed_at": now_utc(),
-        })
-        summaries.append({
-            "note_id": note["note_id"], "status": status, "n_chunks": len(chunks),
-            "n_concepts": len(result.concepts), "n_relations": len(result.relations), "n_errors": len(result.errors),
-            "tokens_in": sum(o.prompt_tokens for o in outs), "tokens_out": sum(o.output_tokens for o in outs),
-        })
-    _write_staged(ctx, "concepts", concept_rows, schemas.concepts_schema(passthrough_schema))
-    _write_staged(ctx, "relations", relation_rows, schemas.relations_schema(passthrough_schema))
-    _write_staged(ctx, "errors", error_rows, schemas.ERRORS_SCHEMA)
-    _write_staged(ctx, "ledger", ledger_rows, schemas.LEDGER_SCHEMA)
-    return pa.RecordBatch.from_pylist(summaries, schema=SUMMARY_SCHEMA)
-
-
-def transform(selected, ctx: RunContext, partitions: int):
-    """Lazy per-note summaries; staging files are written as a side effect when an action runs."""
-
-    def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        os.umask(int(ctx.settings["job"]["umask"], 8))  # staged Parquet holds PHI: same modes as the tables
-        task = ctx.task
-        pool = None
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            pool = pool or _executor_pool(ctx)
-            yield extract_batch(batch, ctx, task, pool)
-
-    return selected.repartition(partitions).mapInArrow(run_partition, SUMMARY_DDL)
-
-
 # ---------------------------------------------------------------------------------------------- load
-def _staged_table(staging: Path, table: str, schema: pa.Schema) -> pa.Table:
-    from notelake.jobs.warehouse import read_staged
+def _read_spark_staged(path: str) -> pa.Table | None:
+    """Parquet written by a Spark action (its commit protocol keeps exactly one copy of each task's output)."""
+    import pyarrow.dataset as ds
 
-    staged = read_staged(str(staging / table))
-    return schema.empty_table() if staged is None else staged.cast(schema)
-
-
-def load(warehouse, staging: Path, task: Task, note_ids: list[str], passthrough_schema: pa.Schema) -> None:
-    """Commit one round: concepts and relations replaced per note, errors appended, ledger last."""
-    staged = {
-        "concepts": _staged_table(staging, "concepts", schemas.concepts_schema(passthrough_schema)),
-        "relations": _staged_table(staging, "relations", schemas.relations_schema(passthrough_schema)),
-        "errors": _staged_table(staging, "errors", schemas.ERRORS_SCHEMA),
-        "ledger": _staged_table(staging, "ledger", schemas.LEDGER_SCHEMA),
-    }
-    warehouse.commit_round(staged, task.name, note_ids)
+    if not Path(path).exists():
+        return None
+    table = ds.dataset(path, format="parquet").to_table()
+    return table if table.num_rows else None
 
 
-def rejected_error_rows(rejected_rows: list, run_id: str, task: Task) -> list[dict]:
-    return [
-        schemas.error_row(run_id=run_id, task=task.name, stage="input", error_type=r["error_type"],
-                          message=r["message"], note_id=r["note_id"], text_sha256=r["text_sha256"])
-        for r in rejected_rows
-    ]
+def load_rejections(rejected, warehouse, staging: Path, ctx: RunContext, task: Task) -> int:
+    """Commit what the input rejected: new error rows (once per note id, text sha256 and reason), the removal of
+    rows a now-rejected note still had, and its ledger row (last). Written by Spark, read back as files: the
+    rejected rows are never gathered on the driver. Returns the notes whose stale rows were removed."""
+    from pyspark.sql import functions as F
+
+    now = now_utc()
+    new = rejected.where(F.col("is_new")).select(
+        "note_id", "text_sha256", "error_type", "message", F.lit("input").alias("stage"))
+    new.write.mode("overwrite").parquet(str(staging / "input_errors"))
+    errors = _read_spark_staged(str(staging / "input_errors"))
+    if errors is not None:
+        n = errors.num_rows
+        errors = errors.append_column("run_id", pa.array([ctx.run_id] * n, pa.string())) \
+            .append_column("task", pa.array([task.name] * n, pa.string())) \
+            .append_column("chunk_index", pa.nulls(n, pa.int32())) \
+            .append_column("attempt", pa.array([1] * n, pa.int32())) \
+            .append_column("created_at", pa.array([now] * n, schemas.TIMESTAMP))
+        warehouse.append("errors", errors.select(schemas.ERRORS_SCHEMA.names).cast(schemas.ERRORS_SCHEMA))
+
+    changed = rejected.where(F.col("note_id").isNotNull() & (
+        F.col("is_new") | F.col("l_status").isNull() | (F.col("l_status") != "rejected")))
+    changed.groupBy("note_id", "note_bucket").agg(
+        F.min(F.coalesce("text_sha256", F.lit(""))).alias("text_sha256"), F.min("error_type").alias("error_type"),
+        F.max("has_output").alias("had_output"), F.max("in_ledger").alias("in_ledger"),
+    ).write.mode("overwrite").parquet(str(staging / "input_ledger"))
+    staged = _read_spark_staged(str(staging / "input_ledger"))
+    if staged is None:
+        return 0
+    rows = staged.to_pylist()
+    stale = {r["note_id"]: r["note_bucket"] for r in rows if r["had_output"]}
+    if stale:
+        warehouse.delete_notes(task.name, stale, tables=("concepts", "relations"))
+    ledger = schemas.rows_to_table([{
+        "note_id": r["note_id"], "task": task.name, "note_bucket": r["note_bucket"], "text_sha256": r["text_sha256"],
+        "fingerprint": ctx.lineage["fingerprint"], "passthrough_sha256": None, "run_id": ctx.run_id,
+        "status": "rejected", "attempts": 0, "has_output": False, "error_type": r["error_type"], "n_chunks": 0,
+        "n_concepts": 0, "n_relations": 0, "n_warnings": 0, "n_ungrounded": 0, "n_dropped_relations": 0,
+        "n_truncated_chunks": 0, "processed_at": now} for r in rows], schemas.LEDGER_SCHEMA)
+    known = [r["note_id"] for r in rows if r["in_ledger"]]
+    warehouse.commit_ledger(ledger, task.name, known, {r["note_bucket"] for r in rows})
+    return len(stale)
+
+
+def load_refresh(planned, warehouse, staging: Path, task: Task, passthrough: tuple[str, ...]) -> int:
+    """Update the pass-through columns (patient_id after an MRN merge, note_type, ...) on the rows of notes whose
+    text and extraction are unchanged: no model call. Returns the notes refreshed."""
+    from pyspark.sql import functions as F
+
+    planned.where(F.col("action") == "refresh").select(
+        "note_id", "note_bucket", "passthrough_sha256", *passthrough).write.mode("overwrite") \
+        .parquet(str(staging / "refresh"))
+    staged = _read_spark_staged(str(staging / "refresh"))
+    if staged is None:
+        return 0
+    buckets = set(staged["note_bucket"].to_pylist())
+    for table in ("concepts", "relations"):
+        warehouse.update_columns(table, staged.select(["note_id", *passthrough]), task.name, buckets,
+                                 list(passthrough))
+    warehouse.update_columns("ledger", staged.select(["note_id", "passthrough_sha256"]), task.name, buckets,
+                             ["passthrough_sha256"])
+    return staged.num_rows
+
+
+def load_round(warehouse, staging_dir: str, task: Task, summary: list[dict], passthrough_schema: pa.Schema) -> None:
+    """Commit one round from the files of the Spark task attempts in ``summary`` (those whose results Spark
+    kept): succeeded notes' rows replace their old ones (appended for notes without rows yet), failed notes keep
+    theirs, errors are appended, the ledger goes last."""
+    tags = {r["attempt_tag"] for r in summary}
+    table_schemas = {"concepts": schemas.concepts_schema(passthrough_schema),
+                     "relations": schemas.relations_schema(passthrough_schema),
+                     "errors": schemas.ERRORS_SCHEMA, "ledger": schemas.LEDGER_SCHEMA}
+    staged, ignored = {}, 0
+    for name, schema in table_schemas.items():
+        staged[name], n = read_staged(staging_dir, name, tags, schema)
+        ignored += n
+    if ignored:
+        log.warning("ignored %d staged file(s) of Spark task attempts that did not finish (retried elsewhere)",
+                    ignored)
+    ok = [r for r in summary if r["status"] == "succeeded"]
+    warehouse.commit_round(
+        staged, task.name, replaced=[r["note_id"] for r in ok if r["has_output_before"]],
+        first=[r["note_id"] for r in ok if not r["has_output_before"]],
+        ledger_known=[r["note_id"] for r in summary if r["in_ledger"]],
+        buckets={r["note_bucket"] for r in summary})
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -466,18 +504,23 @@ class RunStats:
     tokens_in: int = 0
     tokens_out: int = 0
     deleted: int = 0
+    retried: int = 0
+    given_up: int = 0
+    refreshed: int = 0
+    stale_removed: int = 0
 
     COUNTS: ClassVar[tuple[str, ...]] = ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in",
-                                         "tokens_out", "deleted")
+                                         "tokens_out", "deleted", "retried", "given_up", "refreshed", "stale_removed")
 
-    def add(self, row) -> None:
-        self.succeeded += row["succeeded"] or 0
-        self.failed += row["failed"] or 0
-        self.tokens_in += row["tokens_in"] or 0
-        self.tokens_out += row["tokens_out"] or 0
+    def add(self, summary: list[dict]) -> None:
+        self.succeeded += sum(1 for r in summary if r["status"] == "succeeded")
+        self.failed += sum(1 for r in summary if r["status"] == "failed")
+        self.tokens_in += sum(r["tokens_in"] for r in summary)
+        self.tokens_out += sum(r["tokens_out"] for r in summary)
 
     @property
     def error_rate(self) -> float:
+        """What this run newly failed or rejected, over what it attempted or newly rejected."""
         total = self.selected + self.rejected
         return (self.failed + self.rejected) / total if total else 0.0
 
@@ -540,7 +583,7 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
                 "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
     chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": settings.job.chunk_overlap_chars}
     fp = extraction_fingerprint(base_sha, adapter.sha256 if adapter else None, version, sampling, chunking,
-                                PARSER_VERSION)
+                                PARSER_VERSION, settings.engine.backend)
     return {
         "model": settings.engine.model, "model_sha256": base_sha,
         "adapter": adapter.name if adapter else None, "adapter_sha256": adapter.sha256 if adapter else None,
@@ -567,7 +610,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
          spark) -> int:
     from pyspark.sql import functions as F
 
-    from notelake.jobs.warehouse import OutputWriteError, open_warehouse
+    from notelake.jobs.warehouse import OutputWriteError, open_warehouse, read_snapshot_spark
 
     task = load_task(settings.job.task)
     ident = describe_extraction(settings, task)
@@ -575,36 +618,58 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     started = now_utc()
     commit_sha = git_sha()
     spark = spark or start_spark(settings)
-    warehouse = open_warehouse(output, settings.spark.delta_writer, {
+    warehouse = open_warehouse(output, {
         "notelake.run_id": run_id, "notelake.git_sha": commit_sha or "", "notelake.model": ident["model"],
         "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],
-    }, spark=spark)
+    })
+    buckets = warehouse.note_buckets(settings.job.note_buckets)
+    staging_root = Path(warehouse.root) / "_staging"
+    if not dry_run:  # under the run lock: whatever is staged or "running" belongs to a run that died
+        abandoned = warehouse.recover(staging_root)
+        if abandoned:
+            log.warning("marked %d run(s) left running by a dead process as abandoned: %s", len(abandoned),
+                        ", ".join(abandoned))
 
     history = previous_runs(warehouse, task.name, ident["fingerprint"])
     since = None
     if settings.input.updated_at_column and not full_refresh:
         since = max((r["watermark"] for r in history if r.get("watermark")), default=None)
-    valid, rejected, passthrough = extract(spark, settings, source, since)
-    done = done_notes(spark, warehouse.path("ledger"), ident["fingerprint"], full_refresh)
-    summary = summarize_input(valid, rejected, done)
-    selected = select(valid, done, limit).persist()
+    state = ledger_state(spark, warehouse, task.name)
+    retry = None if state is None else state.where(
+        (F.col("l_status") == "failed") & (F.col("l_attempts") < settings.job.max_attempts)
+        & (F.col("l_fingerprint") == ident["fingerprint"])).select("note_id")
+    valid, rejected, passthrough = extract(spark, settings, source, since, retry)
+    planned = plan(valid, state, ident["fingerprint"], settings.job.max_attempts, buckets, passthrough,
+                   full_refresh).persist()
+    errors_table = read_snapshot_spark(spark, warehouse.path("errors"))
+    input_errors = None if errors_table is None else errors_table.where(
+        (F.col("stage") == "input") & (F.col("task") == task.name))
+    rejected = classify_rejected(rejected, state, input_errors, buckets).persist()
+    summary = summarize_input(planned, rejected)
     n_selected = summary.new if limit is None else min(limit, summary.new)
-    gone = source_deletes(spark, settings, source, warehouse.path("ledger"), task.name) \
-        if settings.job.propagate_deletes else []
-    stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=len(summary.rejected_rows))
-    log.info("run %s task=%s: %d valid notes%s, %d selected, %d unchanged, %d rejected%s",
-             run_id, task.name, summary.valid, f" updated after {since:%Y-%m-%dT%H:%M:%S}Z" if since else "",
-             stats.selected, stats.skipped, stats.rejected,
+    gone = source_deletes(spark, settings, source, state) if settings.job.propagate_deletes else {}
+    stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=summary.rejected,
+                     retried=summary.actions["retry"], given_up=summary.actions["given_up"])
+    log.info("run %s task=%s: %d valid notes%s: %d selected (%d retried), %d unchanged, %d given up after %d "
+             "attempts, %d to refresh; %d rows rejected (%d recorded before)%s", run_id, task.name, summary.valid,
+             f" updated after {since:%Y-%m-%dT%H:%M:%S}Z" if since else "", stats.selected, stats.retried,
+             summary.actions["unchanged"], stats.given_up, settings.job.max_attempts, summary.actions["refresh"],
+             summary.rejected + summary.rejected_known, summary.rejected_known,
              f", {len(gone)} deleted at the source" if settings.job.propagate_deletes else "")
+    selected = select(planned, limit)
     if dry_run:
         est = selected.agg(F.sum(F.ceil(F.length("text") / task.max_chunk_chars)).alias("chunks")).collect()[0]
         chunks = int(est["chunks"] or 0)
-        print(json.dumps({"run_id": run_id, "selected": stats.selected, "unchanged": stats.skipped,
-                          "rejected": stats.rejected, "to_delete": len(gone),
-                          "updated_after": since.isoformat() if since else None, "estimated_prompts": chunks,
+        print(json.dumps({"run_id": run_id, "selected": stats.selected, "retried": stats.retried,
+                          "unchanged": summary.actions["unchanged"], "given_up": stats.given_up,
+                          "to_refresh": summary.actions["refresh"], "rejected_new": summary.rejected,
+                          "rejected_known": summary.rejected_known, "stale_to_remove": summary.stale,
+                          "to_delete": len(gone), "updated_after": since.isoformat() if since else None,
+                          "estimated_prompts": chunks,
                           "estimated_output_tokens": chunks * (settings.engine.max_tokens or task.max_tokens),
                           "estimated_seconds": estimate_seconds(history, stats.selected)}))
-        selected.unpersist()
+        planned.unpersist()
+        rejected.unpersist()
         return EXIT_OK
 
     run_row = {
@@ -615,21 +680,28 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         "started_at": started, "ended_at": None, "watermark": None, **{k: 0 for k in RunStats.COUNTS},
     }
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
+    staging = staging_root / run_id
+    ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"), settings=settings.model_dump(mode="json"),
+                     gcs_address=None, staging_dir=str(staging), passthrough=tuple(passthrough), lineage={
+                         "run_id": run_id, "model": ident["model"], "adapter": ident["adapter"],
+                         "adapter_sha256": ident["adapter_sha256"], "prompt_version": ident["prompt_version"],
+                         "fingerprint": ident["fingerprint"]})
     try:
-        warehouse.append("errors", schemas.rows_to_table(rejected_error_rows(summary.rejected_rows, run_id, task),
-                                                         schemas.ERRORS_SCHEMA))
+        stats.stale_removed = load_rejections(rejected, warehouse, staging, ctx, task)
         if gone:
             warehouse.delete_notes(task.name, gone)
             stats.deleted = len(gone)
-        finished = not stats.selected or \
-            _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats)
+        stats.refreshed = load_refresh(planned, warehouse, staging, task, passthrough)
+        finished = not stats.selected or _extract_rounds(spark, settings, ctx, selected, warehouse, stats, buckets)
     except OutputWriteError:
-        run_row.update(status="failed", ended_at=now_utc())
+        run_row.update(status="failed", ended_at=now_utc(), **{k: getattr(stats, k) for k in RunStats.COUNTS})
         with contextlib.suppress(OutputWriteError):  # best effort: the runs table may be unwritable too
             warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
         raise
     finally:
-        selected.unpersist()
+        planned.unpersist()
+        rejected.unpersist()
+        shutil.rmtree(staging, ignore_errors=True)  # note-derived PHI: never left behind
 
     failed_run = stats.error_rate > settings.job.max_error_rate
     # The watermark moves past what was read only when every selected note was extracted (no --limit cut, no
@@ -640,8 +712,9 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
                    **{k: getattr(stats, k) for k in RunStats.COUNTS})
     run_row["table_versions_json"] = json.dumps(warehouse.versions())
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
-    log.info("run %s %s: %d succeeded, %d failed, %d rejected, error rate %.3f (max %.3f)",
-             run_id, run_row["status"], stats.succeeded, stats.failed, stats.rejected, stats.error_rate,
+    log.info("run %s %s: %d succeeded, %d failed (%d given up before), %d newly rejected, %d refreshed, "
+             "%d stale removed, error rate %.3f (max %.3f)", run_id, run_row["status"], stats.succeeded,
+             stats.failed, stats.given_up, stats.rejected, stats.refreshed, stats.stale_removed, stats.error_rate,
              settings.job.max_error_rate)
     if failed_run:
         log.error("error rate %.3f exceeds job.max_error_rate %.3f", stats.error_rate, settings.job.max_error_rate)
@@ -649,9 +722,24 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     return EXIT_OK
 
 
-def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehouse, run_id, stats) -> bool:
-    """Extract and commit ``selected`` round by round; False when ``job.max_runtime_s`` stopped it early."""
+def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
+    """(selected with a ``_round`` column, number of rounds). A round holds whole buckets when there are fewer
+    rounds than buckets, else a slice of one bucket: either way its commits touch only its buckets' files."""
     from pyspark.sql import functions as F
+
+    n_rounds = max(1, math.ceil(n_selected / round_notes))
+    if n_rounds <= buckets:
+        return selected.withColumn("_round", F.pmod(F.col("note_bucket"), F.lit(n_rounds))), n_rounds
+    per_bucket = math.ceil(n_rounds / buckets)
+    slice_ = F.pmod(F.xxhash64("note_id"), F.lit(per_bucket))
+    return selected.withColumn("_round", F.col("note_bucket") * per_bucket + slice_), buckets * per_bucket
+
+
+def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats: RunStats, buckets: int) -> bool:
+    """Extract and commit ``selected`` round by round; False when ``job.max_runtime_s`` stopped it early.
+
+    The rounds are assigned once: the selected notes are written to the run's staging folder partitioned by round,
+    and each round reads its own partition (no rescan of the selection per round)."""
     from pyspark.sql.pandas.types import to_arrow_type
 
     from notelake.models.actor import EnginePool, ensure_ray
@@ -659,46 +747,36 @@ def _extract_rounds(spark, settings, task, ident, selected, passthrough, warehou
     gcs_address = ensure_ray(settings.ray)
     pool = EnginePool.get_or_create(settings)
     pool.ready()
-    lineage = {"run_id": run_id, "model": ident["model"], "adapter": ident["adapter"],
-               "adapter_sha256": ident["adapter_sha256"], "prompt_version": ident["prompt_version"],
-               "fingerprint": ident["fingerprint"]}
-    passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in passthrough])
-    n_rounds = max(1, math.ceil(stats.selected / settings.job.round_notes))
+    ctx = dataclasses.replace(ctx, gcs_address=gcs_address)
+    passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in ctx.passthrough])
+    with_rounds, _ = assign_rounds(selected, stats.selected, settings.job.round_notes, buckets)
+    rounds_dir = Path(ctx.staging_dir) / "selected"
+    with_rounds.write.partitionBy("_round").parquet(str(rounds_dir))
+    rounds = sorted(int(p.name.split("=", 1)[1]) for p in rounds_dir.glob("_round=*"))
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
-    staging_root = Path(warehouse.root) / "_staging" / run_id
     done, t0 = 0, time.monotonic()
     limit_s = settings.job.max_runtime_s
-    for round_index in range(n_rounds):
-        if limit_s is not None and round_index and time.monotonic() - t0 > limit_s:
+    for k, round_index in enumerate(rounds):
+        if limit_s is not None and k and time.monotonic() - t0 > limit_s:
             log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
-                        limit_s, round_index, n_rounds, stats.selected - done)
-            shutil.rmtree(staging_root, ignore_errors=True)
+                        limit_s, k, len(rounds), stats.selected - done)
             return False
-        staging = staging_root / f"round-{round_index:05d}"
-        ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"), settings=settings.model_dump(mode="json"),
-            gcs_address=gcs_address, staging_dir=str(staging), passthrough=tuple(passthrough), lineage=lineage)
-        part = selected.where(F.pmod(F.xxhash64("note_id"), F.lit(n_rounds)) == round_index) if n_rounds > 1 \
-            else selected
-        summary = transform(part, ctx, partitions).persist()
-        totals = summary.agg(
-            F.count(F.lit(1)).alias("notes"),
-            F.sum((F.col("status") == "succeeded").cast("int")).alias("succeeded"),
-            F.sum((F.col("status") == "failed").cast("int")).alias("failed"),
-            F.sum("tokens_in").alias("tokens_in"), F.sum("tokens_out").alias("tokens_out"),
-        ).collect()[0]
-        note_ids = [r["note_id"] for r in summary.select("note_id").collect()]
-        summary.unpersist()
-        load(warehouse, staging, task, note_ids, passthrough_schema)
+        staging = str(Path(ctx.staging_dir) / f"round-{round_index:05d}")
+        part = spark.read.parquet(str(rounds_dir / f"_round={round_index}"))
+        summary = [r.asDict() for r in transform(part, dataclasses.replace(ctx, staging_dir=staging),
+                                                 partitions).collect()]
+        t_commit = time.monotonic()
+        load_round(warehouse, staging, ctx.task, summary, passthrough_schema)
+        commit_s = time.monotonic() - t_commit
         shutil.rmtree(staging, ignore_errors=True)
-        stats.add(totals)
-        done += totals["notes"]
+        stats.add(summary)
+        done += len(summary)
         elapsed = time.monotonic() - t0
         rate = done / elapsed if elapsed else 0.0
         eta = (stats.selected - done) / rate if rate else float("nan")
-        log.info("round %d/%d: %d/%d notes, %.2f notes/s, %.1f output tok/s, %d failed, ETA %.0fs",
-                 round_index + 1, n_rounds, done, stats.selected, rate, stats.tokens_out / max(elapsed, 1e-9),
-                 stats.failed, eta)
-    shutil.rmtree(staging_root, ignore_errors=True)
+        log.info("round %d/%d: %d/%d notes, %.2f notes/s, %.1f output tok/s, %d failed, commit %.1fs, ETA %.0fs",
+                 k + 1, len(rounds), done, stats.selected, rate, stats.tokens_out / max(elapsed, 1e-9),
+                 stats.failed, commit_s, eta)
     return True
 
 
@@ -716,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _resolve_settings(args)
         return run(settings, args.input, args.output, limit=args.limit, full_refresh=args.full_refresh,
                    dry_run=args.dry_run)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, OutputLayoutError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
     except LockedError as exc:

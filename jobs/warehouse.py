@@ -1,11 +1,14 @@
-"""The job's Delta output tables: concepts, relations, errors, runs and the ledger.
+"""The job's Delta output tables: concepts, relations, errors, runs and the ledger (delta-rs, object stores too).
 
-Write semantics (design notes): each batch of notes replaces its notes' rows atomically, one commit per table
-(MERGE on the row id, ``when_not_matched_by_source_delete`` restricted to the batch's note ids and task), and
-the ledger is committed last, so a crash before it means the batch is redone, never lost or duplicated.
+Layout: concepts, relations and the ledger are partitioned by ``task`` and ``note_bucket`` (a hash of the note id
+modulo the output's bucket count, fixed when the output is created and kept in ``_notelake_layout.json``). The job
+assigns each round of notes to a few buckets, and every write names them as partition literals, so a round
+touches only its buckets' files however large the tables grow.
 
-Two writers share that contract: ``deltalake`` (delta-rs, embedded, the default) and ``delta-spark``
-(clusters; needs ``--packages io.delta:delta-spark_2.13:<ver>``), chosen by ``spark.delta_writer``.
+Write semantics (design notes): a round's notes are replaced atomically, one commit per table: notes seen before
+by ``write_deltalake(mode="overwrite", predicate=<task, buckets, note ids>)`` (delta-rs replaceWhere: the notes'
+old rows out, the new ones in, in one commit, the data checked against the predicate); first-time notes by a plain
+append. The ledger is committed last, so a crash before it means the round is redone, never lost or duplicated.
 """
 
 from __future__ import annotations
@@ -20,23 +23,21 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 
-from notelake.udfs import schemas
 
 log = logging.getLogger("notelake.warehouse")
 
 TABLES = ("concepts", "relations", "errors", "runs", "ledger")
-# Row keys for MERGE. Concepts and relations are replaced per note; ledger and runs are upserted.
-_KEYS = {
-    "concepts": ("concept_id",),
-    "relations": ("relation_id",),
-    "ledger": ("note_id", "text_sha256", "fingerprint"),
-    "runs": ("run_id",),
-}
-_PARTITIONS = {"concepts": ["task"], "relations": ["task"]}
+NOTE_TABLES = ("concepts", "relations", "ledger")  # one note's rows: partitioned by (task, note_bucket)
+_PARTITIONS = {t: ["task", "note_bucket"] for t in NOTE_TABLES}
+LAYOUT_FILE = "_notelake_layout.json"
+LAYOUT_VERSION = 2
 _COMMIT_RETRIES = 5
 _DELETE_BATCH = 5000  # note ids per DELETE predicate
+
+
+class OutputLayoutError(ValueError):
+    """The output was written by an older release with another table layout."""
 
 
 class OutputWriteError(RuntimeError):
@@ -162,35 +163,43 @@ class Warehouse:
 
         return self._with_retries(table, create)
 
-    def replace_notes(self, table: str, data: pa.Table, task: str, note_ids: list[str]) -> None:
-        """Replace all rows of ``note_ids`` (for ``task``) with ``data`` in one commit."""
-        if note_ids and not self._create_or_append(table, data, "replace_notes"):
-            self._merge(table, data, scope=f"t.task = '{task}' AND t.note_id IN ({sql_string_list(note_ids)})")
+    def replace_notes(self, table: str, data: pa.Table, task: str, note_ids: list[str], buckets: set[int]) -> None:
+        """Replace all rows of ``note_ids`` (of ``task``, in ``buckets``) with ``data`` in one commit; only the
+        named buckets' files are read or rewritten."""
+        from deltalake import write_deltalake
 
-    def upsert(self, table: str, data: pa.Table) -> None:
-        if data.num_rows and not self._create_or_append(table, data, "upsert"):
-            self._merge(table, data)
+        if not note_ids or self._create_or_append(table, data, "replace_notes"):
+            return
+        self._with_retries(table, lambda: write_deltalake(
+            self.path(table), data, mode="overwrite", predicate=note_scope(task, buckets, note_ids),
+            commit_properties=self._commit_properties("replace_notes")))
 
-    def _merge(self, table: str, data: pa.Table, scope: str | None = None) -> None:
-        """MERGE on the table's key; with ``scope``, target rows in scope missing from ``data`` are deleted."""
+    def upsert(self, table: str, data: pa.Table, key: str = "run_id") -> None:
+        """MERGE on ``key`` (the small runs table)."""
         from deltalake import DeltaTable
 
-        on = " AND ".join(f"t.{k} = s.{k}" for k in _KEYS[table])
+        if not data.num_rows or self._create_or_append(table, data, "upsert"):
+            return
+        self._with_retries(table, lambda: (
+            DeltaTable(self.path(table))
+            # merge_schema: a table written by an older release gains the columns added since (all nullable)
+            .merge(data, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t", merge_schema=True,
+                   commit_properties=self._commit_properties("upsert"))
+            .when_matched_update_all().when_not_matched_insert_all().execute()))
 
-        def merge():
-            merger = (
-                DeltaTable(self.path(table))
-                # merge_schema: a table written by an older release gains the columns added since (all nullable)
-                .merge(data, predicate=on, source_alias="s", target_alias="t", merge_schema=True,
-                       commit_properties=self._commit_properties("replace_notes" if scope else "upsert"))
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-            )
-            if scope:
-                merger = merger.when_not_matched_by_source_delete(predicate=scope)
-            merger.execute()
+    def update_columns(self, table: str, data: pa.Table, task: str, buckets: set[int], columns: list[str]) -> None:
+        """Set ``columns`` on every row of the notes in ``data`` (one row per note_id) from ``data``: pass-through
+        columns refreshed without calling the model. Only the named buckets' files are read."""
+        from deltalake import DeltaTable
 
-        self._with_retries(table, merge)
+        if not data.num_rows or self.version(table) is None:
+            return
+        predicate = f"t.note_id = s.note_id AND {note_scope(task, buckets, alias='t')}"
+        self._with_retries(table, lambda: (
+            DeltaTable(self.path(table))
+            .merge(data, predicate=predicate, source_alias="s", target_alias="t",
+                   commit_properties=self._commit_properties("update_columns"))
+            .when_matched_update({c: f"s.{c}" for c in columns}).execute()))
 
     def append(self, table: str, data: pa.Table) -> None:
         if data.num_rows == 0:
@@ -202,101 +211,98 @@ class Warehouse:
             commit_properties=self._commit_properties("append"),
         ))
 
-    def delete_notes(self, task: str, note_ids: list[str]) -> None:
-        """Remove every row of ``note_ids`` for ``task`` (notes deleted at the source): concepts and relations
-        first, the ledger last, so a crash in between is finished by the next run (the ledger still lists them)."""
-        for start in range(0, len(note_ids), _DELETE_BATCH):
-            scope = f"task = '{task}' AND note_id IN ({sql_string_list(note_ids[start:start + _DELETE_BATCH])})"
-            for table in ("concepts", "relations", "ledger"):
+    def delete_notes(self, task: str, notes: dict[str, int], tables: tuple[str, ...] = NOTE_TABLES) -> None:
+        """Remove every row of the notes ``{note_id: note_bucket}`` of ``task`` from ``tables``, the ledger last,
+        so a crash in between is finished by the next run (the ledger still lists them)."""
+        ids = sorted(notes)
+        for start in range(0, len(ids), _DELETE_BATCH):
+            part = ids[start:start + _DELETE_BATCH]
+            scope = note_scope(task, {notes[i] for i in part}, part)
+            for table in tables:
                 if self.version(table) is not None:
-                    self._delete(table, scope)
+                    self._with_retries(table, lambda: _delete(self.path(table), scope,
+                                                              self._commit_properties("delete_notes")))
 
-    def _delete(self, table: str, predicate: str) -> None:
-        from deltalake import DeltaTable
+    def commit_round(self, staged: dict[str, pa.Table], task: str, replaced: list[str], first: list[str],
+                     ledger_known: list[str], buckets: set[int]) -> None:
+        """Commit one round: concepts and relations of ``replaced`` notes replaced, those of ``first`` (no rows
+        yet) appended, errors appended, then the ledger last (rows of ``ledger_known`` notes replaced)."""
+        import pyarrow.compute as pc
 
-        self._with_retries(table, lambda: DeltaTable(self.path(table)).delete(
-            predicate, commit_properties=self._commit_properties("delete_notes")))
+        def rows_of(table: pa.Table, ids: list[str]) -> pa.Table:
+            return table.filter(pc.is_in(table["note_id"], pa.array(ids, pa.string())))
 
-    def commit_round(self, staged: dict[str, pa.Table], task: str, note_ids: list[str]) -> None:
-        """Commit one round of staged output: concepts, relations, errors, then the ledger last."""
-        self.replace_notes("concepts", staged["concepts"], task, note_ids)
-        self.replace_notes("relations", staged["relations"], task, note_ids)
+        for name in ("concepts", "relations"):
+            self.replace_notes(name, rows_of(staged[name], replaced), task, replaced, buckets)
+            self.append(name, rows_of(staged[name], first))
         self.append("errors", staged["errors"])
-        self.upsert("ledger", staged["ledger"])
+        self.commit_ledger(staged["ledger"], task, ledger_known, buckets)
+
+    def commit_ledger(self, ledger: pa.Table, task: str, known: list[str], buckets: set[int]) -> None:
+        """The notes' ledger rows: those of ``known`` notes (already in the ledger) replace theirs, the rest are
+        appended."""
+        import pyarrow.compute as pc
+
+        known_ids = pa.array(sorted(set(known)), pa.string())
+        is_known = pc.is_in(ledger["note_id"], known_ids)
+        self.replace_notes("ledger", ledger.filter(is_known), task, known_ids.to_pylist(), buckets)
+        self.append("ledger", ledger.filter(pc.invert(is_known)))
+
+    # ------------------------------------------------------------------------------------------ layout, recovery
+    def note_buckets(self, wanted: int) -> int:
+        """The output's bucket count: fixed by its first run (``_notelake_layout.json``); ``wanted`` for a new one.
+
+        Refuses an output written by an older release (another layout): its rows could not be replaced in place.
+        """
+        layout_path = self.root / LAYOUT_FILE
+        if layout_path.exists():
+            layout = json.loads(layout_path.read_text(encoding="utf-8"))
+            if layout.get("note_buckets") != wanted:
+                log.warning("output %s keeps its %d note buckets (job.note_buckets %d applies to new outputs)",
+                            self.root.name, layout["note_buckets"], wanted)
+            return int(layout["note_buckets"])
+        if self.version("ledger") is not None:
+            raise OutputLayoutError(
+                f"output {self.root} was written by an older notelake (table layout 1: no note buckets, one ledger "
+                "row per text and fingerprint). Write to a new --output: the v3 adapter and answer schema change "
+                "the extraction fingerprint, so every note is re-extracted anyway (README, upgrade notes).")
+        layout_path.write_text(json.dumps({"layout": LAYOUT_VERSION, "note_buckets": wanted}) + "\n", encoding="utf-8")
+        return wanted
+
+    def recover(self, staging_root: Path) -> list[str]:
+        """Clean up after runs that died (called under the run lock, so no other run is active): remove their
+        staged files (note-derived PHI) and mark their ``running`` rows ``abandoned``. Returns those run ids."""
+        import shutil
+
+        shutil.rmtree(staging_root, ignore_errors=True)
+        runs = read_delta_arrow(self.path("runs"))
+        if runs is None:
+            return []
+        stale = [r for r in runs.to_pylist() if r["status"] == "running"]
+        for row in stale:
+            row["status"] = "abandoned"
+        if stale:
+            self.upsert("runs", pa.Table.from_pylist(stale, schema=runs.schema))
+        return [r["run_id"] for r in stale]
 
 
-class SparkDeltaWarehouse(Warehouse):
-    """Same tables and semantics through delta-spark (cluster mode).
-
-    Needs the delta-spark jars on the session (``--packages io.delta:delta-spark_2.13:<ver>`` plus the Delta SQL
-    extension and catalog). Not exercised where Maven is unreachable; the embedded default is delta-rs.
-    """
-
-    def __init__(self, root: Path, commit_metadata: dict[str, str], spark):
-        super().__init__(root, commit_metadata)
-        self.spark = spark
-
-    def _df(self, data: pa.Table):
-        return self.spark.createDataFrame(data)
-
-    def _exists(self, table: str) -> bool:
-        from delta.tables import DeltaTable
-
-        return DeltaTable.isDeltaTable(self.spark, self.path(table))
-
-    def _write(self, table: str, data: pa.Table, mode: str) -> None:
-        writer = self._df(data).write.format("delta").mode(mode)
-        if table in _PARTITIONS:
-            writer = writer.partitionBy(*_PARTITIONS[table])
-        writer.option("userMetadata", json.dumps(self.commit_metadata)).save(self.path(table))
-
-    def _create_or_append(self, table: str, data: pa.Table, operation: str) -> bool:
-        if self._exists(table):
-            return False
-        self._write(table, data, "append")
-        return True
-
-    def _merge(self, table: str, data: pa.Table, scope: str | None = None) -> None:
-        from delta.tables import DeltaTable
-
-        on = " AND ".join(f"t.{k} = s.{k}" for k in _KEYS[table])
-        merger = (
-            DeltaTable.forPath(self.spark, self.path(table)).alias("t")
-            .merge(self._df(data).alias("s"), on).whenMatchedUpdateAll().whenNotMatchedInsertAll()
-        )
-        if scope:
-            merger = merger.whenNotMatchedBySourceDelete(condition=scope)
-        # a table written by an older release gains the columns added since (all nullable)
-        self.spark.conf.set("spark.databricks.delta.schema.autoMerge.enabled", "true")
-        merger.execute()
-
-    def _delete(self, table: str, predicate: str) -> None:
-        from delta.tables import DeltaTable
-
-        DeltaTable.forPath(self.spark, self.path(table)).delete(predicate)
-
-    def version(self, table: str) -> int | None:
-        if not self._exists(table):
-            return None
-        from delta.tables import DeltaTable
-
-        return DeltaTable.forPath(self.spark, self.path(table)).history(1).collect()[0]["version"]
-
-    def append(self, table, data):
-        if data.num_rows:
-            self._write(table, data, "append")
+def note_scope(task: str, buckets: set[int], note_ids: list[str] | None = None, alias: str = "") -> str:
+    """SQL predicate for the rows of ``note_ids`` of ``task`` in ``buckets``; the partition literals let delta-rs
+    skip every other bucket's files."""
+    col = f"{alias}." if alias else ""
+    scope = f"{col}task = '{task}' AND {col}note_bucket IN ({', '.join(str(int(b)) for b in sorted(buckets))})"
+    if note_ids is not None:
+        scope += f" AND {col}note_id IN ({sql_string_list(note_ids)})"
+    return scope
 
 
-def open_warehouse(root: str | os.PathLike, writer: str, commit_metadata: dict[str, str], spark=None) -> Warehouse:
+def _delete(path: str, predicate: str, commit_properties) -> None:
+    from deltalake import DeltaTable
+
+    DeltaTable(path).delete(predicate, commit_properties=commit_properties)
+
+
+def open_warehouse(root: str | os.PathLike, commit_metadata: dict[str, str]) -> Warehouse:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    if writer == "delta-spark":
-        return SparkDeltaWarehouse(root, commit_metadata, spark)
     return Warehouse(root, commit_metadata)
-
-
-def read_staged(path: str) -> pa.Table | None:
-    """Parquet files staged by executors for one table of one round (plain Parquet, not Delta)."""
-    if not Path(path).exists():
-        return None
-    return ds.dataset(path, format="parquet").to_table()

@@ -102,7 +102,8 @@ def tiny_adapter(base_model_path, tmp_path_factory) -> Path:
 def spark(settings):
     from notelake.jobs.extract import start_spark
 
+    # local[2,2]: a failed task is retried once, as on a cluster (tests/test_nightly.py loses a task attempt)
     session = start_spark(settings.with_overrides(
-        spark={"extra": {"spark.driver.maxResultSize": "1m", "spark.ui.enabled": "false"}}))
+        spark={"master": "local[2,2]", "extra": {"spark.driver.maxResultSize": "1m", "spark.ui.enabled": "false"}}))
     yield session
     session.stop()

@@ -109,8 +109,11 @@ def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings
                              + [(f"huge-{i}", "text_too_long") for i in range(4)])
     for e in errors:
         assert "Patient doing well" not in e["message"] and "Aspirin" not in e["message"]
-    landed = set(table(out, "ledger")["note_id"].to_pylist())
-    assert landed == {g["note_id"] for g in good}
+    ledger = table(out, "ledger").to_pylist()
+    assert {r["note_id"] for r in ledger if r["status"] != "rejected"} == {g["note_id"] for g in good}
+    assert {r["note_id"]: r["error_type"] for r in ledger if r["status"] == "rejected"} == {
+        "bad-null": "null_text", "bad-empty": "empty_text", "bad-space": "empty_text", "dup": "duplicate_note_id",
+        **{f"huge-{i}": "text_too_long" for i in range(4)}}
     run = table(out, "runs").to_pylist()[0]
     assert (run["status"], run["selected"], run["rejected"]) == ("failed", 2, 9)
 
@@ -121,21 +124,31 @@ def test_missing_column_is_a_clear_error_before_work(tmp_path, spark, settings):
         job.extract(spark, settings, src)
 
 
-def test_input_summary_counts_new_unchanged_and_rejected_in_one_pass(tmp_path, spark, settings):
+def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
     notes = sample_notes(4) + [{**sample_notes(1)[0], "note_id": "dup"}, {**sample_notes(1)[0], "note_id": "dup"},
                                {**sample_notes(1)[0], "note_id": "blank", "text": "  \n "}]
-    valid, rejected, _ = job.extract(spark, settings, write_notes(tmp_path / "notes", notes))
-    first = sorted(valid.select("note_id", "text_sha256").collect())[:1]
-    done = spark.createDataFrame(first, "note_id string, text_sha256 string")
-
-    summary = job.summarize_input(valid, rejected, done)
-    assert (summary.valid, summary.new) == (4, 3)
-    assert sorted((r["note_id"], r["error_type"]) for r in summary.rejected_rows) == [
-        ("blank", "empty_text"), ("dup", "duplicate_note_id"), ("dup", "duplicate_note_id")]
-    assert all(set(r.asDict()) == {"note_id", "text_sha256", "error_type", "message"} for r in summary.rejected_rows)
-    assert job.summarize_input(valid, rejected, None).new == 4
-    picked = [r["note_id"] for r in job.select(valid, done, limit=2).collect()]
-    assert len(picked) == 2 and first[0]["note_id"] not in picked
+    valid, rejected, passthrough = job.extract(spark, settings, write_notes(tmp_path / "notes", notes))
+    shas = dict(sorted((r["note_id"], r["text_sha256"]) for r in valid.select("note_id", "text_sha256").collect()))
+    ids = sorted(shas)
+    # the ledger's state: one note extracted, one failed once, one failed twice (max_attempts 2), one never seen
+    state = spark.createDataFrame(
+        [(ids[0], 1, shas[ids[0]], "fp", None, "succeeded", 1, True),
+         (ids[1], 1, shas[ids[1]], "fp", None, "failed", 1, False),
+         (ids[2], 1, shas[ids[2]], "fp", None, "failed", 2, True)],
+        "note_id string, l_note_bucket int, l_text_sha256 string, l_fingerprint string, "
+        "l_passthrough_sha256 string, l_status string, l_attempts int, l_has_output boolean")
+    planned = job.plan(valid, state, "fp", 2, 8, ()).persist()
+    got = {r["note_id"]: (r["action"], r["attempt"], r["has_output"], r["in_ledger"]) for r in planned.collect()}
+    assert got == {ids[0]: ("unchanged", 1, True, True), ids[1]: ("retry", 2, False, True),
+                   ids[2]: ("given_up", 1, True, True), ids[3]: ("extract", 1, False, False)}
+    marked = job.classify_rejected(rejected, state, None, 8)
+    summary = job.summarize_input(planned, marked)
+    assert (summary.valid, summary.new, summary.rejected, summary.stale) == (4, 2, 3, 0)
+    assert summary.actions == {"extract": 1, "retry": 1, "given_up": 1, "refresh": 0, "unchanged": 1}
+    assert [r["note_id"] for r in job.select(planned, limit=1).collect()] == [min(ids[1], ids[3])]
+    assert {r["note_bucket"] for r in planned.collect()} <= set(range(8))
+    from notelake.udfs.hashing import note_bucket
+    assert all(r["note_bucket"] == note_bucket(r["note_id"], 8) for r in planned.collect())
 
 
 def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path, spark, engine_pool, settings,
@@ -257,7 +270,8 @@ def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, en
 
     assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
     runs = sorted(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
-    assert runs[0]["status"] == "running"  # the killed run never finished
+    assert runs[0]["status"] == "abandoned"  # the killed run never finished; the next one marked it
+    assert not list((out / "_staging").glob("*"))  # and removed what it had staged
     assert (runs[-1]["status"], runs[-1]["selected"]) == ("succeeded", len(notes) - committed)
     ledger = table(out, "ledger")
     assert sorted(ledger["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)

@@ -40,16 +40,17 @@ def test_relation_id():
 
 
 def test_fingerprint_sorted_keys_and_sensitivity():
-    fp = fingerprint("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1")
+    fp = fingerprint("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1", "vllm")
     assert HEX32.match(fp)
     # dict key order does not matter
-    assert fp == fingerprint("m" * 64, None, "t1-abc", {"max_tokens": 384, "temperature": 0.0}, {"overlap": 200, "max_chars": 1000}, "p1")
+    assert fp == fingerprint("m" * 64, None, "t1-abc", {"max_tokens": 384, "temperature": 0.0}, {"overlap": 200, "max_chars": 1000}, "p1", "vllm")
     variants = [
-        ("x" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1"),
-        ("m" * 64, "a" * 64, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1"),
-        ("m" * 64, None, "t1-abd", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1"),
-        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 385}, {"max_chars": 1000, "overlap": 200}, "p1"),
-        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 100}, "p1"),
-        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p2"),
+        ("x" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1", "vllm"),
+        ("m" * 64, "a" * 64, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1", "vllm"),
+        ("m" * 64, None, "t1-abd", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1", "vllm"),
+        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 385}, {"max_chars": 1000, "overlap": 200}, "p1", "vllm"),
+        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 100}, "p1", "vllm"),
+        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p2", "vllm"),
+        ("m" * 64, None, "t1-abc", {"temperature": 0.0, "max_tokens": 384}, {"max_chars": 1000, "overlap": 200}, "p1", "replay"),
     ]
     assert len({fingerprint(*v) for v in variants} | {fp}) == len(variants) + 1

@@ -26,8 +26,8 @@ def test_lineage_fields():
 
 def test_concepts_and_relations_schemas():
     cs = concepts_schema()
-    assert cs.names[:13] == ["note_id", "concept_id", "task", "label", "text", "start", "end", "spans", "assertion",
-                             "grounded", "grounding_method", "grounding_score", "chunk_index"]
+    assert cs.names[:14] == ["note_id", "concept_id", "task", "note_bucket", "label", "text", "start", "end", "spans",
+                             "assertion", "grounded", "grounding_method", "grounding_score", "chunk_index"]
     spans = cs.field("spans")
     assert spans.nullable and pa.types.is_list(spans.type)
     assert [(f.name, f.type) for f in spans.type.value_type] == [("start", pa.int64()), ("end", pa.int64())]
@@ -45,13 +45,16 @@ def test_errors_ledger_runs_round_trip():
                       ERRORS_SCHEMA)
     assert t.schema == ERRORS_SCHEMA and t.column("attempt").to_pylist() == [1, 1]
     assert t.column("note_id").to_pylist() == ["n1", None]
-    ledger = {"note_id": "n1", "task": "phee", "text_sha256": "s", "fingerprint": "f", "run_id": "r", "status": "succeeded",
-              "n_chunks": 1, "n_concepts": 3, "n_relations": 2, "processed_at": now}
+    ledger = {"note_id": "n1", "task": "phee", "note_bucket": 7, "text_sha256": "s", "fingerprint": "f",
+              "passthrough_sha256": None, "run_id": "r", "status": "succeeded", "attempts": 1, "has_output": True,
+              "error_type": None, "n_chunks": 1, "n_concepts": 3, "n_relations": 2, "n_warnings": 0, "n_ungrounded": 1,
+              "n_dropped_relations": 0, "n_truncated_chunks": 0, "processed_at": now}
     assert rows_to_table([ledger], LEDGER_SCHEMA).num_rows == 1
     run = {"run_id": "r", "task": "phee", "fingerprint": "f", "status": "succeeded", "model": "m", "adapter": None,
            "adapter_sha256": None, "prompt_version": "p", "git_sha": None, "config_json": "{}", "table_versions_json": "{}",
            "started_at": now, "ended_at": now, "selected": 1, "succeeded": 1, "failed": 0, "skipped": 0, "rejected": 0,
-           "tokens_in": 10, "tokens_out": 5, "deleted": 0, "watermark": None}
+           "tokens_in": 10, "tokens_out": 5, "deleted": 0, "watermark": None, "retried": 0, "given_up": 0,
+           "refreshed": 0, "stale_removed": 0}
     assert rows_to_table([run], RUNS_SCHEMA).column("ended_at").type == UTC_US
 
 

@@ -79,6 +79,7 @@ def assemble_note(
     truncated: list[bool] | None = None,
     lineage: dict,
     passthrough: dict | None = None,
+    note_bucket: int | None = None,
     fuzzy: bool = False,
 ) -> NoteResult:
     """Rows of one note from its chunks' raw outputs. See the module docstring for the rules.
@@ -175,7 +176,8 @@ def assemble_note(
         id_of[key] = cid
         result.concepts.append(
             {
-                "note_id": note_id, "concept_id": cid, "task": task.name, "label": rec["label"],
+                "note_id": note_id, "concept_id": cid, "task": task.name, "note_bucket": note_bucket,
+                "label": rec["label"],
                 "text": rec["text"], "start": start, "end": end,
                 "spans": [{"start": s, "end": e} for s, e in spans] if spans else None,
                 "assertion": rec["assertion"], "grounded": spans is not None,
@@ -189,7 +191,7 @@ def assemble_note(
         result.relations.append(
             {
                 "note_id": note_id, "relation_id": relation_id(note_id, task.name, label, head_id, tail_id),
-                "task": task.name, "label": label, "head_concept_id": head_id, "tail_concept_id": tail_id,
+                "task": task.name, "note_bucket": note_bucket, "label": label, "head_concept_id": head_id, "tail_concept_id": tail_id,
                 "head_label": merged[head]["label"], "head_text": merged[head]["text"],
                 "tail_label": merged[tail]["label"], "tail_text": merged[tail]["text"],
                 "chunk_index": chunk_index, **lineage_cols, **extra,

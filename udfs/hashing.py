@@ -41,6 +41,12 @@ def relation_id(note_id: str, task: str, label: str, head_concept_id: str, tail_
     return _short_hash([note_id, task, label, head_concept_id, tail_concept_id])
 
 
+def note_bucket(note_id: str, buckets: int) -> int:
+    """The output-table bucket of a note: the first 32 bits of sha256(note_id) modulo ``buckets`` (the job computes
+    the same in Spark: ``pmod(conv(substring(sha2(note_id, 256), 1, 8), 16, 10), buckets)``)."""
+    return int(hashlib.sha256(_utf8(note_id)).hexdigest()[:8], 16) % buckets
+
+
 def fingerprint(
     model_sha256: str,
     adapter_sha256: str | None,
@@ -48,14 +54,17 @@ def fingerprint(
     sampling: dict,
     chunking: dict,
     parser_version: str,
+    backend: str,
 ) -> str:
     """Extraction fingerprint: what the output of a note depends on besides its text (32 hex chars).
 
-    A change of model, adapter, prompt, sampling, chunking or parser changes it, so the ledger re-selects
-    every note; anything else (cluster size, batch size, ...) does not.
+    A change of model, adapter, prompt, sampling, chunking, parser or engine backend (rows written by the
+    ``replay`` or ``hf`` engine are never taken for vLLM's) changes it, so the ledger re-selects every note;
+    anything else (cluster size, batch size, ...) does not.
     """
     return _short_hash(
         {
+            "backend": backend,
             "model_sha256": model_sha256,
             "adapter_sha256": adapter_sha256,
             "prompt_version": prompt_version,

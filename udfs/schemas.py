@@ -1,8 +1,11 @@
 """Arrow schemas of every output table, defined once (job, evaluation harness and tests import them).
 
 Tables: ``concepts`` and ``relations`` (one row per extracted fact, with lineage), ``errors`` (one row per
-rejected note or failed chunk; never note text or model output), ``ledger`` (one row per note and
-fingerprint: what was processed), ``runs`` (one row per run).
+rejected input row or failed chunk; never note text or model output), ``ledger`` (one current row per note and
+task: the state the nightly selection compares against), ``runs`` (one row per run).
+
+``note_bucket`` (a hash of the note id modulo the output's bucket count, jobs/warehouse.py) partitions concepts,
+relations and the ledger with ``task``, so a round of notes touches only its buckets' files.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _CONCEPT_FIELDS: list[pa.Field] = [
     pa.field("note_id", pa.string(), nullable=False),
     pa.field("concept_id", pa.string(), nullable=False),
     pa.field("task", pa.string(), nullable=False),
+    pa.field("note_bucket", pa.int32(), nullable=True),
     pa.field("label", pa.string(), nullable=False),
     pa.field("text", pa.string(), nullable=False),
     pa.field("start", pa.int64(), nullable=True),
@@ -48,6 +52,7 @@ _RELATION_FIELDS: list[pa.Field] = [
     pa.field("note_id", pa.string(), nullable=False),
     pa.field("relation_id", pa.string(), nullable=False),
     pa.field("task", pa.string(), nullable=False),
+    pa.field("note_bucket", pa.int32(), nullable=True),
     pa.field("label", pa.string(), nullable=False),
     pa.field("head_concept_id", pa.string(), nullable=False),
     pa.field("tail_concept_id", pa.string(), nullable=False),
@@ -96,17 +101,28 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+LEDGER_STATUSES = ("succeeded", "failed", "rejected")
 LEDGER_SCHEMA = pa.schema(
     [
         pa.field("note_id", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
-        pa.field("text_sha256", pa.string(), nullable=False),
+        pa.field("note_bucket", pa.int32(), nullable=False),
+        pa.field("text_sha256", pa.string(), nullable=False),  # "" for a rejected row without text
         pa.field("fingerprint", pa.string(), nullable=False),
+        pa.field("passthrough_sha256", pa.string(), nullable=True),  # pass-through values the rows carry
         pa.field("run_id", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "succeeded" / "failed"
+        pa.field("status", pa.string(), nullable=False),  # LEDGER_STATUSES
+        pa.field("attempts", pa.int32(), nullable=False),  # extraction attempts of this text and fingerprint
+        pa.field("has_output", pa.bool_(), nullable=False),  # concepts/relations rows exist for the note
+        pa.field("error_type", pa.string(), nullable=True),  # why it was rejected
         pa.field("n_chunks", pa.int32(), nullable=False),
         pa.field("n_concepts", pa.int32(), nullable=False),
         pa.field("n_relations", pa.int32(), nullable=False),
+        # parser figures of the last attempt (answer quality per note, kept in the job's output)
+        pa.field("n_warnings", pa.int32(), nullable=False),
+        pa.field("n_ungrounded", pa.int32(), nullable=False),
+        pa.field("n_dropped_relations", pa.int32(), nullable=False),
+        pa.field("n_truncated_chunks", pa.int32(), nullable=False),
         pa.field("processed_at", TIMESTAMP, nullable=False),
     ]
 )
@@ -136,8 +152,14 @@ RUNS_SCHEMA = pa.schema(
         # added in schema 2 (nullable: older runs tables gain them on the next write)
         pa.field("deleted", pa.int64(), nullable=True),      # notes removed because the source deleted them
         pa.field("watermark", TIMESTAMP, nullable=True),     # input.updated_at_column high-water mark read
+        # added in schema 3
+        pa.field("retried", pa.int64(), nullable=True),      # selected notes whose earlier attempt failed
+        pa.field("given_up", pa.int64(), nullable=True),     # failed notes past job.max_attempts (not selected)
+        pa.field("refreshed", pa.int64(), nullable=True),    # notes whose pass-through columns were updated
+        pa.field("stale_removed", pa.int64(), nullable=True),  # rejected notes whose earlier rows were removed
     ]
 )
+RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")
 
 
 def utc_now() -> datetime:

@@ -1,0 +1,194 @@
+"""The executor side of the extraction job: one Arrow batch of notes -> engine -> rows staged as Parquet.
+
+:func:`transform` maps :func:`extract_batch` over a round's notes (``mapInArrow``); each batch is chunked, sent to
+the Ray engine actors, parsed and grounded, and its rows are written as Parquet under the round's staging folder.
+Only per-note counts come back to the driver.
+
+Idempotent under Spark retries: every staged file is named after the Spark task attempt that wrote it
+(``attempt_tag``), and each summary row carries that tag. The driver commits only the files of the attempts whose
+results Spark kept, so a retried task, a speculative copy or a lost executor can leave files behind but never
+duplicates rows (:func:`read_staged`).
+
+The rows of a note whose extraction failed (a chunk's generation or parse failed) are not staged: its previous
+rows stay until a later attempt succeeds; its error rows and ledger row are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from notelake.conf import Settings
+from notelake.conf.task import Task
+from notelake.udfs import schemas
+
+SUMMARY_SCHEMA = pa.schema([
+    ("note_id", pa.string()), ("status", pa.string()), ("attempt_tag", pa.string()), ("note_bucket", pa.int32()),
+    ("has_output_before", pa.bool_()), ("in_ledger", pa.bool_()), ("n_chunks", pa.int32()),
+    ("n_concepts", pa.int32()), ("n_relations", pa.int32()), ("n_errors", pa.int32()), ("tokens_in", pa.int64()),
+    ("tokens_out", pa.int64()),
+])
+_DDL_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.bool_(): "boolean"}
+SUMMARY_DDL = ", ".join(f"{f.name} {_DDL_TYPES[f.type]}" for f in SUMMARY_SCHEMA)
+#: Spark local property naming a fault to inject (reliability tests): "exit_after_first_staged_batch" kills the
+#: Python worker of partition 0's first attempt right after it staged its first batch.
+FAILPOINT = "notelake.failpoint"
+STAGED_TABLES = ("concepts", "relations", "errors", "ledger")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything the executors need, picklable (no Spark or Ray objects)."""
+
+    run_id: str
+    task_def: dict
+    settings: dict
+    gcs_address: str | None
+    staging_dir: str
+    passthrough: tuple[str, ...]
+    lineage: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> Task:
+        return Task.model_validate(self.task_def)
+
+
+_POOLS: dict = {}
+
+
+def _executor_pool(ctx: RunContext):
+    """One Ray connection and actor-pool handle per Python worker process (workers are reused)."""
+    from notelake.models.actor import EnginePool
+
+    key = (ctx.gcs_address, json.dumps(ctx.settings["engine"], sort_keys=True))
+    if key not in _POOLS:
+        _POOLS[key] = EnginePool.connect(ctx.gcs_address, Settings.model_validate(ctx.settings))
+    return _POOLS[key]
+
+
+def attempt_tag() -> str:
+    """The Spark task attempt running this code (stage, partition, attempt), or "driver" outside Spark."""
+    from pyspark import TaskContext
+
+    tc = TaskContext.get()
+    if tc is None:
+        return "driver"
+    return f"s{tc.stageId()}-p{tc.partitionId()}-a{tc.attemptNumber()}"
+
+
+def _write_staged(ctx: RunContext, table: str, rows: list[dict], schema: pa.Schema, tag: str, seq: int) -> None:
+    if not rows:
+        return
+    out = os.path.join(ctx.staging_dir, table)
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(schemas.rows_to_table(rows, schema), os.path.join(out, f"{tag}--{seq:06d}.parquet"))
+
+
+def read_staged(staging_dir: str, table: str, tags: set[str], schema: pa.Schema) -> tuple[pa.Table, int]:
+    """(rows of ``table`` staged by the attempts in ``tags``, number of files of other attempts ignored)."""
+    folder = os.path.join(staging_dir, table)
+    names = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith(".parquet")]
+    files = sorted(os.path.join(folder, f) for f in names if f.split("--")[0] in tags)
+    ignored = len(names) - len(files)
+    if not files:
+        return schema.empty_table(), ignored
+    return pa.concat_tables(pq.read_table(f).cast(schema) for f in files), ignored
+
+
+def _ledger_row(ctx: RunContext, note: dict, task: Task, status: str, n_chunks: int, result) -> dict:
+    from notelake.udfs.schemas import utc_now
+
+    return {
+        "note_id": note["note_id"], "task": task.name, "note_bucket": note["note_bucket"],
+        "text_sha256": note["text_sha256"], "fingerprint": ctx.lineage["fingerprint"],
+        "passthrough_sha256": note["passthrough_sha256"], "run_id": ctx.run_id, "status": status,
+        "attempts": note["attempt"], "has_output": status == "succeeded" or bool(note["has_output"]),
+        "error_type": None, "n_chunks": n_chunks, "n_concepts": len(result.concepts),
+        "n_relations": len(result.relations), "n_warnings": result.warnings, "n_ungrounded": result.ungrounded,
+        "n_dropped_relations": result.dropped_relations, "n_truncated_chunks": result.truncated_chunks,
+        "processed_at": utc_now(),
+    }
+
+
+def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool, tag: str = "driver",
+                  seq: int = 0) -> pa.RecordBatch:
+    """Chunk, prompt, generate, parse and ground one Arrow batch of notes; stage rows; return per-note counts."""
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.answer import answer_guide
+    from notelake.udfs.assemble import assemble_note
+    from notelake.udfs.chunking import chunk_text
+    from notelake.udfs.prompts import build_messages
+    from notelake.udfs.schemas import utc_now
+
+    engine_cfg = ctx.settings["engine"]
+    job_cfg = ctx.settings["job"]
+    max_tokens = engine_cfg.get("max_tokens") or task.max_tokens
+    guided = engine_cfg.get("guided_decoding", "grounded")
+    notes = batch.to_pylist()
+    chunked = [chunk_text(n["text"], task.max_chunk_chars, job_cfg["chunk_overlap_chars"]) for n in notes]
+    requests = [
+        GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
+                          guide=answer_guide(task, c.text, guided), max_tokens=max_tokens)
+        for i, chunks in enumerate(chunked) for c in chunks
+    ]
+    results = iter(pool.generate(requests))
+
+    passthrough_schema = pa.schema([batch.schema.field(c) for c in ctx.passthrough])
+    concept_rows, relation_rows, error_rows, ledger_rows, summaries = [], [], [], [], []
+    for note, chunks in zip(notes, chunked):
+        outs = [next(results) for _ in chunks]
+        lineage = {**ctx.lineage, "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
+                   "attempt": note["attempt"]}
+        result = assemble_note(
+            note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
+            outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
+            truncated=[o.finish_reason == "length" for o in outs], lineage=lineage,
+            passthrough={c: note[c] for c in ctx.passthrough}, note_bucket=note["note_bucket"],
+        )
+        status = "failed" if result.errors else "succeeded"
+        if status == "succeeded":  # a failed note keeps its previous rows until an attempt succeeds
+            concept_rows += result.concepts
+            relation_rows += result.relations
+        error_rows += result.errors
+        ledger_rows.append(_ledger_row(ctx, note, task, status, len(chunks), result))
+        summaries.append({
+            "note_id": note["note_id"], "status": status, "attempt_tag": tag, "note_bucket": note["note_bucket"],
+            "has_output_before": bool(note["has_output"]), "in_ledger": bool(note["in_ledger"]),
+            "n_chunks": len(chunks), "n_concepts": len(result.concepts), "n_relations": len(result.relations),
+            "n_errors": len(result.errors), "tokens_in": sum(o.prompt_tokens for o in outs),
+            "tokens_out": sum(o.output_tokens for o in outs),
+        })
+    _write_staged(ctx, "concepts", concept_rows, schemas.concepts_schema(passthrough_schema), tag, seq)
+    _write_staged(ctx, "relations", relation_rows, schemas.relations_schema(passthrough_schema), tag, seq)
+    _write_staged(ctx, "errors", error_rows, schemas.ERRORS_SCHEMA, tag, seq)
+    _write_staged(ctx, "ledger", ledger_rows, schemas.LEDGER_SCHEMA, tag, seq)
+    return pa.RecordBatch.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+
+def transform(selected, ctx: RunContext, partitions: int):
+    """Lazy per-note summaries; staging files are written as a side effect when an action runs."""
+
+    def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        os.umask(int(ctx.settings["job"]["umask"], 8))  # staged Parquet holds PHI: same modes as the tables
+        task = ctx.task
+        tag = attempt_tag()
+        tc = TaskContext.get()
+        fault = tc.getLocalProperty(FAILPOINT) if tc is not None else None
+        pool = None
+        for seq, batch in enumerate(batches):
+            if batch.num_rows == 0:
+                continue
+            pool = pool or _executor_pool(ctx)
+            summary = extract_batch(batch, ctx, task, pool, tag, seq)
+            if fault == "exit_after_first_staged_batch" and tc.partitionId() == 0 and tc.attemptNumber() == 0:
+                os._exit(17)  # a lost executor: its staged file stays behind, its results never reach the driver
+            yield summary
+
+    return selected.repartition(partitions).mapInArrow(run_partition, SUMMARY_DDL)

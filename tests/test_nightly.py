@@ -1,0 +1,191 @@
+"""The job over several nights on the real local stack (Spark, Ray, deltalake) with the REPLAY engine: what only
+shows up on the second, third or hundredth night (data plane only: REPLAY answers are made up, deterministic per
+text, and ground in the text).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from jobkit import assert_no_duplicates, job_settings, rows, sample_notes, table, write_notes
+
+from notelake.jobs import extract as job
+from notelake.jobs.stage import FAILPOINT
+
+# Enough tokens that the tokenizer cannot fit 1 000 characters of it in a 1 024-token context: generation
+# refuses the chunk (prompt_too_long), so the note fails, deterministically, without touching the engine code.
+UNPROMPTABLE = "鑫" * 900
+
+
+@pytest.fixture(scope="module")
+def replay(settings, ray_address, base_model_path):
+    from notelake.models.actor import EnginePool
+
+    cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024})
+    pool = EnginePool.get_or_create(cfg)
+    pool.ready()
+    yield cfg
+    pool.shutdown()
+
+
+def runs_of(out):
+    return sorted(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
+
+
+def concepts_of(out, note_id: str) -> list[tuple]:
+    return sorted((c["label"], c["start"], c["end"], c["text_sha256"])
+                  for c in table(out, "concepts").to_pylist() if c["note_id"] == note_id)
+
+
+def bad_rows() -> list[dict]:
+    base = {"patient_id": "P9", "note_date": "2026-02-01", "note_type": "x"}
+    return [{**base, "note_id": "empty", "text": ""}, {**base, "note_id": "null", "text": None},
+            {**base, "note_id": "blank", "text": " \n\t "}, {**base, "note_id": "long", "text": "x" * 5000},
+            {**base, "note_id": "dup", "text": "Aspirin."}, {**base, "note_id": "dup", "text": "Heparin."},
+            {**base, "note_id": None, "text": "No id."}]
+
+
+def test_persistent_bad_rows_are_recorded_once_and_do_not_fail_later_nights(tmp_path, spark, replay):
+    good = sample_notes(12)
+    out = tmp_path / "warehouse"
+    cfg = replay.with_overrides(job={"max_error_rate": 0.3}, input={"max_text_chars": 4000})
+    src = write_notes(tmp_path / "notes", good + bad_rows())
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_ERROR_RATE  # night 1: 7 of 19 rows are new rejects (0.37)
+    assert len(rows(out, "errors")) == 7
+
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # night 2: nothing new
+    edited = [dict(n) for n in good]
+    edited[3]["text"] += " The dose was halved."
+    src = write_notes(tmp_path / "notes", edited + bad_rows())
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # night 3: one edit, same bad rows
+    nights = runs_of(out)
+    assert [(r["status"], r["selected"], r["rejected"]) for r in nights] == [
+        ("failed", 12, 7), ("succeeded", 0, 0), ("succeeded", 1, 0)]
+    assert len(rows(out, "errors")) == 7  # each rejection recorded once
+    ledger = {r["note_id"]: r for r in table(out, "ledger").to_pylist()}
+    assert {k for k, r in ledger.items() if r["status"] == "rejected"} == {"empty", "null", "blank", "long", "dup"}
+    assert_no_duplicates(out)
+
+
+def test_failed_notes_are_retried_then_given_up_and_keep_their_rows(tmp_path, spark, replay):
+    notes = sample_notes(3)
+    out = tmp_path / "warehouse"
+    cfg = replay.with_overrides(job={"max_attempts": 2})
+    src = write_notes(tmp_path / "notes", notes)
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    good_rows = concepts_of(out, notes[0]["note_id"])
+    assert good_rows
+
+    broken = [{**notes[0], "text": UNPROMPTABLE}, *notes[1:]]
+    src = write_notes(tmp_path / "notes", broken)
+    for night in range(3):
+        assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+        assert concepts_of(out, notes[0]["note_id"]) == good_rows  # replaced only by a successful extraction
+    nights = runs_of(out)[1:]
+    assert [(r["selected"], r["retried"], r["failed"], r["given_up"]) for r in nights] == [
+        (1, 0, 1, 0), (1, 1, 1, 0), (0, 0, 0, 1)]
+    row = next(r for r in table(out, "ledger").to_pylist() if r["note_id"] == notes[0]["note_id"])
+    assert (row["status"], row["attempts"], row["has_output"]) == ("failed", 2, True)
+    attempts = sorted(e["attempt"] for e in rows(out, "errors") if e["note_id"] == notes[0]["note_id"])
+    assert attempts == [1, 2]
+
+    fixed = [{**notes[0], "text": notes[0]["text"] + " Resolved."}, *notes[1:]]
+    assert job.run(cfg, write_notes(tmp_path / "notes", fixed), str(out), spark=spark) == job.EXIT_OK
+    new_rows = concepts_of(out, notes[0]["note_id"])
+    assert new_rows and new_rows != good_rows
+    assert_no_duplicates(out)
+
+
+def test_text_a_b_a_and_a_note_turned_bad_leave_no_stale_rows(tmp_path, spark, replay):
+    notes = sample_notes(3)
+    out = tmp_path / "warehouse"
+    first = notes[0]["note_id"]
+    a = notes[0]["text"]
+    b = "A 61-year-old woman developed angioedema after starting enalapril for hypertension."
+
+    def night(text_of_first: str | None) -> None:
+        data = [{**notes[0], "text": text_of_first}, *notes[1:]]
+        assert job.run(replay, write_notes(tmp_path / "notes", data), str(out), spark=spark) == job.EXIT_OK
+
+    night(a)
+    rows_a = concepts_of(out, first)
+    night(b)
+    assert concepts_of(out, first) != rows_a
+    night(a)  # back to A: re-extracted, B's rows gone
+    assert concepts_of(out, first) == rows_a
+    night("")  # the note's text becomes empty: its rows leave the cohort tables
+    assert concepts_of(out, first) == []
+    assert not [r for r in table(out, "relations").to_pylist() if r["note_id"] == first]
+    assert runs_of(out)[-1]["stale_removed"] == 1
+    night(a)  # and come back when the text does
+    assert concepts_of(out, first) == rows_a
+    assert_no_duplicates(out)
+
+
+def test_changed_passthrough_columns_are_refreshed_without_the_model(tmp_path, spark, replay):
+    notes = sample_notes(3)
+    out = tmp_path / "warehouse"
+    assert job.run(replay, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == job.EXIT_OK
+    merged = [{**notes[0], "patient_id": "P-MERGED"}, *notes[1:]]  # an MRN merge
+    assert job.run(replay, write_notes(tmp_path / "notes", merged), str(out), spark=spark) == job.EXIT_OK
+    last = runs_of(out)[-1]
+    assert (last["selected"], last["refreshed"], last["tokens_out"]) == (0, 1, 0)
+    for name in ("concepts", "relations"):
+        got = {r["patient_id"] for r in rows(out, name) if r["note_id"] == notes[0]["note_id"]}
+        assert got in ({"P-MERGED"}, set()), name
+    assert {r["patient_id"] for r in table(out, "concepts").to_pylist() if r["note_id"] == notes[1]["note_id"]} \
+        == {notes[1]["patient_id"]}
+    assert job.run(replay, write_notes(tmp_path / "notes", merged), str(out), spark=spark) == job.EXIT_OK
+    assert runs_of(out)[-1]["refreshed"] == 0
+
+
+def test_engine_backend_is_part_of_the_fingerprint(settings, replay):
+    task = job.load_task("phee")
+    assert job.describe_extraction(settings, task)["fingerprint"] != \
+        job.describe_extraction(replay, task)["fingerprint"]
+
+
+def test_a_task_attempt_lost_after_staging_duplicates_and_loses_nothing(tmp_path, spark, replay, caplog):
+    """Partition 0's first attempt stages its first batch and its Python worker dies (a lost executor); Spark
+    retries the task (local[2,2]: 2 attempts). Its orphaned file must not reach the tables."""
+    notes = sample_notes(12)
+    cfg = replay.with_overrides(spark={"arrow_batch_size": 3})
+    src = write_notes(tmp_path / "notes", notes)
+    assert job.run(cfg, src, str(tmp_path / "reference"), spark=spark) == job.EXIT_OK
+    spark.sparkContext.setLocalProperty(FAILPOINT, "exit_after_first_staged_batch")
+    try:
+        with caplog.at_level("WARNING", logger="notelake.extract"):
+            assert job.run(cfg, src, str(tmp_path / "faulted"), spark=spark) == job.EXIT_OK
+    finally:
+        spark.sparkContext.setLocalProperty(FAILPOINT, None)
+    assert "ignored 2 staged file(s)" in caplog.text  # the lost attempt's concepts and ledger files
+    for name in ("concepts", "relations", "ledger"):
+        key = {"concepts": "concept_id", "relations": "relation_id", "ledger": "note_id"}[name]
+        assert sorted(r[key] for r in rows(tmp_path / "faulted", name)) == \
+            sorted(r[key] for r in rows(tmp_path / "reference", name)), name
+    assert_no_duplicates(tmp_path / "faulted")
+    assert not list((tmp_path / "faulted" / "_staging").glob("*"))
+
+
+def test_output_of_an_older_release_is_refused_with_a_clear_error(tmp_path, spark, replay):
+    from deltalake import write_deltalake
+    import pyarrow as pa
+
+    out = tmp_path / "warehouse"
+    write_deltalake(str(out / "ledger"), pa.table({"note_id": ["n1"], "task": ["phee"]}))
+    src = write_notes(tmp_path / "notes", sample_notes(1))
+    with pytest.raises(job.OutputLayoutError, match="older notelake"):
+        job.run(replay, src, str(out), spark=spark)
+
+
+def test_dry_run_reports_the_nightly_plan(tmp_path, spark, replay, capsys):
+    notes = sample_notes(4)
+    out = tmp_path / "warehouse"
+    assert job.run(replay, write_notes(tmp_path / "notes", notes + bad_rows()[:1]), str(out), spark=spark) == 0
+    changed = [{**notes[0], "text": "Changed."}, {**notes[1], "patient_id": "P-NEW"}, *notes[2:]]
+    src = write_notes(tmp_path / "notes", changed + bad_rows()[:2])
+    assert job.run(replay, src, str(out), spark=spark, dry_run=True) == job.EXIT_OK
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: plan[k] for k in ("selected", "unchanged", "to_refresh", "rejected_new", "rejected_known")} == \
+        {"selected": 1, "unchanged": 2, "to_refresh": 1, "rejected_new": 1, "rejected_known": 1}
