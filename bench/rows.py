@@ -21,9 +21,13 @@ import json
 import logging
 import os
 import pstats
+import random
+import resource
 import sys
 import time
 from pathlib import Path
+
+import pyarrow as pa
 
 from bench.corpus import PROBE_TEXT, render_prompts, synthetic_notes, write_note_table
 from bench.measure import PeakMemory, row
@@ -324,16 +328,17 @@ def project_functions(profiler, top: int = 20) -> list[dict]:
 def timed_job_without_spark(name: str, settings, notes, output: str, pool, task) -> dict:
     """The job's executor path without Spark: ``extract_batch`` (chunk, prompt, EnginePool.generate, parse,
     ground, stage) on Arrow batches of ``spark.arrow_batch_size`` notes, in ``num_actors x max_in_flight``
-    threads (the job's Spark partitions), then ``load`` to Delta. Isolates what Spark adds to the job."""
+    threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates what Spark adds to the job."""
     import shutil
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
 
-    from notelake.jobs.extract import RunContext, describe_extraction, extract_batch, load
+    from notelake.jobs.extract import describe_extraction, load_round
+    from notelake.jobs.stage import RunContext, extract_batch
     from notelake.jobs.warehouse import open_warehouse
-    from notelake.udfs.hashing import sha256_text
+    from notelake.udfs.hashing import note_bucket, sha256_text
 
     _reset_actor_prefix_cache(pool)
     first_token_s = _probe_pool(pool, task)
@@ -344,16 +349,24 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
         run_id = f"bench-nospark-{uuid.uuid4().hex[:8]}"
         lineage = {"run_id": run_id, **{k: ident[k] for k in ("model", "adapter", "adapter_sha256", "prompt_version",
                                                                "fingerprint")}}
-        warehouse = open_warehouse(output, "deltalake", {"notelake.run_id": run_id})
+        warehouse = open_warehouse(output, {"notelake.run_id": run_id})
+        buckets = warehouse.note_buckets(settings.job.note_buckets)
         staging = Path(output) / "_staging" / run_id
         ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"),
                          settings=settings.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
                          passthrough=passthrough, lineage=lineage)
-        hashed = notes.append_column("text_sha256", pa.array([sha256_text(t) for t in notes["text"].to_pylist()]))
+        n = notes.num_rows
+        hashed = notes.append_column("text_sha256", pa.array([sha256_text(t) for t in notes["text"].to_pylist()])) \
+            .append_column("note_bucket", pa.array([note_bucket(i, buckets) for i in notes["note_id"].to_pylist()],
+                                                   pa.int32())) \
+            .append_column("passthrough_sha256", pa.nulls(n, pa.string())) \
+            .append_column("attempt", pa.array([1] * n, pa.int32())) \
+            .append_column("has_output", pa.array([False] * n)).append_column("in_ledger", pa.array([False] * n))
         batches = hashed.to_batches(max_chunksize=settings.spark.arrow_batch_size)
         with ThreadPoolExecutor(settings.ray.num_actors * settings.ray.max_in_flight) as threads:
-            summaries = pa.Table.from_batches(list(threads.map(lambda b: extract_batch(b, ctx, task, pool), batches)))
-        load(warehouse, staging, task, notes["note_id"].to_pylist(), hashed.select(list(passthrough)).schema)
+            summaries = pa.Table.from_batches(list(threads.map(
+                lambda kb: extract_batch(kb[1], ctx, task, pool, "driver", kb[0]), enumerate(batches))))
+        load_round(warehouse, str(staging), task, summaries.to_pylist(), hashed.select(list(passthrough)).schema)
         shutil.rmtree(staging, ignore_errors=True)
         wall = time.monotonic() - t0
     status = summaries["status"].to_pylist()
@@ -521,6 +534,79 @@ def row_replay(args) -> dict:
     return {"rows": rows, "fixed": {"job (replay engine)": fixed}}
 
 
+def _replay_stack(args, work: Path, **job):
+    """Spark, Ray and REPLAY engine actors (a simulated 2-GPU node) with the bench's settings."""
+    from notelake.conf.task import load_task
+
+    task = load_task(TASK)
+    settings = bench_settings(args, engine={"backend": "replay", "enable_lora": False, "max_num_seqs": 256},
+                              job={"round_notes": args.round_notes, **job}, ray={"num_actors": 2})
+    spark, pool, fixed = _start_job_stack(settings, task, work)
+    return settings, spark, pool, fixed
+
+
+def row_rounds(args) -> dict:
+    """#13's write-path check (data plane): one full run per corpus size of --scaling in --round-notes rounds,
+    with each round's seconds and commit seconds (the runs table's rounds_json) and the driver's peak RSS: flat
+    rounds = a write path that does not grow with the tables."""
+    work = Path(args.work)
+    settings, spark, pool, fixed = _replay_stack(args, work)
+    rows = []
+    for n in args.scaling:
+        source = write_note_table(synthetic_notes(n, args.seed), work / f"rounds-notes-{n}")
+        output = work / f"wh-rounds-{n}"
+        out = timed_job(f"job with REPLAY engine, {n} notes in rounds of {args.round_notes}", settings, spark,
+                        source, str(output), round_notes=args.round_notes)
+        rounds = json.loads(_runs_row(str(output))["rounds_json"])
+        out["rounds"] = rounds
+        out["driver_peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        out["first_round_s"], out["last_round_s"] = rounds[0]["seconds"], rounds[-1]["seconds"]
+        out["first_commit_s"], out["last_commit_s"] = rounds[0]["commit_s"], rounds[-1]["commit_s"]
+        rows.append(out)
+    pool.shutdown()
+    spark.stop()
+    return {"rows": rows, "fixed": {"job (replay engine)": fixed}}
+
+
+def row_nightly(args) -> dict:
+    """#13's nightly sequence on --scaling[0] notes (REPLAY engine, --propagate-deletes): night 1 full, night 2
+    unchanged, night 3 with 1 % of the notes edited, 0.1 % deleted, 10 bad rows and one changed patient_id. Each
+    night's exit code and the exact counts of its runs row."""
+    from notelake.jobs.extract import run
+
+    work = Path(args.work)
+    settings, spark, pool, fixed = _replay_stack(args, work, propagate_deletes=True)
+    n = args.scaling[0]
+    notes = synthetic_notes(n, args.seed).to_pylist()
+    rng = random.Random(f"nightly:{args.seed}")
+    source, output = work / f"nightly-notes-{n}", work / f"wh-nightly-{n}"
+    edited = rng.sample(range(n), n // 100)
+    deleted = set(rng.sample([i for i in range(n) if i not in set(edited)], n // 1000))
+    third = [dict(r) for r in notes]
+    for i in edited:
+        third[i]["text"] += " The dose was reduced."
+    moved = next(i for i in range(n) if i not in deleted and i not in set(edited))
+    third[moved]["patient_id"] = "P-MERGED"
+    third = [r for i, r in enumerate(third) if i not in deleted]
+    third += [{**notes[0], "note_id": f"bad-{k}", "text": " " * k} for k in range(10)]
+    nights = []
+    for night, table in ((1, notes), (2, notes), (3, third)):
+        write_note_table(pa.Table.from_pylist(table, schema=synthetic_notes(1, args.seed).schema), source)
+        t0 = time.monotonic()
+        code = run(settings, str(source), str(output), spark=spark)
+        wall = round(time.monotonic() - t0, 1)
+        r = _runs_row(str(output))
+        nights.append({"night": night, "exit_code": code, "wall_s": wall, "tokens_out": r["tokens_out"],
+                       **{k: r[k] for k in ("status", "selected", "succeeded", "failed", "skipped", "rejected",
+                                           "deleted", "refreshed", "retried", "given_up", "stale_removed")}})
+        log.info("night %d: exit %d in %.1f s: %s", night, code, wall, nights[-1])
+    pool.shutdown()
+    spark.stop()
+    return {"rows": [{"row": f"nightly sequence, {n} notes (REPLAY)", "notes": n, "nights": nights,
+                      "edited": len(edited), "deleted": len(deleted), "bad_rows": 10, "patient_id_changed": 1}],
+            "fixed": {"job (replay engine)": fixed}}
+
+
 # ============================================================================================== ray.data.llm
 def row_ray_data_llm(args) -> dict:
     """Row 3: ray.data.llm's vLLM engine processor on the same prompts and sampling; answers parsed, grounded
@@ -640,7 +726,8 @@ def _write_concepts(task, texts: list[str], outputs: list[dict], warehouse: Path
 
 # ============================================================================================== main
 ROWS = {"bare": row_bare, "bare-all-cores": row_bare_all_cores, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
-        "ray-data-llm": row_ray_data_llm, "lora": row_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay}
+        "ray-data-llm": row_ray_data_llm, "lora": row_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay,
+        "rounds": row_rounds, "nightly": row_nightly}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -508,6 +508,7 @@ class RunStats:
     given_up: int = 0
     refreshed: int = 0
     stale_removed: int = 0
+    rounds: list = dataclasses.field(default_factory=list)  # per round: notes, seconds, commit seconds
 
     COUNTS: ClassVar[tuple[str, ...]] = ("selected", "succeeded", "failed", "skipped", "rejected", "tokens_in",
                                          "tokens_out", "deleted", "retried", "given_up", "refreshed", "stale_removed")
@@ -677,7 +678,8 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         "model": ident["model"], "adapter": ident["adapter"], "adapter_sha256": ident["adapter_sha256"],
         "prompt_version": ident["prompt_version"], "git_sha": commit_sha,
         "config_json": settings.model_dump_json(), "table_versions_json": "{}",
-        "started_at": started, "ended_at": None, "watermark": None, **{k: 0 for k in RunStats.COUNTS},
+        "started_at": started, "ended_at": None, "watermark": None, "rounds_json": None,
+        **{k: 0 for k in RunStats.COUNTS},
     }
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
     staging = staging_root / run_id
@@ -709,7 +711,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     complete = finished and n_selected == summary.new
     run_row.update(status="failed" if failed_run else "succeeded", ended_at=now_utc(),
                    watermark=(summary.watermark or since) if complete else since,
-                   **{k: getattr(stats, k) for k in RunStats.COUNTS})
+                   rounds_json=json.dumps(stats.rounds), **{k: getattr(stats, k) for k in RunStats.COUNTS})
     run_row["table_versions_json"] = json.dumps(warehouse.versions())
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
     log.info("run %s %s: %d succeeded, %d failed (%d given up before), %d newly rejected, %d refreshed, "
@@ -757,6 +759,7 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
     done, t0 = 0, time.monotonic()
     limit_s = settings.job.max_runtime_s
     for k, round_index in enumerate(rounds):
+        t_round = time.monotonic()
         if limit_s is not None and k and time.monotonic() - t0 > limit_s:
             log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
                         limit_s, k, len(rounds), stats.selected - done)
@@ -770,6 +773,8 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
         commit_s = time.monotonic() - t_commit
         shutil.rmtree(staging, ignore_errors=True)
         stats.add(summary)
+        stats.rounds.append({"round": k + 1, "notes": len(summary), "seconds": round(time.monotonic() - t_round, 2),
+                             "commit_s": round(commit_s, 2)})
         done += len(summary)
         elapsed = time.monotonic() - t0
         rate = done / elapsed if elapsed else 0.0

@@ -33,3 +33,13 @@ def test_udfs_and_conf_import_no_ml_frameworks():
                    "notelake.udfs.answer", "notelake.udfs.prompts", "notelake.conf.task"):
         assert module in report["imported"]
     assert report["heavy"] == [], f"heavy modules imported: {report['heavy']}"
+
+
+def test_sql_command_needs_only_the_base_install():
+    """`notelake sql` (DuckDB over the output tables) imports neither Spark nor an engine framework."""
+    probe = ("import json, sys; import notelake.jobs.cohort, notelake.jobs.warehouse, duckdb, polars; "
+             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))"
+             % (FORBIDDEN + ("pyspark",),))
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

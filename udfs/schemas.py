@@ -157,6 +157,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("given_up", pa.int64(), nullable=True),     # failed notes past job.max_attempts (not selected)
         pa.field("refreshed", pa.int64(), nullable=True),    # notes whose pass-through columns were updated
         pa.field("stale_removed", pa.int64(), nullable=True),  # rejected notes whose earlier rows were removed
+        pa.field("rounds_json", pa.string(), nullable=True),  # per round: notes, seconds, commit seconds
     ]
 )
 RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")
