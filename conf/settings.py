@@ -117,9 +117,11 @@ class JobConfig(_Strict):
     propagate_deletes: bool = Field(
         False, description="remove the output rows of notes no longer in the input (one extra scan of the id "
                            "column). Only for a full note table: never with an input that holds changed rows only")
-    max_runtime_s: float | None = Field(None, gt=0, description="start no new round after this many seconds (a "
-                                                                "backfill in nightly slices); the rest waits for "
-                                                                "the next run")
+    max_runtime_s: float | None = Field(None, gt=0, description="submit no new work after this many seconds (a "
+                                                                "backfill in nightly slices): what finished is "
+                                                                "committed, the rest waits for the next run")
+    progress_interval_s: float = Field(30, gt=0, description="a progress line (notes, prompts/s, output tok/s, "
+                                                             "failures, ETA) every this many seconds")
 
 
 class Settings(_Strict):

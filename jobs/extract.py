@@ -575,7 +575,10 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     from notelake.models.adapters import load_adapter
     from notelake.models.base_model import model_sha256, resolve_model
 
-    model_path = resolve_model(settings.engine.model)
+    try:
+        model_path = resolve_model(settings.engine.model)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"engine.model: {exc}") from None
     base_sha = model_sha256(model_path)
     adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
     version = prompt_version(task)
@@ -724,6 +727,41 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     return EXIT_OK
 
 
+class Progress:
+    """A line every ``job.progress_interval_s`` from the first note on: notes committed / selected, prompts
+    answered by the engines (their live counters) against the estimate, prompts/s, output tokens/s, engine errors
+    and an ETA. Counts and rates only."""
+
+    def __init__(self, pool, interval_s: float, notes: int, prompts: int, stats: RunStats):
+        import threading
+
+        self.pool, self.interval_s, self.notes, self.prompts, self.stats = pool, interval_s, notes, prompts, stats
+        self.base = pool.counts()
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notelake-progress", daemon=True)
+
+    def __enter__(self) -> "Progress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            now = self.pool.counts()
+            done = {k: now[k] - self.base[k] for k in now}
+            elapsed = time.monotonic() - self.t0
+            rate = done["requests"] / elapsed if elapsed else 0.0
+            eta = (self.prompts - done["requests"]) / rate if rate else float("nan")
+            log.info("progress: %d/%d notes committed, %d/~%d prompts, %.2f prompts/s, %.1f output tok/s, "
+                     "%d engine errors, %d notes failed, ETA %.0fs", self.stats.succeeded + self.stats.failed,
+                     self.notes, done["requests"], self.prompts, rate, done["output_tokens"] / max(elapsed, 1e-9),
+                     done["errors"], self.stats.failed, max(eta, 0.0))
+
+
 def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
     """(selected with a ``_round`` column, number of rounds). A round holds whole buckets when there are fewer
     rounds than buckets, else a slice of one bucket: either way its commits touch only its buckets' files."""
@@ -746,43 +784,64 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
 
     from notelake.models.actor import EnginePool, ensure_ray
 
+    t0 = time.monotonic()
+    limit_s = settings.job.max_runtime_s
+    # --max-runtime: executors submit no new batch after the deadline; what finished is committed
+    deadline = time.time() + limit_s if limit_s is not None else None
     gcs_address = ensure_ray(settings.ray)
     pool = EnginePool.get_or_create(settings)
-    pool.ready()
-    ctx = dataclasses.replace(ctx, gcs_address=gcs_address)
+    pool.ready(progress_s=settings.job.progress_interval_s)
+    ctx = dataclasses.replace(ctx, gcs_address=gcs_address, deadline=deadline)
     passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in ctx.passthrough])
     with_rounds, _ = assign_rounds(selected, stats.selected, settings.job.round_notes, buckets)
     rounds_dir = Path(ctx.staging_dir) / "selected"
     with_rounds.write.partitionBy("_round").parquet(str(rounds_dir))
     rounds = sorted(int(p.name.split("=", 1)[1]) for p in rounds_dir.glob("_round=*"))
+    prompts = estimate_prompts(spark.read.parquet(str(rounds_dir)), ctx.task, settings.job.chunk_overlap_chars)
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
-    done, t0 = 0, time.monotonic()
-    limit_s = settings.job.max_runtime_s
-    for k, round_index in enumerate(rounds):
-        t_round = time.monotonic()
-        if limit_s is not None and k and time.monotonic() - t0 > limit_s:
-            log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
-                        limit_s, k, len(rounds), stats.selected - done)
-            return False
-        staging = str(Path(ctx.staging_dir) / f"round-{round_index:05d}")
-        part = spark.read.parquet(str(rounds_dir / f"_round={round_index}"))
-        summary = [r.asDict() for r in transform(part, dataclasses.replace(ctx, staging_dir=staging),
-                                                 partitions).collect()]
-        t_commit = time.monotonic()
-        load_round(warehouse, staging, ctx.task, summary, passthrough_schema)
-        commit_s = time.monotonic() - t_commit
-        shutil.rmtree(staging, ignore_errors=True)
-        stats.add(summary)
-        stats.rounds.append({"round": k + 1, "notes": len(summary), "seconds": round(time.monotonic() - t_round, 2),
-                             "commit_s": round(commit_s, 2)})
-        done += len(summary)
-        elapsed = time.monotonic() - t0
-        rate = done / elapsed if elapsed else 0.0
-        eta = (stats.selected - done) / rate if rate else float("nan")
-        log.info("round %d/%d: %d/%d notes, %.2f notes/s, %.1f output tok/s, %d failed, commit %.1fs, ETA %.0fs",
-                 k + 1, len(rounds), done, stats.selected, rate, stats.tokens_out / max(elapsed, 1e-9),
-                 stats.failed, commit_s, eta)
-    return True
+    done = 0
+    with Progress(pool, settings.job.progress_interval_s, stats.selected, prompts, stats):
+        for k, round_index in enumerate(rounds):
+            t_round = time.monotonic()
+            if deadline is not None and time.time() > deadline:
+                log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
+                            limit_s, k, len(rounds), stats.selected - done)
+                return False
+            done += _extract_round(spark, ctx, rounds_dir, round_index, partitions, warehouse, passthrough_schema,
+                                   stats, t_round)
+            elapsed = time.monotonic() - t0
+            rate = done / elapsed if elapsed else 0.0
+            eta = (stats.selected - done) / rate if rate else float("nan")
+            log.info("round %d/%d: %d/%d notes, %.2f notes/s, %.1f output tok/s, %d failed, commit %.1fs, ETA %.0fs",
+                     k + 1, len(rounds), done, stats.selected, rate, stats.tokens_out / max(elapsed, 1e-9),
+                     stats.failed, stats.rounds[-1]["commit_s"], eta)
+    return done == stats.selected
+
+
+def estimate_prompts(notes, task: Task, overlap: int) -> int:
+    """Chunks (prompts) the notes will give: ceil((length - overlap) / (max_chunk_chars - overlap)) each."""
+    from pyspark.sql import functions as F
+
+    stride = max(1, task.max_chunk_chars - min(overlap, task.max_chunk_chars // 2))
+    est = notes.agg(F.sum(F.greatest(F.lit(1), F.ceil((F.length("text") - overlap) / stride))).alias("n")).collect()
+    return int(est[0]["n"] or 0)
+
+
+def _extract_round(spark, ctx: RunContext, rounds_dir: Path, round_index: int, partitions: int, warehouse,
+                   passthrough_schema: pa.Schema, stats: RunStats, t_round: float) -> int:
+    """Extract and commit one round; returns the notes it extracted (fewer after the deadline)."""
+    staging = str(Path(ctx.staging_dir) / f"round-{round_index:05d}")
+    part = spark.read.parquet(str(rounds_dir / f"_round={round_index}"))
+    summary = [r.asDict() for r in transform(part, dataclasses.replace(ctx, staging_dir=staging),
+                                             partitions).collect()]
+    t_commit = time.monotonic()
+    load_round(warehouse, staging, ctx.task, summary, passthrough_schema)
+    commit_s = time.monotonic() - t_commit
+    shutil.rmtree(staging, ignore_errors=True)
+    stats.add(summary)
+    stats.rounds.append({"round": len(stats.rounds) + 1, "notes": len(summary),
+                         "seconds": round(time.monotonic() - t_round, 2), "commit_s": round(commit_s, 2)})
+    return len(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -793,14 +852,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from notelake.jobs.guards import LockedError
     from notelake.jobs.warehouse import OutputWriteError
+    from notelake.models.actor import EngineStartError
+    from notelake.models.adapters import AdapterError
+    from notelake.models.base_model import ModelIntegrityError
 
     settings = None
     try:
         settings = _resolve_settings(args)
         return run(settings, args.input, args.output, limit=args.limit, full_refresh=args.full_refresh,
                    dry_run=args.dry_run)
-    except (ConfigError, InputError, OutputLayoutError) as exc:
-        log.error("%s", exc)
+    except (ConfigError, InputError, OutputLayoutError, AdapterError, ModelIntegrityError, EngineStartError) as exc:
+        log.error("%s", exc)  # these messages name settings, paths, models and actors: never note text
         return EXIT_USAGE
     except LockedError as exc:
         log.error("%s", exc)

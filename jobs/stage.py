@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -52,6 +53,7 @@ class RunContext:
     staging_dir: str
     passthrough: tuple[str, ...]
     lineage: dict = field(default_factory=dict)
+    deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started after it
 
     @property
     def task(self) -> Task:
@@ -183,6 +185,8 @@ def transform(selected, ctx: RunContext, partitions: int):
         fault = tc.getLocalProperty(FAILPOINT) if tc is not None else None
         pool = None
         for seq, batch in enumerate(batches):
+            if ctx.deadline is not None and time.time() > ctx.deadline:
+                return  # the rest of the round waits for the next run: its notes have no summary, no ledger row
             if batch.num_rows == 0:
                 continue
             pool = pool or _executor_pool(ctx)

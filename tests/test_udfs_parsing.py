@@ -91,7 +91,8 @@ def test_truncated_output_drops_its_last_line(phee):
     parsed = parse_answer(cut, phee, truncated=True)
     assert [c.text for c in parsed.concepts] == ["induced", "insulin", "insulin therapy", "hypoglycemia"]
     assert parsed.truncated and any("cut at max_tokens" in w for w in parsed.warnings)
-    assert parse_answer(GOOD[:5], phee, truncated=True).concepts == []
+    failure = parse_answer(GOOD[:5], phee, truncated=True)
+    assert isinstance(failure, ParseFailure) and failure.error_type == "truncated_output"
 
 
 def test_unknown_labels_and_disallowed_arguments_are_dropped(phee):

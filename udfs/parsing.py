@@ -19,7 +19,7 @@ from notelake.udfs.answer import ASSERTIONS, ITEM_SEP, NONE, reference_relations
 
 PARSER_VERSION = "p2"
 
-ERROR_TYPES = ("empty_output", "not_text", "no_answer_lines")
+ERROR_TYPES = ("empty_output", "not_text", "no_answer_lines", "truncated_output")
 
 _ITEM = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_-]*)\s*(?:\(\s*([A-Za-z]+)\s*\))?\s*:\s*(.*?)\s*$", re.DOTALL)
 
@@ -142,7 +142,10 @@ def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFail
     lines = [(n, line.strip()) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
     lines = [(n, line) for n, line in lines if not line.startswith("```")]
     builder = _Builder(task)
-    if truncated and lines:
+    if truncated:
+        if len(lines) <= 1:
+            return ParseFailure("truncated_output", f"output cut at max_tokens ({len(raw)} chars) before any "
+                                                    "complete line")
         lines.pop()
         builder.warnings.append("output cut at max_tokens: its last line dropped")
     if len(lines) == 1 and lines[0][1].lower() == NONE:
