@@ -1,4 +1,4 @@
-"""Evaluate the real extraction path (chunk -> prompt -> vLLM + guided JSON -> parse + ground) on gold data.
+"""Evaluate the real extraction path (chunk -> prompt -> vLLM + guided decoding -> parse + ground) on gold data.
 
 Run from the repository root (no Spark needed; one in-process vLLM engine, float32 on CPU)::
 
@@ -237,7 +237,8 @@ def write_gate_baseline(report: dict, path: Path, resamples: int) -> Path:
         "gate": {"limit": int(n), "seed": report["slice"]["seed"], "n_gold_concepts": pre["cce_lenient"]["n_gold"],
                  "note_ids_sha256": pre["note_ids_sha256"], "lenient_f1": pre["cce_lenient"]["f1"],
                  "lenient_f1_se": pre["cce_lenient"].get("se"), "lenient_f1_ci95": pre["cce_lenient"].get("ci95"),
-                 "rule": f"fail when lenient F1 < lenient_f1 - 2 x lenient_f1_se (greedy, guided decoding "
+                 "cre_lenient_f1": pre["cre_lenient"]["f1"], "cre_lenient_f1_se": pre["cre_lenient"].get("se"),
+                 "rule": f"fail when concept (or relation) lenient F1 < its baseline - 2 x its SE (greedy, guided "
                          f"{engine['guided_decoding']}, max_tokens {engine['max_tokens']})"},
         "bootstrap": {"resamples": resamples, "seed": report["slice"]["seed"],
                       "unit": "note"},

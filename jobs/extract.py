@@ -626,7 +626,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         "notelake.run_id": run_id, "notelake.git_sha": commit_sha or "", "notelake.model": ident["model"],
         "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],
     })
-    buckets = warehouse.note_buckets(settings.job.note_buckets)
+    buckets = warehouse.note_buckets(settings.job.note_buckets, create=not dry_run)
     staging_root = Path(warehouse.root) / "_staging"
     if not dry_run:  # under the run lock: whatever is staged or "running" belongs to a run that died
         abandoned = warehouse.recover(staging_root)

@@ -249,7 +249,7 @@ class Warehouse:
         self.append("ledger", ledger.filter(pc.invert(is_known)))
 
     # ------------------------------------------------------------------------------------------ layout, recovery
-    def note_buckets(self, wanted: int) -> int:
+    def note_buckets(self, wanted: int, create: bool = True) -> int:
         """The output's bucket count: fixed by its first run (``_notelake_layout.json``); ``wanted`` for a new one.
 
         Refuses an output written by an older release (another layout): its rows could not be replaced in place.
@@ -266,7 +266,9 @@ class Warehouse:
                 f"output {self.root} was written by an older notelake (table layout 1: no note buckets, one ledger "
                 "row per text and fingerprint). Write to a new --output: the v3 adapter and answer schema change "
                 "the extraction fingerprint, so every note is re-extracted anyway (README, upgrade notes).")
-        layout_path.write_text(json.dumps({"layout": LAYOUT_VERSION, "note_buckets": wanted}) + "\n", encoding="utf-8")
+        if create:
+            layout_path.write_text(json.dumps({"layout": LAYOUT_VERSION, "note_buckets": wanted}) + "\n",
+                                   encoding="utf-8")
         return wanted
 
     def recover(self, staging_root: Path) -> list[str]:

@@ -55,7 +55,7 @@ def test_shipped_tasks_build_prompts_and_grammars():
         task = load_task(name)
         grammar = answer_grammar(task, "Aspirin caused a rash.")
         assert all(f'"{label}"' in grammar for label in task.concepts)
-        assert '"Aspirin caused a rash"' in grammar and '"Aspirin rash"' not in grammar  # n-grams of the text
+        assert '"Aspirin"' in grammar and '"rash"' in grammar  # the text's own words (tests/test_udfs_answer.py)
         messages = build_messages(task, "Aspirin caused a rash.")
         assert messages[-1]["content"].endswith("Aspirin caused a rash.")
         assert prompt_version(task).startswith("t3-")

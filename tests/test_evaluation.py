@@ -184,7 +184,8 @@ def test_baseline_files_are_well_formed():
 
 
 def test_shipped_adapter_gate(engine_pool):
-    """Lenient F1 of the shipped adapter on its fixed gate slice >= baseline - 2 x SE (greedy, guided JSON)."""
+    """Concept and relation lenient F1 of the shipped adapter on its fixed gate slice >= baseline - 2 x SE (greedy,
+    grounded guided decoding, the job's defaults)."""
     found = _shipped_baseline()
     if found is None:
         pytest.skip("no gate baseline in models/baselines/ yet")
@@ -205,6 +206,9 @@ def test_shipped_adapter_gate(engine_pool):
     ok, msg = f1_gate(report, {"lenient_f1": gate["lenient_f1"], "lenient_f1_se": gate["lenient_f1_se"]})
     assert scores["invalid_output_rate"] is not None
     assert ok, f"{path.name}: {msg}"
+    if gate.get("cre_lenient_f1") is not None:
+        floor = gate["cre_lenient_f1"] - 2 * gate["cre_lenient_f1_se"]
+        assert scores["cre"]["lenient"]["f1"] >= floor, f"relation lenient F1 {scores['cre']['lenient']['f1']} < {floor}"
 
 
 def test_rescore_prefix_matches_scoring_the_prefix():
