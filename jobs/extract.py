@@ -60,6 +60,7 @@ from notelake.udfs.prompts import prompt_version
 log = logging.getLogger("notelake.extract")
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_USAGE, EXIT_LOCKED, EXIT_WRITE_FAILED, EXIT_FAILED = 0, 1, 2, 3, 4, 5
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "adapters" / "notelake-mt"
 WATERMARK = "source_updated_at"  # input.updated_at_column as a timestamp, carried to the watermark aggregate
 SUMMARY_SCHEMA = pa.schema([
     ("note_id", pa.string()), ("status", pa.string()), ("n_chunks", pa.int32()), ("n_concepts", pa.int32()),
@@ -581,6 +582,8 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
         raise ConfigError(f"engine.model: {exc}") from None
     base_sha = model_sha256(model_path)
     adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
+    if adapter is None and not task.define_labels:
+        warn_trained_task_without_adapter(task)
     version = prompt_version(task)
     max_tokens = settings.engine.max_tokens or task.max_tokens
     sampling = {"temperature": settings.engine.temperature, "max_tokens": max_tokens,
@@ -593,6 +596,20 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
         "adapter": adapter.name if adapter else None, "adapter_sha256": adapter.sha256 if adapter else None,
         "prompt_version": version, "fingerprint": fp,
     }
+
+
+def warn_trained_task_without_adapter(task: Task) -> None:
+    """A trained task's prompt has no label definitions: without its adapter the base model cannot do it."""
+    try:
+        shipped = json.loads((SHIPPED_ADAPTER / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        shipped = {}
+    scores = (shipped.get("dev_scores") or {}).get(task.name) or {}
+    expected = f" (the shipped adapter scores {scores['cce_lenient_f1']:.2f} lenient F1 on {task.name} dev)" \
+        if "cce_lenient_f1" in scores else ""
+    log.warning("task %s was trained into an adapter (define_labels: false) but engine.adapter is not set: the base "
+                "model runs it zero-shot without label definitions and extracts next to nothing%s. Set "
+                "engine.adapter: models/adapters/notelake-mt", task.name, expected)
 
 
 def run(settings: Settings, source: str, output: str, *, limit: int | None = None, full_refresh: bool = False,
