@@ -18,8 +18,8 @@ def test_shipped_environments_load(name):
 
 def test_local_is_the_embedded_default():
     s = load_settings()
-    assert (s.engine.backend, s.engine.dtype, s.ray.address, s.spark.delta_writer) == \
-        ("vllm", "float32", None, "deltalake")
+    assert (s.engine.backend, s.engine.dtype, s.ray.address, s.engine.guided_decoding) == \
+        ("vllm", "float32", None, "grounded")
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -27,7 +27,7 @@ def test_local_is_the_embedded_default():
     ("engine:\n  max_num_seqs: 0\n", r"engine\.max_num_seqs: Input should be greater than or equal to 1"),
     ("engine:\n  gpu_memory_utilisation: 0.3\n", r"engine\.gpu_memory_utilisation: Extra inputs are not permitted"),
     ("ray:\n  num_actors: many\n", r"ray\.num_actors: Input should be a valid integer"),
-    ("spark:\n  delta_writer: iceberg\n", r"spark\.delta_writer: Input should be 'deltalake' or 'delta-spark'"),
+    ("engine:\n  guided_decoding: json\n", r"engine\.guided_decoding: Input should be 'grounded', 'labels' or 'off'"),
     ("- just\n- a list\n", r"top level must be a mapping"),
     ("engine: [unclosed\n", r"is not valid YAML"),
     ("engine:\n  adapter: x\n  enable_lora: false\n", r"engine.adapter is set but engine.enable_lora is false"),
