@@ -646,10 +646,13 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     buckets = warehouse.note_buckets(settings.job.note_buckets, create=not dry_run)
     staging_root = Path(warehouse.root) / "_staging"
     if not dry_run:  # under the run lock: whatever is staged or "running" belongs to a run that died
-        abandoned = warehouse.recover(staging_root)
+        abandoned, repaired = warehouse.recover(staging_root)
         if abandoned:
             log.warning("marked %d run(s) left running by a dead process as abandoned: %s", len(abandoned),
                         ", ".join(abandoned))
+        if repaired:
+            log.warning("removed the uncommitted rows of %d note(s) from the round an earlier run died in "
+                        "(extracted again now)", repaired)
 
     history = previous_runs(warehouse, task.name, ident["fingerprint"])
     since = None

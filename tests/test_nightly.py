@@ -189,3 +189,36 @@ def test_dry_run_reports_the_nightly_plan(tmp_path, spark, replay, capsys):
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {k: plan[k] for k in ("selected", "unchanged", "to_refresh", "rejected_new", "rejected_known")} == \
         {"selected": 1, "unchanged": 2, "to_refresh": 1, "rejected_new": 1, "rejected_known": 1}
+
+
+def test_driver_killed_between_row_and_ledger_commits_leaves_no_duplicates(tmp_path, spark, replay, ray_address):
+    """The worst moment to die: round 2's concepts are appended (first-time notes) but its ledger commit never
+    happens. The next run removes those rows (their notes are extracted again) and finishes without duplicates."""
+    import os
+    import subprocess
+    import sys
+
+    from jobkit import write_conf
+
+    from notelake.jobs.warehouse import FAILPOINT_ENV
+
+    notes = sample_notes(6)
+    src = write_notes(tmp_path / "notes", notes)
+    out = tmp_path / "warehouse"
+    cfg = replay.with_overrides(job={"round_notes": 2})
+    conf = write_conf(tmp_path / "conf.yaml", cfg.with_overrides(ray={"address": ray_address}))
+    proc = subprocess.run([sys.executable, "-m", "notelake.jobs.extract", "--conf", conf, "--input", src,
+                           "--output", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, FAILPOINT_ENV: "exit_before_ledger_commit:2"})
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    acked = {r["note_id"] for r in table(out, "ledger").to_pylist()}
+    orphaned = {r["note_id"] for r in table(out, "concepts").to_pylist()} - acked
+    assert 0 < len(acked) < len(notes) and orphaned  # round 1 committed; round 2's rows landed, not its ledger
+
+    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    runs = runs_of(out)
+    assert runs[0]["status"] == "abandoned"
+    assert (runs[-1]["status"], runs[-1]["selected"]) == ("succeeded", len(notes) - len(acked))
+    assert sorted(r["note_id"] for r in table(out, "ledger").to_pylist()) == sorted(n["note_id"] for n in notes)
+    assert_no_duplicates(out)
+    assert {r["note_id"] for r in table(out, "concepts").to_pylist()} == {n["note_id"] for n in notes}
