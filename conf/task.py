@@ -71,6 +71,12 @@ class Task(BaseModel):
                           "and the shorter prompt halves training and prefill cost")
     max_tokens: int = Field(512, ge=16, description="answer token budget, sized from the task's answer density")
     max_chunk_chars: int = Field(1500, ge=100, description="longest text span sent in one prompt")
+    chunk_overlap_chars: int | None = Field(
+        None, ge=0, description="overlap between chunks of a long note for this task; null = job.chunk_overlap_chars")
+
+    def overlap(self, default: int) -> int:
+        """The chunk overlap this task runs with (its own, else the job's ``default``)."""
+        return default if self.chunk_overlap_chars is None else self.chunk_overlap_chars
 
     @model_validator(mode="after")
     def _relations_consistent(self) -> "Task":

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--kv-fraction", type=float, default=0.08, help="engine.gpu_memory_utilization (CPU: of host RAM)")
+    p.add_argument("--chunk-overlap", type=int, default=None,
+                   help="chunk overlap in characters (default: the task's, else job.chunk_overlap_chars; A/B)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call (progress granularity)")
     p.add_argument("--guided", choices=["grounded", "labels", "off"], default="grounded",
                    help="guided decoding: mentions from the chunk only (default), labels only, or free (A/B)")
@@ -108,9 +110,10 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
         raise ConfigError(f"adapter refused: {exc}") from None
     settings = load_settings(args.settings)
     max_tokens = args.max_tokens or task.max_tokens
+    overlap = task.overlap(settings.job.chunk_overlap_chars) if args.chunk_overlap is None else args.chunk_overlap
     scores = evaluate_records(
         task, records, generate, adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
-        guided_decoding=args.guided, chunk_overlap_chars=settings.job.chunk_overlap_chars,
+        guided_decoding=args.guided, chunk_overlap_chars=overlap,
         batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
         lineage={"model": model_name, "model_sha256": model_sha,
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
@@ -135,7 +138,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
         "adapter": adapter,
         "engine": {"backend": engine_desc.get("backend"), "dtype": engine_desc.get("dtype"),
                    "greedy": True, "guided_decoding": args.guided, "max_tokens": max_tokens,
-                   "chunk_overlap_chars": settings.job.chunk_overlap_chars, "max_chunk_chars": task.max_chunk_chars,
+                   "chunk_overlap_chars": overlap, "max_chunk_chars": task.max_chunk_chars,
                    "versions": engine_desc.get("versions")},
         "machine": {"cpus": os.cpu_count(), "gpu": _gpu_name()},
         "command": "python -m notelake.jobs.evaluate " + " ".join(shlex.quote(a) for a in (args._argv or [])),

@@ -588,7 +588,7 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     max_tokens = settings.engine.max_tokens or task.max_tokens
     sampling = {"temperature": settings.engine.temperature, "max_tokens": max_tokens,
                 "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
-    chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": settings.job.chunk_overlap_chars}
+    chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars)}
     fp = extraction_fingerprint(base_sha, adapter.sha256 if adapter else None, version, sampling, chunking,
                                 PARSER_VERSION, settings.engine.backend)
     return {
@@ -817,7 +817,8 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
     rounds_dir = Path(ctx.staging_dir) / "selected"
     with_rounds.write.partitionBy("_round").parquet(str(rounds_dir))
     rounds = sorted(int(p.name.split("=", 1)[1]) for p in rounds_dir.glob("_round=*"))
-    prompts = estimate_prompts(spark.read.parquet(str(rounds_dir)), ctx.task, settings.job.chunk_overlap_chars)
+    prompts = estimate_prompts(spark.read.parquet(str(rounds_dir)), ctx.task,
+                               ctx.task.overlap(settings.job.chunk_overlap_chars))
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
     done = 0
     with Progress(pool, settings.job.progress_interval_s, stats.selected, prompts, stats):

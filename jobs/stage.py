@@ -132,7 +132,8 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool, tag:
     max_tokens = engine_cfg.get("max_tokens") or task.max_tokens
     guided = engine_cfg.get("guided_decoding", "grounded")
     notes = batch.to_pylist()
-    chunked = [chunk_text(n["text"], task.max_chunk_chars, job_cfg["chunk_overlap_chars"]) for n in notes]
+    overlap = task.overlap(job_cfg["chunk_overlap_chars"])
+    chunked = [chunk_text(n["text"], task.max_chunk_chars, overlap) for n in notes]
     requests = [
         GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
                           guide=answer_guide(task, c.text, guided), max_tokens=max_tokens)

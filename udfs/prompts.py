@@ -68,11 +68,16 @@ def build_messages(task: Task, text: str, answer: str | None = None) -> list[dic
     return messages
 
 
+#: The task fields a prompt or an answer depends on (budgets and chunking are in the extraction fingerprint).
+_PROMPT_FIELDS = {"name", "description", "kind", "concepts", "relations", "events", "examples", "define_labels"}
+
+
 def prompt_version(task: Task) -> str:
     """Hash of the template, the answer schema version and the task definition (recorded on every row)."""
     payload = json.dumps(
         {"template": TEMPLATE_VERSION, "schema": ANSWER_SCHEMA_VERSION, "system": system_prompt(task),
-         "instruction": instruction(task) if task.define_labels else None, "task": task.model_dump(mode="json")},
+         "instruction": instruction(task) if task.define_labels else None,
+         "task": task.model_dump(mode="json", include=_PROMPT_FIELDS)},
         sort_keys=True,
     )
     return f"{TEMPLATE_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
