@@ -205,52 +205,34 @@ def answer_grammar(task: Task, text: str | None = None) -> str:
     """GBNF grammar of a v2 answer for ``task`` (vLLM structured outputs, ``grammar``).
 
     Labels are enums; an event line admits only the argument labels its anchor has a relation for; reference
-    items only relation labels. With ``text`` (grounded decoding) every mention is a run of the text's own tokens
-    (:func:`mention_ngrams`), so every emitted mention is grounded by construction (discontinuous mentions cannot
-    be written), and the lines follow the text: a line's first mention starts at or after the previous line's,
-    and at most two lines start at one token. A small model that reaches the end of a long window otherwise tends
-    to start over, or repeat a line, until ``max_tokens`` (measured: 54 of 60 MACCROBAT windows); in reading order
-    it can only go on or stop.
+    items only relation labels. With ``text``, a mention can only be one of ``mention_ngrams(text)``: every
+    emitted mention is then grounded by construction (discontinuous mentions cannot be written).
     """
     marker = '("(" ("negated" | "speculated" | "hypothetical") ")")?'
     anchors = list(task.events.anchors) if task.events else []
     plain = [c for c in task.concepts if c not in anchors]
     references = reference_relations(task)
-    refs = ' (" | " reference)*' if references else ""
-    rules: dict[str, str] = {}
-    heads = []  # (prefix rule, tail after the head mention)
+    rules = {"root": f'"{NONE}" | line ("\\n" line)*'}
+    line_kinds = []
     if plain:
-        rules["concept"] = f"({_alternatives(plain)}) {marker} \": \""
-        heads.append(("concept", refs))
+        rules["concept"] = f"({_alternatives(plain)}) {marker} \": \" mention"
+        line_kinds.append("concept")
     for k, anchor in enumerate(anchors):
         args = [c for c in task.concepts if task.argument_relations(anchor, c)]
-        rules[f"event{k}"] = f"{_literal(anchor)} {marker} \": \""
-        tail = ""
+        body = f"{_literal(anchor)} {marker} \": \" mention"
         if args:
             rules[f"arg{k}"] = f"({_alternatives(args)}) {marker} \": \" mention"
-            tail = f' (" | " arg{k})*'
-        heads.append((f"event{k}", tail + refs))
+            body += f' (" | " arg{k})*'
+        rules[f"event{k}"] = body
+        line_kinds.append(f"event{k}")
     if references:
         rules["reference"] = f"({_alternatives(references)}) \": \" mention"
+        line_kinds = [f'{kind} (" | " reference)*' for kind in line_kinds]
+    rules["line"] = " | ".join(f"({kind})" for kind in line_kinds)
     if text is None:
-        rules["root"] = f'"{NONE}" | line ("\\n" line)*'
-        rules["line"] = " | ".join(f"({prefix} mention{tail})" for prefix, tail in heads)
         rules["mention"] = "[^|\\n ] [^|\\n]*"
     else:
-        mentions = _mention_rules(text)
-        starts = [int(name[1:]) for name in mentions["mention"].split(" | ") if name.startswith("t")]
-        # la<k>: lines whose first mention starts at token k or later; at most two lines start at one token (the
-        # second via hb/lb: nested mentions, 0.9 % of MACCROBAT's; a third, 0.03 %, cannot be written)
-        for pos, k in enumerate(starts):
-            later = f" | la{starts[pos + 1]}" if pos + 1 < len(starts) else ""
-            rules[f"x{k}"] = " | ".join(f"({prefix} t{k}{tail})" for prefix, tail in heads)
-            rules[f"ha{k}"] = f'x{k} ("\\n" lb{k})?'
-            rules[f"hb{k}"] = f'x{k} ("\\n" la{starts[pos + 1]})?' if later else f"x{k}"
-            rules[f"la{k}"] = f"ha{k}{later}"
-            rules[f"lb{k}"] = f"hb{k}{later}"
-        rules["root"] = f'"{NONE}"' + (f" | la{starts[0]}" if starts else "")
-        rules.update(mentions)
-    rules = {"root": rules.pop("root"), **rules}
+        rules.update(_mention_rules(text))
     return "\n".join(f"{name} ::= {body}" for name, body in rules.items())
 
 
