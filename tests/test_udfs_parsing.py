@@ -95,6 +95,15 @@ def test_truncated_output_drops_its_last_line(phee):
     assert isinstance(failure, ParseFailure) and failure.error_type == "truncated_output"
 
 
+def test_a_cut_answer_loses_its_loop(maccrobat):
+    loop = "Sign_symptom: fever\nSeverity: mild | MODIFY: cough\nSign_symptom: cough\n" + \
+        "Sign_symptom: fever\nSign_symptom: rash\n" * 20 + "Sign_sym"
+    parsed = parse_answer(loop, maccrobat, truncated=True)
+    assert [c.text for c in parsed.concepts] == ["fever", "mild", "cough"]
+    assert len(parsed.warnings) == 2
+    assert [c.text for c in parse_answer(loop, maccrobat).concepts].count("fever") == 21  # complete: kept as is
+
+
 def test_unknown_labels_and_disallowed_arguments_are_dropped(phee):
     raw = ("Alien: x\n"
            "ADE_trigger: induced | Drug: insulin | ADE_trigger: again | Wrong: y | adverse_effect: z | Drug no colon\n"

@@ -4,6 +4,9 @@ Whatever the model writes, only the task's concept labels, relation labels and a
 come out; everything else is dropped with a warning. Warnings and failure messages carry counts, line numbers and
 task label names only, never the raw output or note text (PHI).
 
+An answer cut at ``max_tokens`` loses its last (partial) line and, from the first line that repeats an earlier
+one, the rest: greedy decoding that runs out of budget is looping (measured on MACCROBAT windows).
+
 A concept is returned with the index of its event's anchor (arguments are grounded next to their anchor); a
 relation's tail is a concept index, or, for a reference item, the mention text to resolve against the answer's
 grounded concepts (udfs/assemble.py).
@@ -148,6 +151,14 @@ def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFail
                                                     "complete line")
         lines.pop()
         builder.warnings.append("output cut at max_tokens: its last line dropped")
+        seen: set[str] = set()
+        for k, (_, line) in enumerate(lines):
+            if line in seen:  # a small model that runs out of budget is repeating itself: the rest is the loop
+                builder.warnings.append(f"output cut at max_tokens: {len(lines) - k} line(s) from the first "
+                                        "repeated line on dropped")
+                lines = lines[:k]
+                break
+            seen.add(line)
     if len(lines) == 1 and lines[0][1].lower() == NONE:
         return ParsedAnswer([], [], builder.warnings, truncated)
     for n, line in lines:
