@@ -269,7 +269,9 @@ def plan(valid, state, fingerprint: str, max_attempts: int, buckets: int, passth
               .when(failed, "given_up")
               .when(~F.col("l_passthrough_sha256").eqNullSafe(F.col("passthrough_sha256")), "refresh")
               .otherwise("unchanged"))
-    attempt = F.when(failed & ~F.lit(full_refresh), F.col("l_attempts") + 1).otherwise(1)
+    # the attempt this run makes (a given-up note keeps the count it was given up at)
+    attempt = (F.when(action == "retry", F.col("l_attempts") + 1)
+               .when(action == "given_up", F.col("l_attempts")).otherwise(1))
     return joined.select(
         *planned.columns, action.alias("action"), attempt.cast("int").alias("attempt"),
         F.coalesce(F.col("l_has_output"), F.lit(False)).alias("has_output"),

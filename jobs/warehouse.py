@@ -202,7 +202,9 @@ class Warehouse:
             .when_matched_update({c: f"s.{c}" for c in columns}).execute()))
 
     def append(self, table: str, data: pa.Table) -> None:
-        if data.num_rows == 0:
+        """Append ``data``; an empty ``data`` still creates a missing table, so every output table exists (with its
+        schema) after the first run and downstream SQL never meets a missing one."""
+        if data.num_rows == 0 and self.version(table) is not None:
             return
         from deltalake import write_deltalake
 

@@ -55,7 +55,8 @@ def test_grounded_grammar_admits_only_task_labels_and_text_mentions(engine_pool,
     (res,) = engine_pool.generate([req])
     assert res.error is None and res.text
     parsed = parse_answer(res.text, task, truncated=res.finish_reason == "length")
-    assert isinstance(parsed, ParsedAnswer) and parsed.warnings in ([], ["output cut at max_tokens: its last line dropped"])
+    assert isinstance(parsed, ParsedAnswer)
+    assert all(w.startswith("output cut at max_tokens") for w in parsed.warnings), parsed.warnings
     allowed = set(mention_ngrams(PHEE_TEXT))
     assert parsed.concepts or res.text.strip() == "none" or res.finish_reason == "length"
     assert all(c.label in task.concepts and c.text in allowed for c in parsed.concepts)

@@ -140,7 +140,7 @@ def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
     planned = job.plan(valid, state, "fp", 2, 8, ()).persist()
     got = {r["note_id"]: (r["action"], r["attempt"], r["has_output"], r["in_ledger"]) for r in planned.collect()}
     assert got == {ids[0]: ("unchanged", 1, True, True), ids[1]: ("retry", 2, False, True),
-                   ids[2]: ("given_up", 1, True, True), ids[3]: ("extract", 1, False, False)}
+                   ids[2]: ("given_up", 2, True, True), ids[3]: ("extract", 1, False, False)}
     marked = job.classify_rejected(rejected, state, None, 8)
     summary = job.summarize_input(planned, marked)
     assert (summary.valid, summary.new, summary.rejected, summary.stale) == (4, 2, 3, 0)

@@ -120,7 +120,7 @@ def test_truncated_model_output_becomes_error_rows_and_exit_code(tmp_path, spark
     assert set(table(out, "ledger")["status"].to_pylist()) == {"failed"}
 
 
-def test_unguided_output_that_is_not_json_becomes_error_rows(tmp_path, spark, engine_pool, settings):
+def test_unguided_output_not_in_answer_format_becomes_error_rows(tmp_path, spark, engine_pool, settings):
     notes = sample_notes(2)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
@@ -131,7 +131,7 @@ def test_unguided_output_that_is_not_json_becomes_error_rows(tmp_path, spark, en
     errors = rows(out, "errors")
     for e in errors:  # whatever free text came back is classified, never copied into the message
         assert e["stage"] == "parse"
-        assert e["error_type"] in {"no_answer_lines", "empty_output", "not_text"}
+        assert e["error_type"] in {"no_answer_lines", "empty_output", "not_text", "truncated_output"}
         assert "warfarin" not in e["message"].lower() and "ibuprofen" not in e["message"].lower()
     assert {r["note_id"] for r in ledger if r["status"] == "failed"} == {e["note_id"] for e in errors}
 

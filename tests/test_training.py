@@ -12,6 +12,7 @@ import pytest
 
 from notelake.conf.settings import ConfigError
 from notelake.models.training import TrainConfig, build_datasets, encode_example, load_train_config, split_notes
+from notelake.udfs import answer, prompts
 
 TASK_YAML = """\
 description: Drugs and their effects in short sentences.
@@ -145,8 +146,8 @@ def test_lora_few_steps_writes_adapter_with_manifest(toy, tmp_path, base_model_p
     assert t["optimizer_steps"] == 2 and t["tokens_processed"] > 0 and t["peak_rss_mb"] > 0
     assert t["trainable_params"] < t["total_params"] / 10
     assert manifest["label_sets"] == {"toy_ade": ["Drug", "Effect"]}
-    assert manifest["prompt_versions"]["toy_ade"].startswith("t2-")
-    assert len(manifest["data_fingerprint"]) == 64 and manifest["answer_schema"] == "v1"
+    assert manifest["prompt_versions"]["toy_ade"].startswith(prompts.TEMPLATE_VERSION + "-")
+    assert len(manifest["data_fingerprint"]) == 64 and manifest["answer_schema"] == answer.ANSWER_SCHEMA_VERSION
 
     # resume: the same config with more steps continues from the last checkpoint
     manifest2 = train(cfg.model_copy(update={"steps": 3}))
