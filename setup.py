@@ -46,7 +46,7 @@ setup(
         "gpu": COMMON + ["vllm==0.25.0", "transformers>=4.57", "gguf>=0.10"],
         "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10",
                   "matplotlib>=3.8"],  # evaluation report plots (per-label F1, learning curve)
-        "dev": ["pytest>=8", "hypothesis>=6", "pyflakes>=3"],
+        "dev": ["pytest>=8", "hypothesis>=6", "pyflakes>=3", "moto[server]==5.2.5"],
     },
     entry_points={"console_scripts": ["notelake=notelake.cli:main"]},
 )
