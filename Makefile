@@ -10,7 +10,7 @@ TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 
-.PHONY: demo test bench install base-model clean
+.PHONY: demo test cluster-test bench install base-model clean
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: base-model
 
 test: base-model
 	$(BIN)/python -m pytest
+
+# Cluster mode on real local processes: Spark standalone, a Ray head, an S3 server (also part of `make test`).
+cluster-test: base-model
+	$(BIN)/python -m pytest -m cluster
 
 # Benchmarks (docs/benchmarks.md): prints the table and writes runs/bench/<UTC time>/results.json.
 BENCH_ARGS ?= --notes 32 --seed 0

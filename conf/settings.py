@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 CONF_DIR = Path(__file__).resolve().parent
 TASKS_DIR = CONF_DIR / "tasks"
@@ -56,6 +56,8 @@ class EngineConfig(_Strict):
     max_tokens: int | None = Field(None, ge=1, description="answer budget; null = the task's own max_tokens")
     seed: int = Field(0, description="sampling seed")
     enforce_eager: bool = Field(True, description="skip graph capture (faster start on CPU)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans (vLLM tensor parallelism; > 1 "
+                                                           "runs vLLM's own Ray workers, one per GPU)")
     cpu_reserved_cores: int | None = Field(
         None, ge=0, description="vllm-cpu only: cores kept off the model for vLLM's scheduler "
                                 "(VLLM_CPU_NUM_OF_RESERVED_CPU); null = vLLM's default (1). 0 on a small box gives "
@@ -63,7 +65,9 @@ class EngineConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="Ray cluster address; null = start a local Ray")
+    address: str | None = Field(
+        None, description="an existing Ray cluster: 'auto' (this node belongs to it) or its GCS address host:port; "
+                          "null = start a local Ray. Spark executors must run on the cluster's nodes")
     namespace: str = Field("notelake", description="namespace for the named engine actors")
     num_actors: int = Field(1, ge=1, description="engine actors (one per GPU)")
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per engine actor (1 on GPU machines)")
@@ -73,6 +77,17 @@ class RayConfig(_Strict):
     max_task_retries: int = Field(2, ge=0, description="times a batch in flight on a dead actor is retried")
     batch_size: int = Field(16, ge=1, description="prompts per actor call")
     max_in_flight: int = Field(2, ge=1, description="calls in flight per actor (keeps continuous batching full)")
+
+    @field_validator("address")
+    @classmethod
+    def _no_ray_client(cls, address: str | None) -> str | None:
+        # A Ray Client (ray://) connection gives Spark executors no GCS address to join, and each executor would
+        # need a client session of its own: the executors must run on the Ray cluster's nodes.
+        if address and address.startswith("ray://"):
+            raise ValueError("Ray Client addresses (ray://) are not supported: run the Spark executors on the Ray "
+                             "cluster's nodes and set 'auto' or the head's GCS address host:6379 (README, cluster "
+                             "mode)")
+        return address
 
 
 class SparkConfig(_Strict):
@@ -124,6 +139,21 @@ class JobConfig(_Strict):
                                                              "failures, ETA) every this many seconds")
 
 
+class StorageConfig(_Strict):
+    """Object-store access for input, output and staging URIs (s3://, gs://, abfss://, file://, plain paths)."""
+
+    options: dict[str, SecretStr] = Field(
+        default_factory=dict, description="delta-rs storage options (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); "
+                                          "keys missing here are taken from the environment. Never logged")
+    staging: str | None = Field(
+        None, description="where executors stage rows before a round commits (a location every executor and the "
+                          "driver reach); null = <output>/_staging")
+
+    def revealed_options(self) -> dict[str, str]:
+        """The configured options in clear (for the storage clients only: never log or persist them)."""
+        return {k: v.get_secret_value() for k, v in self.options.items()}
+
+
 class Settings(_Strict):
     environment: str = Field("local", description="name of this environment")
     engine: EngineConfig = EngineConfig()
@@ -131,6 +161,7 @@ class Settings(_Strict):
     spark: SparkConfig = SparkConfig()
     input: InputConfig = InputConfig()
     job: JobConfig = JobConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _lora_rank_fits(self) -> "Settings":

@@ -30,29 +30,31 @@ def query_text(name_or_path: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def run_duckdb(output: str | Path, sql: str) -> pa.Table:
-    """DuckDB over each table's current snapshot: DuckDB's own Parquet reader on exactly the snapshot's files."""
+def run_duckdb(output: str | Path, sql: str, opts: dict[str, str] | None = None) -> pa.Table:
+    """DuckDB over each table's current snapshot: delta-rs hands DuckDB an Arrow dataset of exactly the snapshot's
+    files (local or on an object store), which DuckDB scans with projection and filter pushdown."""
     import duckdb
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
 
-    from notelake.jobs.warehouse import empty_snapshot, snapshot_files
+    from notelake.jobs import storage
 
     con = duckdb.connect()
     for table in QUERY_TABLES:
-        files = [f.removeprefix("file://") for f in snapshot_files(Path(output) / table)]
-        if files:
-            file_list = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{file_list}], hive_partitioning = true)")
-        elif (empty := empty_snapshot(Path(output) / table)) is not None:
-            con.register(table, empty)
+        try:
+            con.register(table, DeltaTable(storage.join(str(output), table), storage_options=opts).to_pyarrow_dataset())
+        except TableNotFoundError:
+            continue
     return con.sql(sql).to_arrow_table()
 
 
-def run_spark(spark, output: str | Path, sql: str):
+def run_spark(spark, output: str | Path, sql: str, opts: dict[str, str] | None = None):
     """Spark SQL over delta-rs tables via their current snapshot's Parquet files (no delta-spark needed)."""
+    from notelake.jobs import storage
     from notelake.jobs.warehouse import read_snapshot_spark
 
     for table in QUERY_TABLES:
-        df = read_snapshot_spark(spark, Path(output) / table)
+        df = read_snapshot_spark(spark, storage.join(str(output), table), opts)
         if df is not None:
             df.createOrReplaceTempView(table)
     return spark.sql(sql)
@@ -64,20 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query", default="drug_adverse_effects", help="shipped query name or a .sql file")
     p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb")
     p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--conf", default=None, help="settings YAML whose storage.options reach an object-store output "
+                                               "(the environment's AWS_* variables serve too)")
     args = p.parse_args(argv)
     sql = query_text(args.query)
+    from notelake.conf import load_settings
+    from notelake.jobs import storage
+
+    settings = load_settings(args.conf)
+    opts = storage.storage_options(settings.storage.revealed_options())
     if args.engine == "duckdb":
-        table = run_duckdb(args.output, sql)
+        table = run_duckdb(args.output, sql, opts)
         import polars as pl
 
         with pl.Config(tbl_rows=args.max_rows, tbl_width_chars=160, fmt_str_lengths=60):
             print(pl.from_arrow(table))
     else:
-        from notelake.conf import load_settings
         from notelake.jobs.extract import start_spark
 
-        spark = start_spark(load_settings(), app_name="notelake-sql")
-        run_spark(spark, args.output, sql).show(args.max_rows, truncate=False)
+        spark = start_spark(settings, app_name="notelake-sql")
+        run_spark(spark, args.output, sql, opts).show(args.max_rows, truncate=False)
     return 0
 
 

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -50,7 +49,8 @@ import pyarrow as pa
 
 from notelake.conf import ConfigError, Settings, load_settings
 from notelake.conf.task import Task, load_task
-from notelake.jobs.stage import RunContext, read_staged, transform
+from notelake.jobs import storage
+from notelake.jobs.stage import RunContext, read_staged, stage_frame, transform
 from notelake.jobs.warehouse import OutputLayoutError
 from notelake.udfs import schemas
 from notelake.udfs.hashing import fingerprint as extraction_fingerprint
@@ -89,13 +89,19 @@ def now_utc() -> datetime:
 
 # ---------------------------------------------------------------------------------------------- spark
 def start_spark(settings: Settings, app_name: str = "notelake-extract"):
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Started by spark-submit (its JVM launched this Python): attach to that JVM first, since it carries --master
+    # and --conf as system properties that a SparkConf made before the gateway exists cannot see. Those win over
+    # the YAML; started any other way, the YAML's settings apply.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    if submitted:
+        SparkContext._ensure_initialized()
     conf = SparkConf()
     builder = SparkSession.builder.appName(app_name)
-    if not conf.contains("spark.master"):  # spark-submit --master wins over the YAML
+    if not conf.contains("spark.master"):
         builder = builder.master(settings.spark.master)
     defaults = {
         "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
@@ -115,15 +121,14 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
     return spark
 
 
-def _detect_format(spark, source: str, fmt: str) -> str:
+def _detect_format(spark, source: str, fmt: str, opts: dict[str, str]) -> str:
     if fmt != "auto":
         return fmt
-    path = Path(source)
-    if (path / "_delta_log").is_dir():
+    if storage.exists(storage.join(source, "_delta_log"), opts):
         return "delta"
     if source.endswith((".jsonl", ".json")):
         return "jsonl"
-    if path.exists() or any(ch in source for ch in "*?") or "://" in source:
+    if storage.is_uri(source) or any(ch in source for ch in "*?") or Path(storage.join(source)).exists():
         return "parquet"
     if spark.catalog.tableExists(source):
         return "table"
@@ -131,19 +136,26 @@ def _detect_format(spark, source: str, fmt: str) -> str:
 
 
 def read_notes(spark, source: str, settings: Settings):
-    """Read the note table as a Spark DataFrame (Delta through its current snapshot)."""
+    """Read the note table as a Spark DataFrame (Delta through its current snapshot). On an object store the
+    ``notelake_table`` data source reads Delta and Parquet (Spark has no object-store connector here)."""
     from notelake.jobs.warehouse import read_snapshot_spark
 
-    fmt = _detect_format(spark, source, settings.input.format)
+    opts = storage.storage_options(settings.storage.revealed_options())
+    fmt = _detect_format(spark, source, settings.input.format, opts)
     if fmt == "table":
         return spark.table(source)
+    if storage.is_uri(source) and fmt == "jsonl":
+        raise InputError(f"input {source}: JSONL is read from local paths only; use Delta or Parquet on object "
+                         "storage")
     if fmt == "jsonl":
         return spark.read.json(source)
     if fmt == "delta":
-        notes = read_snapshot_spark(spark, source)
+        notes = read_snapshot_spark(spark, source, opts)
         if notes is None:
-            raise InputError(f"Delta table {source} has no data files")
+            raise InputError(f"{source} is not a Delta table")
         return notes
+    if storage.is_uri(source):
+        return storage.read_table(spark, source, "parquet", opts)
     return spark.read.parquet(source)
 
 
@@ -234,7 +246,7 @@ def ledger_state(spark, warehouse, task: str):
 
     from notelake.jobs.warehouse import read_snapshot_spark
 
-    ledger = read_snapshot_spark(spark, warehouse.path("ledger"))
+    ledger = read_snapshot_spark(spark, warehouse.path("ledger"), warehouse.storage_options)
     if ledger is None:
         return None
     return ledger.where(F.col("task") == task).select(
@@ -381,7 +393,7 @@ def previous_runs(warehouse, task: str, fingerprint: str) -> list[dict]:
     """Succeeded runs of ``task`` under ``fingerprint`` (the runs table's small rows), oldest first."""
     from notelake.jobs.warehouse import read_delta_arrow
 
-    runs = read_delta_arrow(warehouse.path("runs"))
+    runs = read_delta_arrow(warehouse.path("runs"), opts=warehouse.storage_options)
     if runs is None:
         return []
     rows = [r for r in runs.to_pylist()
@@ -399,27 +411,25 @@ def estimate_seconds(runs: list[dict], notes: int) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _read_spark_staged(path: str) -> pa.Table | None:
-    """Parquet written by a Spark action (its commit protocol keeps exactly one copy of each task's output)."""
-    import pyarrow.dataset as ds
-
-    if not Path(path).exists():
+def _stage_and_read(frame, ctx: RunContext, name: str) -> pa.Table | None:
+    """``frame`` staged by the executors under the run's staging folder and read back (None when empty): what
+    the driver commits arrives as files, never through ``collect``."""
+    location = storage.join(ctx.staging_dir, name)
+    if not stage_frame(frame, location, ctx.storage_options, ctx.settings["job"]["umask"]):
         return None
-    table = ds.dataset(path, format="parquet").to_table()
-    return table if table.num_rows else None
+    return storage.read_parquet_dir(location, ctx.storage_options)
 
 
-def load_rejections(rejected, warehouse, staging: Path, ctx: RunContext, task: Task) -> int:
+def load_rejections(rejected, warehouse, ctx: RunContext, task: Task) -> int:
     """Commit what the input rejected: new error rows (once per note id, text sha256 and reason), the removal of
-    rows a now-rejected note still had, and its ledger row (last). Written by Spark, read back as files: the
-    rejected rows are never gathered on the driver. Returns the notes whose stale rows were removed."""
+    rows a now-rejected note still had, and its ledger row (last). Staged by the executors, read back as files:
+    the rejected rows are never gathered on the driver. Returns the notes whose stale rows were removed."""
     from pyspark.sql import functions as F
 
     now = now_utc()
     new = rejected.where(F.col("is_new")).select(
         "note_id", "text_sha256", "error_type", "message", F.lit("input").alias("stage"))
-    new.write.mode("overwrite").parquet(str(staging / "input_errors"))
-    errors = _read_spark_staged(str(staging / "input_errors"))
+    errors = _stage_and_read(new, ctx, "input_errors")
     if errors is not None:
         n = errors.num_rows
         errors = errors.append_column("run_id", pa.array([ctx.run_id] * n, pa.string())) \
@@ -431,11 +441,10 @@ def load_rejections(rejected, warehouse, staging: Path, ctx: RunContext, task: T
 
     changed = rejected.where(F.col("note_id").isNotNull() & (
         F.col("is_new") | F.col("l_status").isNull() | (F.col("l_status") != "rejected")))
-    changed.groupBy("note_id", "note_bucket").agg(
+    staged = _stage_and_read(changed.groupBy("note_id", "note_bucket").agg(
         F.min(F.coalesce("text_sha256", F.lit(""))).alias("text_sha256"), F.min("error_type").alias("error_type"),
         F.max("has_output").alias("had_output"), F.max("in_ledger").alias("in_ledger"),
-    ).write.mode("overwrite").parquet(str(staging / "input_ledger"))
-    staged = _read_spark_staged(str(staging / "input_ledger"))
+    ), ctx, "input_ledger")
     if staged is None:
         return 0
     rows = staged.to_pylist()
@@ -453,15 +462,14 @@ def load_rejections(rejected, warehouse, staging: Path, ctx: RunContext, task: T
     return len(stale)
 
 
-def load_refresh(planned, warehouse, staging: Path, task: Task, passthrough: tuple[str, ...]) -> int:
+def load_refresh(planned, warehouse, ctx: RunContext, task: Task) -> int:
     """Update the pass-through columns (patient_id after an MRN merge, note_type, ...) on the rows of notes whose
     text and extraction are unchanged: no model call. Returns the notes refreshed."""
     from pyspark.sql import functions as F
 
-    planned.where(F.col("action") == "refresh").select(
-        "note_id", "note_bucket", "passthrough_sha256", *passthrough).write.mode("overwrite") \
-        .parquet(str(staging / "refresh"))
-    staged = _read_spark_staged(str(staging / "refresh"))
+    passthrough = ctx.passthrough
+    staged = _stage_and_read(planned.where(F.col("action") == "refresh").select(
+        "note_id", "note_bucket", "passthrough_sha256", *passthrough), ctx, "refresh")
     if staged is None:
         return 0
     buckets = set(staged["note_bucket"].to_pylist())
@@ -473,7 +481,8 @@ def load_refresh(planned, warehouse, staging: Path, task: Task, passthrough: tup
     return staged.num_rows
 
 
-def load_round(warehouse, staging_dir: str, task: Task, summary: list[dict], passthrough_schema: pa.Schema) -> None:
+def load_round(warehouse, staging_dir: str, task: Task, summary: list[dict], passthrough_schema: pa.Schema,
+               opts: dict | None = None) -> None:
     """Commit one round from the files of the Spark task attempts in ``summary`` (those whose results Spark
     kept): succeeded notes' rows replace their old ones (appended for notes without rows yet), failed notes keep
     theirs, errors are appended, the ledger goes last."""
@@ -483,7 +492,7 @@ def load_round(warehouse, staging_dir: str, task: Task, summary: list[dict], pas
                      "errors": schemas.ERRORS_SCHEMA, "ledger": schemas.LEDGER_SCHEMA}
     staged, ignored = {}, 0
     for name, schema in table_schemas.items():
-        staged[name], n = read_staged(staging_dir, name, tags, schema)
+        staged[name], n = read_staged(staging_dir, name, tags, schema, opts)
         ignored += n
     if ignored:
         log.warning("ignored %d staged file(s) of Spark task attempts that did not finish (retried elsewhere)",
@@ -623,9 +632,13 @@ def run(settings: Settings, source: str, output: str, *, limit: int | None = Non
     if settings.job.log_phi:
         log.warning("job.log_phi is on: failure tracebacks may quote note text; use for debugging only")
     with restrictive_umask(settings.job.umask):
-        lock = contextlib.nullcontext() if dry_run else RunLock(out, settings.job.lock_timeout_s)
+        lock = contextlib.nullcontext()
+        if not dry_run and storage.is_local(out):
+            lock = RunLock(Path(out), settings.job.lock_timeout_s)
+        elif not dry_run:
+            log.info("output on an object store: no run lock (the scheduler must not start two runs on one output)")
         with lock:
-            return _run(settings, source, str(out), limit=limit, full_refresh=full_refresh, dry_run=dry_run,
+            return _run(settings, source, out, limit=limit, full_refresh=full_refresh, dry_run=dry_run,
                         spark=spark)
 
 
@@ -641,12 +654,13 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     started = now_utc()
     commit_sha = git_sha()
     spark = spark or start_spark(settings)
+    opts = storage.storage_options(settings.storage.revealed_options())
     warehouse = open_warehouse(output, {
         "notelake.run_id": run_id, "notelake.git_sha": commit_sha or "", "notelake.model": ident["model"],
         "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],
-    })
+    }, opts)
     buckets = warehouse.note_buckets(settings.job.note_buckets, create=not dry_run)
-    staging_root = Path(warehouse.root) / "_staging"
+    staging_root = settings.storage.staging or storage.join(warehouse.root, "_staging")
     if not dry_run:  # under the run lock: whatever is staged or "running" belongs to a run that died
         abandoned, repaired = warehouse.recover(staging_root)
         if abandoned:
@@ -667,7 +681,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     valid, rejected, passthrough = extract(spark, settings, source, since, retry)
     planned = plan(valid, state, ident["fingerprint"], settings.job.max_attempts, buckets, passthrough,
                    full_refresh).persist()
-    errors_table = read_snapshot_spark(spark, warehouse.path("errors"))
+    errors_table = read_snapshot_spark(spark, warehouse.path("errors"), opts)
     input_errors = None if errors_table is None else errors_table.where(
         (F.col("stage") == "input") & (F.col("task") == task.name))
     rejected = classify_rejected(rejected, state, input_errors, buckets).persist()
@@ -707,18 +721,18 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         **{k: 0 for k in RunStats.COUNTS},
     }
     warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
-    staging = staging_root / run_id
+    staging = storage.join(staging_root, run_id)
     ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"), settings=settings.model_dump(mode="json"),
-                     gcs_address=None, staging_dir=str(staging), passthrough=tuple(passthrough), lineage={
+                     gcs_address=None, staging_dir=staging, passthrough=tuple(passthrough), lineage={
                          "run_id": run_id, "model": ident["model"], "adapter": ident["adapter"],
                          "adapter_sha256": ident["adapter_sha256"], "prompt_version": ident["prompt_version"],
-                         "fingerprint": ident["fingerprint"]})
+                         "fingerprint": ident["fingerprint"]}, storage_options=opts)
     try:
-        stats.stale_removed = load_rejections(rejected, warehouse, staging, ctx, task)
+        stats.stale_removed = load_rejections(rejected, warehouse, ctx, task)
         if gone:
             warehouse.delete_notes(task.name, gone)
             stats.deleted = len(gone)
-        stats.refreshed = load_refresh(planned, warehouse, staging, task, passthrough)
+        stats.refreshed = load_refresh(planned, warehouse, ctx, task)
         finished = not stats.selected or _extract_rounds(spark, settings, ctx, selected, warehouse, stats, buckets)
     except OutputWriteError:
         run_row.update(status="failed", ended_at=now_utc(), **{k: getattr(stats, k) for k in RunStats.COUNTS})
@@ -728,7 +742,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     finally:
         planned.unpersist()
         rejected.unpersist()
-        shutil.rmtree(staging, ignore_errors=True)  # note-derived PHI: never left behind
+        storage.delete_tree(staging, opts)  # note-derived PHI: never left behind
 
     failed_run = stats.error_rate > settings.job.max_error_rate
     # The watermark moves past what was read only when every selected note was extracted (no --limit cut, no
@@ -816,10 +830,11 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
     ctx = dataclasses.replace(ctx, gcs_address=gcs_address, deadline=deadline)
     passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in ctx.passthrough])
     with_rounds, _ = assign_rounds(selected, stats.selected, settings.job.round_notes, buckets)
-    rounds_dir = Path(ctx.staging_dir) / "selected"
-    with_rounds.write.partitionBy("_round").parquet(str(rounds_dir))
-    rounds = sorted(int(p.name.split("=", 1)[1]) for p in rounds_dir.glob("_round=*"))
-    prompts = estimate_prompts(spark.read.parquet(str(rounds_dir)), ctx.task,
+    rounds_dir = storage.join(ctx.staging_dir, "selected")
+    stage_frame(with_rounds, rounds_dir, ctx.storage_options, settings.job.umask, partition_by="_round")
+    rounds = sorted(int(name.split("=", 1)[1]) for name in storage.list_dirs(rounds_dir, ctx.storage_options)
+                    if name.startswith("_round="))
+    prompts = estimate_prompts(storage.read_table(spark, rounds_dir, "parquet", ctx.storage_options), ctx.task,
                                ctx.task.overlap(settings.job.chunk_overlap_chars))
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
     done = 0
@@ -850,17 +865,18 @@ def estimate_prompts(notes, task: Task, overlap: int) -> int:
     return int(est[0]["n"] or 0)
 
 
-def _extract_round(spark, ctx: RunContext, rounds_dir: Path, round_index: int, partitions: int, warehouse,
+def _extract_round(spark, ctx: RunContext, rounds_dir: str, round_index: int, partitions: int, warehouse,
                    passthrough_schema: pa.Schema, stats: RunStats, t_round: float) -> int:
     """Extract and commit one round; returns the notes it extracted (fewer after the deadline)."""
-    staging = str(Path(ctx.staging_dir) / f"round-{round_index:05d}")
-    part = spark.read.parquet(str(rounds_dir / f"_round={round_index}"))
+    staging = storage.join(ctx.staging_dir, f"round-{round_index:05d}")
+    part = storage.read_table(spark, storage.join(rounds_dir, f"_round={round_index}"), "parquet",
+                              ctx.storage_options)
     summary = [r.asDict() for r in transform(part, dataclasses.replace(ctx, staging_dir=staging),
                                              partitions).collect()]
     t_commit = time.monotonic()
-    load_round(warehouse, staging, ctx.task, summary, passthrough_schema)
+    load_round(warehouse, staging, ctx.task, summary, passthrough_schema, ctx.storage_options)
     commit_s = time.monotonic() - t_commit
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.delete_tree(staging, ctx.storage_options)
     stats.add(summary)
     stats.rounds.append({"round": len(stats.rounds) + 1, "notes": len(summary),
                          "seconds": round(time.monotonic() - t_round, 2), "commit_s": round(commit_s, 2)})

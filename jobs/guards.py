@@ -7,7 +7,8 @@
 * :class:`RunLock` is an exclusive ``flock`` on ``<output>/_notelake.lock``: a second run on the same output
   waits up to ``job.lock_timeout_s`` and then fails cleanly, before it reads or writes anything. Delta commits
   stay safe without it (optimistic concurrency, retried); the lock avoids two runs extracting the same notes.
-  ``flock`` holds on local and NFSv4 file systems; on object stores the scheduler must serialise runs.
+  ``flock`` holds on local and NFSv4 file systems; an object-store output gets no lock (the scheduler must
+  serialise runs on it; Delta's optimistic concurrency still keeps every commit whole).
 """
 
 from __future__ import annotations
@@ -28,16 +29,22 @@ class LockedError(RuntimeError):
     """Another run holds the output directory's lock."""
 
 
-def resolve_output(output: str | os.PathLike, output_root: str | None) -> Path:
-    """The absolute, symlink-free output path; ConfigError when it lies outside ``output_root``."""
-    if "://" in str(output):
-        raise ConfigError(f"--output {output}: only local or mounted paths are supported by the embedded writer")
-    resolved = Path(output).expanduser().resolve()
+def resolve_output(output: str | os.PathLike, output_root: str | None) -> str:
+    """The output location: an object-store URI as given, or the absolute, symlink-free local path; ConfigError
+    when a local path lies outside ``output_root`` (a URI cannot be confined, so it is refused when one is set)."""
+    from notelake.jobs import storage
+
+    if storage.is_uri(str(output)):
+        if output_root is not None:
+            raise ConfigError(f"--output {output} is an object-store URI but job.output_root {output_root} confines "
+                              "outputs to a local directory: unset job.output_root to write to object storage")
+        return str(output).rstrip("/")
+    resolved = Path(storage.join(str(output))).expanduser().resolve()
     if output_root is not None:
         root = Path(output_root).expanduser().resolve()
         if not resolved.is_relative_to(root):
             raise ConfigError(f"--output {output} resolves to {resolved}, outside job.output_root {root}")
-    return resolved
+    return str(resolved)
 
 
 @contextlib.contextmanager

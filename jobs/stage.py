@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from notelake.conf import Settings
 from notelake.conf.task import Task
+from notelake.jobs import storage
 from notelake.udfs import schemas
 
 SUMMARY_SCHEMA = pa.schema([
@@ -54,6 +57,7 @@ class RunContext:
     passthrough: tuple[str, ...]
     lineage: dict = field(default_factory=dict)
     deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started after it
+    storage_options: dict = field(default_factory=dict, repr=False)  # credentials for staging: never logged
 
     @property
     def task(self) -> Task:
@@ -83,23 +87,68 @@ def attempt_tag() -> str:
     return f"s{tc.stageId()}-p{tc.partitionId()}-a{tc.attemptNumber()}"
 
 
+def _staged_name(tag: str, seq: int) -> str:
+    return f"{tag}--{seq:06d}.parquet"
+
+
 def _write_staged(ctx: RunContext, table: str, rows: list[dict], schema: pa.Schema, tag: str, seq: int) -> None:
-    if not rows:
-        return
-    out = os.path.join(ctx.staging_dir, table)
-    os.makedirs(out, exist_ok=True)
-    pq.write_table(schemas.rows_to_table(rows, schema), os.path.join(out, f"{tag}--{seq:06d}.parquet"))
+    if rows:
+        storage.write_parquet(schemas.rows_to_table(rows, schema),
+                              storage.join(ctx.staging_dir, table, _staged_name(tag, seq)), ctx.storage_options)
 
 
-def read_staged(staging_dir: str, table: str, tags: set[str], schema: pa.Schema) -> tuple[pa.Table, int]:
+def _staged_files(folder: str, opts: dict) -> tuple[pafs.FileSystem, list[str]]:
+    """(file system, staged Parquet files under ``folder``, recursively; none when it is missing)."""
+    fs, base = storage.filesystem(folder, opts)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
+    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _attempt_of(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split("--")[0]
+
+
+def read_staged(staging_dir: str, table: str, tags: set[str], schema: pa.Schema,
+                opts: dict | None = None) -> tuple[pa.Table, int]:
     """(rows of ``table`` staged by the attempts in ``tags``, number of files of other attempts ignored)."""
-    folder = os.path.join(staging_dir, table)
-    names = [f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith(".parquet")]
-    files = sorted(os.path.join(folder, f) for f in names if f.split("--")[0] in tags)
-    ignored = len(names) - len(files)
+    fs, found = _staged_files(storage.join(staging_dir, table), opts or {})
+    files = [f for f in found if _attempt_of(f) in tags]
     if not files:
-        return schema.empty_table(), ignored
-    return pa.concat_tables(pq.read_table(f).cast(schema) for f in files), ignored
+        return schema.empty_table(), len(found)
+    return pa.concat_tables(pq.read_table(f, filesystem=fs).cast(schema) for f in files), len(found) - len(files)
+
+
+def stage_frame(frame, location: str, opts: dict, umask: str, partition_by: str | None = None) -> int:
+    """Write a DataFrame as Parquet under ``location`` from the executors, through pyarrow's file systems (Spark
+    has no object-store connector here), then delete the files of attempts whose results Spark discarded: what
+    is left is exactly one copy of every row, read back by :func:`storage.read_parquet_dir` or
+    :func:`storage.read_table`. ``partition_by``: rows go to ``<location>/<column>=<value>/`` and the column is
+    dropped from the files. Returns the rows staged."""
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        os.umask(int(umask, 8))  # staged rows hold PHI: same modes as the tables
+        tag, rows = attempt_tag(), 0
+        for seq, batch in enumerate(batches):
+            table = pa.Table.from_batches([batch])
+            parts = [(location, table)] if partition_by is None else [
+                (storage.join(location, f"{partition_by}={value}"),
+                 table.filter(pc.equal(table[partition_by], value)).drop_columns([partition_by]))
+                for value in pc.unique(table[partition_by]).to_pylist()]
+            for folder, part in parts:
+                if part.num_rows:
+                    storage.write_parquet(part, storage.join(folder, _staged_name(tag, seq)), opts)
+            rows += batch.num_rows
+        yield pa.RecordBatch.from_pylist([{"attempt_tag": tag, "rows": rows}], schema=_STAGED_SCHEMA)
+
+    kept = frame.mapInArrow(write, "attempt_tag string, rows bigint").collect()
+    tags = {r["attempt_tag"] for r in kept}
+    fs, found = _staged_files(location, opts)
+    for path in found:
+        if _attempt_of(path) not in tags:
+            fs.delete_file(path)
+    return sum(r["rows"] for r in kept)
+
+
+_STAGED_SCHEMA = pa.schema([("attempt_tag", pa.string()), ("rows", pa.int64())])
 
 
 def _ledger_row(ctx: RunContext, note: dict, task: Task, status: str, n_chunks: int, result) -> dict:

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -55,20 +55,22 @@ def sql_string_list(values: Iterable[str]) -> str:
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
-def read_delta_arrow(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table | None:
+def read_delta_arrow(path: str | os.PathLike, columns: list[str] | None = None,
+                     opts: dict[str, str] | None = None) -> pa.Table | None:
     """Current snapshot of a Delta table through deltalake (never by globbing Parquet files), or None."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(str(path))
+        table = DeltaTable(str(path), storage_options=opts)
     except TableNotFoundError:
         return None
     return table.to_pyarrow_dataset().to_table(columns=columns)
 
 
 def snapshot_files(path: str | os.PathLike) -> list[str]:
-    """Parquet files of a Delta table's current snapshot (how Spark reads delta-rs tables without delta-spark)."""
+    """Parquet files of a local Delta table's current snapshot (how Spark reads delta-rs tables without
+    delta-spark)."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
@@ -78,43 +80,54 @@ def snapshot_files(path: str | os.PathLike) -> list[str]:
         return []
 
 
-def empty_snapshot(path: str | os.PathLike) -> pa.Table | None:
+def empty_snapshot(path: str | os.PathLike, opts: dict[str, str] | None = None) -> pa.Table | None:
     """An empty table with the Delta table's schema (a table with no rows has no files), or None if absent."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        return pa.schema(DeltaTable(str(path)).schema().to_arrow()).empty_table()
+        return pa.schema(DeltaTable(str(path), storage_options=opts).schema().to_arrow()).empty_table()
     except TableNotFoundError:
         return None
 
 
-def read_snapshot_spark(spark, path: str | os.PathLike):
-    """A delta-rs table as a Spark DataFrame without delta-spark: the current snapshot's Parquet files, with
-    ``basePath`` so Hive-style partition columns (``task=phee/``) come back as columns. None if no table."""
+def read_snapshot_spark(spark, path: str | os.PathLike, opts: dict[str, str] | None = None):
+    """A delta-rs table as a Spark DataFrame without delta-spark, or None if there is no table. Local tables: the
+    current snapshot's Parquet files through Spark's own reader, with ``basePath`` so Hive-style partition columns
+    (``task=phee/``) come back as columns. Object stores (Spark has no connector here): the ``notelake_table``
+    data source, whose tasks read the snapshot's files with delta-rs."""
+    from notelake.jobs import storage
+
+    empty = empty_snapshot(path, opts)
+    if empty is None:
+        return None
+    if storage.is_uri(str(path)):
+        return storage.read_table(spark, str(path), "delta", opts)
     files = snapshot_files(path)
     if files:
         return spark.read.option("basePath", Path(path).resolve().as_uri()).parquet(*files)
-    empty = empty_snapshot(path)
-    return None if empty is None else spark.createDataFrame(empty)
+    return spark.createDataFrame(empty)
 
 
 @dataclass
 class Warehouse:
     """The output tables under one root directory, written with delta-rs."""
 
-    root: Path
+    root: str  # a local path or an object-store URI
     commit_metadata: dict[str, str]
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # credentials: never logged
 
     def path(self, table: str) -> str:
-        return str(self.root / table)
+        from notelake.jobs import storage
+
+        return storage.join(self.root, table)
 
     def version(self, table: str) -> int | None:
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
         try:
-            return DeltaTable(self.path(table)).version()
+            return DeltaTable(self.path(table), storage_options=self.storage_options).version()
         except TableNotFoundError:
             return None
 
@@ -158,7 +171,8 @@ class Warehouse:
             if self.version(table) is not None:
                 return False
             write_deltalake(self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
-                            commit_properties=self._commit_properties(operation))
+                            commit_properties=self._commit_properties(operation),
+                            storage_options=self.storage_options)
             return True
 
         return self._with_retries(table, create)
@@ -172,7 +186,7 @@ class Warehouse:
             return
         self._with_retries(table, lambda: write_deltalake(
             self.path(table), data, mode="overwrite", predicate=note_scope(task, buckets, note_ids),
-            commit_properties=self._commit_properties("replace_notes")))
+            commit_properties=self._commit_properties("replace_notes"), storage_options=self.storage_options))
 
     def upsert(self, table: str, data: pa.Table, key: str = "run_id") -> None:
         """MERGE on ``key`` (the small runs table)."""
@@ -181,7 +195,7 @@ class Warehouse:
         if not data.num_rows or self._create_or_append(table, data, "upsert"):
             return
         self._with_retries(table, lambda: (
-            DeltaTable(self.path(table))
+            DeltaTable(self.path(table), storage_options=self.storage_options)
             # merge_schema: a table written by an older release gains the columns added since (all nullable)
             .merge(data, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t", merge_schema=True,
                    commit_properties=self._commit_properties("upsert"))
@@ -196,7 +210,7 @@ class Warehouse:
             return
         predicate = f"t.note_id = s.note_id AND {note_scope(task, buckets, alias='t')}"
         self._with_retries(table, lambda: (
-            DeltaTable(self.path(table))
+            DeltaTable(self.path(table), storage_options=self.storage_options)
             .merge(data, predicate=predicate, source_alias="s", target_alias="t",
                    commit_properties=self._commit_properties("update_columns"))
             .when_matched_update({c: f"s.{c}" for c in columns}).execute()))
@@ -210,7 +224,7 @@ class Warehouse:
 
         self._with_retries(table, lambda: write_deltalake(
             self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
-            commit_properties=self._commit_properties("append"),
+            commit_properties=self._commit_properties("append"), storage_options=self.storage_options,
         ))
 
     def delete_notes(self, task: str, notes: dict[str, int], tables: tuple[str, ...] = NOTE_TABLES) -> None:
@@ -222,7 +236,7 @@ class Warehouse:
             scope = note_scope(task, {notes[i] for i in part}, part)
             for table in tables:
                 if self.version(table) is not None:
-                    self._with_retries(table, lambda: _delete(self.path(table), scope,
+                    self._with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
                                                               self._commit_properties("delete_notes")))
 
     def commit_round(self, staged: dict[str, pa.Table], task: str, replaced: list[str], first: list[str],
@@ -257,12 +271,15 @@ class Warehouse:
 
         Refuses an output written by an older release (another layout): its rows could not be replaced in place.
         """
-        layout_path = self.root / LAYOUT_FILE
-        if layout_path.exists():
-            layout = json.loads(layout_path.read_text(encoding="utf-8"))
+        from notelake.jobs import storage
+
+        layout_path = storage.join(self.root, LAYOUT_FILE)
+        text = storage.read_text(layout_path, self.storage_options)
+        if text is not None:
+            layout = json.loads(text)
             if layout.get("note_buckets") != wanted:
-                log.warning("output %s keeps its %d note buckets (job.note_buckets %d applies to new outputs)",
-                            self.root.name, layout["note_buckets"], wanted)
+                log.warning("output keeps its %d note buckets (job.note_buckets %d applies to new outputs)",
+                            layout["note_buckets"], wanted)
             return int(layout["note_buckets"])
         if self.version("ledger") is not None:
             raise OutputLayoutError(
@@ -270,18 +287,18 @@ class Warehouse:
                 "row per text and fingerprint). Write to a new --output: the v3 adapter and answer schema change "
                 "the extraction fingerprint, so every note is re-extracted anyway (README, upgrade notes).")
         if create:
-            layout_path.write_text(json.dumps({"layout": LAYOUT_VERSION, "note_buckets": wanted}) + "\n",
-                                   encoding="utf-8")
+            storage.write_text(layout_path, json.dumps({"layout": LAYOUT_VERSION, "note_buckets": wanted}) + "\n",
+                               self.storage_options)
         return wanted
 
-    def recover(self, staging_root: Path) -> tuple[list[str], int]:
+    def recover(self, staging_root: str) -> tuple[list[str], int]:
         """Clean up after runs that died (called under the run lock, so no other run is active): remove their
         staged files (note-derived PHI), mark their ``running`` rows ``abandoned``, and remove the rows of the
         round they died in (:meth:`repair`). Returns (the runs marked abandoned, notes repaired)."""
-        import shutil
+        from notelake.jobs import storage
 
-        shutil.rmtree(staging_root, ignore_errors=True)
-        runs = read_delta_arrow(self.path("runs"))
+        storage.delete_tree(staging_root, self.storage_options)
+        runs = read_delta_arrow(self.path("runs"), opts=self.storage_options)
         if runs is None:
             return [], 0
         rows = sorted(runs.to_pylist(), key=lambda r: r["started_at"])
@@ -301,7 +318,7 @@ class Warehouse:
         first-time note's rows are appended). Returns the notes repaired."""
         import pyarrow.compute as pc
 
-        ledger = read_delta_arrow(self.path("ledger"), columns=["task", "note_id", "run_id"])
+        ledger = read_delta_arrow(self.path("ledger"), columns=["task", "note_id", "run_id"], opts=self.storage_options)
         acked = set() if ledger is None else {
             (r["task"], r["note_id"]) for r in ledger.filter(pc.is_in(ledger["run_id"], pa.array(run_ids))).to_pylist()}
         orphans: dict[str, dict[str, int]] = {}
@@ -310,7 +327,7 @@ class Warehouse:
                 continue
             from deltalake import DeltaTable
 
-            written = DeltaTable(self.path(table)).to_pyarrow_dataset().to_table(
+            written = DeltaTable(self.path(table), storage_options=self.storage_options).to_pyarrow_dataset().to_table(
                 columns=["task", "note_id", "note_bucket"], filter=pc.field("run_id").isin(run_ids))
             for r in written.to_pylist():
                 if (r["task"], r["note_id"]) not in acked:
@@ -320,7 +337,7 @@ class Warehouse:
             for table in ("concepts", "relations"):
                 if self.version(table) is not None:
                     scope = f"{note_scope(task, set(notes.values()), sorted(notes))} AND {runs_in}"
-                    self._with_retries(table, lambda: _delete(self.path(table), scope,
+                    self._with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
                                                               self._commit_properties("repair")))
         return sum(len(n) for n in orphans.values())
 
@@ -350,13 +367,18 @@ def note_scope(task: str, buckets: set[int], note_ids: list[str] | None = None, 
     return scope
 
 
-def _delete(path: str, predicate: str, commit_properties) -> None:
+def _delete(path: str, predicate: str, opts: dict[str, str], commit_properties) -> None:
     from deltalake import DeltaTable
 
-    DeltaTable(path).delete(predicate, commit_properties=commit_properties)
+    DeltaTable(path, storage_options=opts).delete(predicate, commit_properties=commit_properties)
 
 
-def open_warehouse(root: str | os.PathLike, commit_metadata: dict[str, str]) -> Warehouse:
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return Warehouse(root, commit_metadata)
+def open_warehouse(root: str | os.PathLike, commit_metadata: dict[str, str],
+                   storage_options: dict[str, str] | None = None) -> Warehouse:
+    from notelake.jobs import storage
+
+    root = str(root)
+    if storage.is_local(root):
+        root = storage.join(root)
+        os.makedirs(root, exist_ok=True)
+    return Warehouse(root, commit_metadata, dict(storage_options or {}))

@@ -159,7 +159,9 @@ class EnginePool:
             actors.append(remote.options(
                 name=name, namespace=rc.namespace, get_if_exists=True,
                 max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
-                num_cpus=rc.num_cpus_per_actor, num_gpus=rc.num_gpus_per_actor,
+                # with tensor parallelism vLLM starts one Ray worker per GPU itself: the actor holds none
+                num_cpus=rc.num_cpus_per_actor,
+                num_gpus=rc.num_gpus_per_actor if settings.engine.tensor_parallel_size == 1 else 0,
                 # generate calls run one at a time in the engine; the extra threads let ping/describe and the
                 # next batch's tokenisation proceed while a batch is decoding.
                 max_concurrency=rc.max_in_flight + 1,

@@ -189,6 +189,8 @@ class VLLMEngine:
             "enforce_eager": cfg.enforce_eager,
             "seed": cfg.seed,
         }
+        if cfg.tensor_parallel_size > 1:
+            kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="ray")
         if cfg.enable_lora and not self.merged:
             rank = next((r for r in _VLLM_LORA_RANKS if r >= cfg.max_lora_rank), cfg.max_lora_rank)
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=cfg.max_loras)

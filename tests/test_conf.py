@@ -31,6 +31,7 @@ def test_local_is_the_embedded_default():
     ("- just\n- a list\n", r"top level must be a mapping"),
     ("engine: [unclosed\n", r"is not valid YAML"),
     ("engine:\n  adapter: x\n  enable_lora: false\n", r"engine.adapter is set but engine.enable_lora is false"),
+    ("ray:\n  address: ray://head:10001\n", r"ray\.address: Value error, Ray Client addresses \(ray://\)"),
 ])
 def test_bad_yaml_names_the_field(tmp_path, body, expected):
     path = tmp_path / "bad.yaml"
@@ -111,3 +112,11 @@ def test_bad_task_yaml(tmp_path, body, expected):
 def test_unknown_task_lists_shipped_ones():
     with pytest.raises(ConfigError, match="shipped tasks: .*phee"):
         load_task("no_such_task")
+
+
+def test_storage_options_are_secrets_never_dumped(tmp_path):
+    path = tmp_path / "s3.yaml"
+    path.write_text("storage:\n  options:\n    AWS_SECRET_ACCESS_KEY: hunter2\n    AWS_REGION: eu-west-1\n")
+    settings = load_settings(path)
+    assert settings.storage.revealed_options() == {"AWS_SECRET_ACCESS_KEY": "hunter2", "AWS_REGION": "eu-west-1"}
+    assert "hunter2" not in settings.model_dump_json() and "hunter2" not in repr(settings)

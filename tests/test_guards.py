@@ -70,7 +70,11 @@ def test_output_outside_output_root_is_refused(tmp_path, settings):
     root.mkdir()
     elsewhere.mkdir()
     (root / "link").symlink_to(elsewhere)
-    assert resolve_output(root / "a" / "wh", str(root)) == (root / "a" / "wh").resolve()
+    assert resolve_output(root / "a" / "wh", str(root)) == str((root / "a" / "wh").resolve())
+    assert resolve_output(f"file://{root}/b", str(root)) == str(root / "b")
+    assert resolve_output("s3://bucket/wh/", None) == "s3://bucket/wh"
+    with pytest.raises(ConfigError, match="object-store URI"):
+        resolve_output("s3://bucket/wh", str(root))
     for bad in (elsewhere / "wh", root / ".." / "elsewhere" / "wh", root / "link" / "wh"):
         with pytest.raises(ConfigError, match="outside job.output_root"):
             resolve_output(bad, str(root))
