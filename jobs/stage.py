@@ -123,20 +123,34 @@ def stage_frame(frame, location: str, opts: dict, umask: str, partition_by: str 
     has no object-store connector here), then delete the files of attempts whose results Spark discarded: what
     is left is exactly one copy of every row, read back by :func:`storage.read_parquet_dir` or
     :func:`storage.read_table`. ``partition_by``: rows go to ``<location>/<column>=<value>/`` and the column is
-    dropped from the files. Returns the rows staged."""
+    dropped from the files. Each task writes one file per value (another after every ``_STAGE_FILE_ROWS`` rows),
+    not one per Arrow batch: a round is read back as a few large files. Returns the rows staged."""
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         os.umask(int(umask, 8))  # staged rows hold PHI: same modes as the tables
-        tag, rows = attempt_tag(), 0
-        for seq, batch in enumerate(batches):
+        tag, rows, seq = attempt_tag(), 0, 0
+        buffers: dict[object, list[pa.Table]] = {}
+
+        def flush(value) -> None:
+            nonlocal seq
+            folder = location if partition_by is None else storage.join(location, f"{partition_by}={value}")
+            storage.write_parquet(pa.concat_tables(buffers.pop(value)), storage.join(folder, _staged_name(tag, seq)),
+                                  opts)
+            seq += 1
+
+        for batch in batches:
             table = pa.Table.from_batches([batch])
-            parts = [(location, table)] if partition_by is None else [
-                (storage.join(location, f"{partition_by}={value}"),
-                 table.filter(pc.equal(table[partition_by], value)).drop_columns([partition_by]))
-                for value in pc.unique(table[partition_by]).to_pylist()]
-            for folder, part in parts:
-                if part.num_rows:
-                    storage.write_parquet(part, storage.join(folder, _staged_name(tag, seq)), opts)
             rows += batch.num_rows
+            parts = {None: table} if partition_by is None else {
+                value: table.filter(pc.equal(table[partition_by], value)).drop_columns([partition_by])
+                for value in pc.unique(table[partition_by]).to_pylist()}
+            for value, part in parts.items():
+                if not part.num_rows:
+                    continue
+                buffers.setdefault(value, []).append(part)
+                if sum(t.num_rows for t in buffers[value]) >= _STAGE_FILE_ROWS:
+                    flush(value)
+        for value in list(buffers):
+            flush(value)
         yield pa.RecordBatch.from_pylist([{"attempt_tag": tag, "rows": rows}], schema=_STAGED_SCHEMA)
 
     kept = frame.mapInArrow(write, "attempt_tag string, rows bigint").collect()
@@ -148,6 +162,8 @@ def stage_frame(frame, location: str, opts: dict, umask: str, partition_by: str 
     return sum(r["rows"] for r in kept)
 
 
+#: rows per staged file of :func:`stage_frame` (bounds an executor's buffer; ~20 MB of PHEE-sized notes)
+_STAGE_FILE_ROWS = 50_000
 _STAGED_SCHEMA = pa.schema([("attempt_tag", pa.string()), ("rows", pa.int64())])
 
 
