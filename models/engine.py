@@ -22,8 +22,10 @@ import json
 import logging
 import os
 import platform
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -136,6 +138,88 @@ class _AdapterResolver:
 
 
 # ============================================================================================== vLLM
+class EngineLoop:
+    """Continuous batching across calls: one thread owns the vLLM engine and steps it; callers on any thread
+    submit prompts and wait on futures. Before every engine step the thread adds whatever arrived since the last
+    one, so the prompts of concurrent calls (several Spark partitions feeding one actor) decode together, and a
+    call's prompts start while another call's are still decoding. (A locked ``LLM.generate`` per call drained
+    every call before the next could start: the engine never saw more than one call's prompts.)
+
+    ``LLM.enqueue`` renders and adds requests without running them; ``llm_engine.step`` runs one scheduler step
+    and returns the requests that finished. A prompt the engine refuses fails only its own future; a failed step
+    fails the requests in flight (their callers turn that into per-item error results).
+    """
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.inbox: queue.Queue = queue.Queue()
+        self.in_flight = 0  # requests added and not finished (read by describe/progress)
+        threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True).start()
+
+    def submit(self, items: list[tuple[dict, Any, Any]]) -> list[Future]:
+        """``items``: (prompt, sampling params, LoRA request or None). One future per item, set to its
+        ``RequestOutput`` (or an exception)."""
+        futures = [Future() for _ in items]
+        self.inbox.put(list(zip(items, futures)))
+        return futures
+
+    def _run(self) -> None:
+        waiting: dict[str, Future] = {}
+        while True:
+            arrived = []
+            try:  # block only when idle; otherwise take what is there and step
+                arrived.append(self.inbox.get(block=not waiting))
+                while True:
+                    arrived.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for call in arrived:
+                self._add(call, waiting)
+            self.in_flight = len(waiting)
+            if not waiting:
+                continue
+            try:
+                outputs = self.llm.llm_engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail what is in flight, keep serving
+                log.error("vLLM engine step failed (%s): %d request(s) failed", _exc_category(exc), len(waiting))
+                for future in waiting.values():
+                    future.set_exception(exc)
+                waiting.clear()
+                continue
+            for out in (o for o in outputs if o.finished):
+                future = waiting.pop(out.request_id, None) or waiting.pop(_external_id(out.request_id), None)
+                if future is not None:
+                    future.set_result(out)
+            if waiting and not self.llm.llm_engine.has_unfinished_requests():  # never wait on a lost request
+                log.error("vLLM finished without %d request(s): failed", len(waiting))
+                for future in waiting.values():
+                    future.set_exception(RuntimeError("request lost by the engine"))
+                waiting.clear()
+
+    def _add(self, call: list[tuple[tuple[dict, Any, Any], Future]], waiting: dict[str, Future]) -> None:
+        try:
+            self._enqueue(call, waiting)
+        except Exception:  # noqa: BLE001 - one bad item: add the items one by one to isolate it
+            for item in call:
+                try:
+                    self._enqueue([item], waiting)
+                except Exception as exc:  # noqa: BLE001
+                    item[1].set_exception(exc)
+
+    def _enqueue(self, call, waiting: dict[str, Future]) -> None:
+        loras = [lora for (_, _, lora), _ in call]
+        ids = self.llm.enqueue([prompt for (prompt, _, _), _ in call],
+                               sampling_params=[params for (_, params, _), _ in call],
+                               lora_request=loras if any(lr is not None for lr in loras) else None, use_tqdm=False)
+        for request_id, (_, future) in zip(ids, call):
+            waiting[_external_id(request_id)] = future
+
+
+def _external_id(request_id: str) -> str:
+    """The id outputs carry: ``LLM.enqueue`` returns the engine's internal id ``<id>-<random suffix>``."""
+    return request_id.rsplit("-", 1)[0]
+
+
 class VLLMEngine:
     """One vLLM ``LLM`` (the whole model on one device); LoRA adapters per request."""
 
@@ -172,7 +256,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
-        self._gen_lock = threading.Lock()  # LLM.generate is not re-entrant
+        self.loop = EngineLoop(self.llm)
         self.load_seconds = round(time.monotonic() - t0, 1)
         log.info("vLLM engine ready in %.1f s", self.load_seconds)
 
@@ -249,21 +333,7 @@ class VLLMEngine:
             else:
                 todo.append((i, req.request_id, *prepared))
         if todo:
-            try:
-                with self._gen_lock:
-                    outs = self._run(todo)
-            except Exception as exc:  # noqa: BLE001 - isolate the bad item(s)
-                log.warning("batch of %d failed in vLLM (%s): retrying items one by one", len(todo), _exc_category(exc))
-                outs = []
-                for item in todo:
-                    try:
-                        with self._gen_lock:
-                            outs.extend(self._run([item]))
-                    except Exception as item_exc:  # noqa: BLE001
-                        log.warning("request %s rejected by vLLM (%s)", item[1], _exc_category(item_exc))
-                        outs.append(error_result(item[1], f"engine_rejected: {_exc_category(item_exc)}",
-                                                 len(item[2]["prompt_token_ids"])))
-            for (i, *_), out in zip(todo, outs):
+            for (i, *_), out in zip(todo, self._run(todo)):
                 results[i] = out
         done = [r for r in results if r is not None]
         assert len(done) == len(requests)
@@ -301,17 +371,17 @@ class VLLMEngine:
         return {"prompt_token_ids": ids}, params, self._lora_request(info)
 
     def _run(self, items: list[tuple[int, str, dict, Any, Any]]) -> list[GenerationResult]:
-        prompts = [p for _, _, p, _, _ in items]
-        params = [s for _, _, _, s, _ in items]
-        loras = [lr for _, _, _, _, lr in items]
-        kwargs: dict[str, Any] = {"sampling_params": params, "use_tqdm": False}
-        if any(lr is not None for lr in loras):
-            kwargs["lora_request"] = loras
-        outs = self.llm.generate(prompts, **kwargs)
+        """Hand the items to the engine loop and wait for their outputs (a refused item is an error result)."""
+        futures = self.loop.submit([(prompt, params, lora) for _, _, prompt, params, lora in items])
         results = []
-        if len(outs) != len(items):
-            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(items)} prompts")
-        for (_, rid, prompt, _, _), out in zip(items, outs):
+        for (_, rid, prompt, _, _), future in zip(items, futures):
+            try:
+                out = future.result()
+            except Exception as exc:  # noqa: BLE001 - the engine refused this item or failed a step
+                log.warning("request %s failed in vLLM (%s)", rid, _exc_category(exc))
+                results.append(error_result(rid, f"engine_rejected: {_exc_category(exc)}",
+                                            len(prompt["prompt_token_ids"])))
+                continue
             comp = out.outputs[0] if out.outputs else None
             if comp is None:
                 results.append(error_result(rid, "no_output", len(prompt["prompt_token_ids"])))
