@@ -539,8 +539,10 @@ def _replay_stack(args, work: Path, **job):
     from notelake.conf.task import load_task
 
     task = load_task(TASK)
+    # a 4 GiB driver heap: Spark's local-mode default (1 GiB) runs out reading and caching 10^6 notes
     settings = bench_settings(args, engine={"backend": "replay", "enable_lora": False, "max_num_seqs": 256},
-                              job={"round_notes": args.round_notes, **job}, ray={"num_actors": 2})
+                              job={"round_notes": args.round_notes, **job}, ray={"num_actors": 2},
+                              spark={"extra": {"spark.driver.memory": "4g"}})
     spark, pool, fixed = _start_job_stack(settings, task, work)
     return settings, spark, pool, fixed
 
