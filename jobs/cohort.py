@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from notelake.jobs import storage
 
     settings = load_settings(args.conf)
-    opts = storage.storage_options(settings.storage.revealed_options())
+    opts = storage.settings_options(settings)
     if args.engine == "duckdb":
         table = run_duckdb(args.output, sql, opts)
         import polars as pl

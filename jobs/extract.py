@@ -140,7 +140,7 @@ def read_notes(spark, source: str, settings: Settings):
     ``notelake_table`` data source reads Delta and Parquet (Spark has no object-store connector here)."""
     from notelake.jobs.warehouse import read_snapshot_spark
 
-    opts = storage.storage_options(settings.storage.revealed_options())
+    opts = storage.settings_options(settings)
     fmt = _detect_format(spark, source, settings.input.format, opts)
     if fmt == "table":
         return spark.table(source)
@@ -654,7 +654,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     started = now_utc()
     commit_sha = git_sha()
     spark = spark or start_spark(settings)
-    opts = storage.storage_options(settings.storage.revealed_options())
+    opts = storage.settings_options(settings)
     warehouse = open_warehouse(output, {
         "notelake.run_id": run_id, "notelake.git_sha": commit_sha or "", "notelake.model": ident["model"],
         "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],

@@ -23,7 +23,6 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from notelake.conf import Settings
@@ -97,13 +96,6 @@ def _write_staged(ctx: RunContext, table: str, rows: list[dict], schema: pa.Sche
                               storage.join(ctx.staging_dir, table, _staged_name(tag, seq)), ctx.storage_options)
 
 
-def _staged_files(folder: str, opts: dict) -> tuple[pafs.FileSystem, list[str]]:
-    """(file system, staged Parquet files under ``folder``, recursively; none when it is missing)."""
-    fs, base = storage.filesystem(folder, opts)
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=True))
-    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-
-
 def _attempt_of(path: str) -> str:
     return path.rsplit("/", 1)[-1].split("--")[0]
 
@@ -111,7 +103,7 @@ def _attempt_of(path: str) -> str:
 def read_staged(staging_dir: str, table: str, tags: set[str], schema: pa.Schema,
                 opts: dict | None = None) -> tuple[pa.Table, int]:
     """(rows of ``table`` staged by the attempts in ``tags``, number of files of other attempts ignored)."""
-    fs, found = _staged_files(storage.join(staging_dir, table), opts or {})
+    fs, found = storage.parquet_files(storage.join(staging_dir, table), opts)
     files = [f for f in found if _attempt_of(f) in tags]
     if not files:
         return schema.empty_table(), len(found)
@@ -155,7 +147,7 @@ def stage_frame(frame, location: str, opts: dict, umask: str, partition_by: str 
 
     kept = frame.mapInArrow(write, "attempt_tag string, rows bigint").collect()
     tags = {r["attempt_tag"] for r in kept}
-    fs, found = _staged_files(location, opts)
+    fs, found = storage.parquet_files(location, opts)
     for path in found:
         if _attempt_of(path) not in tags:
             fs.delete_file(path)

@@ -113,6 +113,11 @@ def storage_options(configured: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **_canonical(configured)}
 
 
+def settings_options(settings) -> dict[str, str]:
+    """The storage options a run uses: ``settings.storage.options`` over the environment's."""
+    return storage_options(settings.storage.revealed_options())
+
+
 def redacted(options: dict[str, str] | None) -> dict[str, str]:
     """The option names with every value replaced by ``***``: what may be logged."""
     return {key: "***" for key in sorted(options or {})}
@@ -275,6 +280,12 @@ def _parquet_dataset(fs: pafs.FileSystem, base: str, files: list[str]) -> ds.Fil
         fs, files, ds.ParquetFileFormat(),
         ds.FileSystemFactoryOptions(partition_base_dir=base, partitioning=ds.HivePartitioning.discover()))
     return factory.finish(factory.inspect())
+
+
+def parquet_files(location: str, opts: dict[str, str] | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """(file system, the Parquet files under the folder ``location``, recursively, sorted; [] when missing)."""
+    fs, base = filesystem(location, opts)
+    return fs, _parquet_files(fs, base)
 
 
 def read_parquet_dir(location: str, opts: dict[str, str] | None = None) -> pa.Table | None:

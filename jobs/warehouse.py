@@ -98,15 +98,13 @@ def read_snapshot_spark(spark, path: str | os.PathLike, opts: dict[str, str] | N
     data source, whose tasks read the snapshot's files with delta-rs."""
     from notelake.jobs import storage
 
-    empty = empty_snapshot(path, opts)
-    if empty is None:
-        return None
     if storage.is_uri(str(path)):
-        return storage.read_table(spark, str(path), "delta", opts)
+        return None if empty_snapshot(path, opts) is None else storage.read_table(spark, str(path), "delta", opts)
     files = snapshot_files(path)
     if files:
         return spark.read.option("basePath", Path(path).resolve().as_uri()).parquet(*files)
-    return spark.createDataFrame(empty)
+    empty = empty_snapshot(path)
+    return None if empty is None else spark.createDataFrame(empty)
 
 
 @dataclass
