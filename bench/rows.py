@@ -352,21 +352,22 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
         warehouse = open_warehouse(output, {"notelake.run_id": run_id})
         buckets = warehouse.note_buckets(settings.job.note_buckets)
         staging = Path(output) / "_staging" / run_id
-        ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"),
+        ctx = RunContext(run_id=run_id, task_defs={task.name: task.model_dump(mode="json")},
                          settings=settings.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
-                         passthrough=passthrough, lineage=lineage)
+                         passthrough=passthrough, lineages={task.name: lineage})
         n = notes.num_rows
         hashed = notes.append_column("text_sha256", pa.array([sha256_text(t) for t in notes["text"].to_pylist()])) \
             .append_column("note_bucket", pa.array([note_bucket(i, buckets) for i in notes["note_id"].to_pylist()],
                                                    pa.int32())) \
             .append_column("passthrough_sha256", pa.nulls(n, pa.string())) \
             .append_column("attempt", pa.array([1] * n, pa.int32())) \
+            .append_column("task", pa.array([task.name] * n, pa.string())) \
             .append_column("has_output", pa.array([False] * n)).append_column("in_ledger", pa.array([False] * n))
         batches = hashed.to_batches(max_chunksize=settings.spark.arrow_batch_size)
         with ThreadPoolExecutor(settings.ray.num_actors * settings.ray.max_in_flight) as threads:
             summaries = pa.Table.from_batches(list(threads.map(
-                lambda kb: extract_batch(kb[1], ctx, task, pool, "driver", kb[0]), enumerate(batches))))
-        load_round(warehouse, str(staging), task, summaries.to_pylist(), hashed.select(list(passthrough)).schema)
+                lambda kb: extract_batch(kb[1], ctx, pool, "driver", kb[0]), enumerate(batches))))
+        load_round(warehouse, str(staging), summaries.to_pylist(), hashed.select(list(passthrough)).schema)
         shutil.rmtree(staging, ignore_errors=True)
         wall = time.monotonic() - t0
     status = summaries["status"].to_pylist()
@@ -609,6 +610,45 @@ def row_nightly(args) -> dict:
             "fixed": {"job (replay engine)": fixed}}
 
 
+def row_tasks(args) -> dict:
+    """#15: one pass over two tasks (``--task phee,maccrobat``) against two separate runs on the same notes and
+    adapter, each run a job process of its own as a scheduler starts it (Spark, Ray and the engine loaded per
+    process): wall time, notes and tokens from the runs tables, engine loads counted in the job's log."""
+    import subprocess
+
+    import yaml
+
+    from notelake.jobs.warehouse import read_delta_arrow
+
+    work = Path(args.work)
+    source = write_note_table(synthetic_notes(args.notes, args.seed), work / f"notes-tasks-{args.notes}")
+    conf = work / "tasks-conf.yaml"
+    conf.write_text(yaml.safe_dump(bench_settings(args, engine={"adapter": args.adapter}).model_dump(mode="json")))
+
+    def job_process(tasks: str, output: Path) -> dict:
+        cmd = [sys.executable, "-m", "notelake.jobs.extract", "--conf", str(conf), "--input", source, "--output",
+               str(output), "--task", tasks]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.monotonic() - t0
+        runs = read_delta_arrow(output / "runs").to_pylist() if (output / "runs").exists() else []
+        log.info("job --task %s: exit %d in %.1f s", tasks, proc.returncode, wall)
+        return {"wall_s": wall, "exit_code": proc.returncode, "engine_loads": proc.stderr.count("engine pool ready in"),
+                **{k: sum(r[k] for r in runs) for k in ("selected", "succeeded", "failed", "tokens_in", "tokens_out")}}
+
+    separate = [job_process(task, work / f"wh-tasks-{task}") for task in ("phee", "maccrobat")]
+    one_pass = job_process("phee,maccrobat", work / "wh-tasks-one-pass")
+    rows = []
+    for name, parts in (("two tasks, two job runs (--task phee; --task maccrobat)", separate),
+                        ("two tasks, one pass (--task phee,maccrobat)", [one_pass])):
+        total = {k: sum(p[k] for p in parts) for k in parts[0]}
+        rows.append(row(name, notes=total["succeeded"] + total["failed"], wall_s=total["wall_s"],
+                        tokens_in=total["tokens_in"], tokens_out=total["tokens_out"], peak_gib=None,
+                        engine_loads=total["engine_loads"], exit_codes=[p["exit_code"] for p in parts],
+                        process_walls_s=[round(p["wall_s"], 1) for p in parts]))
+    return {"rows": rows}
+
+
 # ============================================================================================== ray.data.llm
 def row_ray_data_llm(args) -> dict:
     """Row 3: ray.data.llm's vLLM engine processor on the same prompts and sampling; answers parsed, grounded
@@ -729,7 +769,7 @@ def _write_concepts(task, texts: list[str], outputs: list[dict], warehouse: Path
 # ============================================================================================== main
 ROWS = {"bare": row_bare, "bare-all-cores": row_bare_all_cores, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
         "ray-data-llm": row_ray_data_llm, "lora": row_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay,
-        "rounds": row_rounds, "nightly": row_nightly}
+        "rounds": row_rounds, "nightly": row_nightly, "tasks": row_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from bench.measure import machine
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "models" / "adapters"
 ROW_ORDER = ["bare", "bare-all-cores", "bare-default", "job", "job-nospark", "ray-data-llm", "lora", "lora-merged", "multi-adapter",
-             "replay"]
+             "replay", "tasks"]
 # job-nospark (the job without Spark) and multi-adapter are for the GPU box (bench/gpu/run_gpu.sh); on CPU the
 # job row already measures the no-Spark path beside the Spark one.
 DEFAULT_ROWS = "bare,bare-all-cores,bare-default,job,ray-data-llm,lora,lora-merged,replay"
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [r for r in ROW_ORDER if r in args.rows.split(",")]:
         if name == "job":
             plan.append((name, common + ["--scaling", args.scaling]))
-        elif name in ("lora", "lora-merged"):
+        elif name in ("lora", "lora-merged", "tasks"):
             plan.append((name, common + ["--adapter", adapter]))
         elif name == "multi-adapter":
             plan.append((name, common + ["--adapters", adapters]))

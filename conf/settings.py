@@ -112,7 +112,9 @@ class InputConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    task: str = Field("phee", description="task name (conf/tasks/<name>.yaml) or a task YAML path")
+    task: str = Field("phee", description="task name (conf/tasks/<name>.yaml) or a task YAML path; several, "
+                                          "comma-separated (phee,maccrobat), run in one pass: the input is read "
+                                          "and hashed once and every task's prompts share the engines")
     round_notes: int = Field(2000, ge=1, description="notes extracted and committed per round (bounds memory, limits rework)")
     max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when (newly failed + newly rejected) / "
                                                                 "(selected + newly rejected) exceeds this")
@@ -137,6 +139,21 @@ class JobConfig(_Strict):
                                                                 "committed, the rest waits for the next run")
     progress_interval_s: float = Field(30, gt=0, description="a progress line (notes, prompts/s, output tok/s, "
                                                              "failures, ETA) every this many seconds")
+
+    @field_validator("task")
+    @classmethod
+    def _task_list(cls, task: str) -> str:
+        names = [t.strip() for t in task.split(",")]
+        if not all(names):
+            raise ValueError(f"empty task name in {task!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"task named twice in {task!r}")
+        return ",".join(names)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks of the run, in the order given."""
+        return self.task.split(",")
 
 
 class StorageConfig(_Strict):

@@ -1,10 +1,13 @@
 """The nightly extraction job: note table -> Spark -> Ray vLLM actors -> Delta tables.
 
     spark-submit jobs/extract.py --conf conf/local.yaml --input <note table> --output <warehouse dir> \\
-        --task phee [--adapter models/adapters/notelake-mt] [--limit N | --max-notes N] [--max-runtime 6h] [--full-refresh]
+        --task phee[,maccrobat] [--adapter models/adapters/notelake-mt] [--limit N | --max-notes N] [--max-runtime 6h] [--full-refresh]
         [--propagate-deletes] [--dry-run]
 
-(also ``notelake extract`` with the same flags). Stages, each testable alone:
+(also ``notelake extract`` with the same flags). ``--task phee,maccrobat`` runs several tasks in one pass: the
+input is read and hashed once, each task selects from it against its own ledger, and every task's prompts go
+through the same engines in shared rounds (one engine load); rows, ledger rows and runs rows stay per task (one
+run id per task: ``<pass id>-<task>``). Stages, each testable alone:
 
 * :func:`extract` reads the note table (Delta, Parquet, JSONL or a catalog table), checks the schema up front,
   hashes the text on the executors (Spark ``sha2``) and splits rows into valid notes and rejected rows.
@@ -377,15 +380,20 @@ def summarize_input(planned, rejected) -> InputSummary:
                         watermark=latest.replace(tzinfo=timezone.utc) if latest else None)
 
 
-def source_deletes(spark, settings: Settings, source: str, state) -> dict[str, int]:
-    """{note_id: note_bucket} of the ledger's notes that the input no longer holds (one scan of its id column)."""
+def read_note_ids(spark, settings: Settings, source: str):
+    """The input's note ids (one scan of its id column), for ``--propagate-deletes``."""
     from pyspark.sql import functions as F
 
+    return read_notes(spark, source, settings).select(
+        F.col(settings.input.note_id_column).cast("string").alias("note_id")).where(
+        F.col("note_id").isNotNull()).distinct()
+
+
+def source_deletes(present, state) -> dict[str, int]:
+    """{note_id: note_bucket} of the ledger's notes (``state``) that the input's ids (``present``) no longer hold."""
     if state is None:
         return {}
-    present = read_notes(spark, source, settings).select(
-        F.col(settings.input.note_id_column).cast("string").alias("note_id")).where(F.col("note_id").isNotNull())
-    gone = state.select("note_id", "l_note_bucket").join(present.distinct(), "note_id", "left_anti")
+    gone = state.select("note_id", "l_note_bucket").join(present, "note_id", "left_anti")
     return {r["note_id"]: r["l_note_bucket"] for r in gone.collect()}
 
 
@@ -427,12 +435,13 @@ def load_rejections(rejected, warehouse, ctx: RunContext, task: Task) -> int:
     from pyspark.sql import functions as F
 
     now = now_utc()
+    lineage = ctx.lineages[task.name]
     new = rejected.where(F.col("is_new")).select(
         "note_id", "text_sha256", "error_type", "message", F.lit("input").alias("stage"))
-    errors = _stage_and_read(new, ctx, "input_errors")
+    errors = _stage_and_read(new, ctx, f"{task.name}-input_errors")
     if errors is not None:
         n = errors.num_rows
-        errors = errors.append_column("run_id", pa.array([ctx.run_id] * n, pa.string())) \
+        errors = errors.append_column("run_id", pa.array([lineage["run_id"]] * n, pa.string())) \
             .append_column("task", pa.array([task.name] * n, pa.string())) \
             .append_column("chunk_index", pa.nulls(n, pa.int32())) \
             .append_column("attempt", pa.array([1] * n, pa.int32())) \
@@ -444,7 +453,7 @@ def load_rejections(rejected, warehouse, ctx: RunContext, task: Task) -> int:
     staged = _stage_and_read(changed.groupBy("note_id", "note_bucket").agg(
         F.min(F.coalesce("text_sha256", F.lit(""))).alias("text_sha256"), F.min("error_type").alias("error_type"),
         F.max("has_output").alias("had_output"), F.max("in_ledger").alias("in_ledger"),
-    ), ctx, "input_ledger")
+    ), ctx, f"{task.name}-input_ledger")
     if staged is None:
         return 0
     rows = staged.to_pylist()
@@ -453,7 +462,7 @@ def load_rejections(rejected, warehouse, ctx: RunContext, task: Task) -> int:
         warehouse.delete_notes(task.name, stale, tables=("concepts", "relations"))
     ledger = schemas.rows_to_table([{
         "note_id": r["note_id"], "task": task.name, "note_bucket": r["note_bucket"], "text_sha256": r["text_sha256"],
-        "fingerprint": ctx.lineage["fingerprint"], "passthrough_sha256": None, "run_id": ctx.run_id,
+        "fingerprint": lineage["fingerprint"], "passthrough_sha256": None, "run_id": lineage["run_id"],
         "status": "rejected", "attempts": 0, "has_output": False, "error_type": r["error_type"], "n_chunks": 0,
         "n_concepts": 0, "n_relations": 0, "n_warnings": 0, "n_ungrounded": 0, "n_dropped_relations": 0,
         "n_truncated_chunks": 0, "processed_at": now} for r in rows], schemas.LEDGER_SCHEMA)
@@ -469,7 +478,7 @@ def load_refresh(planned, warehouse, ctx: RunContext, task: Task) -> int:
 
     passthrough = ctx.passthrough
     staged = _stage_and_read(planned.where(F.col("action") == "refresh").select(
-        "note_id", "note_bucket", "passthrough_sha256", *passthrough), ctx, "refresh")
+        "note_id", "note_bucket", "passthrough_sha256", *passthrough), ctx, f"{task.name}-refresh")
     if staged is None:
         return 0
     buckets = set(staged["note_bucket"].to_pylist())
@@ -481,11 +490,13 @@ def load_refresh(planned, warehouse, ctx: RunContext, task: Task) -> int:
     return staged.num_rows
 
 
-def load_round(warehouse, staging_dir: str, task: Task, summary: list[dict], passthrough_schema: pa.Schema,
+def load_round(warehouse, staging_dir: str, summary: list[dict], passthrough_schema: pa.Schema,
                opts: dict | None = None) -> None:
     """Commit one round from the files of the Spark task attempts in ``summary`` (those whose results Spark
-    kept): succeeded notes' rows replace their old ones (appended for notes without rows yet), failed notes keep
-    theirs, errors are appended, the ledger goes last."""
+    kept), task by task: succeeded notes' rows replace their old ones (appended for notes without rows yet),
+    failed notes keep theirs, errors are appended, each task's ledger goes after its rows."""
+    import pyarrow.compute as pc
+
     tags = {r["attempt_tag"] for r in summary}
     table_schemas = {"concepts": schemas.concepts_schema(passthrough_schema),
                      "relations": schemas.relations_schema(passthrough_schema),
@@ -497,12 +508,15 @@ def load_round(warehouse, staging_dir: str, task: Task, summary: list[dict], pas
     if ignored:
         log.warning("ignored %d staged file(s) of Spark task attempts that did not finish (retried elsewhere)",
                     ignored)
-    ok = [r for r in summary if r["status"] == "succeeded"]
-    warehouse.commit_round(
-        staged, task.name, replaced=[r["note_id"] for r in ok if r["has_output_before"]],
-        first=[r["note_id"] for r in ok if not r["has_output_before"]],
-        ledger_known=[r["note_id"] for r in summary if r["in_ledger"]],
-        buckets={r["note_bucket"] for r in summary})
+    for task in sorted({r["task"] for r in summary}):
+        notes = [r for r in summary if r["task"] == task]
+        ok = [r for r in notes if r["status"] == "succeeded"]
+        warehouse.commit_round(
+            {name: rows.filter(pc.equal(rows["task"], task)) for name, rows in staged.items()}, task,
+            replaced=[r["note_id"] for r in ok if r["has_output_before"]],
+            first=[r["note_id"] for r in ok if not r["has_output_before"]],
+            ledger_known=[r["note_id"] for r in notes if r["in_ledger"]],
+            buckets={r["note_bucket"] for r in notes})
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -543,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", default=None, help="settings YAML (default: conf/local.yaml)")
     p.add_argument("--input", required=True, help="note table: Delta path, Parquet path/glob, JSONL, or catalog table")
     p.add_argument("--output", required=True, help="warehouse directory for the Delta output tables")
-    p.add_argument("--task", default=None, help="task name (conf/tasks/<name>.yaml) or a task YAML path")
+    p.add_argument("--task", default=None, help="task name (conf/tasks/<name>.yaml) or a task YAML path; several, "
+                                                "comma-separated, run in one pass (--task phee,maccrobat)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder; 'none' = base model")
     p.add_argument("--limit", "--max-notes", dest="limit", type=int, default=None,
                    help="process at most N selected notes (a backfill slice)")
@@ -642,22 +657,64 @@ def run(settings: Settings, source: str, output: str, *, limit: int | None = Non
                         spark=spark)
 
 
+@dataclass
+class TaskRun:
+    """One task of a pass: its extraction identity, plan, counts and run row (rows, ledger and runs stay per task;
+    a pass over several tasks reads the input once and shares the engines)."""
+
+    task: Task
+    ident: dict
+    run_id: str
+    history: list[dict]
+    since: datetime | None  # the task's watermark (input.updated_at_column)
+    state: object  # the task's ledger rows (Spark), None before its first run
+    planned: object = None
+    rejected: object = None
+    summary: InputSummary | None = None
+    gone: dict = dataclasses.field(default_factory=dict)
+    stats: RunStats = dataclasses.field(default_factory=RunStats)
+    run_row: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def lineage(self) -> dict:
+        return {"run_id": self.run_id, **{k: self.ident[k] for k in
+                                          ("model", "adapter", "adapter_sha256", "prompt_version", "fingerprint")}}
+
+    def retry_ids(self, max_attempts: int):
+        """Note ids whose last attempt on this fingerprint failed and may be tried again (None before a ledger)."""
+        from pyspark.sql import functions as F
+
+        if self.state is None:
+            return None
+        return self.state.where((F.col("l_status") == "failed") & (F.col("l_attempts") < max_attempts)
+                                & (F.col("l_fingerprint") == self.ident["fingerprint"])).select("note_id")
+
+
 def _run(settings: Settings, source: str, output: str, *, limit: int | None, full_refresh: bool, dry_run: bool,
          spark) -> int:
+    from functools import reduce
+
+    from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
-    from notelake.jobs.warehouse import OutputWriteError, open_warehouse, read_snapshot_spark
+    from notelake.jobs.warehouse import open_warehouse, read_snapshot_spark
 
-    task = load_task(settings.job.task)
-    ident = describe_extraction(settings, task)
-    run_id = f"{now_utc():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    tasks = [load_task(name) for name in settings.job.tasks]
+    idents = {task.name: describe_extraction(settings, task) for task in tasks}
+    pass_id = f"{now_utc():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     started = now_utc()
     commit_sha = git_sha()
     spark = spark or start_spark(settings)
     opts = storage.settings_options(settings)
+    first = idents[tasks[0].name]
     warehouse = open_warehouse(output, {
-        "notelake.run_id": run_id, "notelake.git_sha": commit_sha or "", "notelake.model": ident["model"],
-        "notelake.adapter": ident["adapter"] or "", "notelake.prompt_version": ident["prompt_version"],
+        "notelake.run_id": pass_id, "notelake.git_sha": commit_sha or "", "notelake.model": first["model"],
+        "notelake.adapter": first["adapter"] or "",
+        "notelake.prompt_version": ",".join(ident["prompt_version"] for ident in idents.values()),
     }, opts)
     buckets = warehouse.note_buckets(settings.job.note_buckets, create=not dry_run)
     staging_root = settings.storage.staging or storage.join(warehouse.root, "_staging")
@@ -670,97 +727,145 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
             log.warning("removed the uncommitted rows of %d note(s) from the round an earlier run died in "
                         "(extracted again now)", repaired)
 
-    history = previous_runs(warehouse, task.name, ident["fingerprint"])
-    since = None
-    if settings.input.updated_at_column and not full_refresh:
-        since = max((r["watermark"] for r in history if r.get("watermark")), default=None)
-    state = ledger_state(spark, warehouse, task.name)
-    retry = None if state is None else state.where(
-        (F.col("l_status") == "failed") & (F.col("l_attempts") < settings.job.max_attempts)
-        & (F.col("l_fingerprint") == ident["fingerprint"])).select("note_id")
+    runs = []
+    for task in tasks:
+        ident = idents[task.name]
+        history = previous_runs(warehouse, task.name, ident["fingerprint"])
+        since = None
+        if settings.input.updated_at_column and not full_refresh:
+            since = max((r["watermark"] for r in history if r.get("watermark")), default=None)
+        runs.append(TaskRun(task=task, ident=ident, run_id=pass_id if len(tasks) == 1 else f"{pass_id}-{task.name}",
+                            history=history, since=since, state=ledger_state(spark, warehouse, task.name)))
+    # One read and one hash of the input for every task: from the oldest of their watermarks, with the notes any
+    # of them retries (a task that saw a row already finds it unchanged in its ledger).
+    since = None if any(r.since is None for r in runs) else min(r.since for r in runs)
+    retries = [ids for ids in (r.retry_ids(settings.job.max_attempts) for r in runs) if ids is not None]
+    retry = reduce(DataFrame.unionByName, retries).distinct() if retries else None
     valid, rejected, passthrough = extract(spark, settings, source, since, retry)
-    planned = plan(valid, state, ident["fingerprint"], settings.job.max_attempts, buckets, passthrough,
-                   full_refresh).persist()
+    valid = valid.withColumn("text_chars", F.length("text")).persist()
+    rejected = rejected.persist()
     errors_table = read_snapshot_spark(spark, warehouse.path("errors"), opts)
-    input_errors = None if errors_table is None else errors_table.where(
-        (F.col("stage") == "input") & (F.col("task") == task.name))
-    rejected = classify_rejected(rejected, state, input_errors, buckets).persist()
-    summary = summarize_input(planned, rejected)
-    n_selected = summary.new if limit is None else min(limit, summary.new)
-    gone = source_deletes(spark, settings, source, state) if settings.job.propagate_deletes else {}
-    stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=summary.rejected,
-                     retried=summary.actions["retry"], given_up=summary.actions["given_up"])
-    log.info("run %s task=%s: %d valid notes%s: %d selected (%d retried), %d unchanged, %d given up after %d "
-             "attempts, %d to refresh; %d rows rejected (%d recorded before)%s", run_id, task.name, summary.valid,
-             f" updated after {since:%Y-%m-%dT%H:%M:%S}Z" if since else "", stats.selected, stats.retried,
-             summary.actions["unchanged"], stats.given_up, settings.job.max_attempts, summary.actions["refresh"],
-             summary.rejected + summary.rejected_known, summary.rejected_known,
-             f", {len(gone)} deleted at the source" if settings.job.propagate_deletes else "")
-    selected = select(planned, limit)
-    if dry_run:
-        est = selected.agg(F.sum(F.ceil(F.length("text") / task.max_chunk_chars)).alias("chunks")).collect()[0]
-        chunks = int(est["chunks"] or 0)
-        print(json.dumps({"run_id": run_id, "selected": stats.selected, "retried": stats.retried,
-                          "unchanged": summary.actions["unchanged"], "given_up": stats.given_up,
-                          "to_refresh": summary.actions["refresh"], "rejected_new": summary.rejected,
-                          "rejected_known": summary.rejected_known, "stale_to_remove": summary.stale,
-                          "to_delete": len(gone), "updated_after": since.isoformat() if since else None,
-                          "estimated_prompts": chunks,
-                          "estimated_output_tokens": chunks * (settings.engine.max_tokens or task.max_tokens),
-                          "estimated_seconds": estimate_seconds(history, stats.selected)}))
-        planned.unpersist()
-        rejected.unpersist()
-        return EXIT_OK
-
-    run_row = {
-        "run_id": run_id, "task": task.name, "fingerprint": ident["fingerprint"], "status": "running",
-        "model": ident["model"], "adapter": ident["adapter"], "adapter_sha256": ident["adapter_sha256"],
-        "prompt_version": ident["prompt_version"], "git_sha": commit_sha,
-        "config_json": settings.model_dump_json(), "table_versions_json": "{}",
-        "started_at": started, "ended_at": None, "watermark": None, "rounds_json": None,
-        **{k: 0 for k in RunStats.COUNTS},
-    }
-    warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
-    staging = storage.join(staging_root, run_id)
-    ctx = RunContext(run_id=run_id, task_def=task.model_dump(mode="json"), settings=settings.model_dump(mode="json"),
-                     gcs_address=None, staging_dir=staging, passthrough=tuple(passthrough), lineage={
-                         "run_id": run_id, "model": ident["model"], "adapter": ident["adapter"],
-                         "adapter_sha256": ident["adapter_sha256"], "prompt_version": ident["prompt_version"],
-                         "fingerprint": ident["fingerprint"]}, storage_options=opts)
+    present = read_note_ids(spark, settings, source).persist() if settings.job.propagate_deletes else None
+    for r in runs:
+        # plans carry no text (one persisted copy of it, in `valid`, joined back to the selection)
+        r.planned = plan(valid.drop("text"), r.state, r.ident["fingerprint"], settings.job.max_attempts, buckets,
+                         passthrough, full_refresh).persist()
+        input_errors = None if errors_table is None else errors_table.where(
+            (F.col("stage") == "input") & (F.col("task") == r.name))
+        r.rejected = classify_rejected(rejected, r.state, input_errors, buckets).persist()
+        r.summary = summary = summarize_input(r.planned, r.rejected)
+        n_selected = summary.new if limit is None else min(limit, summary.new)
+        r.gone = source_deletes(present, r.state) if present is not None else {}
+        r.stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=summary.rejected,
+                           retried=summary.actions["retry"], given_up=summary.actions["given_up"])
+        log.info("run %s task=%s: %d valid notes%s: %d selected (%d retried), %d unchanged, %d given up after %d "
+                 "attempts, %d to refresh; %d rows rejected (%d recorded before)%s", r.run_id, r.name, summary.valid,
+                 f" updated after {r.since:%Y-%m-%dT%H:%M:%S}Z" if r.since else "", r.stats.selected,
+                 r.stats.retried, summary.actions["unchanged"], r.stats.given_up, settings.job.max_attempts,
+                 summary.actions["refresh"], summary.rejected + summary.rejected_known, summary.rejected_known,
+                 f", {len(r.gone)} deleted at the source" if settings.job.propagate_deletes else "")
+    persisted = [valid, rejected, *(r.planned for r in runs), *(r.rejected for r in runs)]
+    if present is not None:
+        persisted.append(present)
     try:
-        stats.stale_removed = load_rejections(rejected, warehouse, ctx, task)
-        if gone:
-            warehouse.delete_notes(task.name, gone)
-            stats.deleted = len(gone)
-        stats.refreshed = load_refresh(planned, warehouse, ctx, task)
-        finished = not stats.selected or _extract_rounds(spark, settings, ctx, selected, warehouse, stats, buckets)
+        if dry_run:
+            for r in runs:
+                print(json.dumps(dry_run_report(r, select(r.planned, limit), len(r.gone),
+                                                settings.engine.max_tokens)))
+            return EXIT_OK
+        ctx = RunContext(run_id=pass_id, task_defs={r.name: r.task.model_dump(mode="json") for r in runs},
+                         settings=settings.model_dump(mode="json"), gcs_address=None,
+                         staging_dir=storage.join(staging_root, pass_id), passthrough=tuple(passthrough),
+                         lineages={r.name: r.lineage for r in runs}, storage_options=opts)
+        return _extract_and_load(spark, settings, ctx, warehouse, runs, valid, limit, buckets, started, commit_sha)
+    finally:
+        for frame in persisted:
+            frame.unpersist()
+
+
+def dry_run_report(r: TaskRun, selected, to_delete: int, max_tokens: int | None) -> dict:
+    """What a run of task ``r`` would do: counts, estimated prompts, output tokens and seconds."""
+    from pyspark.sql import functions as F
+
+    est = selected.agg(F.sum(F.ceil(F.col("text_chars") / r.task.max_chunk_chars)).alias("chunks")).collect()[0]
+    chunks = int(est["chunks"] or 0)
+    summary = r.summary
+    return {"run_id": r.run_id, "task": r.name, "selected": r.stats.selected, "retried": r.stats.retried,
+            "unchanged": summary.actions["unchanged"], "given_up": r.stats.given_up,
+            "to_refresh": summary.actions["refresh"], "rejected_new": summary.rejected,
+            "rejected_known": summary.rejected_known, "stale_to_remove": summary.stale, "to_delete": to_delete,
+            "updated_after": r.since.isoformat() if r.since else None, "estimated_prompts": chunks,
+            "estimated_output_tokens": chunks * (max_tokens or r.task.max_tokens),
+            "estimated_seconds": estimate_seconds(r.history, r.stats.selected)}
+
+
+def _extract_and_load(spark, settings: Settings, ctx: RunContext, warehouse, runs: list[TaskRun], valid, limit,
+                      buckets: int, started: datetime, commit_sha: str | None) -> int:
+    """Record the runs, commit rejections, deletes and refreshes, extract every task's selection in shared rounds,
+    and close the runs. Returns the exit code."""
+    from functools import reduce
+
+    from pyspark.sql import DataFrame
+    from pyspark.sql import functions as F
+
+    from notelake.jobs.warehouse import OutputWriteError
+
+    for r in runs:
+        r.run_row = {
+            "run_id": r.run_id, "task": r.name, "fingerprint": r.ident["fingerprint"], "status": "running",
+            "model": r.ident["model"], "adapter": r.ident["adapter"], "adapter_sha256": r.ident["adapter_sha256"],
+            "prompt_version": r.ident["prompt_version"], "git_sha": commit_sha,
+            "config_json": settings.model_dump_json(), "table_versions_json": "{}",
+            "started_at": started, "ended_at": None, "watermark": None, "rounds_json": None,
+            **{k: 0 for k in RunStats.COUNTS},
+        }
+
+    def record_runs() -> None:
+        warehouse.upsert("runs", schemas.rows_to_table([r.run_row for r in runs], schemas.RUNS_SCHEMA))
+
+    record_runs()
+    try:
+        for r in runs:
+            r.stats.stale_removed = load_rejections(r.rejected, warehouse, ctx, r.task)
+            if r.gone:
+                warehouse.delete_notes(r.name, r.gone)
+                r.stats.deleted = len(r.gone)
+            r.stats.refreshed = load_refresh(r.planned, warehouse, ctx, r.task)
+        selections = [select(r.planned, limit).withColumn("task", F.lit(r.name)) for r in runs if r.stats.selected]
+        finished = not selections or _extract_rounds(
+            spark, settings, ctx, reduce(DataFrame.unionByName, selections).join(valid.select("note_id", "text"),
+                                                                                "note_id"),
+            warehouse, {r.name: r.stats for r in runs}, buckets)
     except OutputWriteError:
-        run_row.update(status="failed", ended_at=now_utc(), **{k: getattr(stats, k) for k in RunStats.COUNTS})
+        for r in runs:
+            r.run_row.update(status="failed", ended_at=now_utc(), **{k: getattr(r.stats, k) for k in RunStats.COUNTS})
         with contextlib.suppress(OutputWriteError):  # best effort: the runs table may be unwritable too
-            warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
+            record_runs()
         raise
     finally:
-        planned.unpersist()
-        rejected.unpersist()
-        storage.delete_tree(staging, opts)  # note-derived PHI: never left behind
+        storage.delete_tree(ctx.staging_dir, ctx.storage_options)  # note-derived PHI: never left behind
 
-    failed_run = stats.error_rate > settings.job.max_error_rate
-    # The watermark moves past what was read only when every selected note was extracted (no --limit cut, no
-    # --max-runtime stop): otherwise the next run reads the same window again (the ledger skips what is done).
-    complete = finished and n_selected == summary.new
-    run_row.update(status="failed" if failed_run else "succeeded", ended_at=now_utc(),
-                   watermark=(summary.watermark or since) if complete else since,
-                   rounds_json=json.dumps(stats.rounds), **{k: getattr(stats, k) for k in RunStats.COUNTS})
-    run_row["table_versions_json"] = json.dumps(warehouse.versions())
-    warehouse.upsert("runs", schemas.rows_to_table([run_row], schemas.RUNS_SCHEMA))
-    log.info("run %s %s: %d succeeded, %d failed (%d given up before), %d newly rejected, %d refreshed, "
-             "%d stale removed, error rate %.3f (max %.3f)", run_id, run_row["status"], stats.succeeded,
-             stats.failed, stats.given_up, stats.rejected, stats.refreshed, stats.stale_removed, stats.error_rate,
-             settings.job.max_error_rate)
-    if failed_run:
-        log.error("error rate %.3f exceeds job.max_error_rate %.3f", stats.error_rate, settings.job.max_error_rate)
-        return EXIT_ERROR_RATE
-    return EXIT_OK
+    versions = json.dumps(warehouse.versions())
+    exit_code = EXIT_OK
+    for r in runs:
+        failed_run = r.stats.error_rate > settings.job.max_error_rate
+        # The watermark moves past what was read only when every selected note was extracted (no --limit cut, no
+        # --max-runtime stop): otherwise the next run reads the same window again (the ledger skips what is done).
+        complete = finished and r.stats.selected == r.summary.new
+        r.run_row.update(status="failed" if failed_run else "succeeded", ended_at=now_utc(),
+                         watermark=(r.summary.watermark or r.since) if complete else r.since,
+                         rounds_json=json.dumps(r.stats.rounds), table_versions_json=versions,
+                         **{k: getattr(r.stats, k) for k in RunStats.COUNTS})
+        log.info("run %s %s: %d succeeded, %d failed (%d given up before), %d newly rejected, %d refreshed, "
+                 "%d stale removed, error rate %.3f (max %.3f)", r.run_id, r.run_row["status"], r.stats.succeeded,
+                 r.stats.failed, r.stats.given_up, r.stats.rejected, r.stats.refreshed, r.stats.stale_removed,
+                 r.stats.error_rate, settings.job.max_error_rate)
+        if failed_run:
+            log.error("task %s: error rate %.3f exceeds job.max_error_rate %.3f", r.name, r.stats.error_rate,
+                      settings.job.max_error_rate)
+            exit_code = EXIT_ERROR_RATE
+    record_runs()
+    return exit_code
 
 
 class Progress:
@@ -768,7 +873,7 @@ class Progress:
     answered by the engines (their live counters) against the estimate, prompts/s, output tokens/s, engine errors
     and an ETA. Counts and rates only."""
 
-    def __init__(self, pool, interval_s: float, notes: int, prompts: int, stats: RunStats):
+    def __init__(self, pool, interval_s: float, notes: int, prompts: int, stats: list[RunStats]):
         import threading
 
         self.pool, self.interval_s, self.notes, self.prompts, self.stats = pool, interval_s, notes, prompts, stats
@@ -792,10 +897,11 @@ class Progress:
             elapsed = time.monotonic() - self.t0
             rate = done["requests"] / elapsed if elapsed else 0.0
             eta = (self.prompts - done["requests"]) / rate if rate else float("nan")
+            failed = sum(s.failed for s in self.stats)
             log.info("progress: %d/%d notes committed, %d/~%d prompts, %.2f prompts/s, %.1f output tok/s, "
-                     "%d engine errors, %d notes failed, ETA %.0fs", self.stats.succeeded + self.stats.failed,
+                     "%d engine errors, %d notes failed, ETA %.0fs", sum(s.succeeded for s in self.stats) + failed,
                      self.notes, done["requests"], self.prompts, rate, done["output_tokens"] / max(elapsed, 1e-9),
-                     done["errors"], self.stats.failed, max(eta, 0.0))
+                     done["errors"], failed, max(eta, 0.0))
 
 
 def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
@@ -811,11 +917,15 @@ def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
     return selected.withColumn("_round", F.col("note_bucket") * per_bucket + slice_), buckets * per_bucket
 
 
-def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats: RunStats, buckets: int) -> bool:
-    """Extract and commit ``selected`` round by round; False when ``job.max_runtime_s`` stopped it early.
+def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats: dict[str, RunStats],
+                    buckets: int) -> bool:
+    """Extract and commit ``selected`` (notes of every task in ``stats``, a ``task`` column each) round by round;
+    False when ``job.max_runtime_s`` stopped it early.
 
     The rounds are assigned once: the selected notes are written to the run's staging folder partitioned by round,
-    and each round reads its own partition (no rescan of the selection per round)."""
+    and each round reads its own partition (no rescan of the selection per round). A round holds the notes of
+    every task: their prompts share the engines, their rows are committed task by task."""
+    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_type
 
     from notelake.models.actor import EnginePool, ensure_ray
@@ -829,31 +939,34 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
     pool.ready(progress_s=settings.job.progress_interval_s)
     ctx = dataclasses.replace(ctx, gcs_address=gcs_address, deadline=deadline)
     passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in ctx.passthrough])
-    with_rounds, _ = assign_rounds(selected, stats.selected, settings.job.round_notes, buckets)
+    n_selected = sum(s.selected for s in stats.values())
+    with_rounds, _ = assign_rounds(selected, n_selected, settings.job.round_notes, buckets)
     rounds_dir = storage.join(ctx.staging_dir, "selected")
     stage_frame(with_rounds, rounds_dir, ctx.storage_options, settings.job.umask, partition_by="_round")
     rounds = sorted(int(name.split("=", 1)[1]) for name in storage.list_dirs(rounds_dir, ctx.storage_options)
                     if name.startswith("_round="))
-    prompts = estimate_prompts(storage.read_table(spark, rounds_dir, "parquet", ctx.storage_options), ctx.task,
-                               ctx.task.overlap(settings.job.chunk_overlap_chars))
+    staged = storage.read_table(spark, rounds_dir, "parquet", ctx.storage_options)
+    prompts = sum(estimate_prompts(staged.where(F.col("task") == name), ctx.task(name),
+                                   ctx.task(name).overlap(settings.job.chunk_overlap_chars)) for name in stats)
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
     done = 0
-    with Progress(pool, settings.job.progress_interval_s, stats.selected, prompts, stats):
+    with Progress(pool, settings.job.progress_interval_s, n_selected, prompts, list(stats.values())):
         for k, round_index in enumerate(rounds):
             t_round = time.monotonic()
             if deadline is not None and time.time() > deadline:
                 log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
-                            limit_s, k, len(rounds), stats.selected - done)
+                            limit_s, k, len(rounds), n_selected - done)
                 return False
             done += _extract_round(spark, ctx, rounds_dir, round_index, partitions, warehouse, passthrough_schema,
                                    stats, t_round)
             elapsed = time.monotonic() - t0
             rate = done / elapsed if elapsed else 0.0
-            eta = (stats.selected - done) / rate if rate else float("nan")
+            eta = (n_selected - done) / rate if rate else float("nan")
             log.info("round %d/%d: %d/%d notes, %.2f notes/s, %.1f output tok/s, %d failed, commit %.1fs, ETA %.0fs",
-                     k + 1, len(rounds), done, stats.selected, rate, stats.tokens_out / max(elapsed, 1e-9),
-                     stats.failed, stats.rounds[-1]["commit_s"], eta)
-    return done == stats.selected
+                     k + 1, len(rounds), done, n_selected, rate,
+                     sum(s.tokens_out for s in stats.values()) / max(elapsed, 1e-9),
+                     sum(s.failed for s in stats.values()), next(iter(stats.values())).rounds[-1]["commit_s"], eta)
+    return done == n_selected
 
 
 def estimate_prompts(notes, task: Task, overlap: int) -> int:
@@ -866,7 +979,7 @@ def estimate_prompts(notes, task: Task, overlap: int) -> int:
 
 
 def _extract_round(spark, ctx: RunContext, rounds_dir: str, round_index: int, partitions: int, warehouse,
-                   passthrough_schema: pa.Schema, stats: RunStats, t_round: float) -> int:
+                   passthrough_schema: pa.Schema, stats: dict[str, RunStats], t_round: float) -> int:
     """Extract and commit one round; returns the notes it extracted (fewer after the deadline)."""
     staging = storage.join(ctx.staging_dir, f"round-{round_index:05d}")
     part = storage.read_table(spark, storage.join(rounds_dir, f"_round={round_index}"), "parquet",
@@ -874,12 +987,15 @@ def _extract_round(spark, ctx: RunContext, rounds_dir: str, round_index: int, pa
     summary = [r.asDict() for r in transform(part, dataclasses.replace(ctx, staging_dir=staging),
                                              partitions).collect()]
     t_commit = time.monotonic()
-    load_round(warehouse, staging, ctx.task, summary, passthrough_schema, ctx.storage_options)
+    load_round(warehouse, staging, summary, passthrough_schema, ctx.storage_options)
     commit_s = time.monotonic() - t_commit
     storage.delete_tree(staging, ctx.storage_options)
-    stats.add(summary)
-    stats.rounds.append({"round": len(stats.rounds) + 1, "notes": len(summary),
-                         "seconds": round(time.monotonic() - t_round, 2), "commit_s": round(commit_s, 2)})
+    seconds = round(time.monotonic() - t_round, 2)
+    for name, task_stats in stats.items():
+        mine = [r for r in summary if r["task"] == name]
+        task_stats.add(mine)
+        task_stats.rounds.append({"round": len(task_stats.rounds) + 1, "notes": len(mine), "seconds": seconds,
+                                  "commit_s": round(commit_s, 2)})
     return len(summary)
 
 

@@ -31,7 +31,7 @@ from notelake.jobs import storage
 from notelake.udfs import schemas
 
 SUMMARY_SCHEMA = pa.schema([
-    ("note_id", pa.string()), ("status", pa.string()), ("attempt_tag", pa.string()), ("note_bucket", pa.int32()),
+    ("note_id", pa.string()), ("task", pa.string()), ("status", pa.string()), ("attempt_tag", pa.string()), ("note_bucket", pa.int32()),
     ("has_output_before", pa.bool_()), ("in_ledger", pa.bool_()), ("n_chunks", pa.int32()),
     ("n_concepts", pa.int32()), ("n_relations", pa.int32()), ("n_errors", pa.int32()), ("tokens_in", pa.int64()),
     ("tokens_out", pa.int64()),
@@ -46,21 +46,21 @@ STAGED_TABLES = ("concepts", "relations", "errors", "ledger")
 
 @dataclass(frozen=True)
 class RunContext:
-    """Everything the executors need, picklable (no Spark or Ray objects)."""
+    """Everything the executors need, picklable (no Spark or Ray objects). One pass may serve several tasks: each
+    note row names its task, and each task has its own definition and lineage (whose ``run_id`` is the task's run)."""
 
-    run_id: str
-    task_def: dict
+    run_id: str  # the pass (names its staging folder)
+    task_defs: dict  # task name -> Task as JSON
     settings: dict
     gcs_address: str | None
     staging_dir: str
     passthrough: tuple[str, ...]
-    lineage: dict = field(default_factory=dict)
+    lineages: dict = field(default_factory=dict)  # task name -> lineage columns (run_id, model, adapter, fingerprint)
     deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started after it
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials for staging: never logged
 
-    @property
-    def task(self) -> Task:
-        return Task.model_validate(self.task_def)
+    def task(self, name: str) -> Task:
+        return Task.model_validate(self.task_defs[name])
 
 
 _POOLS: dict = {}
@@ -159,13 +159,13 @@ _STAGE_FILE_ROWS = 50_000
 _STAGED_SCHEMA = pa.schema([("attempt_tag", pa.string()), ("rows", pa.int64())])
 
 
-def _ledger_row(ctx: RunContext, note: dict, task: Task, status: str, n_chunks: int, result) -> dict:
+def _ledger_row(lineage: dict, note: dict, task: Task, status: str, n_chunks: int, result) -> dict:
     from notelake.udfs.schemas import utc_now
 
     return {
         "note_id": note["note_id"], "task": task.name, "note_bucket": note["note_bucket"],
-        "text_sha256": note["text_sha256"], "fingerprint": ctx.lineage["fingerprint"],
-        "passthrough_sha256": note["passthrough_sha256"], "run_id": ctx.run_id, "status": status,
+        "text_sha256": note["text_sha256"], "fingerprint": lineage["fingerprint"],
+        "passthrough_sha256": note["passthrough_sha256"], "run_id": lineage["run_id"], "status": status,
         "attempts": note["attempt"], "has_output": status == "succeeded" or bool(note["has_output"]),
         "error_type": None, "n_chunks": n_chunks, "n_concepts": len(result.concepts),
         "n_relations": len(result.relations), "n_warnings": result.warnings, "n_ungrounded": result.ungrounded,
@@ -174,9 +174,10 @@ def _ledger_row(ctx: RunContext, note: dict, task: Task, status: str, n_chunks: 
     }
 
 
-def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool, tag: str = "driver",
+def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driver",
                   seq: int = 0) -> pa.RecordBatch:
-    """Chunk, prompt, generate, parse and ground one Arrow batch of notes; stage rows; return per-note counts."""
+    """Chunk, prompt, generate, parse and ground one Arrow batch of notes (each row names its ``task``; the
+    prompts of every task go to the engines together); stage rows; return per-note counts."""
     from notelake.models.engine import GenerationRequest
     from notelake.udfs.answer import answer_guide
     from notelake.udfs.assemble import assemble_note
@@ -186,23 +187,25 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool, tag:
 
     engine_cfg = ctx.settings["engine"]
     job_cfg = ctx.settings["job"]
-    max_tokens = engine_cfg.get("max_tokens") or task.max_tokens
     guided = engine_cfg.get("guided_decoding", "grounded")
     notes = batch.to_pylist()
-    overlap = task.overlap(job_cfg["chunk_overlap_chars"])
-    chunked = [chunk_text(n["text"], task.max_chunk_chars, overlap) for n in notes]
-    requests = [
-        GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
-                          guide=answer_guide(task, c.text, guided), max_tokens=max_tokens)
-        for i, chunks in enumerate(chunked) for c in chunks
-    ]
+    tasks = {name: ctx.task(name) for name in {n["task"] for n in notes}}
+    chunked = [chunk_text(n["text"], tasks[n["task"]].max_chunk_chars,
+                          tasks[n["task"]].overlap(job_cfg["chunk_overlap_chars"])) for n in notes]
+    requests = []
+    for i, (note, chunks) in enumerate(zip(notes, chunked)):
+        task = tasks[note["task"]]
+        requests += [GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
+                                       guide=answer_guide(task, c.text, guided),
+                                       max_tokens=engine_cfg.get("max_tokens") or task.max_tokens) for c in chunks]
     results = iter(pool.generate(requests))
 
     passthrough_schema = pa.schema([batch.schema.field(c) for c in ctx.passthrough])
     concept_rows, relation_rows, error_rows, ledger_rows, summaries = [], [], [], [], []
     for note, chunks in zip(notes, chunked):
         outs = [next(results) for _ in chunks]
-        lineage = {**ctx.lineage, "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
+        task = tasks[note["task"]]
+        lineage = {**ctx.lineages[task.name], "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
                    "attempt": note["attempt"]}
         result = assemble_note(
             note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
@@ -215,9 +218,9 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, task: Task, pool, tag:
             concept_rows += result.concepts
             relation_rows += result.relations
         error_rows += result.errors
-        ledger_rows.append(_ledger_row(ctx, note, task, status, len(chunks), result))
+        ledger_rows.append(_ledger_row(ctx.lineages[task.name], note, task, status, len(chunks), result))
         summaries.append({
-            "note_id": note["note_id"], "status": status, "attempt_tag": tag, "note_bucket": note["note_bucket"],
+            "note_id": note["note_id"], "task": task.name, "status": status, "attempt_tag": tag, "note_bucket": note["note_bucket"],
             "has_output_before": bool(note["has_output"]), "in_ledger": bool(note["in_ledger"]),
             "n_chunks": len(chunks), "n_concepts": len(result.concepts), "n_relations": len(result.relations),
             "n_errors": len(result.errors), "tokens_in": sum(o.prompt_tokens for o in outs),
@@ -237,7 +240,6 @@ def transform(selected, ctx: RunContext, partitions: int):
         from pyspark import TaskContext
 
         os.umask(int(ctx.settings["job"]["umask"], 8))  # staged Parquet holds PHI: same modes as the tables
-        task = ctx.task
         tag = attempt_tag()
         tc = TaskContext.get()
         fault = tc.getLocalProperty(FAILPOINT) if tc is not None else None
@@ -248,7 +250,7 @@ def transform(selected, ctx: RunContext, partitions: int):
             if batch.num_rows == 0:
                 continue
             pool = pool or _executor_pool(ctx)
-            summary = extract_batch(batch, ctx, task, pool, tag, seq)
+            summary = extract_batch(batch, ctx, pool, tag, seq)
             if fault == "exit_after_first_staged_batch" and tc.partitionId() == 0 and tc.attemptNumber() == 0:
                 os._exit(17)  # a lost executor: its staged file stays behind, its results never reach the driver
             yield summary

@@ -57,12 +57,12 @@ def rows(out: Path, name: str) -> list[dict]:
 
 
 def assert_no_duplicates(out: Path) -> None:
-    """Every concept id once, every note's rows from one run, every ledger note once."""
+    """Every concept id once, every note's rows of a task from one run, every (task, note) in the ledger once."""
     concepts = table(out, "concepts").to_pylist()
     assert len({c["concept_id"] for c in concepts}) == len(concepts)
-    runs_per_note: dict[str, set] = {}
+    runs_per_note: dict[tuple[str, str], set] = {}
     for c in concepts:
-        runs_per_note.setdefault(c["note_id"], set()).add(c["run_id"])
+        runs_per_note.setdefault((c["task"], c["note_id"]), set()).add(c["run_id"])
     assert all(len(r) == 1 for r in runs_per_note.values()), "a note's rows mix two runs"
-    ledger = table(out, "ledger")["note_id"].to_pylist()
-    assert len(ledger) == len(set(ledger))
+    ledger = table(out, "ledger").select(["task", "note_id"]).to_pylist()
+    assert len(ledger) == len({(r["task"], r["note_id"]) for r in ledger})

@@ -32,12 +32,19 @@ def test_local_is_the_embedded_default():
     ("engine: [unclosed\n", r"is not valid YAML"),
     ("engine:\n  adapter: x\n  enable_lora: false\n", r"engine.adapter is set but engine.enable_lora is false"),
     ("ray:\n  address: ray://head:10001\n", r"ray\.address: Value error, Ray Client addresses \(ray://\)"),
+    ("job:\n  task: phee,,maccrobat\n", r"job\.task: Value error, empty task name"),
+    ("job:\n  task: phee, phee\n", r"job\.task: Value error, task named twice"),
 ])
 def test_bad_yaml_names_the_field(tmp_path, body, expected):
     path = tmp_path / "bad.yaml"
     path.write_text(body)
     with pytest.raises(ConfigError, match=expected):
         load_settings(path)
+
+
+def test_several_tasks_are_one_comma_separated_setting():
+    assert load_settings().with_overrides(job={"task": " phee , maccrobat"}).job.tasks == ["phee", "maccrobat"]
+    assert load_settings().job.tasks == ["phee"]
 
 
 def test_missing_file_is_a_config_error(tmp_path):

@@ -224,6 +224,59 @@ def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
     assert read_delta_arrow(out / "concepts") is None
 
 
+def test_several_tasks_in_one_pass(tmp_path, spark, engine_pool, settings):
+    """--task phee,maccrobat: the input is read once and both tasks share the engine, while rows, ledger rows and
+    runs rows stay per task. A task added to an existing output is extracted alone; a rerun selects nothing."""
+    notes = sample_notes(3)
+    ids = sorted(n["note_id"] for n in notes)
+    src = write_notes(tmp_path / "notes", notes)
+    out = tmp_path / "warehouse"
+    assert job.run(job_settings(settings), src, str(out), spark=spark) == job.EXIT_OK  # phee alone first
+
+    both = job_settings(settings, task="phee,maccrobat")
+    assert job.run(both, src, str(out), spark=spark) == job.EXIT_OK
+    runs = sorted(table(out, "runs").to_pylist(), key=lambda r: (r["started_at"], r["task"]))
+    pass_runs = {r["task"]: r for r in runs[1:]}
+    assert sorted(pass_runs) == ["maccrobat", "phee"]
+    assert (pass_runs["phee"]["selected"], pass_runs["phee"]["skipped"]) == (0, 3)  # its ledger has them
+    assert (pass_runs["maccrobat"]["selected"], pass_runs["maccrobat"]["skipped"]) == (3, 0)
+    mac = pass_runs["maccrobat"]
+    assert mac["status"] == "succeeded" and mac["succeeded"] + mac["failed"] == 3 and mac["tokens_out"] > 0
+    assert mac["run_id"].endswith("-maccrobat") and pass_runs["phee"]["run_id"].endswith("-phee")
+    assert mac["fingerprint"] != pass_runs["phee"]["fingerprint"]
+
+    ledger = table(out, "ledger").to_pylist()
+    assert sorted((r["task"], r["note_id"]) for r in ledger) == sorted(
+        [("phee", i) for i in ids] + [("maccrobat", i) for i in ids])
+    assert {r["run_id"] for r in ledger if r["task"] == "maccrobat"} == {mac["run_id"]}
+    assert {r["run_id"] for r in ledger if r["task"] == "phee"} == {runs[0]["run_id"]}
+    labels = {name: set(job.load_task(name).concepts) for name in ("phee", "maccrobat")}
+    texts = {n["note_id"]: n["text"] for n in notes}
+    concepts = table(out, "concepts").to_pylist()
+    for row in concepts:
+        assert row["label"] in labels[row["task"]]
+        assert row["run_id"] == (mac["run_id"] if row["task"] == "maccrobat" else runs[0]["run_id"])
+        if row["grounded"]:
+            assert offsets_exact(row, texts[row["note_id"]])
+    assert_no_duplicates(out)
+
+    # Both tasks in one pass on a new output: the same per-task rows and runs.
+    fresh = tmp_path / "fresh"
+    assert job.run(both, src, str(fresh), spark=spark) == job.EXIT_OK
+    fresh_runs = table(fresh, "runs").to_pylist()
+    assert sorted((r["task"], r["selected"], r["status"]) for r in fresh_runs) == [
+        ("maccrobat", 3, "succeeded"), ("phee", 3, "succeeded")]
+    assert len({r["run_id"].rsplit("-", 1)[0] for r in fresh_runs}) == 1  # one pass
+    assert sorted((r["task"], r["note_id"]) for r in table(fresh, "ledger").to_pylist()) == sorted(
+        [("phee", i) for i in ids] + [("maccrobat", i) for i in ids])
+
+    versions = {t: DeltaTable(str(fresh / t)).version() for t in ("concepts", "relations", "ledger")}
+    assert job.run(both, src, str(fresh), spark=spark) == job.EXIT_OK
+    latest = sorted(table(fresh, "runs").to_pylist(), key=lambda r: r["started_at"])[-2:]
+    assert [(r["selected"], r["tokens_out"]) for r in latest] == [(0, 0), (0, 0)]
+    assert {t: DeltaTable(str(fresh / t)).version() for t in versions} == versions
+
+
 def test_new_task_yaml_runs_zero_shot(tmp_path, spark, engine_pool, settings):
     """A new corpus is served by writing a task YAML only; output carries only that task's labels."""
     task_yaml = tmp_path / "drugsafety.yaml"
