@@ -10,7 +10,7 @@ TORCH_FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 
-.PHONY: demo test cluster-test bench install base-model clean
+.PHONY: demo test cluster-test bench bench-medians install base-model clean
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ cluster-test: base-model
 BENCH_ARGS ?= --notes 32 --seed 0
 bench: base-model
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The ratios as medians of three runs (min and max beside them): runs/bench/medians-<UTC time>/medians.md.
+bench-medians: base-model
+	set -e; dir=runs/bench/medians-$$(date -u +%Y%m%dT%H%M%S); for k in 1 2 3; do \
+		$(BIN)/python -m bench.run $(BENCH_ARGS) --out $$dir/run-$$k; done; \
+	$(BIN)/python -m bench.medians $$dir/run-1 $$dir/run-2 $$dir/run-3 --out $$dir/medians.md
 
 clean:
 	rm -rf $(OUT) .pytest_cache

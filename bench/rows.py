@@ -37,6 +37,7 @@ log = logging.getLogger("bench")
 TASK = "phee"
 REPO = Path(__file__).resolve().parents[1]
 # conf/local.yaml's batching before the benchmarks (commit 557667c), measured beside the current one.
+BASE_NO_LORA = "base, engine without LoRA"
 PRE_TUNING_BATCHING = {"ray": {"batch_size": 16, "max_in_flight": 2}, "spark": {"arrow_batch_size": 32}}
 
 
@@ -170,6 +171,45 @@ def row_bare_default(args) -> dict:
         "engine_load_s": load_s, "engine_load_peak_mem_gib": mem.peak_gib, "first_token_s": rows[0]["first_token_s"]}}}
 
 
+def timed_engine_generate(name: str, engine, task, texts: list[str], max_tokens: int, probe: list[int], *,
+                          guided: bool = True, adapter_path: str | None = None, probe_lora=None, **extra) -> dict:
+    """One ``VLLMEngine.generate`` over the texts' prompts (the job's engine call), after a first-token probe."""
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.answer import answer_guide
+    from notelake.udfs.prompts import build_messages
+
+    cfg = engine.cfg
+    requests = [GenerationRequest(f"{i}", build_messages(task, t),
+                                  guide=answer_guide(task, t, cfg.guided_decoding) if guided else None,
+                                  max_tokens=max_tokens, adapter=adapter_path) for i, t in enumerate(texts)]
+    first_token_s = probe_first_token(engine.llm, probe, cfg, probe_lora)
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        results = engine.generate(requests)
+        wall = time.monotonic() - t0
+    return row(name, notes=len(texts), wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results),
+               tokens_out=sum(r.output_tokens for r in results), peak_gib=mem.peak_gib, first_token_s=first_token_s,
+               errors=sum(1 for r in results if not r.ok), guided=cfg.guided_decoding if guided else "off", **extra)
+
+
+def row_base_no_lora(args) -> dict:
+    """Row 4's denominator: the base model on an engine started without LoRA support (``enable_lora: false``),
+    the same passes as the lora row's base rows. An engine with LoRA enabled pays for it on base requests too."""
+    from notelake.conf.task import load_task
+
+    settings = bench_settings(args, engine={"enable_lora": False, "merge_adapter": False})
+    task = load_task(TASK)
+    engine, fixed = _load_vllm_engine(settings)
+    texts = corpus_texts(args)
+    probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
+    rows = [timed_engine_generate(f"VLLMEngine.generate, {BASE_NO_LORA}, guided on", engine, task, texts,
+                                  args.max_tokens, probe),
+            timed_llm_generate(f"bare vLLM LLM.generate, {BASE_NO_LORA}, ignore_eos", engine.llm,
+                               render_prompts(engine.tokenizer, task, texts), probe, settings.engine,
+                               sampling_params(settings.engine, args.max_tokens, ignore_eos=True))]
+    return {"rows": rows, "fixed": {"vLLM without LoRA": fixed}}
+
+
 def row_lora(args) -> dict:
     """Row 4: base model vs the shipped LoRA adapter, guided decoding on vs off, through our VLLMEngine.generate;
     plus the pure per-token LoRA cost (bare LLM.generate, ignore_eos, unguided)."""
@@ -177,9 +217,6 @@ def row_lora(args) -> dict:
 
     from notelake.conf.task import load_task
     from notelake.models.adapters import load_adapter
-    from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_guide
-    from notelake.udfs.prompts import build_messages
 
     settings = bench_settings(args)
     cfg = settings.engine
@@ -195,21 +232,10 @@ def row_lora(args) -> dict:
     for guided, label, adapter_path, probe_lora in ((True, "base", "", None),
                                                     (True, f"LoRA {adapter.name}", str(adapter.path), lora),
                                                     (False, "base", "", None)):
-        name = f"VLLMEngine.generate, {label}, guided {'on' if guided else 'off'}"
-        requests = [GenerationRequest(f"{i}", build_messages(task, t),
-                                      guide=answer_guide(task, t, cfg.guided_decoding) if guided else None,
-                                      max_tokens=args.max_tokens, adapter=adapter_path)
-                    for i, t in enumerate(texts)]
-        first_token_s = probe_first_token(engine.llm, probe, cfg, probe_lora)
-        with PeakMemory() as mem:
-            t0 = time.monotonic()
-            results = engine.generate(requests)
-            wall = time.monotonic() - t0
-        rows.append(row(name, notes=len(texts), wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results),
-                        tokens_out=sum(r.output_tokens for r in results), peak_gib=mem.peak_gib,
-                        first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok),
-                        adapter=adapter.name if adapter_path else None,
-                        guided=cfg.guided_decoding if guided else "off"))
+        rows.append(timed_engine_generate(f"VLLMEngine.generate, {label}, guided {'on' if guided else 'off'}",
+                                          engine, task, texts, args.max_tokens, probe, guided=guided,
+                                          adapter_path=adapter_path, probe_lora=probe_lora,
+                                          adapter=adapter.name if adapter_path else None))
     prompts = render_prompts(engine.tokenizer, task, texts)
     pure = sampling_params(cfg, args.max_tokens, ignore_eos=True)
     rows.append(timed_llm_generate("bare vLLM LLM.generate, base, ignore_eos", engine.llm, prompts, probe, cfg, pure))
@@ -224,9 +250,6 @@ def row_lora_merged(args) -> dict:
     from notelake.conf.task import load_task
     from notelake.models.adapters import load_adapter, merged_model
     from notelake.models.base_model import model_sha256, resolve_model
-    from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_guide
-    from notelake.udfs.prompts import build_messages
 
     base = bench_settings(args)
     base_path = resolve_model(base.engine.model)
@@ -241,17 +264,8 @@ def row_lora_merged(args) -> dict:
     texts = corpus_texts(args)
     probe = render_prompts(engine.tokenizer, task, [PROBE_TEXT])[0]
     label = f"LoRA {adapter.name} merged into the weights"
-    requests = [GenerationRequest(f"{i}", build_messages(task, t), guide=answer_guide(task, t, cfg.guided_decoding),
-                                  max_tokens=args.max_tokens) for i, t in enumerate(texts)]
-    first_token_s = probe_first_token(engine.llm, probe, cfg)
-    with PeakMemory() as mem:
-        t0 = time.monotonic()
-        results = engine.generate(requests)
-        wall = time.monotonic() - t0
-    rows = [row(f"VLLMEngine.generate, {label}, guided on", notes=len(texts), wall_s=wall,
-                tokens_in=sum(r.prompt_tokens for r in results), tokens_out=sum(r.output_tokens for r in results),
-                peak_gib=mem.peak_gib, first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok),
-                adapter=adapter.name, guided=cfg.guided_decoding)]
+    rows = [timed_engine_generate(f"VLLMEngine.generate, {label}, guided on", engine, task, texts, args.max_tokens,
+                                  probe, adapter=adapter.name)]
     prompts = render_prompts(engine.tokenizer, task, texts)
     rows.append(timed_llm_generate(f"bare vLLM LLM.generate, {label}, ignore_eos", engine.llm, prompts, probe, cfg,
                                    sampling_params(cfg, args.max_tokens, ignore_eos=True), adapter=adapter.name))
@@ -768,7 +782,7 @@ def _write_concepts(task, texts: list[str], outputs: list[dict], warehouse: Path
 
 # ============================================================================================== main
 ROWS = {"bare": row_bare, "bare-all-cores": row_bare_all_cores, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
-        "ray-data-llm": row_ray_data_llm, "lora": row_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay,
+        "ray-data-llm": row_ray_data_llm, "lora": row_lora, "base-no-lora": row_base_no_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay,
         "rounds": row_rounds, "nightly": row_nightly, "tasks": row_tasks}
 
 

@@ -27,11 +27,11 @@ from bench.measure import machine
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "models" / "adapters"
-ROW_ORDER = ["bare", "bare-all-cores", "bare-default", "job", "job-nospark", "ray-data-llm", "lora", "lora-merged", "multi-adapter",
+ROW_ORDER = ["bare", "bare-all-cores", "bare-default", "job", "job-nospark", "ray-data-llm", "lora", "base-no-lora", "lora-merged", "multi-adapter",
              "replay", "tasks"]
 # job-nospark (the job without Spark) and multi-adapter are for the GPU box (bench/gpu/run_gpu.sh); on CPU the
 # job row already measures the no-Spark path beside the Spark one.
-DEFAULT_ROWS = "bare,bare-all-cores,bare-default,job,ray-data-llm,lora,lora-merged,replay"
+DEFAULT_ROWS = "bare,bare-all-cores,bare-default,job,ray-data-llm,lora,base-no-lora,lora-merged,replay"
 
 
 def default_adapter() -> str:
