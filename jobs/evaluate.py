@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call (progress granularity)")
     p.add_argument("--guided", choices=["grounded", "labels", "off"], default="grounded",
                    help="guided decoding: mentions from the chunk only (default), labels only, or free (A/B)")
+    p.add_argument("--tagger", default=None, metavar="FOLDER",
+                   help="evaluate a classification-head tagger (train objective: tag) instead of the generative path; "
+                        "same slice and scorer, concepts only")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
     p.add_argument("--label", default=None, help="run label in comparison tables")
     p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
@@ -146,6 +149,41 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     }
 
 
+def tagger_report(args) -> dict:
+    """The report of ``--tagger``: same slice, scorer and report layout as the generative runs."""
+    from notelake.models.evaluation import now_iso, read_gold, select_slice, slice_fingerprint
+    from notelake.models.tagger import Tagger, evaluate_tagger
+
+    tagger = Tagger(args.tagger)
+    if tagger.task.name != args.task:
+        raise ConfigError(f"tagger {args.tagger} was trained on task {tagger.task.name}, not {args.task}")
+    records = select_slice(read_gold(args.gold), args.limit, args.seed)
+    scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)
+    scores.update(invalid_output_rate=0.0, engine_error_rate=0.0)
+    scores["throughput"]["output_tokens_per_s"] = None
+    training = tagger.manifest.get("training") or {}
+    return {
+        "run_id": f"eval-{uuid.uuid4().hex[:12]}", "label": args.label or tagger.manifest["name"],
+        "created_at": now_iso(), "task": args.task, "gold": str(args.gold), "prefix_scores": {},
+        "slice": {"limit": args.limit, "seed": args.seed, "n_notes": len(records),
+                  "n_gold_concepts": scores["cce"]["lenient"]["n_gold"], "n_gold_relations": None,
+                  "sha256": slice_fingerprint(records),
+                  "definition": "notes sorted by note_id, random.Random('dev-slice:<seed>').shuffle, first <limit>"},
+        "model": {"name": tagger.manifest["base_model"], "sha256": tagger.manifest["base_model_sha256"]},
+        "adapter": {"name": tagger.manifest["name"], "path": str(Path(args.tagger).resolve()),
+                    "sha256": tagger.manifest["sha256"], "tasks": tagger.manifest["tasks"], "rank": None,
+                    "zero_shot": False, "kind": tagger.manifest["kind"],
+                    "train_tokens": training.get("tokens_processed"), "train_wall_s": training.get("wall_time_s"),
+                    "train_peak_rss_mb": training.get("peak_rss_mb")},
+        "engine": {"backend": "tagger", "dtype": "float32", "greedy": True, "guided_decoding": "n/a (tags)",
+                   "max_tokens": None, "chunk_overlap_chars": 0, "max_chunk_chars": tagger.window_chars,
+                   "versions": {}},
+        "machine": {"cpus": os.cpu_count(), "gpu": _gpu_name()},
+        "command": "python -m notelake.jobs.evaluate " + " ".join(shlex.quote(a) for a in (args._argv or [])),
+        "scores": scores,
+    }
+
+
 def _gpu_name() -> str | None:
     try:
         import torch
@@ -187,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.task and args.gold):
         print("error: --task and --gold go together", file=sys.stderr)
         return 2
+    if args.tagger:
+        try:
+            report = tagger_report(args)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _finish_report(args, report, out, compare)
     try:
         from notelake.conf import load_settings
         from notelake.models.engine import make_engine

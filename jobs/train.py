@@ -7,6 +7,8 @@ No Spark is involved; run it directly, from the repository root::
 
     # plan only: example counts, mean tokens per example, estimated tokens for the steps (no training)
     python -m notelake.jobs.train --config conf/train/multitask.yaml --dry-run
+    # the classification-head baseline (objective: tag): BIO layers over the tokens, one task per tagger
+    python -m notelake.jobs.train --config conf/train/tagger-phee-lora.yaml
     # overrides (any TrainConfig field has a YAML key; the common ones have flags)
     python -m notelake.jobs.train --config conf/train/multitask.yaml --steps 2 --batch-size 1 \
         --max-examples 4 --output-dir /tmp/adapter-smoke --checkpoint-dir /tmp/adapter-smoke-ckpt --token-budget 5000
@@ -84,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         cfg = load_train_config(args.config, **overrides)
-        if args.export_checkpoint:
+        if cfg.objective == "tag":  # the classification-head baseline (models/tagger.py)
+            if args.export_checkpoint:
+                raise ConfigError("--export-checkpoint is for generative adapters; a tagger run resumes instead")
+            from notelake.models.tagger import train_tagger
+
+            result = train_tagger(cfg, dry_run=args.dry_run)
+        elif args.export_checkpoint:
             from notelake.models.training import export_checkpoint
 
             result = export_checkpoint(cfg, args.export_checkpoint, note=args.note)

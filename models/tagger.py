@@ -1,0 +1,343 @@
+"""The classification-head baseline (#14): the base model with a token-classification head, BIO-tagging concepts.
+
+The method we follow compares prompt-based generation with a classification head over token representations.
+Here the head is a linear layer over SmolLM2's last hidden states, one BIO layer per label (``udfs/bio.py``:
+PHEE nests its concepts), trained with LoRA (the head trained in full beside the adapter) or by full fine-tuning,
+on the same train notes, validation split and token budget rules as the generative runs (``models/training.py``).
+
+What the backbone costs: SmolLM2 is a causal decoder, so a token's representation sees only the text to its
+left. An encoder tagger decides "is this token inside a Drug mention" with the words after it too; here the
+first token of "heparin-induced thrombocytopenia" is tagged before the model has seen "induced". No
+bidirectional variant of this backbone exists; the figures in docs/results.md are what the causal head reaches.
+
+Covers concepts (CCE) only: relations would need a pair classifier over the predicted concepts, not built.
+Notes longer than ``tag_window_chars`` are cut into windows at sentence ends (``udfs.chunking``), without overlap.
+Spans are grounded by construction: they come from the tokenizer's offsets into the text.
+
+Nothing here logs note text: counts, losses and timings only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from notelake.conf.settings import ConfigError
+from notelake.conf.task import Task, load_task
+from notelake.models.training import (BASE_MODEL_NAME, Example, TrainConfig, _make_callbacks, count_params,
+                                      data_fingerprint, peak_rss_mb, planned_steps, read_jsonl, resolve_base,
+                                      split_notes)
+from notelake.udfs.bio import IGNORE, LAYER_TAGS, decode_layers, encode_layers
+
+log = logging.getLogger("notelake.tagger")
+
+KIND = "tagger"
+HEAD = "score"  # the token-classification head of transformers' causal-LM backbones
+
+
+def labels_of(task: Task) -> list[str]:
+    return list(task.concepts)
+
+
+def windows(text: str, window_chars: int):
+    from notelake.udfs.chunking import chunk_text
+
+    return chunk_text(text, window_chars, 0)
+
+
+def note_tag_examples(tokenizer, task: Task, record: dict, window_chars: int, stats: dict) -> list[Example]:
+    """One example per window of a gold note: token ids and per-token, per-label BIO codes."""
+    labels = labels_of(task)
+    out = []
+    for chunk in windows(record["text"], window_chars):
+        inside = [
+            {**c, "spans": [[s - chunk.start, e - chunk.start] for s, e in c["spans"]]}
+            for c in record["concepts"]
+            if c["label"] in task.concepts and all(chunk.start <= s and e <= chunk.end for s, e in c["spans"])]
+        enc = tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
+        codes, tag_stats = encode_layers(chunk.text, enc["offset_mapping"], inside, labels)
+        for key in ("concepts", "fragments", "overlapping"):
+            stats[key] = stats.get(key, 0) + getattr(tag_stats, key)
+        out.append(Example(f"{task.name}:{record['note_id']}#{chunk.index}", task.name, list(enc["input_ids"]), codes))
+    return out
+
+
+def build_tag_datasets(cfg: TrainConfig, tokenizer) -> tuple[Task, list[Example], list[Example], dict]:
+    if len(cfg.tasks) != 1:
+        raise ConfigError("a tagger is trained on one task (its label layers are the task's labels)")
+    task = load_task(cfg.tasks[0])
+    path = cfg.data_dir / task.name / "train.jsonl"
+    if not path.exists():
+        raise ConfigError(f"no training data for task {task.name!r}: {path} not found")
+    train_notes, val_notes = split_notes(read_jsonl(path), cfg, task.name)
+    stats: dict[str, Any] = {"notes_train": len(train_notes), "notes_val": len(val_notes), "dropped_too_long": 0}
+
+    def build(notes: list[dict], cap: int | None, tag_stats: dict) -> list[Example]:
+        out: list[Example] = []
+        for record in notes:
+            for ex in note_tag_examples(tokenizer, task, record, cfg.tag_window_chars, tag_stats):
+                if ex.n_tokens > cfg.max_length:
+                    stats["dropped_too_long"] += 1
+                    continue
+                out.append(ex)
+        return out[:cap] if cap else out
+
+    tag_stats: dict[str, int] = {}
+    train = build(train_notes, cfg.max_examples, tag_stats)
+    val = build(val_notes, cfg.max_validation_examples, {}) if cfg.max_validation_examples else []
+    stats.update(examples_train=len(train), examples_val=len(val), tokens_train=sum(e.n_tokens for e in train),
+                 gold_concepts_train=tag_stats.get("concepts", 0),
+                 lost_to_bio_train=tag_stats.get("fragments", 0) + tag_stats.get("overlapping", 0))
+    if not train:
+        raise ConfigError("no training examples")
+    return task, train, val, stats
+
+
+class LayerCollator:
+    """Right-pads token ids (pad id) and per-label codes (IGNORE); batch 1 carries no mask (fused causal kernel)."""
+
+    def __init__(self, pad_id: int, n_labels: int):
+        self.pad_id, self.n_labels = pad_id, n_labels
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), n, self.n_labels), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        batch = {"input_ids": ids, "labels": labels}
+        if len(features) > 1:
+            batch["attention_mask"] = mask
+        return batch
+
+
+def layered_loss(logits, labels):
+    """Cross-entropy of each label layer's O/B/I, averaged over the tokens and layers that carry a code."""
+    import torch.nn.functional as F
+
+    n_tags = len(LAYER_TAGS)
+    return F.cross_entropy(logits.reshape(-1, n_tags), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def load_tagger_model(base_path: Path, n_labels: int, dtype):
+    from transformers import AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification.from_pretrained(
+        base_path, num_labels=n_labels * len(LAYER_TAGS), dtype=dtype)
+
+
+def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
+    """Train one tagger config end to end; returns the manifest (or the data plan when ``dry_run``)."""
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and cfg.dtype != "float32" else torch.float32
+    t_start = time.time()
+    base_path = resolve_base(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    task, train_ex, val_ex, stats = build_tag_datasets(cfg, tokenizer)
+    labels = labels_of(task)
+    steps = planned_steps(cfg, train_ex)
+    plan = {**stats, "steps": steps, "labels": len(labels), "window_chars": cfg.tag_window_chars,
+            "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex))}
+    print("data plan: " + json.dumps(plan), flush=True)
+    if dry_run:
+        return {"plan": plan}
+
+    model = load_tagger_model(base_path, len(labels), dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.mode == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            task_type=TaskType.TOKEN_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules, modules_to_save=[HEAD]))
+    trainable, total = count_params(model)
+    print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f} %)", flush=True)
+
+    class LayeredTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            codes = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = layered_loss(outputs.logits.view(*codes.shape, len(LAYER_TAGS)), codes)
+            return (loss, outputs) if return_outputs else loss
+
+    has_val = bool(val_ex)
+    args = TrainingArguments(
+        output_dir=str(cfg.checkpoint_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=1, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="no", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, bf16=dtype == torch.bfloat16,
+        dataloader_num_workers=0, report_to="none", disable_tqdm=True, include_num_input_tokens_seen="all",
+        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+    )
+
+    class Dataset:
+        def __init__(self, examples):
+            self.examples = examples
+
+        def __len__(self):
+            return len(self.examples)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.examples[i].input_ids, "labels": self.examples[i].labels}
+
+    run_state: dict[str, Any] = {"stopped_by": "steps"}
+    trainer = LayeredTrainer(model=model, args=args, train_dataset=Dataset(train_ex),
+                             eval_dataset=Dataset(val_ex) if has_val else None,
+                             data_collator=LayerCollator(tokenizer.pad_token_id, len(labels)),
+                             callbacks=_make_callbacks(cfg, run_state))
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    last = get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.resume and Path(cfg.checkpoint_dir).is_dir() else None
+    if last:
+        print(f"resuming from checkpoint {last}", flush=True)
+    t_train = time.time()
+    result = trainer.train(resume_from_checkpoint=last)
+    train_wall = time.time() - t_train
+    val_loss = trainer.evaluate()["eval_loss"] if has_val else None
+    tokens = int(trainer.state.num_input_tokens_seen)
+    record = {
+        "config": json.loads(cfg.model_dump_json()), "tokens_processed": tokens, "stopped_by": run_state["stopped_by"],
+        "optimizer_steps": int(trainer.state.global_step), "wall_time_s": round(train_wall, 1),
+        "wall_time_total_s": round(time.time() - t_start, 1),
+        "tokens_per_s": round(tokens / train_wall, 1) if train_wall > 0 else None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "trainable_params": trainable, "total_params": total,
+        "mean_train_loss": round(float(result.training_loss), 5), "val_loss": val_loss, "val_examples": len(val_ex),
+        "loss_curve": run_state.get("losses", []), "resumed_from": Path(last).name if last else None, "data": plan,
+        "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    manifest = save_tagger(cfg, trainer.model, tokenizer, base_path, task, train_ex, record)
+    del trainer, model
+    gc.collect()
+    return manifest
+
+
+def save_tagger(cfg: TrainConfig, model, tokenizer, base_path: Path, task: Task, train_ex: list[Example],
+                record: dict) -> dict:
+    """Weights (LoRA + head, or the full model with its tokenizer) and a manifest into ``cfg.output_dir``."""
+    from notelake.models.adapters import write_adapter_manifest
+    from notelake.models.base_model import model_sha256
+
+    out = Path(cfg.output_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if cfg.mode == "full":
+        tokenizer.save_pretrained(str(tmp))
+    (tmp / "README.md").unlink(missing_ok=True)
+    manifest = write_adapter_manifest(
+        tmp, name=cfg.name, kind=f"{KIND}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
+        base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: labels_of(task)},
+        task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record, data_fingerprint=data_fingerprint(train_ex),
+        dev_scores={})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)", flush=True)
+    return manifest
+
+
+class Tagger:
+    """A trained tagger folder, loaded for inference: ``predict(texts)`` -> concepts with character offsets."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        import torch
+        from transformers import AutoTokenizer
+
+        from notelake.models.base_model import read_manifest
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if not self.manifest or not str(self.manifest.get("kind", "")).startswith(KIND):
+            raise ConfigError(f"{self.folder}: not a tagger folder (manifest kind {KIND}-lora / {KIND}-full)")
+        if threads:
+            torch.set_num_threads(threads)
+        self.task = Task.model_validate(self.manifest["task_definition"])  # the folder is self-contained
+        self.labels = self.manifest["label_sets"][self.task.name]
+        self.window_chars = int(self.manifest["tag_window_chars"])
+        base_path = resolve_base(BASE_MODEL_NAME)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        if self.manifest["mode"] == "lora":
+            from peft import PeftModel
+
+            model = load_tagger_model(base_path, len(self.labels), torch.float32)
+            model = PeftModel.from_pretrained(model, str(self.folder)).merge_and_unload()
+        else:
+            model = load_tagger_model(self.folder, len(self.labels), torch.float32)
+        self.model = model.eval()
+
+    def predict(self, texts: list[str], batch_size: int = 8) -> tuple[list[list[dict]], dict]:
+        """Concepts per text (label, start, end, text; offsets into the text) and counts (windows, tokens, s)."""
+        import torch
+
+        items = [(k, c) for k, text in enumerate(texts) for c in windows(text, self.window_chars)]
+        encoded = [self.tokenizer(c.text, return_offsets_mapping=True, add_special_tokens=False) for _, c in items]
+        order = sorted(range(len(items)), key=lambda i: len(encoded[i]["input_ids"]))
+        out: list[list[dict]] = [[] for _ in texts]
+        t0, tokens = time.monotonic(), 0
+        with torch.inference_mode():
+            for b in range(0, len(order), batch_size):
+                batch = order[b:b + batch_size]
+                n = max(len(encoded[i]["input_ids"]) for i in batch)
+                ids = torch.full((len(batch), n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+                mask = torch.zeros((len(batch), n), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    k = len(encoded[i]["input_ids"])
+                    ids[row, :k] = torch.tensor(encoded[i]["input_ids"])
+                    mask[row, :k] = 1
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                codes = logits.view(len(batch), n, len(self.labels), len(LAYER_TAGS)).argmax(-1)
+                for row, i in enumerate(batch):
+                    k = len(encoded[i]["input_ids"])
+                    tokens += k
+                    note, chunk = items[i]
+                    for concept in decode_layers(chunk.text, encoded[i]["offset_mapping"], codes[row, :k].tolist(),
+                                                 self.labels):
+                        out[note].append({**concept, "start": concept["start"] + chunk.start,
+                                          "end": concept["end"] + chunk.start})
+        return out, {"windows": len(items), "tokens": tokens, "wall_s": time.monotonic() - t0}
+
+
+def evaluate_tagger(tagger: Tagger, records: list[dict], *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The tagger on gold records, scored by the generative rows' scorer (concepts; no relations)."""
+    from notelake.models.evaluation import Mention, NoteItems, gold_items, score_notes
+
+    predicted, counts = tagger.predict([r["text"] for r in records])
+    pairs = []
+    for record, concepts in zip(records, predicted):
+        assert all(record["text"][c["start"]:c["end"]] == c["text"] for c in concepts)  # grounded by construction
+        pred = NoteItems(record["note_id"], [Mention(c["label"], ((c["start"], c["end"]),)) for c in concepts])
+        for m in pred.concepts:
+            pred.assertions[(m.label, m.spans)] = "present"
+        pairs.append((pred, gold_items(tagger.task, record)))
+    scores = score_notes(tagger.task, pairs, resamples=resamples, seed=seed)
+    wall = counts["wall_s"]
+    scores["throughput"] = {"notes": len(records), "prompts": counts["windows"], "wall_s": round(wall, 1),
+                            "notes_per_s": round(len(records) / wall, 3) if wall else None,
+                            "prompt_tokens": counts["tokens"], "output_tokens": 0,
+                            "tokens_per_s": round(counts["tokens"] / wall, 1) if wall else None}
+    return scores
