@@ -33,9 +33,11 @@ class _Strict(BaseModel):
 class EngineConfig(_Strict):
     """One vLLM engine (one per GPU, one on CPU)."""
 
-    backend: Literal["vllm", "hf", "replay"] = Field(
-        "vllm", description="vllm (default) or the HF-transformers fallback; replay = made-up answers after a "
-                            "simulated latency, for data-plane benchmarks only, never quality (models/replay.py)")
+    backend: Literal["vllm", "hf", "replay", "tagger"] = Field(
+        "vllm", description="vllm (default) or the HF-transformers fallback; tagger = the classification-head "
+                            "baseline (engine.adapter = a folder trained with objective: tag; concepts only, grounded "
+                            "by the tokenizer's offsets); replay = made-up answers after a simulated latency, for "
+                            "data-plane benchmarks only, never quality (models/replay.py)")
     model: str = Field("smollm2-135m-instruct", description="base model: a folder or a name under NOTELAKE_HOME/models")
     adapter: str | None = Field(None, description="LoRA adapter folder (with manifest.json); null = base model")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU, bfloat16 on GPU")

@@ -599,7 +599,7 @@ def parse_duration(text: str) -> float:
 
 def describe_extraction(settings: Settings, task: Task) -> dict:
     """Model/adapter identity and the extraction fingerprint (the ledger key's third part)."""
-    from notelake.models.adapters import load_adapter
+    from notelake.models.adapters import load_adapter, load_tagger
     from notelake.models.base_model import model_sha256, resolve_model
 
     try:
@@ -607,7 +607,12 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     except FileNotFoundError as exc:
         raise ConfigError(f"engine.model: {exc}") from None
     base_sha = model_sha256(model_path)
-    adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
+    if settings.engine.backend == "tagger":
+        if not settings.engine.adapter:
+            raise ConfigError("engine.backend tagger needs engine.adapter: a tagger folder (objective: tag)")
+        adapter = load_tagger(settings.engine.adapter, base_sha, task.name)
+    else:
+        adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
     if adapter is None and not task.define_labels:
         warn_trained_task_without_adapter(task)
     version = prompt_version(task)

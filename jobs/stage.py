@@ -196,7 +196,7 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driv
     for i, (note, chunks) in enumerate(zip(notes, chunked)):
         task = tasks[note["task"]]
         requests += [GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
-                                       guide=answer_guide(task, c.text, guided),
+                                       guide=answer_guide(task, c.text, guided), text=c.text,
                                        max_tokens=engine_cfg.get("max_tokens") or task.max_tokens) for c in chunks]
     results = iter(pool.generate(requests))
 
@@ -210,7 +210,7 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driv
         result = assemble_note(
             note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
             outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
-            truncated=[o.finish_reason == "length" for o in outs], lineage=lineage,
+            truncated=[o.finish_reason == "length" for o in outs], tagged=[o.spans for o in outs], lineage=lineage,
             passthrough={c: note[c] for c in ctx.passthrough}, note_bucket=note["note_bucket"],
         )
         status = "failed" if result.errors else "succeeded"

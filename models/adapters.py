@@ -128,22 +128,8 @@ def load_adapter(path: str | os.PathLike, base_model_sha256: str, task_name: str
     A ``task_name`` not among the manifest's tasks warns (:class:`ZeroShotWarning`) and still returns.
     """
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise AdapterError(f"adapter folder {path} does not exist")
-    try:
-        manifest = read_manifest(path)
-    except ModelIntegrityError as exc:
-        raise AdapterError(str(exc)) from None
-    if manifest is None:
-        raise AdapterError(f"{path}: no {MANIFEST}; adapters are served only with a checksummed manifest")
-    verify_files(path, manifest, AdapterError)
-    name = str(manifest.get("name") or path.name)
-    trained_on = str(manifest.get("base_model_sha256") or "")
-    if trained_on != base_model_sha256:
-        raise AdapterError(
-            f"adapter {name} was trained on base model sha256 {trained_on or '(none recorded)'} but the engine "
-            f"serves base model sha256 {base_model_sha256}: refusing it (retrain it on this base model)"
-        )
+    manifest, name = _verified_manifest(path, base_model_sha256)
+    trained_on = str(manifest["base_model_sha256"])
     if manifest.get("kind") not in (None, "lora"):
         raise AdapterError(f"adapter {name}: kind {manifest.get('kind')!r} is not a LoRA adapter (serve it as engine.model)")
     cfg = _read_adapter_config(path)
@@ -162,6 +148,43 @@ def load_adapter(path: str | os.PathLike, base_model_sha256: str, task_name: str
         warnings.warn(msg, ZeroShotWarning, stacklevel=2)
     return AdapterInfo(path=path.resolve(), name=name, sha256=str(manifest["sha256"]), tasks=tasks,
                        base_model_sha256=trained_on, rank=rank, manifest=manifest)
+
+
+def _verified_manifest(path: Path, base_model_sha256: str) -> tuple[dict, str]:
+    """The folder's manifest with every file checked against it and its base model equal to the engine's."""
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {path} does not exist")
+    try:
+        manifest = read_manifest(path)
+    except ModelIntegrityError as exc:
+        raise AdapterError(str(exc)) from None
+    if manifest is None:
+        raise AdapterError(f"{path}: no {MANIFEST}; adapters are served only with a checksummed manifest")
+    verify_files(path, manifest, AdapterError)
+    name = str(manifest.get("name") or path.name)
+    trained_on = str(manifest.get("base_model_sha256") or "")
+    if trained_on != base_model_sha256:
+        raise AdapterError(
+            f"adapter {name} was trained on base model sha256 {trained_on or '(none recorded)'} but the engine "
+            f"serves base model sha256 {base_model_sha256}: refusing it (retrain it on this base model)"
+        )
+    return manifest, name
+
+
+def load_tagger(path: str | os.PathLike, base_model_sha256: str, task_name: str) -> AdapterInfo:
+    """Verify a classification-head tagger folder (train objective: tag) for ``task_name``: a tagger knows only
+    the labels it was trained on, so another task is refused (no zero-shot)."""
+    path = Path(path).expanduser()
+    manifest, name = _verified_manifest(path, base_model_sha256)
+    if not str(manifest.get("kind", "")).startswith("tagger"):
+        raise AdapterError(f"{name}: kind {manifest.get('kind')!r} is not a tagger (engine.backend tagger serves "
+                           "folders written by a training run with objective: tag)")
+    tasks = [str(t) for t in manifest.get("tasks") or []]
+    if task_name not in tasks:
+        raise AdapterError(f"tagger {name} was trained on {', '.join(tasks)}, not {task_name}: a tagger has no "
+                           "zero-shot mode")
+    return AdapterInfo(path=path.resolve(), name=name, sha256=str(manifest["sha256"]), tasks=tasks,
+                       base_model_sha256=base_model_sha256, rank=0, manifest=manifest)
 
 
 def merged_model(base_path: str | os.PathLike, info: AdapterInfo, cache_root: Path | None = None) -> Path:

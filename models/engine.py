@@ -46,6 +46,7 @@ class GenerationRequest:
     guide: dict | None = None  # structured-output constraint, e.g. {"grammar": ...} (udfs.answer.answer_guide)
     max_tokens: int = 512
     adapter: str | None = None  # adapter folder; None = the engine's default adapter; "" = base model
+    text: str | None = None  # the chunk's own text, for engines that read it rather than the prompt (tagger)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | None
+    spans: tuple | None = None  # tagger: ((label, start, end), ...) in the chunk's text; text is then None
 
     @property
     def ok(self) -> bool:
@@ -547,13 +549,17 @@ def _describe(engine: "VLLMEngine | HFEngine", guided_decoding: str) -> dict:
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
-    """The engine ``cfg.backend`` names (vllm, hf, or replay for data-plane benchmarks)."""
+    """The engine ``cfg.backend`` names (vllm, hf, tagger, or replay for data-plane benchmarks)."""
     if cfg.backend == "hf":
         return HFEngine(cfg)
     if cfg.backend == "replay":
         from notelake.models.replay import ReplayEngine
 
         return ReplayEngine(cfg)
+    if cfg.backend == "tagger":
+        from notelake.models.tagger import TaggerEngine
+
+        return TaggerEngine(cfg)
     return VLLMEngine(cfg)
 
 

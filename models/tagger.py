@@ -290,6 +290,12 @@ class Tagger:
             model = load_tagger_model(self.folder, len(self.labels), torch.float32)
         self.model = model.eval()
 
+    @staticmethod
+    def manifest_of(folder: str | Path) -> dict:
+        from notelake.models.base_model import read_manifest
+
+        return read_manifest(Path(folder)) or {}
+
     def predict(self, texts: list[str], batch_size: int = 8) -> tuple[list[list[dict]], dict]:
         """Concepts per text (label, start, end, text; offsets into the text) and counts (windows, tokens, s)."""
         import torch
@@ -341,3 +347,56 @@ def evaluate_tagger(tagger: Tagger, records: list[dict], *, resamples: int = 100
                             "prompt_tokens": counts["tokens"], "output_tokens": 0,
                             "tokens_per_s": round(counts["tokens"] / wall, 1) if wall else None}
     return scores
+
+
+class TaggerEngine:
+    """``engine.backend: tagger``: the job's engine interface over a trained tagger (``engine.adapter`` = its
+    folder). Each request's chunk text is tagged; a result carries the chunk's concepts as ``spans`` (label, start,
+    end), grounded by construction, and no answer text. The chat prompt is not used."""
+
+    backend = "tagger"
+    merged = False
+
+    def __init__(self, cfg):
+        import threading
+
+        from notelake.models.adapters import load_tagger
+        from notelake.models.base_model import model_sha256, resolve_model
+
+        if not cfg.adapter:
+            raise ConfigError("engine.backend tagger needs engine.adapter: a tagger folder (a training run with "
+                              "objective: tag, e.g. conf/train/tagger-phee-lora.yaml)")
+        t0 = time.monotonic()
+        self.cfg = cfg
+        self.model_path = resolve_model(cfg.model)
+        self.model_sha256 = model_sha256(self.model_path)
+        manifest_task = (Tagger.manifest_of(cfg.adapter).get("tasks") or [""])[0]
+        self.info = load_tagger(cfg.adapter, self.model_sha256, manifest_task)
+        self.tagger = Tagger(self.info.path)
+        self._lock = threading.Lock()
+        self.load_seconds = round(time.monotonic() - t0, 1)
+
+    def generate(self, requests: list) -> list:
+        from notelake.models.engine import GenerationResult, error_result
+
+        missing = [r for r in requests if r.text is None]
+        if missing:
+            return [error_result(r.request_id, "engine_error: the tagger needs the chunk text (request.text)")
+                    for r in requests]
+        with self._lock:  # one forward pass at a time per engine
+            predicted, _ = self.tagger.predict([r.text for r in requests])
+        return [GenerationResult(request_id=r.request_id, text=None, error=None,
+                                 prompt_tokens=self.count_tokens(r.text), output_tokens=0, finish_reason="stop",
+                                 spans=tuple((c["label"], c["start"], c["end"]) for c in concepts))
+                for r, concepts in zip(requests, predicted)]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tagger.tokenizer.encode(text, add_special_tokens=False))
+
+    def describe(self) -> dict:
+        from notelake.models.engine import _versions
+
+        return {"backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
+                "model_sha256": self.model_sha256, "adapter": self.info.name, "adapter_path": str(self.info.path),
+                "adapter_sha256": self.info.sha256, "dtype": "float32", "guided_decoding": "n/a (tags)",
+                "load_seconds": self.load_seconds, "versions": _versions()}

@@ -45,15 +45,23 @@ def _cfg(toy, tmp_path, **kw) -> TrainConfig:
         validation_fraction=0.0, save_every=50, warmup_steps=0, threads=2, learning_rate=5e-3), **kw})
 
 
-def test_lora_tagger_trains_and_predicts_grounded_concepts(toy, tmp_path, base_model_path):
-    from notelake.models import tagger as tagger_mod
+@pytest.fixture(scope="module")
+def toy_tagger(toy, tmp_path_factory, base_model_path):
+    from notelake.models.tagger import train_tagger
 
-    manifest = tagger_mod.train_tagger(_cfg(toy, tmp_path))
+    out = tmp_path_factory.mktemp("toy-tagger")
+    return out / "tagger", train_tagger(_cfg(toy, out))
+
+
+def test_lora_tagger_trains_and_predicts_grounded_concepts(toy_tagger):
+    from notelake.models.tagger import Tagger
+
+    folder, manifest = toy_tagger
     assert manifest["kind"] == "tagger-lora" and manifest["tag_window_chars"] == 2000
     assert manifest["label_sets"] == {"toy_tags": ["Drug", "Effect"]}
     losses = [loss for _, loss in manifest["training"]["loss_curve"]]
     assert len(losses) == 12 and losses[-1] < losses[0]
-    model = tagger_mod.Tagger(tmp_path / "tagger")
+    model = Tagger(folder)
     texts = ["Propofol caused hypotension.", "Ibuprofen caused 𝛼-rash\x07 and ülcers.", SENTENCES[0][0]]
     predicted, counts = model.predict(texts)
     assert counts["windows"] == 3 and counts["tokens"] > 10
@@ -61,6 +69,32 @@ def test_lora_tagger_trains_and_predicts_grounded_concepts(toy, tmp_path, base_m
         for c in concepts:
             assert c["label"] in {"Drug", "Effect"} and text[c["start"]:c["end"]] == c["text"] and c["text"].strip()
     assert {(c["label"], c["text"]) for c in predicted[2]} == {("Drug", "Lithium"), ("Effect", "tremor")}
+
+
+def test_job_runs_the_tagger_backend(toy, toy_tagger, tmp_path, spark, settings):
+    """engine.backend: tagger in the nightly job: same Delta rows, spans from the tokenizer's offsets."""
+    from jobkit import offsets_exact, table, write_notes
+
+    from notelake.jobs import extract as job
+
+    folder, _ = toy_tagger
+    notes = [{"note_id": f"n{i}", "text": text, "patient_id": "p", "note_date": "2026-01-01", "note_type": "x"}
+             for i, (text, _, _) in enumerate(SENTENCES[:3])]
+    src = write_notes(tmp_path / "notes", notes)
+    cfg = settings.with_overrides(engine={"backend": "tagger", "adapter": str(folder)},
+                                  job={"task": str(toy / "toy_tags.yaml"), "max_error_rate": 0.0})
+    assert job.run(cfg, src, str(tmp_path / "wh"), spark=spark) == job.EXIT_OK
+    run = table(tmp_path / "wh", "runs").to_pylist()[0]
+    assert (run["status"], run["succeeded"], run["adapter"]) == ("succeeded", 3, "tagger")
+    concepts = table(tmp_path / "wh", "concepts").to_pylist()
+    texts = {n["note_id"]: n["text"] for n in notes}
+    assert {(c["note_id"], c["label"], c["text"]) for c in concepts} >= {("n0", "Drug", "Lithium"),
+                                                                         ("n0", "Effect", "tremor")}
+    for c in concepts:
+        assert c["grounded"] and c["grounding_method"] == "tagger" and offsets_exact(c, texts[c["note_id"]])
+    wrong = settings.with_overrides(engine={"backend": "tagger", "adapter": str(folder)}, job={"task": "phee"})
+    with pytest.raises(Exception, match="no zero-shot mode"):
+        job.run(wrong, src, str(tmp_path / "wh2"), spark=spark)
 
 
 def test_tagger_config_takes_one_task(toy, tmp_path):

@@ -77,6 +77,7 @@ def assemble_note(
     outputs: list[str | None],
     output_errors: list[str | None] | None = None,
     truncated: list[bool] | None = None,
+    tagged: list[tuple | None] | None = None,
     lineage: dict,
     passthrough: dict | None = None,
     note_bucket: int | None = None,
@@ -86,7 +87,9 @@ def assemble_note(
 
     ``output_errors[i]`` non-None means the engine failed on chunk i (an error row of stage ``generate``,
     error_type ``engine_error``, the string as message: it must carry no note text). ``truncated[i]``: chunk i's
-    output hit max_tokens (its last, possibly partial, line is dropped).
+    output hit max_tokens (its last, possibly partial, line is dropped). ``tagged[i]`` (the tagger backend):
+    chunk i's concepts as ``(label, start, end)`` in the chunk's text, taken as they are (grounded by
+    construction; no answer to parse, no relations).
     """
     if len(outputs) != len(chunks):
         raise ValueError(f"{len(chunks)} chunks but {len(outputs)} outputs")
@@ -119,6 +122,13 @@ def assemble_note(
         engine_error = output_errors[pos] if output_errors is not None else None
         if engine_error is not None:
             fail(i, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
+            continue
+        if tagged is not None and tagged[pos] is not None:
+            for label, start, end in tagged[pos]:
+                spans = ((start + chunk.start, end + chunk.start),)
+                merged.setdefault(("g", label, spans), {
+                    "label": label, "text": text[spans[0][0]:spans[0][1]], "spans": spans, "assertion": "present",
+                    "method": "tagger", "score": 1.0, "chunk_index": i})
             continue
         cut = bool(truncated[pos]) if truncated is not None else False
         result.truncated_chunks += cut
