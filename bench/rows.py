@@ -663,6 +663,30 @@ def row_tasks(args) -> dict:
     return {"rows": rows}
 
 
+def row_tagger(args) -> dict:
+    """#14: the classification-head tagger (``--adapter`` = its folder) on the same synthetic notes as the vLLM
+    rows: one forward pass per note window, no decoding. Through the job's engine interface (TaggerEngine)."""
+    from notelake.models.engine import GenerationRequest
+    from notelake.models.tagger import TaggerEngine
+
+    settings = bench_settings(args, engine={"backend": "tagger", "adapter": args.adapter})
+    t0 = time.monotonic()
+    engine = TaggerEngine(settings.engine)
+    load_s = round(time.monotonic() - t0, 2)
+    texts = corpus_texts(args)
+    requests = [GenerationRequest(f"{i}", [], text=t) for i, t in enumerate(texts)]
+    engine.generate(requests[:1])  # warm-up
+    with PeakMemory() as mem:
+        t0 = time.monotonic()
+        results = engine.generate(requests)
+        wall = time.monotonic() - t0
+    return {"rows": [row(f"tagger {engine.info.name} (classification head, TaggerEngine.generate)", notes=len(texts),
+                         wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results), tokens_out=0,
+                         peak_gib=mem.peak_gib, concepts=sum(len(r.spans or ()) for r in results),
+                         errors=sum(1 for r in results if r.error))],
+            "fixed": {"tagger": {"engine_load_s": load_s}}}
+
+
 # ============================================================================================== ray.data.llm
 def row_ray_data_llm(args) -> dict:
     """Row 3: ray.data.llm's vLLM engine processor on the same prompts and sampling; answers parsed, grounded
@@ -783,7 +807,8 @@ def _write_concepts(task, texts: list[str], outputs: list[dict], warehouse: Path
 # ============================================================================================== main
 ROWS = {"bare": row_bare, "bare-all-cores": row_bare_all_cores, "bare-default": row_bare_default, "job": row_job, "job-nospark": row_job_nospark,
         "ray-data-llm": row_ray_data_llm, "lora": row_lora, "base-no-lora": row_base_no_lora, "lora-merged": row_lora_merged, "multi-adapter": row_multi_adapter, "replay": row_replay,
-        "rounds": row_rounds, "nightly": row_nightly, "tasks": row_tasks}
+        "rounds": row_rounds, "nightly": row_nightly, "tasks": row_tasks,
+        "tagger": row_tagger}
 
 
 def main(argv: list[str] | None = None) -> int:

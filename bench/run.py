@@ -28,7 +28,7 @@ from bench.measure import machine
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO / "models" / "adapters"
 ROW_ORDER = ["bare", "bare-all-cores", "bare-default", "job", "job-nospark", "ray-data-llm", "lora", "base-no-lora", "lora-merged", "multi-adapter",
-             "replay", "tasks"]
+             "replay", "tasks", "tagger"]
 # job-nospark (the job without Spark) and multi-adapter are for the GPU box (bench/gpu/run_gpu.sh); on CPU the
 # job row already measures the no-Spark path beside the Spark one.
 DEFAULT_ROWS = "bare,bare-all-cores,bare-default,job,ray-data-llm,lora,base-no-lora,lora-merged,replay"
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="corpus sizes of the REPLAY data-plane row, comma-separated")
     p.add_argument("--replay-round-notes", type=int, default=10_000, help="job.round_notes of the REPLAY row")
     p.add_argument("--adapter", default=None, help="LoRA adapter of row 4 (default: notelake-mt, else phee-pilot)")
+    p.add_argument("--tagger", default=".notelake/taggers/tagger-phee-lora",
+                   help="tagger row: a tagger folder (conf/train/tagger-phee-lora.yaml writes the default)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"subset of {','.join(ROW_ORDER)}")
     p.add_argument("--conf", default="conf/local.yaml", help="settings YAML (conf/gpu.yaml on a GPU node)")
     p.add_argument("--adapters", default=None, help="multi-adapter row: comma-separated adapter folders "
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.append((name, common + ["--scaling", args.scaling]))
         elif name in ("lora", "lora-merged", "tasks"):
             plan.append((name, common + ["--adapter", adapter]))
+        elif name == "tagger":
+            plan.append((name, common + ["--adapter", str(REPO / args.tagger)]))
         elif name == "multi-adapter":
             plan.append((name, common + ["--adapters", adapters]))
         elif name == "replay":
