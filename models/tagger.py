@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,8 @@ from typing import Any
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
 from notelake.models.training import (BASE_MODEL_NAME, Example, TrainConfig, _make_callbacks, count_params,
-                                      data_fingerprint, peak_rss_mb, planned_steps, read_jsonl, resolve_base,
-                                      split_notes)
+                                      data_fingerprint, peak_rss_mb, planned_steps, publish, read_jsonl,
+                                      resolve_base, split_notes, stage_weights)
 from notelake.udfs.bio import IGNORE, LAYER_TAGS, decode_layers, encode_layers
 
 log = logging.getLogger("notelake.tagger")
@@ -241,23 +240,13 @@ def save_tagger(cfg: TrainConfig, model, tokenizer, base_path: Path, task: Task,
     from notelake.models.adapters import write_adapter_manifest
     from notelake.models.base_model import model_sha256
 
-    out = Path(cfg.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if cfg.mode == "full":
-        tokenizer.save_pretrained(str(tmp))
-    (tmp / "README.md").unlink(missing_ok=True)
+    tmp = stage_weights(cfg, model, tokenizer)
     manifest = write_adapter_manifest(
         tmp, name=cfg.name, kind=f"{KIND}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
         base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: labels_of(task)},
-        task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record, data_fingerprint=data_fingerprint(train_ex),
-        dev_scores={})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)", flush=True)
+        task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record,
+        data_fingerprint=data_fingerprint(train_ex), dev_scores={})
+    publish(tmp, Path(cfg.output_dir))
     return manifest
 
 

@@ -583,16 +583,7 @@ def save_output(cfg: TrainConfig, model, tokenizer, base_path: Path, train_ex: l
     from notelake.udfs.answer import ANSWER_SCHEMA_VERSION
     from notelake.udfs.prompts import prompt_version
 
-    out = Path(cfg.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if cfg.mode == "lora" and cfg.save_dtype != "float32":
-        _cast_safetensors(tmp / "adapter_model.safetensors", cfg.save_dtype)
-    if cfg.mode == "full":
-        tokenizer.save_pretrained(str(tmp))  # a full model folder must be loadable on its own
-    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's generated model card
+    tmp = stage_weights(cfg, model, tokenizer)
     inherited = (training_record.get("init_adapter") or {}).get("tasks", [])  # what the continued adapter knew
     tasks = {t.name: t for t in (load_task(ref) for ref in dict.fromkeys([*inherited, *cfg.tasks]))}
     fields = dict(
@@ -617,11 +608,31 @@ def save_output(cfg: TrainConfig, model, tokenizer, base_path: Path, train_ex: l
         manifest = fields
     else:
         manifest = write_adapter_manifest(tmp, **fields)
+    publish(tmp, Path(cfg.output_dir))
+    return manifest
+
+
+def stage_weights(cfg: TrainConfig, model, tokenizer) -> Path:
+    """The trained weights in ``<output_dir>.tmp`` (LoRA cast to ``save_dtype``; a full model with its tokenizer,
+    loadable on its own); :func:`publish` moves the folder in place once its manifest is written."""
+    out = Path(cfg.output_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if cfg.mode == "lora" and cfg.save_dtype != "float32":
+        _cast_safetensors(tmp / "adapter_model.safetensors", cfg.save_dtype)
+    if cfg.mode == "full":
+        tokenizer.save_pretrained(str(tmp))
+    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's generated model card
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**20:.1f} MiB)", flush=True)
-    return manifest
 
 
 PENDING_MANIFEST = "manifest.pending.json"
