@@ -151,16 +151,15 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
 
 def tagger_report(args) -> dict:
     """The report of ``--tagger``: same slice, scorer and report layout as the generative runs."""
+    from notelake.conf.task import load_task
     from notelake.models.evaluation import now_iso, read_gold, select_slice, slice_fingerprint
     from notelake.models.tagger import Tagger, evaluate_tagger
 
     tagger = Tagger(args.tagger)
-    if tagger.task.name != args.task:
+    if tagger.task.name != load_task(args.task).name:
         raise ConfigError(f"tagger {args.tagger} was trained on task {tagger.task.name}, not {args.task}")
     records = select_slice(read_gold(args.gold), args.limit, args.seed)
     scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)
-    scores.update(invalid_output_rate=0.0, engine_error_rate=0.0)
-    scores["throughput"]["output_tokens_per_s"] = None
     training = tagger.manifest.get("training") or {}
     return {
         "run_id": f"eval-{uuid.uuid4().hex[:12]}", "label": args.label or tagger.manifest["name"],

@@ -330,11 +330,16 @@ def evaluate_tagger(tagger: Tagger, records: list[dict], *, resamples: int = 100
             pred.assertions[(m.label, m.spans)] = "present"
         pairs.append((pred, gold_items(tagger.task, record)))
     scores = score_notes(tagger.task, pairs, resamples=resamples, seed=seed)
+    # the generative report's keys, so one report layout serves both: a tagger has no parse step or answer tokens
+    scores.update(invalid_output_rate=0.0, engine_error_rate=0.0, error_types={},
+                  parser={"warnings": 0, "ungrounded_mentions": 0, "dropped_relations": 0})
     wall = counts["wall_s"]
     scores["throughput"] = {"notes": len(records), "prompts": counts["windows"], "wall_s": round(wall, 1),
+                            "prompts_per_s": round(counts["windows"] / wall, 3) if wall else None,
                             "notes_per_s": round(len(records) / wall, 3) if wall else None,
-                            "prompt_tokens": counts["tokens"], "output_tokens": 0,
-                            "tokens_per_s": round(counts["tokens"] / wall, 1) if wall else None}
+                            "prompt_tokens": counts["tokens"], "output_tokens": 0, "output_tokens_per_s": None,
+                            "tokens_per_s": round(counts["tokens"] / wall, 1) if wall else None,
+                            "truncated_outputs": 0}
     return scores
 
 

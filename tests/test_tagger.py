@@ -103,3 +103,23 @@ def test_tagger_config_takes_one_task(toy, tmp_path):
 
     with pytest.raises(ConfigError, match="one task"):
         train_tagger(_cfg(toy, tmp_path, tasks=["phee", "maccrobat"]), dry_run=True)
+
+
+def test_evaluate_cli_scores_a_tagger(toy, toy_tagger, tmp_path):
+    """`jobs.evaluate --tagger`: the generative runs' scorer and report files; a task the tagger was not trained on
+    is a configuration error (exit 2)."""
+    from notelake.jobs import evaluate
+
+    folder, _ = toy_tagger
+    gold = toy / "data" / "toy_tags" / "train.jsonl"
+    out = tmp_path / "eval"
+    argv = ["--task", str(toy / "toy_tags.yaml"), "--gold", str(gold), "--tagger", str(folder), "--resamples", "50"]
+    assert evaluate.main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    lenient = report["scores"]["cce"]["lenient"]
+    assert report["engine"]["backend"] == "tagger" and lenient["n_gold"] == 2 * len(SENTENCES)
+    assert lenient["f1"] > 0.5 and report["scores"]["grounding_rate"] == 1.0
+    assert report["scores"]["throughput"]["notes"] == len(SENTENCES)
+    assert "CCE lenient" in (out / "report.md").read_text(encoding="utf-8")
+    assert evaluate.main(["--task", "phee", "--gold", str(gold), "--tagger", str(folder), "--out",
+                          str(tmp_path / "wrong")]) == 2
