@@ -28,9 +28,9 @@ from typing import Any
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
-from notelake.models.training import (BASE_MODEL_NAME, Example, TrainConfig, _make_callbacks, count_params,
-                                      data_fingerprint, peak_rss_mb, planned_steps, publish, read_jsonl,
-                                      resolve_base, split_notes, stage_weights)
+from notelake.models.training import (BASE_MODEL_NAME, Example, PadCollator, TrainConfig, _make_callbacks,
+                                      count_params, data_fingerprint, peak_rss_mb, planned_steps, publish,
+                                      read_jsonl, resolve_base, split_notes, stage_weights)
 from notelake.udfs.bio import IGNORE, LAYER_TAGS, decode_layers, encode_layers
 
 log = logging.getLogger("notelake.tagger")
@@ -95,30 +95,6 @@ def build_tag_datasets(cfg: TrainConfig, tokenizer) -> tuple[Task, list[Example]
     if not train:
         raise ConfigError("no training examples")
     return task, train, val, stats
-
-
-class LayerCollator:
-    """Right-pads token ids (pad id) and per-label codes (IGNORE); batch 1 carries no mask (fused causal kernel)."""
-
-    def __init__(self, pad_id: int, n_labels: int):
-        self.pad_id, self.n_labels = pad_id, n_labels
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        n = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), n, self.n_labels), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(features), n), dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.tensor(f["input_ids"])
-            labels[i, :k] = torch.tensor(f["labels"])
-            mask[i, :k] = 1
-        batch = {"input_ids": ids, "labels": labels}
-        if len(features) > 1:
-            batch["attention_mask"] = mask
-        return batch
 
 
 def layered_loss(logits, labels):
@@ -203,7 +179,7 @@ def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     run_state: dict[str, Any] = {"stopped_by": "steps"}
     trainer = LayeredTrainer(model=model, args=args, train_dataset=Dataset(train_ex),
                              eval_dataset=Dataset(val_ex) if has_val else None,
-                             data_collator=LayerCollator(tokenizer.pad_token_id, len(labels)),
+                             data_collator=PadCollator(tokenizer.pad_token_id, len(labels)),
                              callbacks=_make_callbacks(cfg, run_state))
     from transformers.trainer_callback import PrinterCallback
 

@@ -314,17 +314,19 @@ class _TorchDataset:
 
 
 class PadCollator:
-    """Right-pads a batch: input ids with the pad id, labels with -100, attention mask 0."""
+    """Right-pads a batch: input ids with the pad id, labels with -100, attention mask 0. ``label_width``: labels
+    per token (the tagger's one code per label layer); None for one label per token (causal LM)."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, label_width: int | None = None):
         self.pad_id = pad_id
+        self.label_shape = () if label_width is None else (label_width,)
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
         n = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), n), -100, dtype=torch.long)
+        labels = torch.full((len(features), n, *self.label_shape), -100, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)
         for i, f in enumerate(features):
             k = len(f["input_ids"])
