@@ -30,7 +30,7 @@ setup(
     package_dir={"notelake": "notelake", **{f"notelake.{k}": v for k, v in SUBPACKAGES.items()}},
     package_data={
         "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml", "train/exp/*.yaml"],
-        "notelake.models": ["adapters/*/*", "baselines/*.json"],
+        "notelake.models": ["adapters/*/*", "taggers/*/*", "baselines/*.json"],
         "notelake.jobs": ["sql/*.sql"],
     },
     include_package_data=True,
