@@ -132,10 +132,11 @@ def test_shipped_tagger_gate(base_model_path):
     """The shipped MACCROBAT tagger on the dev slice its manifest records: concept lenient F1 >= recorded - 2 x SE."""
     from notelake.models.evaluation import read_gold, select_slice
     from notelake.models.tagger import Tagger, evaluate_tagger
+    from notelake.models.training import default_data_dir
 
     folder = REPO / "models" / "taggers" / "tagger-maccrobat"
     recorded = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["dev_scores"]["maccrobat"]
-    gold = (REPO.parent / "shared" / "data" / "maccrobat" / "dev.jsonl").resolve()  # the gold of the recorded command
+    gold = default_data_dir() / "maccrobat" / "dev.jsonl"
     if not gold.is_file():
         pytest.skip(f"gold data not present: {gold}")
     records = select_slice(read_gold(gold), recorded["slice"]["limit"], recorded["slice"]["seed"])
