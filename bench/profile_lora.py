@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--conf", default="conf/local.yaml")
     args = p.parse_args(argv)
-    settings = bench_settings(args)
+    settings = bench_settings(args, engine={"enable_lora": True})
     engine = VLLMEngine(settings.engine)
     adapter = load_adapter(args.adapter, engine.model_sha256)
     lora = LoRARequest(adapter.name, 1, str(adapter.path))

@@ -42,13 +42,17 @@ PRE_TUNING_BATCHING = {"ray": {"batch_size": 16, "max_in_flight": 2}, "spark": {
 
 
 def bench_settings(args, **overrides):
-    """``--conf`` with the bench's answer budget and task; base model unless ``engine={"adapter": ...}``."""
+    """``--conf`` with the bench's answer budget and task; base model unless ``engine={"adapter": ...}``. The
+    engine is the one the job starts for these settings (no LoRA support without an adapter to serve,
+    jobs.extract.job_engine_settings) unless the row sets ``enable_lora`` itself (adapters served per request)."""
     from notelake.conf import load_settings
+    from notelake.jobs.extract import job_engine_settings
 
     engine = {"adapter": None, "max_tokens": args.max_tokens, **overrides.pop("engine", {})}
     # The bench measures speed: answers cut at a small --max-tokens are failed notes, not a failed run.
     job = {"task": TASK, "max_error_rate": 1.0, **overrides.pop("job", {})}
-    return load_settings(REPO / args.conf).with_overrides(engine=engine, job=job, **overrides)
+    settings = load_settings(REPO / args.conf).with_overrides(engine=engine, job=job, **overrides)
+    return settings if "enable_lora" in engine else job_engine_settings(settings)
 
 
 def corpus_texts(args) -> list[str]:
@@ -218,7 +222,7 @@ def row_lora(args) -> dict:
     from notelake.conf.task import load_task
     from notelake.models.adapters import load_adapter
 
-    settings = bench_settings(args)
+    settings = bench_settings(args, engine={"enable_lora": True})
     cfg = settings.engine
     task = load_task(TASK)
     engine, _ = _load_vllm_engine(settings)
@@ -498,7 +502,7 @@ def row_multi_adapter(args) -> dict:
     from notelake.udfs.answer import answer_guide
     from notelake.udfs.prompts import build_messages
 
-    settings = bench_settings(args, engine={"max_loras": max(len(args.adapters), 1)})
+    settings = bench_settings(args, engine={"enable_lora": True, "max_loras": max(len(args.adapters), 1)})
     task = load_task(TASK)
     engine, _ = _load_vllm_engine(settings)
     texts = corpus_texts(args)

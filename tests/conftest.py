@@ -4,7 +4,9 @@
 * ``settings``        -- the Settings used by the engine tests (conf/local.yaml, engine max_model_len 2048,
                          max_num_seqs 8, grounded guided decoding, no default adapter).
 * ``ray_address``     -- one local Ray (num_cpus=2) for the whole session; returns its GCS address.
-* ``engine_pool``     -- one EnginePool (one vLLM engine actor) shared by every test that needs vLLM.
+* ``engine_pool``     -- one EnginePool (one vLLM engine actor, LoRA not enabled: the engine the job starts for
+                         the base model) shared by every test that needs vLLM.
+* ``lora_pool``       -- the same engine with LoRA enabled, for per-request adapters (module-scoped).
 * ``tiny_adapter``    -- a tiny LoRA adapter (PEFT, r=8, random init) with its manifest, in a tmp folder.
 * ``spark``           -- one local Spark session (driver maxResultSize 1m: note text must never reach the driver).
 """
@@ -41,7 +43,7 @@ def settings():
 
     return load_settings().with_overrides(
         engine={"max_model_len": 2048, "max_num_seqs": 8, "guided_decoding": "grounded", "adapter": None,
-                "enable_lora": True, "max_lora_rank": 16, "gpu_memory_utilization": 0.15},
+                "enable_lora": False, "max_lora_rank": 16, "gpu_memory_utilization": 0.15},
         ray={"num_cpus": 2, "num_actors": 1, "num_cpus_per_actor": 1},
     )
 
@@ -63,6 +65,16 @@ def engine_pool(ray_address, settings, base_model_path):
     from notelake.models.actor import EnginePool
 
     pool = EnginePool.get_or_create(settings)
+    pool.ready()
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lora_pool(ray_address, settings, base_model_path):
+    from notelake.models.actor import EnginePool
+
+    pool = EnginePool.get_or_create(settings.with_overrides(engine={"enable_lora": True}))
     pool.ready()
     yield pool
     pool.shutdown()

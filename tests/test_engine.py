@@ -92,9 +92,9 @@ def _peft_greedy(base_model_path, adapter_path, messages, max_new_tokens) -> str
     return tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_lora_adapter_changes_output(engine_pool, tiny_adapter, base_model_path):
+def test_lora_adapter_changes_output(lora_pool, tiny_adapter, base_model_path):
     messages = _user("What is the capital of France?")
-    base, lora, default = engine_pool.generate([
+    base, lora, default = lora_pool.generate([
         GenerationRequest("base", messages, max_tokens=16, adapter=""),
         GenerationRequest("lora", messages, max_tokens=16, adapter=str(tiny_adapter)),
         GenerationRequest("default", messages, max_tokens=16),  # engine default = no adapter
@@ -112,7 +112,8 @@ def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, 
                                                                   base_model_path):
     """engine.merge_adapter: the default adapter is folded into the weights (no LoRARequest); answers match
     PEFT's, and any other adapter (or the bare base model) is refused per item."""
-    merged_settings = settings.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": True})
+    merged_settings = settings.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": True,
+                                                               "enable_lora": True})
     pool = EnginePool.get_or_create(merged_settings)
     try:
         pool.ready()
@@ -128,11 +129,11 @@ def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, 
         pool.shutdown()
 
 
-def test_refused_adapter_is_a_per_item_error(engine_pool, base_model_path, tmp_path):
+def test_refused_adapter_is_a_per_item_error(lora_pool, base_model_path, tmp_path):
     from conftest import make_tiny_adapter
 
     wrong = make_tiny_adapter(base_model_path, tmp_path / "wrong-base", base_model_sha="0" * 64)
-    ok, bad = engine_pool.generate([
+    ok, bad = lora_pool.generate([
         GenerationRequest("ok", _user("Say hello."), max_tokens=8, adapter=""),
         GenerationRequest("bad", _user("Say hello."), max_tokens=8, adapter=str(wrong)),
     ])

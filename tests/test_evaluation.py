@@ -183,7 +183,7 @@ def test_baseline_files_are_well_formed():
         assert 0 <= b["lenient_f1"] <= 1 and b["lenient_f1_se"] >= 0
 
 
-def test_shipped_adapter_gate(engine_pool):
+def test_shipped_adapter_gate(lora_pool):
     """Concept and relation lenient F1 of the shipped adapter on its fixed gate slice >= baseline - 2 x SE (greedy,
     grounded guided decoding, the job's defaults)."""
     found = _shipped_baseline()
@@ -200,7 +200,7 @@ def test_shipped_adapter_gate(engine_pool):
     records = select_slice(read_gold(gold_path), gate["limit"], gate["seed"])
     n_gold = sum(len(gold_items(task, r).concepts) for r in records)
     assert n_gold >= 100, f"gate slice has only {n_gold} gold concepts"
-    scores = evaluate_records(task, records, engine_pool.generate, adapter=str((REPO / baseline["adapter"]).resolve()),
+    scores = evaluate_records(task, records, lora_pool.generate, adapter=str((REPO / baseline["adapter"]).resolve()),
                               chunk_overlap_chars=200, resamples=1000, seed=gate["seed"], progress=False)
     report = {"scores": scores}
     ok, msg = f1_gate(report, {"lenient_f1": gate["lenient_f1"], "lenient_f1_se": gate["lenient_f1_se"]})

@@ -19,6 +19,18 @@ from notelake.jobs.cohort import query_text, run_duckdb, run_spark
 from notelake.jobs.warehouse import read_delta_arrow
 from notelake.udfs import schemas
 
+def test_job_engine_enables_lora_only_for_an_unmerged_adapter(settings, tiny_adapter):
+    """The job never sends a per-request adapter: without one of its own to serve, its engine starts without LoRA
+    (vLLM would run its LoRA kernels on every base-model request)."""
+    lora_on = settings.with_overrides(engine={"enable_lora": True})
+    base = job.job_engine_settings(lora_on)
+    assert base.engine.enable_lora is False and base.engine.adapter is None
+    with_adapter = lora_on.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": False})
+    assert job.job_engine_settings(with_adapter) == with_adapter
+    replay = lora_on.with_overrides(engine={"backend": "replay"})
+    assert job.job_engine_settings(replay) == replay
+
+
 def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings):
     notes = sample_notes(4)
     src = write_notes(tmp_path / "notes", notes)
