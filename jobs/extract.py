@@ -843,11 +843,15 @@ def _extract_and_load(spark, settings: Settings, ctx: RunContext, warehouse, run
     record_runs()
     try:
         for r in runs:
-            r.stats.stale_removed = load_rejections(r.rejected, warehouse, ctx, r.task)
+            # Each load stages a Spark job's output: skipped when the summary counted nothing for it (an unchanged
+            # rerun then runs no Spark job after the summary).
+            if r.summary.rejected or r.summary.rejected_known:
+                r.stats.stale_removed = load_rejections(r.rejected, warehouse, ctx, r.task)
             if r.gone:
                 warehouse.delete_notes(r.name, r.gone)
                 r.stats.deleted = len(r.gone)
-            r.stats.refreshed = load_refresh(r.planned, warehouse, ctx, r.task)
+            if r.summary.actions["refresh"]:
+                r.stats.refreshed = load_refresh(r.planned, warehouse, ctx, r.task)
         selections = [select(r.planned, limit).withColumn("task", F.lit(r.name)) for r in runs if r.stats.selected]
         finished = not selections or _extract_rounds(
             spark, settings, ctx, reduce(DataFrame.unionByName, selections).join(valid.select("note_id", "text"),
