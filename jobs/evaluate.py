@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tagger", default=None, metavar="FOLDER",
                    help="evaluate a classification-head tagger (train objective: tag) instead of the generative path; "
                         "same slice and scorer, concepts only")
+    p.add_argument("--pairs", default=None, metavar="FOLDER",
+                   help="with --tagger: a relation pair classifier (train objective: pair) over the tagger's concepts; "
+                        "relations scored end to end")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
     p.add_argument("--label", default=None, help="run label in comparison tables")
     p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
@@ -160,9 +163,17 @@ def tagger_report(args) -> dict:
     if tagger.task.name != load_task(args.task).name:
         raise ConfigError(f"tagger {args.tagger} was trained on task {tagger.task.name}, not {args.task}")
     records = select_slice(read_gold(args.gold), args.limit, args.seed)
-    scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)
+    pairs = None
+    if args.pairs:
+        from notelake.models.pairs import PairClassifier, evaluate_end_to_end
+
+        pairs = PairClassifier(args.pairs)
+        scores = evaluate_end_to_end(tagger, pairs, records, resamples=args.resamples, seed=args.seed)
+    else:
+        scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)
     training = tagger.manifest.get("training") or {}
-    return {
+    pair_training = pairs.manifest.get("training") or {} if pairs else {}
+    report = {
         "run_id": f"eval-{uuid.uuid4().hex[:12]}", "label": args.label or tagger.manifest["name"],
         "created_at": now_iso(), "task": args.task, "gold": str(args.gold), "prefix_scores": {},
         "slice": {"limit": args.limit, "seed": args.seed, "n_notes": len(records),
@@ -182,6 +193,14 @@ def tagger_report(args) -> dict:
         "command": "python -m notelake.jobs.evaluate " + " ".join(shlex.quote(a) for a in (args._argv or [])),
         "scores": scores,
     }
+    if pairs:
+        report["slice"]["n_gold_relations"] = scores["cre"]["lenient"]["n_gold"]
+        report["pairs"] = {"name": pairs.manifest["name"], "path": str(Path(args.pairs).resolve()),
+                           "sha256": pairs.manifest["sha256"], "kind": pairs.manifest["kind"],
+                           "train_tokens": pair_training.get("tokens_processed"),
+                           "train_wall_s": pair_training.get("wall_time_s"),
+                           "train_peak_rss_mb": pair_training.get("peak_rss_mb")}
+    return report
 
 
 def _gpu_name() -> str | None:
@@ -224,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.task and args.gold):
         print("error: --task and --gold go together", file=sys.stderr)
+        return 2
+    if args.pairs and not args.tagger:
+        print("error: --pairs classifies relations over a tagger's concepts: give --tagger too", file=sys.stderr)
         return 2
     if args.tagger:
         try:

@@ -9,6 +9,8 @@ No Spark is involved; run it directly, from the repository root::
     python -m notelake.jobs.train --config conf/train/multitask.yaml --dry-run
     # the classification-head baseline (objective: tag): BIO layers over the tokens, one task per tagger
     python -m notelake.jobs.train --config conf/train/tagger-phee-lora.yaml
+    # its relation pair classifier (objective: pair): relations over the tagger's concepts (models/pairs.py)
+    python -m notelake.jobs.train --config conf/train/pairs-phee-lora.yaml
     # overrides (any TrainConfig field has a YAML key; the common ones have flags)
     python -m notelake.jobs.train --config conf/train/multitask.yaml --steps 2 --batch-size 1 \
         --max-examples 4 --output-dir /tmp/adapter-smoke --checkpoint-dir /tmp/adapter-smoke-ckpt --token-budget 5000
@@ -86,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         cfg = load_train_config(args.config, **overrides)
-        if cfg.objective == "tag":  # the classification-head baseline (models/tagger.py)
+        if cfg.objective in ("tag", "pair"):  # the classification-head baseline (models/tagger.py, pairs.py)
             if args.export_checkpoint:
                 raise ConfigError("--export-checkpoint is for generative adapters; a tagger run resumes instead")
+            from notelake.models.pairs import train_pairs
             from notelake.models.tagger import train_tagger
 
-            result = train_tagger(cfg, dry_run=args.dry_run)
+            result = (train_tagger if cfg.objective == "tag" else train_pairs)(cfg, dry_run=args.dry_run)
         elif args.export_checkpoint:
             from notelake.models.training import export_checkpoint
 

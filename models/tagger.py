@@ -66,9 +66,12 @@ def note_tag_examples(tokenizer, task: Task, record: dict, window_chars: int, st
     return out
 
 
-def build_tag_datasets(cfg: TrainConfig, tokenizer) -> tuple[Task, list[Example], list[Example], dict]:
+def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples) -> tuple[Task, list[Example], list[Example], dict]:
+    """Train and validation examples of a per-token head (tagger or pair classifier) for ``cfg``'s one task:
+    ``note_examples(tokenizer, task, record, window_chars, counts)`` makes a note's examples and adds to
+    ``counts`` (reported as ``<count>_train``). Same note split as the generative runs."""
     if len(cfg.tasks) != 1:
-        raise ConfigError("a tagger is trained on one task (its label layers are the task's labels)")
+        raise ConfigError("a tagger or pair classifier is trained on one task (its layers are the task's labels)")
     task = load_task(cfg.tasks[0])
     path = cfg.data_dir / task.name / "train.jsonl"
     if not path.exists():
@@ -76,67 +79,54 @@ def build_tag_datasets(cfg: TrainConfig, tokenizer) -> tuple[Task, list[Example]
     train_notes, val_notes = split_notes(read_jsonl(path), cfg, task.name)
     stats: dict[str, Any] = {"notes_train": len(train_notes), "notes_val": len(val_notes), "dropped_too_long": 0}
 
-    def build(notes: list[dict], cap: int | None, tag_stats: dict) -> list[Example]:
+    def build(notes: list[dict], cap: int | None, counts: dict) -> list[Example]:
         out: list[Example] = []
         for record in notes:
-            for ex in note_tag_examples(tokenizer, task, record, cfg.tag_window_chars, tag_stats):
+            for ex in note_examples(tokenizer, task, record, cfg.tag_window_chars, counts):
                 if ex.n_tokens > cfg.max_length:
                     stats["dropped_too_long"] += 1
                     continue
                 out.append(ex)
         return out[:cap] if cap else out
 
-    tag_stats: dict[str, int] = {}
-    train = build(train_notes, cfg.max_examples, tag_stats)
+    counts: dict[str, int] = {}
+    train = build(train_notes, cfg.max_examples, counts)
     val = build(val_notes, cfg.max_validation_examples, {}) if cfg.max_validation_examples else []
     stats.update(examples_train=len(train), examples_val=len(val), tokens_train=sum(e.n_tokens for e in train),
-                 gold_concepts_train=tag_stats.get("concepts", 0),
-                 lost_to_bio_train=tag_stats.get("fragments", 0) + tag_stats.get("overlapping", 0))
+                 **{f"{k}_train": v for k, v in counts.items()})
     if not train:
         raise ConfigError("no training examples")
     return task, train, val, stats
 
 
 def layered_loss(logits, labels):
-    """Cross-entropy of each label layer's O/B/I, averaged over the tokens and layers that carry a code."""
+    """Cross-entropy of each layer's classes (a label's O/B/I, a relation's no/yes), averaged over the tokens and
+    layers that carry a code. ``labels``: (batch, tokens, layers); ``logits``: (batch, tokens, layers x classes)."""
     import torch.nn.functional as F
 
-    n_tags = len(LAYER_TAGS)
-    return F.cross_entropy(logits.reshape(-1, n_tags), labels.reshape(-1), ignore_index=IGNORE)
+    classes = logits.shape[-1] // labels.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), ignore_index=IGNORE)
 
 
-def load_tagger_model(base_path: Path, n_labels: int, dtype):
+def load_token_head(base_path: Path, num_outputs: int, dtype):
+    """The backbone with a linear head of ``num_outputs`` logits per token (layers x classes)."""
     from transformers import AutoModelForTokenClassification
 
-    return AutoModelForTokenClassification.from_pretrained(
-        base_path, num_labels=n_labels * len(LAYER_TAGS), dtype=dtype)
+    return AutoModelForTokenClassification.from_pretrained(base_path, num_labels=num_outputs, dtype=dtype)
 
 
-def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
-    """Train one tagger config end to end; returns the manifest (or the data plan when ``dry_run``)."""
+def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[Example], val_ex: list[Example], *,
+                   layers: int, classes: int, plan: dict, t_start: float):
+    """Train the backbone with a per-token head of ``layers`` x ``classes`` logits (LoRA + head, or full FT) on
+    examples whose labels are one code per layer per token; resumable from ``cfg.checkpoint_dir``. Returns the
+    trainer and the training record for the manifest. Shared by the tagger and the pair classifier."""
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and cfg.dtype != "float32" else torch.float32
-    t_start = time.time()
-    base_path = resolve_base(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    task, train_ex, val_ex, stats = build_tag_datasets(cfg, tokenizer)
-    labels = labels_of(task)
-    steps = planned_steps(cfg, train_ex)
-    plan = {**stats, "steps": steps, "labels": len(labels), "window_chars": cfg.tag_window_chars,
-            "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex))}
-    print("data plan: " + json.dumps(plan), flush=True)
-    if dry_run:
-        return {"plan": plan}
-
-    model = load_tagger_model(base_path, len(labels), dtype)
+    model = load_token_head(base_path, layers * classes, dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.mode == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
@@ -151,12 +141,12 @@ def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             codes = inputs.pop("labels")
             outputs = model(**inputs)
-            loss = layered_loss(outputs.logits.view(*codes.shape, len(LAYER_TAGS)), codes)
+            loss = layered_loss(outputs.logits, codes)
             return (loss, outputs) if return_outputs else loss
 
     has_val = bool(val_ex)
     args = TrainingArguments(
-        output_dir=str(cfg.checkpoint_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(cfg.checkpoint_dir), max_steps=plan["steps"], per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints,
@@ -179,7 +169,7 @@ def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     run_state: dict[str, Any] = {"stopped_by": "steps"}
     trainer = LayeredTrainer(model=model, args=args, train_dataset=Dataset(train_ex),
                              eval_dataset=Dataset(val_ex) if has_val else None,
-                             data_collator=PadCollator(tokenizer.pad_token_id, len(labels)),
+                             data_collator=PadCollator(tokenizer.pad_token_id, layers),
                              callbacks=_make_callbacks(cfg, run_state))
     from transformers.trainer_callback import PrinterCallback
 
@@ -204,8 +194,39 @@ def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
         "loss_curve": run_state.get("losses", []), "resumed_from": Path(last).name if last else None, "data": plan,
         "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
+    return trainer, record
+
+
+def start_training(cfg: TrainConfig):
+    """Threads, the base model's folder and its tokenizer (pad = eos when it has none)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base_path = resolve_base(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base_path, tokenizer
+
+
+def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
+    """Train one tagger config end to end; returns the manifest (or the data plan when ``dry_run``)."""
+    t_start = time.time()
+    base_path, tokenizer = start_training(cfg)
+    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_tag_examples)
+    labels = labels_of(task)
+    steps = planned_steps(cfg, train_ex)
+    plan = {**stats, "steps": steps, "labels": len(labels), "window_chars": cfg.tag_window_chars,
+            "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex))}
+    print("data plan: " + json.dumps(plan), flush=True)
+    if dry_run:
+        return {"plan": plan}
+    trainer, record = fit_token_head(cfg, base_path, tokenizer, train_ex, val_ex, layers=len(labels),
+                                     classes=len(LAYER_TAGS), plan=plan, t_start=t_start)
     manifest = save_tagger(cfg, trainer.model, tokenizer, base_path, task, train_ex, record)
-    del trainer, model
+    del trainer
     gc.collect()
     return manifest
 
@@ -226,8 +247,12 @@ def save_tagger(cfg: TrainConfig, model, tokenizer, base_path: Path, task: Task,
     return manifest
 
 
-class Tagger:
-    """A trained tagger folder, loaded for inference: ``predict(texts)`` -> concepts with character offsets."""
+class TrainedHead:
+    """A folder written by :func:`fit_token_head` (a tagger or a pair classifier), loaded for inference: its
+    manifest, task, tokenizer and model (LoRA merged into the weights), and batched forward passes."""
+
+    kind = KIND
+    classes = len(LAYER_TAGS)  # per layer: O/B/I
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         import torch
@@ -237,8 +262,9 @@ class Tagger:
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        if not self.manifest or not str(self.manifest.get("kind", "")).startswith(KIND):
-            raise ConfigError(f"{self.folder}: not a tagger folder (manifest kind {KIND}-lora / {KIND}-full)")
+        if not self.manifest or not str(self.manifest.get("kind", "")).startswith(self.kind):
+            raise ConfigError(f"{self.folder}: not a {self.kind} folder (manifest kind {self.kind}-lora / "
+                              f"{self.kind}-full)")
         if threads:
             torch.set_num_threads(threads)
         self.task = Task.model_validate(self.manifest["task_definition"])  # the folder is self-contained
@@ -246,13 +272,14 @@ class Tagger:
         self.window_chars = int(self.manifest["tag_window_chars"])
         base_path = resolve_base(BASE_MODEL_NAME)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
+        outputs = len(self.labels) * self.classes
         if self.manifest["mode"] == "lora":
             from peft import PeftModel
 
-            model = load_tagger_model(base_path, len(self.labels), torch.float32)
+            model = load_token_head(base_path, outputs, torch.float32)
             model = PeftModel.from_pretrained(model, str(self.folder)).merge_and_unload()
         else:
-            model = load_tagger_model(self.folder, len(self.labels), torch.float32)
+            model = load_token_head(self.folder, outputs, torch.float32)
         self.model = model.eval()
 
     @staticmethod
@@ -261,35 +288,41 @@ class Tagger:
 
         return read_manifest(Path(folder)) or {}
 
-    def predict(self, texts: list[str], batch_size: int = 8) -> tuple[list[list[dict]], dict]:
-        """Concepts per text (label, start, end, text; offsets into the text) and counts (windows, tokens, s)."""
+    def decisions(self, sequences: list[list[int]], batch_size: int = 8):
+        """Yields (index into ``sequences``, per-token list of per-layer class codes), shortest first, batched."""
         import torch
 
-        items = [(k, c) for k, text in enumerate(texts) for c in windows(text, self.window_chars)]
-        encoded = [self.tokenizer(c.text, return_offsets_mapping=True, add_special_tokens=False) for _, c in items]
-        order = sorted(range(len(items)), key=lambda i: len(encoded[i]["input_ids"]))
-        out: list[list[dict]] = [[] for _ in texts]
-        t0, tokens = time.monotonic(), 0
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         with torch.inference_mode():
             for b in range(0, len(order), batch_size):
                 batch = order[b:b + batch_size]
-                n = max(len(encoded[i]["input_ids"]) for i in batch)
+                n = max(len(sequences[i]) for i in batch)
                 ids = torch.full((len(batch), n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
                 mask = torch.zeros((len(batch), n), dtype=torch.long)
                 for row, i in enumerate(batch):
-                    k = len(encoded[i]["input_ids"])
-                    ids[row, :k] = torch.tensor(encoded[i]["input_ids"])
-                    mask[row, :k] = 1
+                    ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
+                    mask[row, :len(sequences[i])] = 1
                 logits = self.model(input_ids=ids, attention_mask=mask).logits
-                codes = logits.view(len(batch), n, len(self.labels), len(LAYER_TAGS)).argmax(-1)
+                codes = logits.view(len(batch), n, len(self.labels), self.classes).argmax(-1)
                 for row, i in enumerate(batch):
-                    k = len(encoded[i]["input_ids"])
-                    tokens += k
-                    note, chunk = items[i]
-                    for concept in decode_layers(chunk.text, encoded[i]["offset_mapping"], codes[row, :k].tolist(),
-                                                 self.labels):
-                        out[note].append({**concept, "start": concept["start"] + chunk.start,
-                                          "end": concept["end"] + chunk.start})
+                    yield i, codes[row, :len(sequences[i])].tolist()
+
+
+class Tagger(TrainedHead):
+    """A trained tagger folder, loaded for inference: ``predict(texts)`` -> concepts with character offsets."""
+
+    def predict(self, texts: list[str], batch_size: int = 8) -> tuple[list[list[dict]], dict]:
+        """Concepts per text (label, start, end, text; offsets into the text) and counts (windows, tokens, s)."""
+        items = [(k, c) for k, text in enumerate(texts) for c in windows(text, self.window_chars)]
+        encoded = [self.tokenizer(c.text, return_offsets_mapping=True, add_special_tokens=False) for _, c in items]
+        out: list[list[dict]] = [[] for _ in texts]
+        t0 = time.monotonic()
+        for i, codes in self.decisions([e["input_ids"] for e in encoded], batch_size):
+            note, chunk = items[i]
+            for concept in decode_layers(chunk.text, encoded[i]["offset_mapping"], codes, self.labels):
+                out[note].append({**concept, "start": concept["start"] + chunk.start,
+                                  "end": concept["end"] + chunk.start})
+        tokens = sum(len(e["input_ids"]) for e in encoded)
         return out, {"windows": len(items), "tokens": tokens, "wall_s": time.monotonic() - t0}
 
 
@@ -308,15 +341,19 @@ def evaluate_tagger(tagger: Tagger, records: list[dict], *, resamples: int = 100
     scores = score_notes(tagger.task, pairs, resamples=resamples, seed=seed)
     for key in ("cre", "per_relation"):  # concepts only: a relation F1 of 0 would read as a measured result
         scores.pop(key, None)
-    # the generative report's keys, so one report layout serves both: a tagger has no parse step or answer tokens
+    return head_report(scores, len(records), counts["windows"], counts["tokens"], counts["wall_s"])
+
+
+def head_report(scores: dict, notes: int, passes: int, tokens: int, wall: float) -> dict[str, Any]:
+    """``scores`` with the generative report's other keys, so one report layout serves both: a classification
+    head has no parse step or answer tokens; its "prompts" are its forward passes."""
     scores.update(invalid_output_rate=0.0, engine_error_rate=0.0, error_types={},
                   parser={"warnings": 0, "ungrounded_mentions": 0, "dropped_relations": 0})
-    wall = counts["wall_s"]
-    scores["throughput"] = {"notes": len(records), "prompts": counts["windows"], "wall_s": round(wall, 1),
-                            "prompts_per_s": round(counts["windows"] / wall, 3) if wall else None,
-                            "notes_per_s": round(len(records) / wall, 3) if wall else None,
-                            "prompt_tokens": counts["tokens"], "output_tokens": 0, "output_tokens_per_s": None,
-                            "tokens_per_s": round(counts["tokens"] / wall, 1) if wall else None,
+    scores["throughput"] = {"notes": notes, "prompts": passes, "wall_s": round(wall, 1),
+                            "prompts_per_s": round(passes / wall, 3) if wall else None,
+                            "notes_per_s": round(notes / wall, 3) if wall else None,
+                            "prompt_tokens": tokens, "output_tokens": 0, "output_tokens_per_s": None,
+                            "tokens_per_s": round(tokens / wall, 1) if wall else None,
                             "truncated_outputs": 0}
     return scores
 

@@ -62,11 +62,12 @@ class TrainConfig(BaseModel):
 
     name: str | None = Field(None, description="adapter name (default: output_dir's folder name)")
     mode: Literal["lora", "full"] = Field("lora", description="lora = PEFT LoRA; full = full fine-tuning (baseline)")
-    objective: Literal["generate", "tag"] = Field(
+    objective: Literal["generate", "tag", "pair"] = Field(
         "generate", description="generate = instruction-tuned generative extraction (the shipped path); tag = the "
-                                "classification-head baseline (models/tagger.py: BIO layers over the tokens, CCE only)")
-    tag_window_chars: int = Field(2000, ge=100, description="tag: notes are cut into windows of at most this many "
-                                                          "characters at sentence ends")
+                                "classification-head baseline (models/tagger.py: BIO layers over the tokens, CCE); "
+                                "pair = its relation pair classifier (models/pairs.py: relations over concepts)")
+    tag_window_chars: int = Field(2000, ge=100, description="tag, pair: notes are cut into windows of at most this "
+                                                          "many characters at sentence ends")
     base_model: str = Field(BASE_MODEL_NAME, description="base model name (models.base_model.resolve_model) or folder")
     tasks: list[str] = Field(..., min_length=1, description="task names or task YAML paths; several = multi-task")
     data_dir: Path = Field(default_factory=default_data_dir, description="folder with <task name>/train.jsonl")

@@ -144,3 +144,97 @@ def test_shipped_tagger_gate(base_model_path):
     scores = evaluate_tagger(Tagger(folder), records, resamples=200)
     floor = recorded["cce_lenient_f1"] - 2 * recorded["cce_lenient_se"]
     assert scores["cce"]["lenient"]["f1"] >= floor, (scores["cce"]["lenient"]["f1"], floor)
+
+
+# ------------------------------------------------------------------ the relation pair classifier (models/pairs.py)
+PAIR_TASK_YAML = """\
+description: Drugs and the effects they caused in short sentences.
+kind: cre
+max_tokens: 64
+concepts:
+  Drug: a drug name
+  Effect: an effect
+relations:
+  caused: {definition: the drug caused the effect, pairs: [[Drug, Effect]]}
+"""
+# each sentence: a drug, the effect it caused, and an effect it did not cause
+PAIR_SENTENCES = [("Lithium caused tremor, but the rash was old.", "Lithium", "tremor", "rash"),
+                  ("Aspirin caused bleeding, but the cough was old.", "Aspirin", "bleeding", "cough"),
+                  ("Heparin caused thrombocytopenia, but the fever was old.", "Heparin", "thrombocytopenia", "fever"),
+                  ("Amiodarone caused hypothyroidism, but the pain was old.", "Amiodarone", "hypothyroidism", "pain"),
+                  ("Metformin caused acidosis, but the edema was old.", "Metformin", "acidosis", "edema"),
+                  ("Warfarin caused a hematoma, but the anemia was old.", "Warfarin", "hematoma", "anemia")]
+
+
+@pytest.fixture(scope="module")
+def toy_pairs(tmp_path_factory, base_model_path):
+    from notelake.models.pairs import train_pairs
+
+    root = tmp_path_factory.mktemp("pairs-toy")
+    (root / "toy_pairs.yaml").write_text(PAIR_TASK_YAML, encoding="utf-8")
+    (root / "data" / "toy_pairs").mkdir(parents=True)
+    with open(root / "data" / "toy_pairs" / "train.jsonl", "w", encoding="utf-8") as fh:
+        for i, (text, drug, caused, other) in enumerate(PAIR_SENTENCES):
+            spans = {word: [[text.index(word), text.index(word) + len(word)]] for word in (drug, caused, other)}
+            fh.write(json.dumps({"note_id": f"s{i}", "text": text, "concepts": [
+                {"id": "T1", "label": "Drug", "spans": spans[drug], "text": drug},
+                {"id": "T2", "label": "Effect", "spans": spans[caused], "text": caused},
+                {"id": "T3", "label": "Effect", "spans": spans[other], "text": other}],
+                "relations": [{"id": "R1", "label": "caused", "head": "T1", "tail": "T2"}]}) + "\n")
+    cfg = TrainConfig(objective="pair", tasks=[str(root / "toy_pairs.yaml")], data_dir=root / "data",
+                      output_dir=root / "pairs", checkpoint_dir=root / "ckpt", steps=16, batch_size=2, grad_accum=1,
+                      lora_r=4, lora_alpha=8, validation_fraction=0.0, save_every=50, warmup_steps=0, threads=2,
+                      learning_rate=5e-3)
+    return root, train_pairs(cfg)
+
+
+def test_pair_classifier_trains_and_decides_the_candidate_pairs(toy_pairs):
+    """One example per head: the Drug with its two candidate Effects (one caused, one not); after training, each
+    relation it predicts joins two of the given concepts in an allowed direction, and it learns the toy rule."""
+    from notelake.models.pairs import PairClassifier, gold_concepts
+
+    root, manifest = toy_pairs
+    assert manifest["kind"] == "pairs-lora" and manifest["label_sets"] == {"toy_pairs": ["caused"]}
+    plan = manifest["training"]["data"]
+    assert (plan["examples_train"], plan["pairs_train"], plan["positive_train"]) == (6, 12, 6)
+    assert plan["not_candidates_train"] == 0 and plan["gold_relations_train"] == 6
+    losses = [loss for _, loss in manifest["training"]["loss_curve"]]
+    assert len(losses) == 16 and losses[-1] < losses[0] / 2
+    model = PairClassifier(root / "pairs")
+    records = [json.loads(line) for line in (root / "data" / "toy_pairs" / "train.jsonl").read_text().splitlines()]
+    concepts = [gold_concepts(model.task, r) for r in records]
+    predicted, counts = model.predict([r["text"] for r in records], concepts)
+    assert counts["passes"] == len(records)  # one forward pass per head (each sentence's one Drug)
+    for found, related in zip(concepts, predicted):
+        for rel in related:
+            assert rel["label"] == "caused" and rel["head"] in found and rel["tail"] in found
+            assert (rel["head"]["label"], rel["tail"]["label"]) == ("Drug", "Effect")
+    got = {(r["head"]["text"], r["tail"]["text"]) for related in predicted for r in related}
+    assert got == {(drug, caused) for _, drug, caused, _ in PAIR_SENTENCES}
+
+
+def test_evaluate_cli_scores_tagger_and_pairs_end_to_end(toy, toy_tagger, toy_pairs, tmp_path):
+    """`jobs.evaluate --tagger T --pairs P`: relations over the tagger's predicted concepts, scored end to end by the
+    generative runs' scorer; a tagger of another task is a configuration error (exit 2), --pairs without --tagger a
+    usage error."""
+    from notelake.jobs import evaluate
+    from notelake.models.tagger import train_tagger
+
+    root, _ = toy_pairs
+    task, gold = root / "toy_pairs.yaml", root / "data" / "toy_pairs" / "train.jsonl"
+    train_tagger(TrainConfig(**{**_cfg(toy, tmp_path).model_dump(), "tasks": [str(task)], "data_dir": root / "data",
+                                "output_dir": tmp_path / "tagger", "steps": 16}))
+    out = tmp_path / "eval"
+    argv = ["--task", str(task), "--gold", str(gold), "--tagger", str(tmp_path / "tagger"), "--pairs",
+            str(root / "pairs"), "--resamples", "50"]
+    assert evaluate.main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    scores = report["scores"]
+    assert scores["cce"]["lenient"]["n_gold"] == 3 * len(PAIR_SENTENCES)
+    assert scores["cre"]["lenient"]["n_gold"] == report["slice"]["n_gold_relations"] == len(PAIR_SENTENCES)
+    assert scores["cre"]["lenient"]["f1"] > 0.5 and report["pairs"]["kind"] == "pairs-lora"
+    assert scores["throughput"]["prompts"] > len(PAIR_SENTENCES)  # tagger windows + pair passes
+    folder, _ = toy_tagger  # trained on toy_tags: not the pair classifier's task
+    assert evaluate.main([*argv[:4], "--tagger", str(folder), "--pairs", str(root / "pairs"),
+                          "--out", str(tmp_path / "wrong-task")]) == 2
+    assert evaluate.main([*argv[:4], "--pairs", str(root / "pairs"), "--out", str(tmp_path / "no-tagger")]) == 2

@@ -1,0 +1,57 @@
+"""Relation pairs of the classification-head baseline (udfs/pairs.py): candidates, targets at the tails' end
+tokens, and decoding back, on hand-made offsets (no tokenizer)."""
+
+from __future__ import annotations
+
+from notelake.conf.task import load_task
+from notelake.udfs.pairs import IGNORE, candidate_tails, decode_tails, encode_targets, end_token, head_prefix
+
+PHEE = load_task("phee")
+TEXT = "Insulin induced lipoatrophies in women of reproductive age."
+#       0       8       16            30 33    39 42          55
+OFFSETS = [(0, 7), (7, 15), (15, 29), (29, 32), (32, 38), (38, 41), (41, 54), (54, 58), (58, 59)]
+
+
+def concept(label: str, word: str, occurrence_start: int = 0) -> dict:
+    start = TEXT.index(word, occurrence_start)
+    return {"label": label, "start": start, "end": start + len(word), "text": word}
+
+
+TRIGGER = concept("ADE_trigger", "induced")
+DRUG, TREATMENT = concept("Drug", "Insulin"), concept("Treatment", "Insulin")
+EFFECT = concept("Effect", "lipoatrophies")
+SUBJECT, AGE = concept("Subject", "women of reproductive age"), concept("Subject_age", "reproductive age")
+CONCEPTS = [DRUG, TREATMENT, TRIGGER, EFFECT, SUBJECT, AGE]
+
+
+def test_candidates_are_the_pairs_the_task_allows():
+    assert candidate_tails(PHEE, TRIGGER, CONCEPTS) == [DRUG, TREATMENT, EFFECT, SUBJECT, AGE]
+    assert candidate_tails(PHEE, DRUG, CONCEPTS) == [EFFECT]  # adverse_effect / potential_therapeutic_effect
+    assert candidate_tails(PHEE, EFFECT, CONCEPTS) == []  # an Effect heads nothing
+    assert head_prefix("ADE_trigger", "induced") == "ADE_trigger: induced\n"
+
+
+def test_nested_tails_ending_on_one_token_stay_apart():
+    relations = list(PHEE.relations)
+    tails = [(t["end"], {r: 1 for r in ([t["label"]])}) for t in (SUBJECT, AGE, EFFECT)]
+    targets = encode_targets(OFFSETS, relations, tails)
+    age_end = end_token(OFFSETS, AGE["end"])
+    assert age_end == end_token(OFFSETS, SUBJECT["end"]) == 7  # "age" ends both
+    codes = targets[age_end]
+    assert codes[relations.index("Subject")] == 1 and codes[relations.index("Subject_age")] == 1
+    assert codes[relations.index("Drug")] == IGNORE
+    assert all(c == IGNORE for i, row in enumerate(targets) if i not in (age_end, 2) for c in row)
+    decisions = [[1 if c == 1 else 0 for c in row] for row in targets]
+    decoded = decode_tails(PHEE, TRIGGER, [SUBJECT, AGE, EFFECT], OFFSETS, decisions)
+    assert decoded == [("Subject", SUBJECT), ("Subject_age", AGE), ("Effect", EFFECT)]
+
+
+def test_a_no_is_kept_and_a_yes_wins_on_a_shared_token():
+    relations = list(PHEE.relations)
+    targets = encode_targets(OFFSETS, relations, [(EFFECT["end"], {"adverse_effect": 0,
+                                                                   "potential_therapeutic_effect": 0})])
+    row = targets[end_token(OFFSETS, EFFECT["end"])]
+    assert row[relations.index("adverse_effect")] == 0 and row[relations.index("potential_therapeutic_effect")] == 0
+    both = encode_targets(OFFSETS, relations, [(AGE["end"], {"Subject": 0}), (SUBJECT["end"], {"Subject": 1})])
+    assert both[7][relations.index("Subject")] == 1
+    assert end_token(OFFSETS, 0) is None
