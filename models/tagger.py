@@ -10,7 +10,8 @@ left. An encoder tagger decides "is this token inside a Drug mention" with the w
 first token of "heparin-induced thrombocytopenia" is tagged before the model has seen "induced". No
 bidirectional variant of this backbone exists; the figures in docs/results.md are what the causal head reaches.
 
-Covers concepts (CCE) only: relations would need a pair classifier over the predicted concepts, not built.
+Concepts (CCE) only; relations come from the pair classifier over the tagger's concepts (``models/pairs.py``,
+evaluation path: ``jobs.evaluate --tagger T --pairs P``; the job's ``engine.backend: tagger`` writes concepts only).
 Notes longer than ``tag_window_chars`` are cut into windows at sentence ends (``udfs.chunking``), without overlap.
 Spans are grounded by construction: they come from the tokenizer's offsets into the text.
 
