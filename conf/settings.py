@@ -39,6 +39,8 @@ class EngineConfig(_Strict):
                             "by the tokenizer's offsets); replay = made-up answers after a simulated latency, for "
                             "data-plane benchmarks only, never quality (models/replay.py)")
     model: str = Field("smollm2-135m-instruct", description="base model: a folder or a name under NOTELAKE_HOME/models")
+    pairs: str | None = Field(None, description="tagger backend only: a relation pair classifier folder (training "
+                                                "objective: pair) run over the tagger's concepts; null = concepts only")
     adapter: str | None = Field(None, description="LoRA adapter folder (with manifest.json); null = base model")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU, bfloat16 on GPU")
     max_model_len: int = Field(4096, ge=256, description="context window the engine reserves per sequence")
@@ -187,6 +189,9 @@ class Settings(_Strict):
         # a tagger folder is not served through LoRARequest
         if self.engine.adapter and not self.engine.enable_lora and self.engine.backend != "tagger":
             raise ValueError("engine.adapter is set but engine.enable_lora is false")
+        if self.engine.pairs and self.engine.backend != "tagger":
+            raise ValueError("engine.pairs (a relation pair classifier) runs over a tagger's concepts: "
+                             "engine.backend must be tagger")
         return self
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Settings":

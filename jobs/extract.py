@@ -607,10 +607,13 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     except FileNotFoundError as exc:
         raise ConfigError(f"engine.model: {exc}") from None
     base_sha = model_sha256(model_path)
+    pairs = None
     if settings.engine.backend == "tagger":
         if not settings.engine.adapter:
             raise ConfigError("engine.backend tagger needs engine.adapter: a tagger folder (objective: tag)")
         adapter = load_tagger(settings.engine.adapter, base_sha, task.name)
+        if settings.engine.pairs:
+            pairs = load_tagger(settings.engine.pairs, base_sha, task.name, kind="pairs")
     else:
         adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
     if adapter is None and not task.define_labels:
@@ -619,6 +622,8 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     max_tokens = settings.engine.max_tokens or task.max_tokens
     sampling = {"temperature": settings.engine.temperature, "max_tokens": max_tokens,
                 "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
+    if pairs is not None:  # the relations' classifier (absent otherwise: fingerprints without one are unchanged)
+        sampling["pairs_sha256"] = pairs.sha256
     chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars)}
     fp = extraction_fingerprint(base_sha, adapter.sha256 if adapter else None, version, sampling, chunking,
                                 PARSER_VERSION, settings.engine.backend)

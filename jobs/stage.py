@@ -210,7 +210,8 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driv
         result = assemble_note(
             note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
             outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
-            truncated=[o.finish_reason == "length" for o in outs], tagged=[o.spans for o in outs], lineage=lineage,
+            truncated=[o.finish_reason == "length" for o in outs], tagged=[o.spans for o in outs],
+            tag_relations=[o.relations for o in outs], lineage=lineage,
             passthrough={c: note[c] for c in ctx.passthrough}, note_bucket=note["note_bucket"],
         )
         status = "failed" if result.errors else "succeeded"

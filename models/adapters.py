@@ -171,18 +171,22 @@ def _verified_manifest(path: Path, base_model_sha256: str) -> tuple[dict, str]:
     return manifest, name
 
 
-def load_tagger(path: str | os.PathLike, base_model_sha256: str, task_name: str) -> AdapterInfo:
-    """Verify a classification-head tagger folder (train objective: tag) for ``task_name``: a tagger knows only
-    the labels it was trained on, so another task is refused (no zero-shot)."""
+_HEAD_OBJECTIVES = {"tagger": "tag", "pairs": "pair"}
+
+
+def load_tagger(path: str | os.PathLike, base_model_sha256: str, task_name: str, kind: str = "tagger") -> AdapterInfo:
+    """Verify a classification-head folder for ``task_name``: a tagger (train objective: tag) or, ``kind="pairs"``,
+    a relation pair classifier (objective: pair). A head knows only the labels it was trained on, so another task
+    is refused (no zero-shot)."""
     path = Path(path).expanduser()
     manifest, name = _verified_manifest(path, base_model_sha256)
-    if not str(manifest.get("kind", "")).startswith("tagger"):
-        raise AdapterError(f"{name}: kind {manifest.get('kind')!r} is not a tagger (engine.backend tagger serves "
-                           "folders written by a training run with objective: tag)")
+    if not str(manifest.get("kind", "")).startswith(kind):
+        raise AdapterError(f"{name}: kind {manifest.get('kind')!r} is not {kind} (a folder written by a training run "
+                           f"with objective: {_HEAD_OBJECTIVES[kind]})")
     tasks = [str(t) for t in manifest.get("tasks") or []]
     if task_name not in tasks:
-        raise AdapterError(f"tagger {name} was trained on {', '.join(tasks)}, not {task_name}: a tagger has no "
-                           "zero-shot mode")
+        raise AdapterError(f"{kind} {name} was trained on {', '.join(tasks)}, not {task_name}: a classification "
+                           "head has no zero-shot mode")
     return AdapterInfo(path=path.resolve(), name=name, sha256=str(manifest["sha256"]), tasks=tasks,
                        base_model_sha256=base_model_sha256, rank=0, manifest=manifest)
 

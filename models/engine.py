@@ -58,6 +58,7 @@ class GenerationResult:
     output_tokens: int = 0
     finish_reason: str | None = None  # "stop" | "length" | None
     spans: tuple | None = None  # tagger: ((label, start, end), ...) in the chunk's text; text is then None
+    relations: tuple | None = None  # tagger with a pair classifier: ((label, head, tail), ...), indexes into spans
 
     @property
     def ok(self) -> bool:

@@ -362,7 +362,9 @@ def head_report(scores: dict, notes: int, passes: int, tokens: int, wall: float)
 class TaggerEngine:
     """``engine.backend: tagger``: the job's engine interface over a trained tagger (``engine.adapter`` = its
     folder). Each request's chunk text is tagged; a result carries the chunk's concepts as ``spans`` (label, start,
-    end), grounded by construction, and no answer text. The chat prompt is not used."""
+    end), grounded by construction, and no answer text; with ``engine.pairs`` (a pair classifier of the same task,
+    models/pairs.py) also its relations between them as ``relations`` (label, head index, tail index). The chat
+    prompt is not used."""
 
     backend = "tagger"
     merged = False
@@ -383,6 +385,12 @@ class TaggerEngine:
         manifest_task = (Tagger.manifest_of(cfg.adapter).get("tasks") or [""])[0]
         self.info = load_tagger(cfg.adapter, self.model_sha256, manifest_task)
         self.tagger = Tagger(self.info.path)
+        self.pairs = None
+        if cfg.pairs:
+            from notelake.models.pairs import PairClassifier
+
+            self.pairs_info = load_tagger(cfg.pairs, self.model_sha256, manifest_task, kind="pairs")
+            self.pairs = PairClassifier(self.pairs_info.path)
         self._lock = threading.Lock()
         self.load_seconds = round(time.monotonic() - t0, 1)
 
@@ -393,12 +401,17 @@ class TaggerEngine:
         if missing:
             return [error_result(r.request_id, "engine_error: the tagger needs the chunk text (request.text)")
                     for r in requests]
+        texts = [r.text for r in requests]
         with self._lock:  # one forward pass at a time per engine
-            predicted, _ = self.tagger.predict([r.text for r in requests])
+            predicted, _ = self.tagger.predict(texts)
+            related = self.pairs.predict(texts, predicted)[0] if self.pairs else [None] * len(requests)
         return [GenerationResult(request_id=r.request_id, text=None, error=None,
                                  prompt_tokens=self.count_tokens(r.text), output_tokens=0, finish_reason="stop",
-                                 spans=tuple((c["label"], c["start"], c["end"]) for c in concepts))
-                for r, concepts in zip(requests, predicted)]
+                                 spans=tuple((c["label"], c["start"], c["end"]) for c in concepts),
+                                 relations=None if relations is None else tuple(
+                                     (rel["label"], _index(concepts, rel["head"]), _index(concepts, rel["tail"]))
+                                     for rel in relations))
+                for r, concepts, relations in zip(requests, predicted, related)]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tagger.tokenizer.encode(text, add_special_tokens=False))
@@ -409,4 +422,11 @@ class TaggerEngine:
         return {"backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
                 "model_sha256": self.model_sha256, "adapter": self.info.name, "adapter_path": str(self.info.path),
                 "adapter_sha256": self.info.sha256, "dtype": "float32", "guided_decoding": "n/a (tags)",
+                "pairs": self.pairs_info.name if self.pairs else None,
+                "pairs_sha256": self.pairs_info.sha256 if self.pairs else None,
                 "load_seconds": self.load_seconds, "versions": _versions()}
+
+
+def _index(items: list, item) -> int:
+    """Position of ``item`` itself (not an equal copy) in ``items``."""
+    return next(k for k, x in enumerate(items) if x is item)

@@ -213,19 +213,62 @@ def test_pair_classifier_trains_and_decides_the_candidate_pairs(toy_pairs):
     assert got == {(drug, caused) for _, drug, caused, _ in PAIR_SENTENCES}
 
 
-def test_evaluate_cli_scores_tagger_and_pairs_end_to_end(toy, toy_tagger, toy_pairs, tmp_path):
+@pytest.fixture(scope="module")
+def toy_pair_tagger(toy, toy_pairs, tmp_path_factory):
+    """A tagger of the pair classifier's toy task (Drug, Effect)."""
+    from notelake.models.tagger import train_tagger
+
+    root, _ = toy_pairs
+    out = tmp_path_factory.mktemp("pair-tagger")
+    train_tagger(TrainConfig(**{**_cfg(toy, out).model_dump(), "tasks": [str(root / "toy_pairs.yaml")],
+                                "data_dir": root / "data", "output_dir": out / "tagger", "steps": 16}))
+    return out / "tagger"
+
+
+def test_job_writes_tagger_concepts_and_pair_relations(toy_pairs, toy_pair_tagger, tmp_path, spark, settings):
+    """engine.backend tagger + engine.pairs in the nightly job: relation rows between the tagger's concept rows;
+    the pair classifier is part of the extraction fingerprint; engine.pairs without the tagger backend is refused."""
+    from jobkit import table, write_notes
+
+    from notelake.conf.settings import Settings
+    from notelake.jobs import extract as job
+
+    root, _ = toy_pairs
+    notes = [{"note_id": f"n{i}", "text": text, "patient_id": "p", "note_date": "2026-01-01", "note_type": "x"}
+             for i, (text, *_) in enumerate(PAIR_SENTENCES[:3])]
+    src = write_notes(tmp_path / "notes", notes)
+    task = str(root / "toy_pairs.yaml")
+    tagger_only = settings.with_overrides(engine={"backend": "tagger", "adapter": str(toy_pair_tagger)},
+                                          job={"task": task, "max_error_rate": 0.0})
+    cfg = tagger_only.with_overrides(engine={"pairs": str(root / "pairs")})
+    assert job.run(cfg, src, str(tmp_path / "wh"), spark=spark) == job.EXIT_OK
+    concepts = {c["concept_id"]: c for c in table(tmp_path / "wh", "concepts").to_pylist()}
+    relations = table(tmp_path / "wh", "relations").to_pylist()
+    assert relations and all(r["label"] == "caused" for r in relations)
+    for r in relations:
+        head, tail = concepts[r["head_concept_id"]], concepts[r["tail_concept_id"]]
+        assert (head["label"], tail["label"]) == ("Drug", "Effect") == (r["head_label"], r["tail_label"])
+        assert head["note_id"] == tail["note_id"] == r["note_id"] and (head["text"], tail["text"]) == (
+            r["head_text"], r["tail_text"])
+    found = {(r["note_id"], r["head_text"], r["tail_text"]) for r in relations}
+    assert found == {(f"n{i}", drug, caused) for i, (_, drug, caused, _) in enumerate(PAIR_SENTENCES[:3])}
+    assert job.describe_extraction(cfg, job.load_task(task))["fingerprint"] != \
+        job.describe_extraction(tagger_only, job.load_task(task))["fingerprint"]
+    with pytest.raises(ValueError, match="engine.backend must be tagger"):
+        Settings.model_validate({**settings.model_dump(), "engine": {**settings.engine.model_dump(),
+                                                                     "pairs": str(root / "pairs")}})
+
+
+def test_evaluate_cli_scores_tagger_and_pairs_end_to_end(toy, toy_tagger, toy_pairs, toy_pair_tagger, tmp_path):
     """`jobs.evaluate --tagger T --pairs P`: relations over the tagger's predicted concepts, scored end to end by the
     generative runs' scorer; a tagger of another task is a configuration error (exit 2), --pairs without --tagger a
     usage error."""
     from notelake.jobs import evaluate
-    from notelake.models.tagger import train_tagger
 
     root, _ = toy_pairs
     task, gold = root / "toy_pairs.yaml", root / "data" / "toy_pairs" / "train.jsonl"
-    train_tagger(TrainConfig(**{**_cfg(toy, tmp_path).model_dump(), "tasks": [str(task)], "data_dir": root / "data",
-                                "output_dir": tmp_path / "tagger", "steps": 16}))
     out = tmp_path / "eval"
-    argv = ["--task", str(task), "--gold", str(gold), "--tagger", str(tmp_path / "tagger"), "--pairs",
+    argv = ["--task", str(task), "--gold", str(gold), "--tagger", str(toy_pair_tagger), "--pairs",
             str(root / "pairs"), "--resamples", "50"]
     assert evaluate.main([*argv, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))

@@ -78,6 +78,7 @@ def assemble_note(
     output_errors: list[str | None] | None = None,
     truncated: list[bool] | None = None,
     tagged: list[tuple | None] | None = None,
+    tag_relations: list[tuple | None] | None = None,
     lineage: dict,
     passthrough: dict | None = None,
     note_bucket: int | None = None,
@@ -89,7 +90,8 @@ def assemble_note(
     error_type ``engine_error``, the string as message: it must carry no note text). ``truncated[i]``: chunk i's
     output hit max_tokens (its last, possibly partial, line is dropped). ``tagged[i]`` (the tagger backend):
     chunk i's concepts as ``(label, start, end)`` in the chunk's text, taken as they are (grounded by
-    construction; no answer to parse, no relations).
+    construction; no answer to parse), and ``tag_relations[i]`` its relations as ``(label, head, tail)``, indexes
+    into ``tagged[i]`` (the pair classifier; pairs the task does not allow are dropped and counted).
     """
     if len(outputs) != len(chunks):
         raise ValueError(f"{len(chunks)} chunks but {len(outputs)} outputs")
@@ -124,11 +126,19 @@ def assemble_note(
             fail(i, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
             continue
         if tagged is not None and tagged[pos] is not None:
+            tag_keys = []
             for label, start, end in tagged[pos]:
                 spans = ((start + chunk.start, end + chunk.start),)
-                merged.setdefault(("g", label, spans), {
+                tag_keys.append(("g", label, spans))
+                merged.setdefault(tag_keys[-1], {
                     "label": label, "text": text[spans[0][0]:spans[0][1]], "spans": spans, "assertion": "present",
                     "method": "tagger", "score": 1.0, "chunk_index": i})
+            for label, h, t in (tag_relations[pos] if tag_relations is not None else None) or ():
+                head, tail = tag_keys[h], tag_keys[t]
+                if head == tail or not task.allows(label, head[1], tail[1]):
+                    result.dropped_relations += 1
+                    continue
+                pending_relations.setdefault((label, head, tail), i)
             continue
         cut = bool(truncated[pos]) if truncated is not None else False
         result.truncated_chunks += cut
