@@ -74,7 +74,9 @@ def engine_pool(ray_address, settings, base_model_path):
 def lora_pool(ray_address, settings, base_model_path):
     from notelake.models.actor import EnginePool
 
-    pool = EnginePool.get_or_create(settings.with_overrides(engine={"enable_lora": True}))
+    # half a CPU: it lives beside engine_pool, and a test may start a third actor (Ray has 2 CPUs)
+    pool = EnginePool.get_or_create(settings.with_overrides(engine={"enable_lora": True},
+                                                            ray={"num_cpus_per_actor": 0.5}))
     pool.ready()
     yield pool
     pool.shutdown()

@@ -113,7 +113,8 @@ def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, 
     """engine.merge_adapter: the default adapter is folded into the weights (no LoRARequest); answers match
     PEFT's, and any other adapter (or the bare base model) is refused per item."""
     merged_settings = settings.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": True,
-                                                               "enable_lora": True})
+                                                               "enable_lora": True},
+                                              ray={"num_cpus_per_actor": 0.5})  # beside engine_pool and lora_pool
     pool = EnginePool.get_or_create(merged_settings)
     try:
         pool.ready()
@@ -187,7 +188,7 @@ def test_dead_actor_gives_per_item_errors(ray_address, settings):
 def test_hf_engine_fallback(settings, tiny_adapter, base_model_sha):
     from notelake.models.engine import HFEngine, make_engine
 
-    cfg = settings.engine.model_copy(update={"backend": "hf"})
+    cfg = settings.engine.model_copy(update={"backend": "hf", "enable_lora": True})
     engine = make_engine(cfg)
     assert isinstance(engine, HFEngine)
     messages = _user("What is the capital of France?")
