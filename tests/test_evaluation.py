@@ -1,6 +1,6 @@
 """Scoring unit tests (hand-built gold/pred) and the CI quality gate for the shipped adapter.
 
-The gate (``test_shipped_adapter_gate``) runs the real extraction path through the session-scoped vLLM
+The gate (``test_shipped_adapter_gate``) runs the real extraction path through the module-scoped vLLM
 ``lora_pool`` (tests/conftest.py) on a fixed PHEE dev slice and fails when the lenient micro-F1 drops below
 the recorded baseline minus 2 x its bootstrap SE (models/baselines/*.json). It is marked ``slow``-free on
 purpose: it is the regression test for the adapter and takes ~2-3 min on 2 CPU cores.
