@@ -172,7 +172,6 @@ def tagger_report(args) -> dict:
     else:
         scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)
     training = tagger.manifest.get("training") or {}
-    pair_training = pairs.manifest.get("training") or {} if pairs else {}
     report = {
         "run_id": f"eval-{uuid.uuid4().hex[:12]}", "label": args.label or tagger.manifest["name"],
         "created_at": now_iso(), "task": args.task, "gold": str(args.gold), "prefix_scores": {},
@@ -194,6 +193,7 @@ def tagger_report(args) -> dict:
         "scores": scores,
     }
     if pairs:
+        pair_training = pairs.manifest.get("training") or {}
         report["slice"]["n_gold_relations"] = scores["cre"]["lenient"]["n_gold"]
         report["pairs"] = {"name": pairs.manifest["name"], "path": str(Path(args.pairs).resolve()),
                            "sha256": pairs.manifest["sha256"], "kind": pairs.manifest["kind"],

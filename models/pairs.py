@@ -16,19 +16,14 @@ Nothing here logs note text: counts, losses and timings only.
 
 from __future__ import annotations
 
-import gc
-import json
 import time
-from pathlib import Path
 from typing import Any
 
+from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task
-from notelake.models.tagger import (TrainedHead, Tagger, build_head_datasets, fit_token_head, start_training,
-                                    windows)
-from notelake.models.training import (BASE_MODEL_NAME, Example, TrainConfig, data_fingerprint, planned_steps,
-                                      publish, stage_weights)
-from notelake.udfs.pairs import (IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets,
-                                 head_prefix, same_concept)
+from notelake.models.tagger import Tagger, TrainedHead, head_report, predicted_items, train_head, windows
+from notelake.models.training import Example, TrainConfig
+from notelake.udfs.pairs import IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix
 
 KIND = "pairs"
 YES_NO = 2  # classes per relation layer
@@ -83,34 +78,8 @@ def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, c
 
 def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     """Train one pair-classifier config end to end; returns the manifest (or the data plan when ``dry_run``)."""
-    t_start = time.time()
-    base_path, tokenizer = start_training(cfg)
-    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_pair_examples)
-    if not task.relations:
-        from notelake.conf.settings import ConfigError
-
-        raise ConfigError(f"task {task.name} has no relations: a pair classifier needs kind: cre")
-    steps = planned_steps(cfg, train_ex)
-    plan = {**stats, "steps": steps, "relations": len(task.relations), "window_chars": cfg.tag_window_chars,
-            "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex))}
-    print("data plan: " + json.dumps(plan), flush=True)
-    if dry_run:
-        return {"plan": plan}
-    trainer, record = fit_token_head(cfg, base_path, tokenizer, train_ex, val_ex, layers=len(task.relations),
-                                     classes=YES_NO, plan=plan, t_start=t_start)
-    from notelake.models.adapters import write_adapter_manifest
-    from notelake.models.base_model import model_sha256
-
-    tmp = stage_weights(cfg, trainer.model, tokenizer)
-    manifest = write_adapter_manifest(
-        tmp, name=cfg.name, kind=f"{KIND}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
-        base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: list(task.relations)},
-        task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record,
-        data_fingerprint=data_fingerprint(train_ex), dev_scores={})
-    publish(tmp, Path(cfg.output_dir))
-    del trainer
-    gc.collect()
-    return manifest
+    return train_head(cfg, kind=KIND, note_examples=note_pair_examples, layer_labels=lambda task: list(task.relations),
+                      layer_name="relations", classes=YES_NO, dry_run=dry_run)
 
 
 class PairClassifier(TrainedHead):
@@ -122,29 +91,27 @@ class PairClassifier(TrainedHead):
     def predict(self, texts: list[str], concepts: list[list[dict]], batch_size: int = 8) -> tuple[list[list[dict]], dict]:
         """Relations per text (``{"label", "head", "tail"}``, head and tail being items of ``concepts``: dicts with
         label, start, end, text, offsets into the text) and counts (passes, tokens, s)."""
-        passes = []  # (note, head, [(tail, tail in window offsets)], window token offsets, ids, head line tokens)
+        passes = []  # (note, head, tails in window offsets, their concepts, window token offsets, ids, head tokens)
         for k, (text, found) in enumerate(zip(texts, concepts)):
             for chunk in windows(text, self.window_chars):
-                inside = [(c, {**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start}) for c in found
-                          if chunk.start <= c["start"] and c["end"] <= chunk.end]
+                inside = [c for c in found if chunk.start <= c["start"] and c["end"] <= chunk.end]
+                local = [{**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start} for c in inside]
+                concept_of = {id(w): c for w, c in zip(local, inside)}
                 enc = None
-                for head, local_head in inside:
-                    tails = [(c, local) for c, local in inside if not same_concept(local, local_head)
-                             and allowed_relations(self.task, head["label"], c["label"])]
+                for head, local_head in zip(inside, local):
+                    tails = candidate_tails(self.task, local_head, local)
                     if not tails:
                         continue
                     enc = enc or self.tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
                     ids, n_prefix = window_inputs(self.tokenizer, head, enc)
-                    passes.append((k, head, tails, enc["offset_mapping"], ids, n_prefix))
+                    passes.append((k, head, tails, concept_of, enc["offset_mapping"], ids, n_prefix))
         out: list[list[dict]] = [[] for _ in texts]
         t0 = time.monotonic()
-        for i, codes in self.decisions([p[4] for p in passes], batch_size):
-            note, head, tails, offsets, _, n_prefix = passes[i]
-            for relation, local in decode_tails(self.task, head, [local for _, local in tails], offsets,
-                                                codes[n_prefix:]):
-                tail = next(c for c, candidate in tails if candidate is local)
-                out[note].append({"label": relation, "head": head, "tail": tail})
-        tokens = sum(len(p[4]) for p in passes)
+        for i, codes in self.decisions([p[5] for p in passes], batch_size):
+            note, head, tails, concept_of, offsets, _, n_prefix = passes[i]
+            for relation, tail in decode_tails(self.task, head, tails, offsets, codes[n_prefix:]):
+                out[note].append({"label": relation, "head": head, "tail": concept_of[id(tail)]})
+        tokens = sum(len(p[5]) for p in passes)
         return out, {"passes": len(passes), "tokens": tokens, "wall_s": time.monotonic() - t0}
 
 
@@ -152,26 +119,23 @@ def evaluate_end_to_end(tagger: Tagger, pairs: PairClassifier, records: list[dic
                         seed: int = 0) -> dict[str, Any]:
     """Concepts by the tagger, relations by the pair classifier over them, scored end to end by the generative
     rows' scorer (concepts and relations)."""
-    from notelake.models.evaluation import Mention, NoteItems, Rel, gold_items, score_notes
-    from notelake.models.tagger import head_report
+    from notelake.models.evaluation import Mention, Rel, gold_items, score_notes
 
     if pairs.task.name != tagger.task.name:
-        from notelake.conf.settings import ConfigError
-
         raise ConfigError(f"tagger task {tagger.task.name} != pair classifier task {pairs.task.name}")
     texts = [r["text"] for r in records]
     concepts, tag_counts = tagger.predict(texts)
     relations, pair_counts = pairs.predict(texts, concepts)
+
+    def mention(c: dict) -> Mention:
+        return Mention(c["label"], ((c["start"], c["end"]),))
+
     scored = []
     for record, found, related in zip(records, concepts, relations):
-        pred = NoteItems(record["note_id"], [Mention(c["label"], ((c["start"], c["end"]),)) for c in found])
-        pred.relations = [Rel(r["label"], Mention(r["head"]["label"], ((r["head"]["start"], r["head"]["end"]),)),
-                              Mention(r["tail"]["label"], ((r["tail"]["start"], r["tail"]["end"]),)))
-                          for r in related]
-        for m in pred.concepts:
-            pred.assertions[(m.label, m.spans)] = "present"
+        pred = predicted_items(record, found)
+        pred.relations = [Rel(r["label"], mention(r["head"]), mention(r["tail"])) for r in related]
         scored.append((pred, gold_items(pairs.task, record)))
     scores = score_notes(pairs.task, scored, resamples=resamples, seed=seed)
     wall = tag_counts["wall_s"] + pair_counts["wall_s"]
     return head_report(scores, len(records), tag_counts["windows"] + pair_counts["passes"],
-                         tag_counts["tokens"] + pair_counts["tokens"], wall)
+                       tag_counts["tokens"] + pair_counts["tokens"], wall)

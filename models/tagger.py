@@ -10,8 +10,8 @@ left. An encoder tagger decides "is this token inside a Drug mention" with the w
 first token of "heparin-induced thrombocytopenia" is tagged before the model has seen "induced". No
 bidirectional variant of this backbone exists; the figures in docs/results.md are what the causal head reaches.
 
-Concepts (CCE) only; relations come from the pair classifier over the tagger's concepts (``models/pairs.py``,
-evaluation path: ``jobs.evaluate --tagger T --pairs P``; the job's ``engine.backend: tagger`` writes concepts only).
+Concepts (CCE) only; relations come from the pair classifier over the tagger's concepts (``models/pairs.py``:
+``jobs.evaluate --tagger T --pairs P``, and ``engine.pairs`` beside ``engine.backend: tagger`` in the job).
 Notes longer than ``tag_window_chars`` are cut into windows at sentence ends (``udfs.chunking``), without overlap.
 Spans are grounded by construction: they come from the tokenizer's offsets into the text.
 
@@ -29,6 +29,7 @@ from typing import Any
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
+from notelake.models.evaluation import Mention, NoteItems, gold_items, score_notes
 from notelake.models.training import (BASE_MODEL_NAME, Example, PadCollator, TrainConfig, _make_callbacks,
                                       count_params, data_fingerprint, peak_rss_mb, planned_steps, publish,
                                       read_jsonl, resolve_base, split_notes, stage_weights)
@@ -212,40 +213,45 @@ def start_training(cfg: TrainConfig):
     return base_path, tokenizer
 
 
-def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
-    """Train one tagger config end to end; returns the manifest (or the data plan when ``dry_run``)."""
+def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, layer_name: str, classes: int,
+               dry_run: bool = False) -> dict[str, Any]:
+    """Train a per-token head end to end (the tagger, or the pair classifier): examples from ``note_examples``,
+    one layer per label of ``layer_labels(task)`` (``layer_name`` in the data plan), ``classes`` per layer; weights
+    and a manifest of kind ``<kind>-<mode>`` into ``cfg.output_dir``. Returns the manifest (or the data plan when
+    ``dry_run``)."""
+    from notelake.models.adapters import write_adapter_manifest
+    from notelake.models.base_model import model_sha256
+
     t_start = time.time()
     base_path, tokenizer = start_training(cfg)
-    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_tag_examples)
-    labels = labels_of(task)
+    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_examples)
+    labels = layer_labels(task)
+    if not labels:
+        raise ConfigError(f"task {task.name} has no {layer_name} for a {kind} to learn")
     steps = planned_steps(cfg, train_ex)
-    plan = {**stats, "steps": steps, "labels": len(labels), "window_chars": cfg.tag_window_chars,
+    plan = {**stats, "steps": steps, layer_name: len(labels), "window_chars": cfg.tag_window_chars,
             "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex))}
     print("data plan: " + json.dumps(plan), flush=True)
     if dry_run:
         return {"plan": plan}
     trainer, record = fit_token_head(cfg, base_path, tokenizer, train_ex, val_ex, layers=len(labels),
-                                     classes=len(LAYER_TAGS), plan=plan, t_start=t_start)
-    manifest = save_tagger(cfg, trainer.model, tokenizer, base_path, task, train_ex, record)
+                                     classes=classes, plan=plan, t_start=t_start)
+    tmp = stage_weights(cfg, trainer.model, tokenizer)  # LoRA + head, or the full model with its tokenizer
+    manifest = write_adapter_manifest(
+        tmp, name=cfg.name, kind=f"{kind}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
+        base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: labels},
+        task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record,
+        data_fingerprint=data_fingerprint(train_ex), dev_scores={})
+    publish(tmp, Path(cfg.output_dir))
     del trainer
     gc.collect()
     return manifest
 
 
-def save_tagger(cfg: TrainConfig, model, tokenizer, base_path: Path, task: Task, train_ex: list[Example],
-                record: dict) -> dict:
-    """Weights (LoRA + head, or the full model with its tokenizer) and a manifest into ``cfg.output_dir``."""
-    from notelake.models.adapters import write_adapter_manifest
-    from notelake.models.base_model import model_sha256
-
-    tmp = stage_weights(cfg, model, tokenizer)
-    manifest = write_adapter_manifest(
-        tmp, name=cfg.name, kind=f"{KIND}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
-        base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: labels_of(task)},
-        task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record,
-        data_fingerprint=data_fingerprint(train_ex), dev_scores={})
-    publish(tmp, Path(cfg.output_dir))
-    return manifest
+def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
+    """Train one tagger config end to end; returns the manifest (or the data plan when ``dry_run``)."""
+    return train_head(cfg, kind=KIND, note_examples=note_tag_examples, layer_labels=labels_of, layer_name="labels",
+                      classes=len(LAYER_TAGS), dry_run=dry_run)
 
 
 class TrainedHead:
@@ -327,18 +333,20 @@ class Tagger(TrainedHead):
         return out, {"windows": len(items), "tokens": tokens, "wall_s": time.monotonic() - t0}
 
 
+def predicted_items(record: dict, concepts: list[dict]) -> NoteItems:
+    """A head's predicted concepts of one gold record as the scorer's items (assertion: present)."""
+    assert all(record["text"][c["start"]:c["end"]] == c["text"] for c in concepts)  # grounded by construction
+    pred = NoteItems(record["note_id"], [Mention(c["label"], ((c["start"], c["end"]),)) for c in concepts])
+    for m in pred.concepts:
+        pred.assertions[(m.label, m.spans)] = "present"
+    return pred
+
+
 def evaluate_tagger(tagger: Tagger, records: list[dict], *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The tagger on gold records, scored by the generative rows' scorer (concepts; no relations)."""
-    from notelake.models.evaluation import Mention, NoteItems, gold_items, score_notes
-
     predicted, counts = tagger.predict([r["text"] for r in records])
-    pairs = []
-    for record, concepts in zip(records, predicted):
-        assert all(record["text"][c["start"]:c["end"]] == c["text"] for c in concepts)  # grounded by construction
-        pred = NoteItems(record["note_id"], [Mention(c["label"], ((c["start"], c["end"]),)) for c in concepts])
-        for m in pred.concepts:
-            pred.assertions[(m.label, m.spans)] = "present"
-        pairs.append((pred, gold_items(tagger.task, record)))
+    pairs = [(predicted_items(record, concepts), gold_items(tagger.task, record))
+             for record, concepts in zip(records, predicted)]
     scores = score_notes(tagger.task, pairs, resamples=resamples, seed=seed)
     for key in ("cre", "per_relation"):  # concepts only: a relation F1 of 0 would read as a measured result
         scores.pop(key, None)

@@ -141,3 +141,25 @@ def test_mismatched_lengths_and_passthrough_clash_raise(phee):
     with pytest.raises(ValueError):
         assemble_note(note_id="n", text="x", task=phee, chunks=chunk_text("x", 10), outputs=["none"], lineage=lineage("x"),
                       passthrough={"label": "y"})
+
+
+def test_tagger_spans_and_pair_relations(phee):
+    """The tagger backend's rows: concepts from (label, start, end) in the chunk, relations as indexes into them;
+    a pair the task does not allow is dropped and counted, a self-loop is dropped."""
+    chunks = chunk_text(TEXT, phee.max_chunk_chars)
+
+    def span(label: str, word: str) -> tuple:
+        start = TEXT.index(word)
+        return (label, start, start + len(word))
+
+    tagged = (span("Drug", "insulin"), span("Effect", "hypoglycemia"), span("ADE_trigger", "developed"))
+    relations = (("adverse_effect", 0, 1), ("Effect", 2, 1), ("adverse_effect", 1, 0), ("Drug", 0, 0))
+    res = assemble_note(note_id="n1", text=TEXT, task=phee, chunks=chunks, outputs=[None], tagged=[tagged],
+                        tag_relations=[relations], lineage=lineage(TEXT))
+    assert not res.errors and {(c["label"], c["text"], c["grounding_method"]) for c in res.concepts} == {
+        ("Drug", "insulin", "tagger"), ("Effect", "hypoglycemia", "tagger"), ("ADE_trigger", "developed", "tagger")}
+    assert {(r["label"], r["head_text"], r["tail_text"]) for r in res.relations} == {
+        ("adverse_effect", "insulin", "hypoglycemia"), ("Effect", "developed", "hypoglycemia")}
+    ids = {c["concept_id"] for c in res.concepts}
+    assert all(r["head_concept_id"] in ids and r["tail_concept_id"] in ids for r in res.relations)
+    assert res.dropped_relations == 2  # Effect -> Drug is not an allowed pair; Drug -> itself is a self-loop

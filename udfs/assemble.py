@@ -133,7 +133,8 @@ def assemble_note(
                 merged.setdefault(tag_keys[-1], {
                     "label": label, "text": text[spans[0][0]:spans[0][1]], "spans": spans, "assertion": "present",
                     "method": "tagger", "score": 1.0, "chunk_index": i})
-            for label, h, t in (tag_relations[pos] if tag_relations is not None else None) or ():
+            relations = tag_relations[pos] if tag_relations is not None else None
+            for label, h, t in relations or ():
                 head, tail = tag_keys[h], tag_keys[t]
                 if head == tail or not task.allows(label, head[1], tail[1]):
                     result.dropped_relations += 1

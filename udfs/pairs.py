@@ -32,14 +32,14 @@ def head_prefix(label: str, text: str) -> str:
     return f"{label}: {text}\n"
 
 
-def same_concept(a: Mapping, b: Mapping) -> bool:
+def _same_concept(a: Mapping, b: Mapping) -> bool:
     return (a["start"], a["end"], a["label"]) == (b["start"], b["end"], b["label"])
 
 
 def candidate_tails(task: Task, head: Mapping, concepts: Sequence[Mapping]) -> list[Mapping]:
     """The concepts (``{"label", "start", "end", ...}``: first and last character) some relation allows as a
     tail of ``head``."""
-    return [c for c in concepts if not same_concept(c, head) and allowed_relations(task, head["label"], c["label"])]
+    return [c for c in concepts if not _same_concept(c, head) and allowed_relations(task, head["label"], c["label"])]
 
 
 def end_token(offsets: Sequence[tuple[int, int]], end: int) -> int | None:
