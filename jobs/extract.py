@@ -599,7 +599,7 @@ def parse_duration(text: str) -> float:
 
 def describe_extraction(settings: Settings, task: Task) -> dict:
     """Model/adapter identity and the extraction fingerprint (the ledger key's third part)."""
-    from notelake.models.adapters import load_adapter, load_tagger
+    from notelake.models.adapters import load_adapter, load_head
     from notelake.models.base_model import model_sha256, resolve_model
 
     try:
@@ -611,9 +611,9 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
     if settings.engine.backend == "tagger":
         if not settings.engine.adapter:
             raise ConfigError("engine.backend tagger needs engine.adapter: a tagger folder (objective: tag)")
-        adapter = load_tagger(settings.engine.adapter, base_sha, task.name)
+        adapter = load_head(settings.engine.adapter, base_sha, task.name)
         if settings.engine.pairs:
-            pairs = load_tagger(settings.engine.pairs, base_sha, task.name, kind="pairs")
+            pairs = load_head(settings.engine.pairs, base_sha, task.name, kind="pairs")
     else:
         adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
     if adapter is None and not task.define_labels:

@@ -174,7 +174,7 @@ def _verified_manifest(path: Path, base_model_sha256: str) -> tuple[dict, str]:
 _HEAD_OBJECTIVES = {"tagger": "tag", "pairs": "pair"}
 
 
-def load_tagger(path: str | os.PathLike, base_model_sha256: str, task_name: str, kind: str = "tagger") -> AdapterInfo:
+def load_head(path: str | os.PathLike, base_model_sha256: str, task_name: str, kind: str = "tagger") -> AdapterInfo:
     """Verify a classification-head folder for ``task_name``: a tagger (train objective: tag) or, ``kind="pairs"``,
     a relation pair classifier (objective: pair). A head knows only the labels it was trained on, so another task
     is refused (no zero-shot)."""

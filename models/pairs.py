@@ -88,7 +88,8 @@ class PairClassifier(TrainedHead):
     kind = KIND
     classes = YES_NO
 
-    def predict(self, texts: list[str], concepts: list[list[dict]], batch_size: int = 8) -> tuple[list[list[dict]], dict]:
+    def predict(self, texts: list[str], concepts: list[list[dict]],
+                batch_size: int = 8) -> tuple[list[list[dict]], dict]:
         """Relations per text (``{"label", "head", "tail"}``, head and tail being items of ``concepts``: dicts with
         label, start, end, text, offsets into the text) and counts (passes, tokens, s)."""
         passes = []  # (note, head, tails in window offsets, their concepts, window token offsets, ids, head tokens)

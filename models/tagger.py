@@ -380,7 +380,7 @@ class TaggerEngine:
     def __init__(self, cfg):
         import threading
 
-        from notelake.models.adapters import load_tagger
+        from notelake.models.adapters import load_head
         from notelake.models.base_model import model_sha256, resolve_model
 
         if not cfg.adapter:
@@ -391,13 +391,13 @@ class TaggerEngine:
         self.model_path = resolve_model(cfg.model)
         self.model_sha256 = model_sha256(self.model_path)
         manifest_task = (Tagger.manifest_of(cfg.adapter).get("tasks") or [""])[0]
-        self.info = load_tagger(cfg.adapter, self.model_sha256, manifest_task)
+        self.info = load_head(cfg.adapter, self.model_sha256, manifest_task)
         self.tagger = Tagger(self.info.path)
         self.pairs = None
         if cfg.pairs:
             from notelake.models.pairs import PairClassifier
 
-            self.pairs_info = load_tagger(cfg.pairs, self.model_sha256, manifest_task, kind="pairs")
+            self.pairs_info = load_head(cfg.pairs, self.model_sha256, manifest_task, kind="pairs")
             self.pairs = PairClassifier(self.pairs_info.path)
         self._lock = threading.Lock()
         self.load_seconds = round(time.monotonic() - t0, 1)

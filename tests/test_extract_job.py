@@ -19,6 +19,7 @@ from notelake.jobs.cohort import query_text, run_duckdb, run_spark
 from notelake.jobs.warehouse import read_delta_arrow
 from notelake.udfs import schemas
 
+
 def test_job_engine_enables_lora_only_for_an_unmerged_adapter(settings, tiny_adapter):
     """The job never sends a per-request adapter: without one of its own to serve, its engine starts without LoRA
     (vLLM would run its LoRA kernels on every base-model request)."""
