@@ -300,17 +300,12 @@ class TrainedHead:
         import torch
 
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        collate = PadCollator(self.tokenizer.pad_token_id or 0)
         with torch.inference_mode():
             for b in range(0, len(order), batch_size):
                 batch = order[b:b + batch_size]
-                n = max(len(sequences[i]) for i in batch)
-                ids = torch.full((len(batch), n), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-                mask = torch.zeros((len(batch), n), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, :len(sequences[i])] = torch.tensor(sequences[i])
-                    mask[row, :len(sequences[i])] = 1
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                codes = logits.view(len(batch), n, len(self.labels), self.classes).argmax(-1)
+                logits = self.model(**collate([{"input_ids": sequences[i]} for i in batch])).logits
+                codes = logits.view(len(batch), logits.shape[1], len(self.labels), self.classes).argmax(-1)
                 for row, i in enumerate(batch):
                     yield i, codes[row, :len(sequences[i])].tolist()
 

@@ -315,8 +315,9 @@ class _TorchDataset:
 
 
 class PadCollator:
-    """Right-pads a batch: input ids with the pad id, labels with -100, attention mask 0. ``label_width``: labels
-    per token (the tagger's one code per label layer); None for one label per token (causal LM)."""
+    """Right-pads a batch: input ids with the pad id, labels (when the features have them: training) with -100,
+    attention mask 0. ``label_width``: labels per token (a token head's one code per layer); None for one label per
+    token (causal LM)."""
 
     def __init__(self, pad_id: int, label_width: int | None = None):
         self.pad_id = pad_id
@@ -327,17 +328,20 @@ class PadCollator:
 
         n = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), n, *self.label_shape), -100, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)
         for i, f in enumerate(features):
             k = len(f["input_ids"])
             ids[i, :k] = torch.tensor(f["input_ids"])
-            labels[i, :k] = torch.tensor(f["labels"])
             mask[i, :k] = 1
-        if len(features) == 1:
-            # no padding: without a mask SDPA takes its causal fused kernel (no L x L score matrix in memory)
-            return {"input_ids": ids, "labels": labels}
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids}
+        if "labels" in features[0]:
+            batch["labels"] = torch.full((len(features), n, *self.label_shape), -100, dtype=torch.long)
+            for i, f in enumerate(features):
+                batch["labels"][i, :len(f["labels"])] = torch.tensor(f["labels"])
+        if len(features) > 1:
+            # one unpadded sequence goes without a mask: SDPA then takes its causal fused kernel (no L x L scores)
+            batch["attention_mask"] = mask
+        return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
