@@ -23,7 +23,7 @@ COMMON = [
 
 setup(
     name="notelake",
-    version="0.4.0",
+    version="0.5.0",
     description="Distributed batch extraction of clinical concepts and relations into Delta tables",
     python_requires=">=3.11",
     packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES],

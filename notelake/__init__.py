@@ -1,3 +1,3 @@
 """notelake: clinical notes -> structured, queryable facts (Spark -> Ray/vLLM -> Delta)."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
