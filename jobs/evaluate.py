@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "same slice and scorer, concepts only")
     p.add_argument("--pairs", default=None, metavar="FOLDER",
                    help="with --tagger: a relation pair classifier (train objective: pair) over the tagger's concepts; "
-                        "relations scored end to end")
+                        "relations scored end to end. 'allowed': the floor a classifier must beat (every pair the "
+                        "task's schema allows)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
     p.add_argument("--label", default=None, help="run label in comparison tables")
     p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
@@ -165,9 +166,10 @@ def tagger_report(args) -> dict:
     records = select_slice(read_gold(args.gold), args.limit, args.seed)
     pairs = None
     if args.pairs:
-        from notelake.models.pairs import PairClassifier, evaluate_end_to_end
+        from notelake.models.pairs import AllowedPairs, PairClassifier, evaluate_end_to_end
 
-        pairs = PairClassifier(args.pairs)
+        pairs = (AllowedPairs(tagger.task, tagger.window_chars) if args.pairs == "allowed"
+                 else PairClassifier(args.pairs))
         scores = evaluate_end_to_end(tagger, pairs, records, resamples=args.resamples, seed=args.seed)
     else:
         scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)
@@ -195,7 +197,8 @@ def tagger_report(args) -> dict:
     if pairs:
         pair_training = pairs.manifest.get("training") or {}
         report["slice"]["n_gold_relations"] = scores["cre"]["lenient"]["n_gold"]
-        report["pairs"] = {"name": pairs.manifest["name"], "path": str(Path(args.pairs).resolve()),
+        report["pairs"] = {"name": pairs.manifest["name"],
+                           "path": None if args.pairs == "allowed" else str(Path(args.pairs).resolve()),
                            "sha256": pairs.manifest["sha256"], "kind": pairs.manifest["kind"],
                            "train_tokens": pair_training.get("tokens_processed"),
                            "train_wall_s": pair_training.get("wall_time_s"),

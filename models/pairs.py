@@ -82,6 +82,20 @@ def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
                       layer_name="relations", classes=YES_NO, dry_run=dry_run)
 
 
+def candidate_passes(task: Task, texts: list[str], concepts: list[list[dict]], window_chars: int):
+    """Yields, per window and head with candidate tails: (text index, window, head, its tails, tail -> concept).
+    Head and tails are in window offsets; ``concepts`` (per text: label, start, end, text) in text offsets."""
+    for k, (text, found) in enumerate(zip(texts, concepts)):
+        for chunk in windows(text, window_chars):
+            inside = [c for c in found if chunk.start <= c["start"] and c["end"] <= chunk.end]
+            local = [{**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start} for c in inside]
+            concept_of = {id(w): c for w, c in zip(local, inside)}
+            for head, local_head in zip(inside, local):
+                tails = candidate_tails(task, local_head, local)
+                if tails:
+                    yield k, chunk, head, tails, concept_of
+
+
 class PairClassifier(TrainedHead):
     """A trained pair-classifier folder: ``predict(texts, concepts)`` -> relations between the given concepts."""
 
@@ -93,19 +107,14 @@ class PairClassifier(TrainedHead):
         """Relations per text (``{"label", "head", "tail"}``, head and tail being items of ``concepts``: dicts with
         label, start, end, text, offsets into the text) and counts (passes, tokens, s)."""
         passes = []  # (note, head, tails in window offsets, their concepts, window token offsets, ids, head tokens)
-        for k, (text, found) in enumerate(zip(texts, concepts)):
-            for chunk in windows(text, self.window_chars):
-                inside = [c for c in found if chunk.start <= c["start"] and c["end"] <= chunk.end]
-                local = [{**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start} for c in inside]
-                concept_of = {id(w): c for w, c in zip(local, inside)}
-                enc = None
-                for head, local_head in zip(inside, local):
-                    tails = candidate_tails(self.task, local_head, local)
-                    if not tails:
-                        continue
-                    enc = enc or self.tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
-                    ids, n_prefix = window_inputs(self.tokenizer, head, enc)
-                    passes.append((k, head, tails, concept_of, enc["offset_mapping"], ids, n_prefix))
+        encoded: dict[tuple[int, int], Any] = {}
+        for k, chunk, head, tails, concept_of in candidate_passes(self.task, texts, concepts, self.window_chars):
+            if (k, chunk.index) not in encoded:
+                encoded[(k, chunk.index)] = self.tokenizer(chunk.text, return_offsets_mapping=True,
+                                                           add_special_tokens=False)
+            enc = encoded[(k, chunk.index)]
+            ids, n_prefix = window_inputs(self.tokenizer, head, enc)
+            passes.append((k, head, tails, concept_of, enc["offset_mapping"], ids, n_prefix))
         out: list[list[dict]] = [[] for _ in texts]
         t0 = time.monotonic()
         for i, codes in self.decisions([p[5] for p in passes], batch_size):
@@ -116,7 +125,24 @@ class PairClassifier(TrainedHead):
         return out, {"passes": len(passes), "tokens": tokens, "wall_s": time.monotonic() - t0}
 
 
-def evaluate_end_to_end(tagger: Tagger, pairs: PairClassifier, records: list[dict], *, resamples: int = 1000,
+class AllowedPairs:
+    """The pair classifier's floor (``jobs.evaluate --pairs allowed``): every candidate pair of a window, with every
+    relation its label pair allows: what a classifier that always says yes predicts. No model, no passes."""
+
+    def __init__(self, task: Task, window_chars: int):
+        self.task = task
+        self.window_chars = window_chars
+        self.manifest = {"name": "allowed-pairs", "sha256": None, "kind": "rule"}
+
+    def predict(self, texts: list[str], concepts: list[list[dict]]) -> tuple[list[list[dict]], dict]:
+        out: list[list[dict]] = [[] for _ in texts]
+        for k, _, head, tails, concept_of in candidate_passes(self.task, texts, concepts, self.window_chars):
+            out[k] += [{"label": r, "head": head, "tail": concept_of[id(t)]}
+                       for t in tails for r in allowed_relations(self.task, head["label"], t["label"])]
+        return out, {"passes": 0, "tokens": 0, "wall_s": 0.0}
+
+
+def evaluate_end_to_end(tagger: Tagger, pairs: PairClassifier | AllowedPairs, records: list[dict], *, resamples: int = 1000,
                         seed: int = 0) -> dict[str, Any]:
     """Concepts by the tagger, relations by the pair classifier over them, scored end to end by the generative
     rows' scorer (concepts and relations)."""

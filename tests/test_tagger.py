@@ -281,3 +281,22 @@ def test_evaluate_cli_scores_tagger_and_pairs_end_to_end(toy, toy_tagger, toy_pa
     assert evaluate.main([*argv[:4], "--tagger", str(folder), "--pairs", str(root / "pairs"),
                           "--out", str(tmp_path / "wrong-task")]) == 2
     assert evaluate.main([*argv[:4], "--pairs", str(root / "pairs"), "--out", str(tmp_path / "no-tagger")]) == 2
+
+
+def test_allowed_pairs_floor_predicts_every_pair_the_schema_allows(tmp_path):
+    """`--pairs allowed`: every candidate pair in a window with every relation its label pair allows: here each
+    sentence's Drug -> both Effects (the caused one and the other), never Effect -> Drug or Drug -> Drug."""
+    from notelake.conf.task import load_task
+    from notelake.models.pairs import AllowedPairs
+
+    (tmp_path / "toy_pairs.yaml").write_text(PAIR_TASK_YAML, encoding="utf-8")
+    task = load_task(str(tmp_path / "toy_pairs.yaml"))
+    texts, concepts = [], []
+    for text, *words in PAIR_SENTENCES[:2]:
+        texts.append(text)
+        concepts.append([{"label": label, "start": text.index(w), "end": text.index(w) + len(w), "text": w}
+                         for label, w in zip(("Drug", "Effect", "Effect"), words)])
+    predicted, counts = AllowedPairs(task, window_chars=2000).predict(texts, concepts)
+    assert counts["passes"] == 0
+    got = [{(r["label"], r["head"]["text"], r["tail"]["text"]) for r in related} for related in predicted]
+    assert got == [{("caused", drug, caused), ("caused", drug, other)} for _, drug, caused, other in PAIR_SENTENCES[:2]]
