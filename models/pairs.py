@@ -54,14 +54,9 @@ def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, c
     counts["gold_relations"] = counts.get("gold_relations", 0) + sum(len(v) for v in gold.values())
     covered: set[tuple[str, str]] = set()
     out = []
-    for chunk in windows(record["text"], window_chars):
-        inside = [{**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start} for c in concepts
-                  if chunk.start <= c["start"] and c["end"] <= chunk.end]
+    for _, chunk, heads, _ in candidate_windows(task, [record["text"]], [concepts], window_chars):
         enc = tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
-        for head in inside:
-            tails = candidate_tails(task, head, inside)
-            if not tails:
-                continue
+        for head, tails in heads:
             codes = [(t["end"], {r: int(r in gold.get((head["id"], t["id"]), ()))
                                  for r in allowed_relations(task, head["label"], t["label"])}) for t in tails]
             covered.update((head["id"], t["id"]) for t in tails)
@@ -82,18 +77,18 @@ def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
                       layer_name="relations", classes=YES_NO, dry_run=dry_run)
 
 
-def candidate_passes(task: Task, texts: list[str], concepts: list[list[dict]], window_chars: int):
-    """Yields, per window and head with candidate tails: (text index, window, head, its tails, tail -> concept).
-    Head and tails are in window offsets; ``concepts`` (per text: label, start, end, text) in text offsets."""
+def candidate_windows(task: Task, texts: list[str], concepts: list[list[dict]], window_chars: int):
+    """Yields each window holding a head with candidate tails: (text index, window, [(head, its tails)],
+    tail -> concept). Heads keep ``concepts``' text offsets (per text: label, start, end, text, ...); tails are
+    copies in window offsets, mapped back to their concept by ``id``."""
     for k, (text, found) in enumerate(zip(texts, concepts)):
         for chunk in windows(text, window_chars):
             inside = [c for c in found if chunk.start <= c["start"] and c["end"] <= chunk.end]
             local = [{**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start} for c in inside]
-            concept_of = {id(w): c for w, c in zip(local, inside)}
-            for head, local_head in zip(inside, local):
-                tails = candidate_tails(task, local_head, local)
-                if tails:
-                    yield k, chunk, head, tails, concept_of
+            heads = [(head, tails) for head, local_head in zip(inside, local)
+                     if (tails := candidate_tails(task, local_head, local))]
+            if heads:
+                yield k, chunk, heads, {id(w): c for w, c in zip(local, inside)}
 
 
 class PairClassifier(TrainedHead):
@@ -107,14 +102,11 @@ class PairClassifier(TrainedHead):
         """Relations per text (``{"label", "head", "tail"}``, head and tail being items of ``concepts``: dicts with
         label, start, end, text, offsets into the text) and counts (passes, tokens, s)."""
         passes = []  # (note, head, tails in window offsets, their concepts, window token offsets, ids, head tokens)
-        encoded: dict[tuple[int, int], Any] = {}
-        for k, chunk, head, tails, concept_of in candidate_passes(self.task, texts, concepts, self.window_chars):
-            if (k, chunk.index) not in encoded:
-                encoded[(k, chunk.index)] = self.tokenizer(chunk.text, return_offsets_mapping=True,
-                                                           add_special_tokens=False)
-            enc = encoded[(k, chunk.index)]
-            ids, n_prefix = window_inputs(self.tokenizer, head, enc)
-            passes.append((k, head, tails, concept_of, enc["offset_mapping"], ids, n_prefix))
+        for k, chunk, heads, concept_of in candidate_windows(self.task, texts, concepts, self.window_chars):
+            enc = self.tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
+            for head, tails in heads:
+                ids, n_prefix = window_inputs(self.tokenizer, head, enc)
+                passes.append((k, head, tails, concept_of, enc["offset_mapping"], ids, n_prefix))
         out: list[list[dict]] = [[] for _ in texts]
         t0 = time.monotonic()
         for i, codes in self.decisions([p[5] for p in passes], batch_size):
@@ -136,8 +128,8 @@ class AllowedPairs:
 
     def predict(self, texts: list[str], concepts: list[list[dict]]) -> tuple[list[list[dict]], dict]:
         out: list[list[dict]] = [[] for _ in texts]
-        for k, _, head, tails, concept_of in candidate_passes(self.task, texts, concepts, self.window_chars):
-            out[k] += [{"label": r, "head": head, "tail": concept_of[id(t)]}
+        for k, _, heads, concept_of in candidate_windows(self.task, texts, concepts, self.window_chars):
+            out[k] += [{"label": r, "head": head, "tail": concept_of[id(t)]} for head, tails in heads
                        for t in tails for r in allowed_relations(self.task, head["label"], t["label"])]
         return out, {"passes": 0, "tokens": 0, "wall_s": 0.0}
 
