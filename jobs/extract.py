@@ -163,11 +163,37 @@ def read_notes(spark, source: str, settings: Settings):
 
 
 # ---------------------------------------------------------------------------------------------- extract
-def extract(spark, settings: Settings, source: str, since: datetime | None = None, retry=None):
-    """Read and validate the note table. Returns (valid notes, rejected rows, passthrough column names).
+@dataclass(frozen=True)
+class CheckedInput:
+    """The note table read and validated once: every row with its ``error_type`` (null when valid). Persist
+    ``rows`` and both views read that one copy: the input is scanned, deduplicated and hashed once."""
 
-    valid: note_id, text, text_sha256, passthrough...; rejected: note_id, text_sha256, error_type, message; both
-    also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only rows updated after it
+    rows: object  # Spark DataFrame
+    passthrough: tuple[str, ...]
+    tail: tuple[str, ...]  # (WATERMARK,) with input.updated_at_column
+
+    @property
+    def valid(self):
+        """note_id, text, text_sha256, text_chars, passthrough..., [source_updated_at]"""
+        from pyspark.sql import functions as F
+
+        return self.rows.where(F.col("error_type").isNull()).select(
+            "note_id", "text", "text_sha256", "text_chars", *self.passthrough, *self.tail)
+
+    @property
+    def rejected(self):
+        """note_id, text_sha256, error_type, message, [source_updated_at]"""
+        from pyspark.sql import functions as F
+
+        return self.rows.where(F.col("error_type").isNotNull()).select(
+            "note_id", "text_sha256", "error_type", "message", *self.tail)
+
+
+def extract(spark, settings: Settings, source: str, since: datetime | None = None, retry=None) -> CheckedInput:
+    """Read and validate the note table (lazily: nothing runs until an action).
+
+    Valid notes: note_id, text, text_sha256, text_chars, passthrough...; rejected rows: note_id, text_sha256,
+    error_type, message; both also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only rows updated after it
     (and rows whose updated_at is null: they cannot be placed before the watermark), plus the notes of ``retry``
     (a note_id DataFrame: failed notes to attempt again, wherever the watermark is).
     """
@@ -225,7 +251,8 @@ def extract(spark, settings: Settings, source: str, since: datetime | None = Non
         .when(F.length("text") > cfg.max_text_chars, F.lit("text_too_long"))
         .when(dup_count > 1, F.lit("duplicate_note_id"))
     )
-    checked = notes.withColumn("error_type", reason).withColumn("text_sha256", F.sha2(F.col("text"), 256))
+    checked = notes.withColumn("error_type", reason).withColumn("text_sha256", F.sha2(F.col("text"), 256)) \
+        .withColumn("text_chars", F.length("text"))
     messages = {
         "null_note_id": "note id is null",
         "invalid_utf8": "text is not valid UTF-8",
@@ -236,11 +263,8 @@ def extract(spark, settings: Settings, source: str, since: datetime | None = Non
         "duplicate_note_id": "note id occurs more than once in the input; all its rows are rejected",
     }
     message = F.create_map(*[F.lit(x) for kv in messages.items() for x in kv])[F.col("error_type")]
-    tail = [WATERMARK] if watermark else []
-    rejected = checked.where(F.col("error_type").isNotNull()).select(
-        "note_id", "text_sha256", "error_type", message.alias("message"), *tail)
-    valid = checked.where(F.col("error_type").isNull()).select("note_id", "text", "text_sha256", *passthrough, *tail)
-    return valid, rejected, passthrough
+    return CheckedInput(rows=checked.withColumn("message", message).drop("type_error"), passthrough=passthrough,
+                        tail=(WATERMARK,) if watermark else ())
 
 
 def ledger_state(spark, warehouse, task: str):
@@ -350,34 +374,53 @@ class InputSummary:
     rejected_known: int  # rejected rows recorded on an earlier run (no new error row)
     stale: int  # rejected notes that still have rows from an earlier extraction
     watermark: datetime | None = None  # the latest updated_at read (input.updated_at_column)
+    prompts: int = 0  # chunks (prompts) of the notes to extract (new and retried), from their lengths
 
     @property
     def new(self) -> int:
         return self.actions.get("extract", 0) + self.actions.get("retry", 0)
 
+    def prompts_of(self, selected: int) -> int:
+        """Estimated prompts of ``selected`` of the new notes (all of them, or a ``--limit`` cut)."""
+        return round(self.prompts * selected / self.new) if self.new else 0
 
-def summarize_input(planned, rejected) -> InputSummary:
-    """Note counts per action and rejection counts in one Spark action (each separate count would re-read the
-    input and re-run the duplicate-id shuffle). Nothing but counts reaches the driver."""
+
+def chunks_col(task: Task, overlap: int):
+    """Chunks (prompts) a note of ``text_chars`` characters gives: udfs.chunking's count without its word-boundary
+    adjustments, ceil((length - overlap) / (max_chunk_chars - overlap)), at least one."""
+    from pyspark.sql import functions as F
+
+    stride = max(1, task.max_chunk_chars - min(overlap, task.max_chunk_chars // 2))
+    return F.greatest(F.lit(1), F.ceil((F.col("text_chars") - overlap) / stride))
+
+
+def summarize_input(planned, rejected, chunks) -> InputSummary:
+    """Note counts per action, rejection counts and the new notes' prompts in one Spark action (each separate
+    count would re-read the input and re-run the duplicate-id shuffle). ``chunks``: :func:`chunks_col`. Nothing but
+    counts reaches the driver."""
     from pyspark.sql import functions as F
 
     def updated_at(frame):
         return F.col(WATERMARK) if WATERMARK in frame.columns else F.lit(None).cast("timestamp")
 
-    rows = planned.select(F.col("action").alias("kind"), updated_at(planned).alias("updated_at")).unionByName(
+    no_prompts = F.lit(0).cast("long").alias("prompts")
+    rows = planned.select(F.col("action").alias("kind"), updated_at(planned).alias("updated_at"),
+                          chunks.cast("long").alias("prompts")).unionByName(
         rejected.select(F.when(F.col("is_new"), "rejected").otherwise("rejected_known").alias("kind"),
-                        updated_at(rejected).alias("updated_at")))
+                        updated_at(rejected).alias("updated_at"), no_prompts))
     stale = rejected.where(F.col("has_output") & (F.col("note_id").isNotNull())).select("note_id").distinct() \
-        .select(F.lit("stale").alias("kind"), F.lit(None).cast("timestamp").alias("updated_at"))
+        .select(F.lit("stale").alias("kind"), F.lit(None).cast("timestamp").alias("updated_at"), no_prompts)
     totals = rows.unionByName(stale).groupBy("kind").agg(F.count(F.lit(1)).alias("n"),
-                                                        F.max("updated_at").alias("latest")).collect()
+                                                        F.max("updated_at").alias("latest"),
+                                                        F.sum("prompts").alias("prompts")).collect()
     counts = {r["kind"]: int(r["n"]) for r in totals}
     latest = max((r["latest"] for r in totals if r["latest"] is not None and r["kind"] != "stale"), default=None)
     actions = {k: counts.get(k, 0) for k in ("extract", "retry", "given_up", "refresh", "unchanged")}
     return InputSummary(valid=sum(actions.values()), actions=actions, rejected=counts.get("rejected", 0),
                         rejected_known=counts.get("rejected_known", 0), stale=counts.get("stale", 0),
                         # naive, in the session time zone: UTC (start_spark)
-                        watermark=latest.replace(tzinfo=timezone.utc) if latest else None)
+                        watermark=latest.replace(tzinfo=timezone.utc) if latest else None,
+                        prompts=sum(int(r["prompts"] or 0) for r in totals if r["kind"] in ("extract", "retry")))
 
 
 def read_note_ids(spark, settings: Settings, source: str):
@@ -763,9 +806,9 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
     since = None if any(r.since is None for r in runs) else min(r.since for r in runs)
     retries = [ids for ids in (r.retry_ids(settings.job.max_attempts) for r in runs) if ids is not None]
     retry = reduce(DataFrame.unionByName, retries).distinct() if retries else None
-    valid, rejected, passthrough = extract(spark, settings, source, since, retry)
-    valid = valid.withColumn("text_chars", F.length("text")).persist()
-    rejected = rejected.persist()
+    checked = extract(spark, settings, source, since, retry)
+    checked.rows.persist()
+    valid, rejected, passthrough = checked.valid, checked.rejected, checked.passthrough
     errors_table = read_snapshot_spark(spark, warehouse.path("errors"), opts)
     present = read_note_ids(spark, settings, source).persist() if settings.job.propagate_deletes else None
     for r in runs:
@@ -775,7 +818,8 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
         input_errors = None if errors_table is None else errors_table.where(
             (F.col("stage") == "input") & (F.col("task") == r.name))
         r.rejected = classify_rejected(rejected, r.state, input_errors, buckets).persist()
-        r.summary = summary = summarize_input(r.planned, r.rejected)
+        r.summary = summary = summarize_input(r.planned, r.rejected,
+                                              chunks_col(r.task, r.task.overlap(settings.job.chunk_overlap_chars)))
         n_selected = summary.new if limit is None else min(limit, summary.new)
         r.gone = source_deletes(present, r.state) if present is not None else {}
         r.stats = RunStats(selected=n_selected, skipped=summary.valid - n_selected, rejected=summary.rejected,
@@ -786,14 +830,13 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
                  r.stats.retried, summary.actions["unchanged"], r.stats.given_up, settings.job.max_attempts,
                  summary.actions["refresh"], summary.rejected + summary.rejected_known, summary.rejected_known,
                  f", {len(r.gone)} deleted at the source" if settings.job.propagate_deletes else "")
-    persisted = [valid, rejected, *(r.planned for r in runs), *(r.rejected for r in runs)]
+    persisted = [checked.rows, *(r.planned for r in runs), *(r.rejected for r in runs)]
     if present is not None:
         persisted.append(present)
     try:
         if dry_run:
             for r in runs:
-                print(json.dumps(dry_run_report(r, select(r.planned, limit), len(r.gone),
-                                                settings.engine.max_tokens)))
+                print(json.dumps(dry_run_report(r, len(r.gone), settings.engine.max_tokens)))
             return EXIT_OK
         ctx = RunContext(run_id=pass_id, task_defs={r.name: r.task.model_dump(mode="json") for r in runs},
                          settings=settings.model_dump(mode="json"), gcs_address=None,
@@ -805,13 +848,10 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
             frame.unpersist()
 
 
-def dry_run_report(r: TaskRun, selected, to_delete: int, max_tokens: int | None) -> dict:
+def dry_run_report(r: TaskRun, to_delete: int, max_tokens: int | None) -> dict:
     """What a run of task ``r`` would do: counts, estimated prompts, output tokens and seconds."""
-    from pyspark.sql import functions as F
-
-    est = selected.agg(F.sum(F.ceil(F.col("text_chars") / r.task.max_chunk_chars)).alias("chunks")).collect()[0]
-    chunks = int(est["chunks"] or 0)
     summary = r.summary
+    chunks = summary.prompts_of(r.stats.selected)
     return {"run_id": r.run_id, "task": r.name, "selected": r.stats.selected, "retried": r.stats.retried,
             "unchanged": summary.actions["unchanged"], "given_up": r.stats.given_up,
             "to_refresh": summary.actions["refresh"], "rejected_new": summary.rejected,
@@ -861,7 +901,7 @@ def _extract_and_load(spark, settings: Settings, ctx: RunContext, warehouse, run
         finished = not selections or _extract_rounds(
             spark, settings, ctx, reduce(DataFrame.unionByName, selections).join(valid.select("note_id", "text"),
                                                                                 "note_id"),
-            warehouse, {r.name: r.stats for r in runs}, buckets)
+            warehouse, {r.name: r.stats for r in runs}, buckets, sum(r.summary.prompts_of(r.stats.selected) for r in runs))
     except OutputWriteError:
         for r in runs:
             r.run_row.update(status="failed", ended_at=now_utc(), **{k: getattr(r.stats, k) for k in RunStats.COUNTS})
@@ -944,14 +984,13 @@ def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
 
 
 def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats: dict[str, RunStats],
-                    buckets: int) -> bool:
+                    buckets: int, prompts: int) -> bool:
     """Extract and commit ``selected`` (notes of every task in ``stats``, a ``task`` column each) round by round;
     False when ``job.max_runtime_s`` stopped it early.
 
     The rounds are assigned once: the selected notes are written to the run's staging folder partitioned by round,
     and each round reads its own partition (no rescan of the selection per round). A round holds the notes of
     every task: their prompts share the engines, their rows are committed task by task."""
-    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import to_arrow_type
 
     from notelake.models.actor import EnginePool, ensure_ray
@@ -971,9 +1010,6 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
     stage_frame(with_rounds, rounds_dir, ctx.storage_options, settings.job.umask, partition_by="_round")
     rounds = sorted(int(name.split("=", 1)[1]) for name in storage.list_dirs(rounds_dir, ctx.storage_options)
                     if name.startswith("_round="))
-    staged = storage.read_table(spark, rounds_dir, "parquet", ctx.storage_options)
-    prompts = sum(estimate_prompts(staged.where(F.col("task") == name), ctx.task(name),
-                                   ctx.task(name).overlap(settings.job.chunk_overlap_chars)) for name in stats)
     partitions = settings.ray.num_actors * settings.ray.max_in_flight
     done = 0
     with Progress(pool, settings.job.progress_interval_s, n_selected, prompts, list(stats.values())):
@@ -993,15 +1029,6 @@ def _extract_rounds(spark, settings, ctx: RunContext, selected, warehouse, stats
                      sum(s.tokens_out for s in stats.values()) / max(elapsed, 1e-9),
                      sum(s.failed for s in stats.values()), next(iter(stats.values())).rounds[-1]["commit_s"], eta)
     return done == n_selected
-
-
-def estimate_prompts(notes, task: Task, overlap: int) -> int:
-    """Chunks (prompts) the notes will give: ceil((length - overlap) / (max_chunk_chars - overlap)) each."""
-    from pyspark.sql import functions as F
-
-    stride = max(1, task.max_chunk_chars - min(overlap, task.max_chunk_chars // 2))
-    est = notes.agg(F.sum(F.greatest(F.lit(1), F.ceil((F.length("text") - overlap) / stride))).alias("n")).collect()
-    return int(est[0]["n"] or 0)
 
 
 def _extract_round(spark, ctx: RunContext, rounds_dir: str, round_index: int, partitions: int, warehouse,

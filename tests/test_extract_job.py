@@ -140,7 +140,8 @@ def test_missing_column_is_a_clear_error_before_work(tmp_path, spark, settings):
 def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
     notes = sample_notes(4) + [{**sample_notes(1)[0], "note_id": "dup"}, {**sample_notes(1)[0], "note_id": "dup"},
                                {**sample_notes(1)[0], "note_id": "blank", "text": "  \n "}]
-    valid, rejected, passthrough = job.extract(spark, settings, write_notes(tmp_path / "notes", notes))
+    checked = job.extract(spark, settings, write_notes(tmp_path / "notes", notes))
+    valid, rejected = checked.valid, checked.rejected
     shas = dict(sorted((r["note_id"], r["text_sha256"]) for r in valid.select("note_id", "text_sha256").collect()))
     ids = sorted(shas)
     # the ledger's state: one note extracted, one failed once, one failed twice (max_attempts 2), one never seen
@@ -155,8 +156,12 @@ def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
     assert got == {ids[0]: ("unchanged", 1, True, True), ids[1]: ("retry", 2, False, True),
                    ids[2]: ("given_up", 2, True, True), ids[3]: ("extract", 1, False, False)}
     marked = job.classify_rejected(rejected, state, None, 8)
-    summary = job.summarize_input(planned, marked)
+    task = job.load_task("phee")
+    summary = job.summarize_input(planned, marked, job.chunks_col(task, 0))
     assert (summary.valid, summary.new, summary.rejected, summary.stale) == (4, 2, 3, 0)
+    lengths = {r["note_id"]: r["text_chars"] for r in valid.collect()}  # one prompt per started max_chunk_chars
+    assert summary.prompts == sum(-(-lengths[i] // task.max_chunk_chars) for i in (ids[1], ids[3]))
+    assert summary.prompts_of(1) == round(summary.prompts / 2)
     assert summary.actions == {"extract": 1, "retry": 1, "given_up": 1, "refresh": 0, "unchanged": 1}
     assert [r["note_id"] for r in job.select(planned, limit=1).collect()] == [min(ids[1], ids[3])]
     assert {r["note_bucket"] for r in planned.collect()} <= set(range(8))

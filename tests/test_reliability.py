@@ -65,14 +65,16 @@ def test_invalid_utf8_and_wrong_types_are_rejected_per_row(tmp_path, spark, sett
     pq.write_table(pa.table({"note_id": pa.array([1, 2, 3], pa.int64()),
                              "text": pa.array([b"Aspirin 81 mg daily.", b"Warfarin \xff\xfe\xc3(", None], pa.binary())}),
                    binary)
-    valid, rejected, _ = job.extract(spark, settings, str(binary))
+    checked = job.extract(spark, settings, str(binary))
+    valid, rejected = checked.valid, checked.rejected
     assert [r["note_id"] for r in valid.collect()] == ["1"]  # integer ids are read as strings
     reasons = {r["note_id"]: (r["error_type"], r["message"]) for r in rejected.collect()}
     assert reasons == {"2": ("invalid_utf8", "text is not valid UTF-8"), "3": ("null_text", "text is null")}
 
     numeric = tmp_path / "numeric.parquet"
     pq.write_table(pa.table({"note_id": ["a", "b"], "text": pa.array([5, None], pa.int64())}), numeric)
-    valid, rejected, _ = job.extract(spark, settings, str(numeric))
+    checked = job.extract(spark, settings, str(numeric))
+    valid, rejected = checked.valid, checked.rejected
     assert valid.count() == 0
     assert sorted((r["note_id"], r["error_type"]) for r in rejected.collect()) == [("a", "non_string_text"),
                                                                                     ("b", "null_text")]
