@@ -198,7 +198,7 @@ def tagger_report(args) -> dict:
         pair_training = pairs.manifest.get("training") or {}
         report["slice"]["n_gold_relations"] = scores["cre"]["lenient"]["n_gold"]
         report["pairs"] = {"name": pairs.manifest["name"],
-                           "path": None if args.pairs == "allowed" else str(Path(args.pairs).resolve()),
+                           "path": str(pairs.folder.resolve()) if pairs.folder else None,
                            "sha256": pairs.manifest["sha256"], "kind": pairs.manifest["kind"],
                            "train_tokens": pair_training.get("tokens_processed"),
                            "train_wall_s": pair_training.get("wall_time_s"),

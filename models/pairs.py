@@ -125,6 +125,7 @@ class AllowedPairs:
         self.task = task
         self.window_chars = window_chars
         self.manifest = {"name": "allowed-pairs", "sha256": None, "kind": "rule"}
+        self.folder = None  # a rule: nothing on disk
 
     def predict(self, texts: list[str], concepts: list[list[dict]]) -> tuple[list[list[dict]], dict]:
         out: list[list[dict]] = [[] for _ in texts]
