@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from notelake.conf.settings import EngineConfig
+from notelake.conf.settings import ConfigError, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,12 @@ class VLLMEngine:
             kwargs["structured_outputs_config"] = {"backend": "xgrammar"}
         elif "guided_decoding_backend" in accepted:  # older vLLM
             kwargs["guided_decoding_backend"] = "xgrammar"
-        return {k: v for k, v in kwargs.items() if k == "model" or k in accepted}
+        kwargs = {k: v for k, v in kwargs.items() if k == "model" or k in accepted}
+        unknown = sorted(name for name in cfg.vllm_args if name == "model" or name not in accepted)
+        if unknown:
+            raise ConfigError(f"engine.vllm_args: {', '.join(unknown)} not accepted (vLLM engine arguments, except "
+                              "model: set engine.model)")
+        return {**kwargs, **cfg.vllm_args}
 
     def _lora_request(self, info):
         if info is None or self.merged:  # merged: the default adapter is in the weights, others were refused
@@ -397,7 +402,11 @@ class VLLMEngine:
         return results
 
     def describe(self) -> dict:
-        return _describe(self, guided_decoding=self.cfg.guided_decoding)
+        scheduler = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        return {**_describe(self, guided_decoding=self.cfg.guided_decoding), "vllm_args": self.cfg.vllm_args,
+                # what the engine runs with after vLLM's own defaults
+                "max_num_seqs": getattr(scheduler, "max_num_seqs", None),
+                "max_num_batched_tokens": getattr(scheduler, "max_num_batched_tokens", None)}
 
 
 def _accepted_llm_kwargs(LLM) -> set[str]:

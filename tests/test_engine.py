@@ -113,7 +113,8 @@ def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, 
     """engine.merge_adapter: the default adapter is folded into the weights (no LoRARequest); answers match
     PEFT's, and any other adapter (or the bare base model) is refused per item."""
     merged_settings = settings.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": True,
-                                                               "enable_lora": True},
+                                                               "enable_lora": True,
+                                                               "vllm_args": {"max_num_batched_tokens": 1024}},
                                               ray={"num_cpus_per_actor": 0.5})  # beside engine_pool and lora_pool
     pool = EnginePool.get_or_create(merged_settings)
     try:
@@ -126,8 +127,18 @@ def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, 
         assert base.text is None and base.error.startswith("adapter_refused") and "merge_adapter" in base.error
         desc = pool.describe()
         assert desc["adapter_merged"] is True and desc["adapter"] == "tiny-test"
+        assert desc["max_num_batched_tokens"] == 1024 and desc["max_num_seqs"] == settings.engine.max_num_seqs
     finally:
         pool.shutdown()
+
+
+def test_unknown_vllm_args_stop_the_engine_before_it_starts(settings):
+    from notelake.conf.settings import ConfigError
+    from notelake.models.engine import VLLMEngine
+
+    for args, named in (({"max_num_batched_tokenz": 512}, "max_num_batched_tokenz"), ({"model": "other"}, "model")):
+        with pytest.raises(ConfigError, match=f"engine.vllm_args: {named} not accepted"):
+            VLLMEngine(settings.engine.model_copy(update={"vllm_args": args}))
 
 
 def test_refused_adapter_is_a_per_item_error(lora_pool, base_model_path, tmp_path):
