@@ -387,7 +387,8 @@ class InputSummary:
 
 def chunks_col(task: Task, overlap: int):
     """Chunks (prompts) a note of ``text_chars`` characters gives: udfs.chunking's count without its word-boundary
-    adjustments, ceil((length - overlap) / (max_chunk_chars - overlap)), at least one."""
+    adjustments, ceil((length - overlap) / (max_chunk_chars - overlap)) with the overlap capped at half a chunk, at
+    least one."""
     from pyspark.sql import functions as F
 
     stride = max(1, task.max_chunk_chars - min(overlap, task.max_chunk_chars // 2))
