@@ -193,9 +193,9 @@ def extract(spark, settings: Settings, source: str, since: datetime | None = Non
     """Read and validate the note table (lazily: nothing runs until an action).
 
     Valid notes: note_id, text, text_sha256, text_chars, passthrough...; rejected rows: note_id, text_sha256,
-    error_type, message; both also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only rows updated after it
-    (and rows whose updated_at is null: they cannot be placed before the watermark), plus the notes of ``retry``
-    (a note_id DataFrame: failed notes to attempt again, wherever the watermark is).
+    error_type, message; both also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only
+    rows updated after it (and rows whose updated_at is null: they cannot be placed before the watermark), plus the
+    notes of ``retry`` (a note_id DataFrame: failed notes to attempt again, wherever the watermark is).
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -746,6 +746,11 @@ class TaskRun:
         return self.task.name
 
     @property
+    def prompts(self) -> int:
+        """Estimated prompts of this run's selection (from the input summary)."""
+        return self.summary.prompts_of(self.stats.selected)
+
+    @property
     def lineage(self) -> dict:
         return {"run_id": self.run_id, **{k: self.ident[k] for k in
                                           ("model", "adapter", "adapter_sha256", "prompt_version", "fingerprint")}}
@@ -852,7 +857,7 @@ def _run(settings: Settings, source: str, output: str, *, limit: int | None, ful
 def dry_run_report(r: TaskRun, to_delete: int, max_tokens: int | None) -> dict:
     """What a run of task ``r`` would do: counts, estimated prompts, output tokens and seconds."""
     summary = r.summary
-    chunks = summary.prompts_of(r.stats.selected)
+    chunks = r.prompts
     return {"run_id": r.run_id, "task": r.name, "selected": r.stats.selected, "retried": r.stats.retried,
             "unchanged": summary.actions["unchanged"], "given_up": r.stats.given_up,
             "to_refresh": summary.actions["refresh"], "rejected_new": summary.rejected,
@@ -902,7 +907,7 @@ def _extract_and_load(spark, settings: Settings, ctx: RunContext, warehouse, run
         finished = not selections or _extract_rounds(
             spark, settings, ctx, reduce(DataFrame.unionByName, selections).join(valid.select("note_id", "text"),
                                                                                 "note_id"),
-            warehouse, {r.name: r.stats for r in runs}, buckets, sum(r.summary.prompts_of(r.stats.selected) for r in runs))
+            warehouse, {r.name: r.stats for r in runs}, buckets, sum(r.prompts for r in runs))
     except OutputWriteError:
         for r in runs:
             r.run_row.update(status="failed", ended_at=now_utc(), **{k: getattr(r.stats, k) for k in RunStats.COUNTS})
