@@ -101,13 +101,27 @@ def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples) -> tuple[Tas
     return task, train, val, stats
 
 
-def layered_loss(logits, labels):
+def layered_loss(logits, labels, weight=None):
     """Cross-entropy of each layer's classes (a label's O/B/I, a relation's no/yes), averaged over the tokens and
-    layers that carry a code. ``labels``: (batch, tokens, layers); ``logits``: (batch, tokens, layers x classes)."""
+    layers that carry a code (each weighted by its class's ``weight`` when given). ``labels``: (batch, tokens,
+    layers); ``logits``: (batch, tokens, layers x classes)."""
     import torch.nn.functional as F
 
     classes = logits.shape[-1] // labels.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), weight=weight, ignore_index=IGNORE)
+
+
+def balanced_class_weights(examples: list[Example], classes: int) -> list[float]:
+    """Inverse-frequency weights of the classes over the examples' codes, ``n / (classes x count)`` (1.0 each when
+    the classes are even): the pair classifier's rare "no" counts as much as its common "yes"."""
+    counts = [0] * classes
+    for example in examples:
+        for token in example.labels:
+            for code in token:
+                if code != IGNORE:
+                    counts[code] += 1
+    total = sum(counts)
+    return [round(total / (classes * count), 4) if count else 0.0 for count in counts]
 
 
 def load_token_head(base_path: Path, num_outputs: int, dtype):
@@ -138,12 +152,19 @@ def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[
             target_modules=cfg.target_modules, modules_to_save=[HEAD]))
     trainable, total = count_params(model)
     print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f} %)", flush=True)
+    weight = None
+    if cfg.class_weighting == "balanced":
+        plan["class_weights"] = balanced_class_weights(train_ex, classes)
+        print(f"class weights {plan['class_weights']}", flush=True)
+        weight = torch.tensor(plan["class_weights"], dtype=torch.float32)
 
     class LayeredTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             codes = inputs.pop("labels")
             outputs = model(**inputs)
-            loss = layered_loss(outputs.logits, codes)
+            loss = layered_loss(outputs.logits, codes,
+                                weight=None if weight is None else weight.to(outputs.logits.device,
+                                                                             outputs.logits.dtype))
             return (loss, outputs) if return_outputs else loss
 
     has_val = bool(val_ex)

@@ -68,6 +68,9 @@ class TrainConfig(BaseModel):
                                 "pair = its relation pair classifier (models/pairs.py: relations over concepts)")
     tag_window_chars: int = Field(2000, ge=100, description="tag, pair: notes are cut into windows of at most this "
                                                           "many characters at sentence ends")
+    class_weighting: Literal["none", "balanced"] = Field(
+        "none", description="tag, pair: balanced = each class's loss weighted by n / (classes x its count) over the "
+                            "training codes (the pair classifier's rare 'no', the tagger's rare B/I)")
     base_model: str = Field(BASE_MODEL_NAME, description="base model name (models.base_model.resolve_model) or folder")
     tasks: list[str] = Field(..., min_length=1, description="task names or task YAML paths; several = multi-task")
     data_dir: Path = Field(default_factory=default_data_dir, description="folder with <task name>/train.jsonl")
@@ -135,6 +138,8 @@ class TrainConfig(BaseModel):
             self.checkpoint_dir = REPO_ROOT / ".notelake" / "checkpoints" / self.name
         else:
             self.checkpoint_dir = _repo_path(self.checkpoint_dir)
+        if self.class_weighting != "none" and self.objective == "generate":
+            raise ValueError("class_weighting is for the classification heads (objective: tag or pair)")
         if self.select_best and (self.eval_every is None or self.save_every % self.eval_every):
             raise ValueError("select_best needs eval_every set and save_every a multiple of it")
         return self

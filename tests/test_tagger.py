@@ -184,7 +184,7 @@ def toy_pairs(tmp_path_factory, base_model_path):
     cfg = TrainConfig(objective="pair", tasks=[str(root / "toy_pairs.yaml")], data_dir=root / "data",
                       output_dir=root / "pairs", checkpoint_dir=root / "ckpt", steps=16, batch_size=2, grad_accum=1,
                       lora_r=4, lora_alpha=8, validation_fraction=0.0, save_every=50, warmup_steps=0, threads=2,
-                      learning_rate=5e-3)
+                      learning_rate=5e-3, class_weighting="balanced")
     return root, train_pairs(cfg)
 
 
@@ -198,6 +198,7 @@ def test_pair_classifier_trains_and_decides_the_candidate_pairs(toy_pairs):
     plan = manifest["training"]["data"]
     assert (plan["examples_train"], plan["pairs_train"], plan["positive_train"]) == (6, 12, 6)
     assert plan["not_candidates_train"] == 0 and plan["gold_relations_train"] == 6
+    assert plan["class_weights"] == [1.0, 1.0]  # balanced weighting on 6 "no" and 6 "yes" pairs
     losses = [loss for _, loss in manifest["training"]["loss_curve"]]
     assert len(losses) == 16 and losses[-1] < losses[0] / 2
     model = PairClassifier(root / "pairs")
@@ -300,3 +301,36 @@ def test_allowed_pairs_floor_predicts_every_pair_the_schema_allows(tmp_path):
     assert counts["passes"] == 0
     got = [{(r["label"], r["head"]["text"], r["tail"]["text"]) for r in related} for related in predicted]
     assert got == [{("caused", drug, caused), ("caused", drug, other)} for _, drug, caused, other in PAIR_SENTENCES[:2]]
+
+
+def test_balanced_class_weights_make_a_rare_class_count_as_much_as_a_common_one():
+    """The pair classifier's PHEE codes are ~95 % "yes": balanced weights lift "no" so that both classes carry the
+    same total loss, and the weighted loss of a confident "yes" on a "no" pair grows by that weight."""
+    import torch
+
+    from notelake.models.tagger import balanced_class_weights, layered_loss
+    from notelake.models.training import Example
+
+    ignore = -100
+    examples = [Example("t:a#0", "t", [1, 2, 3], [[1], [ignore], [1]]),
+                Example("t:b#0", "t", [1, 2, 3, 4], [[1], [1], [0], [ignore]])]  # 4 yes, 1 no, 2 ignored
+    weights = balanced_class_weights(examples, 2)
+    assert weights == [2.5, 0.625]
+    assert weights[0] * 1 == weights[1] * 4
+    assert balanced_class_weights(examples[:1], 2) == [0.0, 0.5]  # a class never seen gets no weight
+
+    # a confident "yes" on a "no" pair and on a "yes" pair: the weighted mean lifts the miss on the rare class
+    logits = torch.tensor([[[-4.0, 4.0], [-4.0, 4.0]]])
+    codes = torch.tensor([[[0], [1]]])
+    per_token = torch.nn.functional.cross_entropy(logits[0], codes[0, :, 0], reduction="none")
+    assert layered_loss(logits, codes).item() == pytest.approx(per_token.mean().item())
+    expected = (2.5 * per_token[0] + 0.625 * per_token[1]) / (2.5 + 0.625)
+    weighted = layered_loss(logits, codes, weight=torch.tensor(weights))
+    assert weighted.item() == pytest.approx(expected.item()) and weighted > 1.5 * per_token.mean()
+
+
+def test_class_weighting_is_for_classification_heads(tmp_path):
+    with pytest.raises(ValueError, match="class_weighting"):
+        TrainConfig(tasks=["phee"], output_dir=tmp_path / "a", class_weighting="balanced")
+    assert TrainConfig(tasks=["phee"], objective="pair", output_dir=tmp_path / "b",
+                       class_weighting="balanced").class_weighting == "balanced"
