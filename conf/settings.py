@@ -30,6 +30,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: vLLM engine arguments that schedule, place or speed up the work and leave what each answer computes as it is
+#: (speculative decoding verifies every drafted token against the model): changing them does not re-extract.
+#: Every other ``engine.vllm_args`` entry (quantization, kv_cache_dtype, hf_overrides, ...) is fingerprinted.
+SCHEDULING_VLLM_ARGS = frozenset({
+    "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills", "enable_chunked_prefill",
+    "async_scheduling", "scheduling_policy", "gpu_memory_utilization", "kv_cache_memory_bytes", "swap_space",
+    "cpu_offload_gb", "block_size", "enable_prefix_caching", "enforce_eager", "compilation_config",
+    "max_seq_len_to_capture", "speculative_config", "disable_log_stats", "tensor_parallel_size",
+    "pipeline_parallel_size", "distributed_executor_backend", "max_parallel_loading_workers",
+})
+
+
 class EngineConfig(_Strict):
     """One vLLM engine (one per GPU, one on CPU)."""
 
@@ -70,7 +82,14 @@ class EngineConfig(_Strict):
         default_factory=dict, description="vLLM backend: further engine arguments (vLLM EngineArgs names, e.g. "
                                           "max_num_batched_tokens, speculative_config), applied after the ones above; "
                                           "an unknown name stops the engine's start with a ConfigError. Measured on "
-                                          "CPU: docs/benchmarks.md 'Engine arguments tried'")
+                                          "CPU: docs/benchmarks.md 'Engine arguments tried'. Those that can change an "
+                                          "answer (all but SCHEDULING_VLLM_ARGS) are part of the extraction "
+                                          "fingerprint: setting one re-extracts")
+
+    @property
+    def answer_args(self) -> dict[str, Any]:
+        """The ``vllm_args`` entries that can change an answer (the extraction fingerprint's share of them)."""
+        return {name: value for name, value in self.vllm_args.items() if name not in SCHEDULING_VLLM_ARGS}
 
 
 class RayConfig(_Strict):

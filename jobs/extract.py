@@ -668,6 +668,8 @@ def describe_extraction(settings: Settings, task: Task) -> dict:
                 "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
     if pairs is not None:  # the relations' classifier (absent otherwise: fingerprints without one are unchanged)
         sampling["pairs_sha256"] = pairs.sha256
+    if settings.engine.backend == "vllm" and settings.engine.answer_args:  # e.g. quantization (absent: unchanged)
+        sampling["vllm_args"] = settings.engine.answer_args
     chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars)}
     fp = extraction_fingerprint(base_sha, adapter.sha256 if adapter else None, version, sampling, chunking,
                                 PARSER_VERSION, settings.engine.backend)

@@ -146,6 +146,21 @@ def test_engine_backend_is_part_of_the_fingerprint(settings, replay):
         job.describe_extraction(replay, task)["fingerprint"]
 
 
+def test_vllm_args_that_change_answers_are_part_of_the_fingerprint(settings):
+    """Scheduling arguments keep every note's ledger key (no re-extraction for tuning); an argument that changes
+    what the model computes (quantization, the KV cache's dtype) re-selects every note."""
+    task = job.load_task("phee")
+
+    def fp(**vllm_args):
+        return job.describe_extraction(settings.with_overrides(engine={"vllm_args": vllm_args}), task)["fingerprint"]
+
+    plain = fp()
+    assert fp(max_num_batched_tokens=512, async_scheduling=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4}) == plain
+    assert fp(kv_cache_dtype="fp8") != plain
+    assert fp(quantization="fp8", max_num_seqs=64) == fp(quantization="fp8") != plain
+
+
 def test_a_task_attempt_lost_after_staging_duplicates_and_loses_nothing(tmp_path, spark, replay, caplog):
     """Partition 0's first attempt stages its first batch and its Python worker dies (a lost executor); Spark
     retries the task (local[2,2]: 2 attempts). Its orphaned file must not reach the tables."""
