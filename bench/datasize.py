@@ -5,7 +5,11 @@ tasks and `data_fraction` change) followed by `jobs.evaluate`; points already on
 training run cut off resumes from its last checkpoint.
 
     .venv/bin/python -m bench.datasize run --fractions 0.1,0.2 --setups mt,phee --out runs/datasize
-    .venv/bin/python -m bench.datasize report runs/datasize --plot docs/img/datasize.png
+    .venv/bin/python -m bench.datasize report runs/datasize --record docs/datasize.json --plot docs/img/datasize.png
+
+`--record` keeps every point measured so far in a small committed JSON file: the points on disk replace the
+recorded ones of the same (setup, %, task), so a later session, on a machine without the earlier reports, extends
+the same table and plot.
 
 On 2 CPU cores one epoch of everything is ~613k tokens (~65 min idle); 10 % of it ~6 min. A GPU machine runs
 the whole grid (`--fractions 0.1,0.2,0.5,1.0 --setups mt,phee,maccrobat`).
@@ -56,6 +60,10 @@ def run(fractions: list[float], setups: list[str], out: Path, data_dir: Path) ->
                        "--out", str(report)], out / "logs" / f"eval-{name}-{task}.txt")
 
 
+def _point_key(row: dict) -> tuple:
+    return row["task"], row["setup"], row["percent"]
+
+
 def collect(out: Path) -> list[dict]:
     """One row per (setup, fraction, task) found under ``out``/eval."""
     rows = []
@@ -70,7 +78,18 @@ def collect(out: Path) -> list[dict]:
             "strict_f1": report["scores"]["cce"]["strict"]["f1"],
             "relations_f1": (report["scores"].get("cre") or {}).get("lenient", {}).get("f1"),
         })
-    return sorted(rows, key=lambda r: (r["task"], r["setup"], r["percent"]))
+    return sorted(rows, key=_point_key)
+
+
+def merge_record(rows: list[dict], record: Path) -> list[dict]:
+    """The recorded points with ``rows`` laid over them (same setup, percent and task: the new one wins);
+    the merged list is written back to ``record``."""
+    merged = {_point_key(r): r for r in (json.loads(record.read_text(encoding="utf-8")) if record.exists() else [])}
+    merged.update({_point_key(r): r for r in rows})
+    out = [merged[k] for k in sorted(merged)]
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("report", help="print the table (and plot it) from the points on disk")
     s.add_argument("out")
     s.add_argument("--plot", default=None, help="PNG/SVG path")
+    s.add_argument("--record", default=None, help="JSON file of the points measured so far (read, updated, written)")
     args = p.parse_args(argv)
     if args.command == "run":
         setups = args.setups.split(",")
@@ -135,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.data_dir) if args.data_dir else default_data_dir())
         return 0
     rows = collect(Path(args.out))
+    if args.record:
+        rows = merge_record(rows, Path(args.record))
     print(table(rows))
     if args.plot:
         plot(rows, Path(args.plot))

@@ -40,3 +40,17 @@ def test_run_refuses_unknown_setups(tmp_path, capsys):
         datasize.main(["run", "--setups", "mt,radiology", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "unknown setups ['radiology']" in capsys.readouterr().err
+
+
+def test_record_keeps_earlier_points_and_takes_new_ones(tmp_path):
+    record = tmp_path / "datasize.json"
+    _report(tmp_path / "night1", "mt", 0.1, "phee", 0.5, 61_000)
+    _report(tmp_path / "night1", "phee", 0.1, "phee", 0.45, 28_000)
+    datasize.main(["report", str(tmp_path / "night1"), "--record", str(record)])
+    # a later machine without night 1's reports: one new point, one remeasured
+    _report(tmp_path / "night2", "phee", 0.1, "phee", 0.47, 28_000)
+    _report(tmp_path / "night2", "phee", 1.0, "phee", 0.7, 277_000)
+    rows = datasize.merge_record(datasize.collect(tmp_path / "night2"), record)
+    assert [(r["setup"], r["percent"], r["lenient_f1"]) for r in rows] == [
+        ("mt", 10, 0.5), ("phee", 10, 0.47), ("phee", 100, 0.7)]
+    assert json.loads(record.read_text()) == rows
