@@ -3,8 +3,9 @@
 For each concept that can head a relation, one forward pass over its window with the head written first
 (``udfs/pairs.py``): at the token that ends each candidate tail, one yes/no layer per relation label says whether
 the head holds that relation to the tail. Same backbone, LoRA or full fine-tuning, note split, windows and
-training machinery as the tagger (``models/tagger.py``: :func:`fit_token_head`), trained on gold concepts and
-applied end to end to the tagger's predicted concepts, so relation F1 is scored end to end (a relation counts
+training machinery as the tagger (``models/tagger.py``: :func:`fit_token_head`), trained on gold concepts (with
+``pair_candidates_tagger``: gold plus a tagger's predicted concepts, so it also learns to say no to a false
+concept) and applied end to end to the tagger's predicted concepts, so relation F1 is scored end to end (a relation counts
 only when both its concepts were found) by the generative rows' scorer.
 
 What it cannot do: relations between concepts in different windows (counted in training as ``cross_window``),
@@ -16,14 +17,17 @@ Nothing here logs note text: counts, losses and timings only.
 
 from __future__ import annotations
 
+import functools
+import gc
 import time
 from typing import Any
 
 from notelake.conf.settings import ConfigError
-from notelake.conf.task import Task
+from notelake.conf.task import Task, load_task
 from notelake.models.tagger import Tagger, TrainedHead, head_report, predicted_items, train_head, windows
-from notelake.models.training import Example, TrainConfig
-from notelake.udfs.pairs import IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix
+from notelake.models.training import Example, TrainConfig, read_jsonl, split_notes
+from notelake.udfs.pairs import (IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix,
+                                 with_predicted)
 
 KIND = "pairs"
 YES_NO = 2  # classes per relation layer
@@ -42,11 +46,17 @@ def window_inputs(tokenizer, head: dict, window_enc) -> tuple[list[int], int]:
     return list(prefix) + list(window_enc["input_ids"]), len(prefix)
 
 
-def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, counts: dict) -> list[Example]:
+def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, counts: dict,
+                       predicted: dict[str, list[dict]] | None = None) -> list[Example]:
     """One example per (window, head with candidate tails) of a gold note: ids, and per token one code per
-    relation (IGNORE but at candidate tails' end tokens)."""
+    relation (IGNORE but at candidate tails' end tokens). ``predicted``: a tagger's concepts per note id, joined
+    to the gold ones as candidates (``udfs.pairs.with_predicted``)."""
     relations = list(task.relations)
     concepts = gold_concepts(task, record)
+    if predicted is not None:
+        concepts, joined = with_predicted(concepts, predicted[record["note_id"]])
+        for key, n in joined.items():
+            counts[f"{key}_concepts"] = counts.get(f"{key}_concepts", 0) + n
     gold: dict[tuple[str, str], set[str]] = {}
     for r in record.get("relations", []):
         if r["label"] in task.relations:
@@ -73,8 +83,35 @@ def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, c
 
 def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     """Train one pair-classifier config end to end; returns the manifest (or the data plan when ``dry_run``)."""
-    return train_head(cfg, kind=KIND, note_examples=note_pair_examples, layer_labels=lambda task: list(task.relations),
-                      layer_name="relations", classes=YES_NO, dry_run=dry_run)
+    note_examples, extra_plan = note_pair_examples, {}
+    if cfg.pair_candidates_tagger is not None:
+        predicted, extra_plan = tagger_concepts(cfg)
+        note_examples = functools.partial(note_pair_examples, predicted=predicted)
+    return train_head(cfg, kind=KIND, note_examples=note_examples, layer_labels=lambda task: list(task.relations),
+                      layer_name="relations", classes=YES_NO, dry_run=dry_run, extra_plan=extra_plan)
+
+
+def tagger_concepts(cfg: TrainConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """``cfg.pair_candidates_tagger``'s concepts on the config's training and validation notes (by note id), and
+    the tagger's name, digest and prediction time for the data plan. The tagger is freed before training starts."""
+    task = load_task(cfg.tasks[0])
+    tagger = Tagger(cfg.pair_candidates_tagger, threads=cfg.threads)
+    if tagger.task.name != task.name:
+        raise ConfigError(f"pair_candidates_tagger {cfg.pair_candidates_tagger} tags task {tagger.task.name}, "
+                          f"not {task.name}")
+    path = cfg.data_dir / task.name / "train.jsonl"
+    if not path.exists():
+        raise ConfigError(f"no training data for task {task.name!r}: {path} not found")
+    train_notes, val_notes = split_notes(read_jsonl(path), cfg, task.name)
+    notes = train_notes + val_notes
+    concepts, counts = tagger.predict([r["text"] for r in notes])
+    info = {"candidates_tagger": tagger.manifest.get("name"), "candidates_tagger_sha256": tagger.manifest.get("sha256"),
+            "candidates_tagger_s": round(counts["wall_s"], 1)}
+    print(f"candidate concepts: {sum(map(len, concepts)):,} from tagger {info['candidates_tagger']} on "
+          f"{len(notes):,} notes in {info['candidates_tagger_s']} s", flush=True)
+    del tagger
+    gc.collect()
+    return {r["note_id"]: found for r, found in zip(notes, concepts)}, info
 
 
 def candidate_windows(task: Task, texts: list[str], concepts: list[list[dict]], window_chars: int):

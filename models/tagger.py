@@ -235,11 +235,11 @@ def start_training(cfg: TrainConfig):
 
 
 def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, layer_name: str, classes: int,
-               dry_run: bool = False) -> dict[str, Any]:
+               dry_run: bool = False, extra_plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a per-token head end to end (the tagger, or the pair classifier): examples from ``note_examples``,
     one layer per label of ``layer_labels(task)`` (``layer_name`` in the data plan), ``classes`` per layer; weights
-    and a manifest of kind ``<kind>-<mode>`` into ``cfg.output_dir``. Returns the manifest (or the data plan when
-    ``dry_run``)."""
+    and a manifest of kind ``<kind>-<mode>`` into ``cfg.output_dir``; ``extra_plan`` joins the data plan. Returns
+    the manifest (or the data plan when ``dry_run``)."""
     from notelake.models.adapters import write_adapter_manifest
     from notelake.models.base_model import model_sha256
 
@@ -251,7 +251,8 @@ def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, laye
         raise ConfigError(f"task {task.name} has no {layer_name} for a {kind} to learn")
     steps = planned_steps(cfg, train_ex)
     plan = {**stats, "steps": steps, layer_name: len(labels), "window_chars": cfg.tag_window_chars,
-            "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex))}
+            "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex)),
+            **(extra_plan or {})}
     print("data plan: " + json.dumps(plan), flush=True)
     if dry_run:
         return {"plan": plan}

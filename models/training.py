@@ -71,6 +71,10 @@ class TrainConfig(BaseModel):
     class_weighting: Literal["none", "balanced"] = Field(
         "none", description="tag, pair: balanced = each class's loss weighted by n / (classes x its count) over the "
                             "training codes (the pair classifier's rare 'no', the tagger's rare B/I)")
+    pair_candidates_tagger: Path | None = Field(
+        None, description="pair: a tagger folder whose predicted concepts on the training notes join the gold ones as "
+                          "candidates (one overlapping no gold concept of its label is false: 'no' to all its pairs), "
+                          "so the classifier meets the false concepts it will see at inference")
     base_model: str = Field(BASE_MODEL_NAME, description="base model name (models.base_model.resolve_model) or folder")
     tasks: list[str] = Field(..., min_length=1, description="task names or task YAML paths; several = multi-task")
     data_dir: Path = Field(default_factory=default_data_dir, description="folder with <task name>/train.jsonl")
@@ -138,6 +142,10 @@ class TrainConfig(BaseModel):
             self.checkpoint_dir = REPO_ROOT / ".notelake" / "checkpoints" / self.name
         else:
             self.checkpoint_dir = _repo_path(self.checkpoint_dir)
+        if self.pair_candidates_tagger is not None:
+            if self.objective != "pair":
+                raise ValueError("pair_candidates_tagger is for the pair classifier (objective: pair)")
+            self.pair_candidates_tagger = _repo_path(self.pair_candidates_tagger)
         if self.class_weighting != "none" and self.objective == "generate":
             raise ValueError("class_weighting is for the classification heads (objective: tag or pair)")
         if self.select_best and (self.eval_every is None or self.save_every % self.eval_every):

@@ -329,6 +329,43 @@ def test_balanced_class_weights_make_a_rare_class_count_as_much_as_a_common_one(
     assert weighted.item() == pytest.approx(expected.item()) and weighted > 1.5 * per_token.mean()
 
 
+def test_pair_classifier_trains_on_a_taggers_concepts_too(toy_pairs, toy_pair_tagger, tmp_path):
+    """pair_candidates_tagger: the tagger's concepts on the training notes join the gold ones as candidates; the
+    data plan counts them (as the pure join counts the same predictions) and names the tagger; the pairs grow by
+    the joined concepts' pairs. A tagger of another task, or the field on a tagger run, is refused."""
+    from notelake.conf.settings import ConfigError
+    from notelake.models.pairs import gold_concepts, train_pairs
+    from notelake.models.tagger import Tagger
+    from notelake.udfs.pairs import with_predicted
+
+    root, gold_only = toy_pairs
+    cfg = TrainConfig(objective="pair", tasks=[str(root / "toy_pairs.yaml")], data_dir=root / "data",
+                      output_dir=tmp_path / "pairs", checkpoint_dir=tmp_path / "ckpt", steps=2, batch_size=2,
+                      lora_r=4, lora_alpha=8, validation_fraction=0.0, save_every=50, warmup_steps=0, threads=2,
+                      pair_candidates_tagger=toy_pair_tagger)
+    plan = train_pairs(cfg, dry_run=True)["plan"]
+    tagger = Tagger(toy_pair_tagger)
+    records = [json.loads(line) for line in (root / "data" / "toy_pairs" / "train.jsonl").read_text().splitlines()]
+    predicted, _ = tagger.predict([r["text"] for r in records])
+    expected = {"predicted": 0, "exact": 0, "stand_in": 0, "false": 0}
+    for record, found in zip(records, predicted):
+        for key, n in with_predicted(gold_concepts(tagger.task, record), found)[1].items():
+            expected[key] += n
+    assert {k: plan[f"{k}_concepts_train"] for k in expected} == expected and expected["predicted"] > 0
+    assert plan["candidates_tagger"] == tagger.manifest["name"] and plan["candidates_tagger_sha256"]
+    gold_plan = gold_only["training"]["data"]
+    assert plan["gold_relations_train"] == gold_plan["gold_relations_train"]
+    assert plan["pairs_train"] >= gold_plan["pairs_train"] and plan["positive_train"] >= gold_plan["positive_train"]
+    manifest = train_pairs(cfg)
+    assert manifest["training"]["data"]["candidates_tagger_sha256"] == plan["candidates_tagger_sha256"]
+    other_task = TrainConfig(**{**cfg.model_dump(), "pair_candidates_tagger": toy_pair_tagger,
+                                "tasks": ["phee"], "output_dir": tmp_path / "other"})
+    with pytest.raises(ConfigError, match="tags task"):
+        train_pairs(other_task, dry_run=True)
+    with pytest.raises(ValueError, match="pair_candidates_tagger"):
+        TrainConfig(tasks=["phee"], objective="tag", output_dir=tmp_path / "t", pair_candidates_tagger=toy_pair_tagger)
+
+
 def test_class_weighting_is_for_classification_heads(tmp_path):
     with pytest.raises(ValueError, match="class_weighting"):
         TrainConfig(tasks=["phee"], output_dir=tmp_path / "a", class_weighting="balanced")

@@ -4,7 +4,8 @@ tokens, and decoding back, on hand-made offsets (no tokenizer)."""
 from __future__ import annotations
 
 from notelake.conf.task import load_task
-from notelake.udfs.pairs import IGNORE, candidate_tails, decode_tails, encode_targets, end_token, head_prefix
+from notelake.udfs.pairs import (IGNORE, candidate_tails, decode_tails, encode_targets, end_token, head_prefix,
+                                 with_predicted)
 
 PHEE = load_task("phee")
 TEXT = "Insulin induced lipoatrophies in women of reproductive age."
@@ -55,3 +56,23 @@ def test_a_no_is_kept_and_a_yes_wins_on_a_shared_token():
     both = encode_targets(OFFSETS, relations, [(AGE["end"], {"Subject": 0}), (SUBJECT["end"], {"Subject": 1})])
     assert both[7][relations.index("Subject")] == 1
     assert end_token(OFFSETS, 0) is None
+
+
+def test_predicted_concepts_join_the_gold_ones_as_stand_ins_or_false():
+    """A tagger's concept equal to a gold one adds nothing; one overlapping gold concepts of its label stands for the
+    one it overlaps most (its id: it inherits the gold relations); one overlapping only another label's concept, or
+    nothing, is false (an id no relation names)."""
+    gold = [{"id": "T1", "label": "Drug", "start": 0, "end": 7, "text": "heparin"},
+            {"id": "T2", "label": "Effect", "start": 16, "end": 32, "text": "thrombocytopenia"},
+            {"id": "T3", "label": "Effect", "start": 34, "end": 40, "text": "a rash"}]
+    predicted = [{"label": "Drug", "start": 0, "end": 7, "text": "heparin"},        # exact
+                 {"label": "Effect", "start": 8, "end": 32, "text": "induced thrombocytopenia"},  # shifted T2
+                 {"label": "Effect", "start": 30, "end": 40, "text": "ia, a rash"},  # T2 by 2 chars, T3 by 6
+                 {"label": "Drug", "start": 16, "end": 32, "text": "thrombocytopenia"},  # another label's span
+                 {"label": "Effect", "start": 44, "end": 48, "text": "pain"}]       # nothing there
+    concepts, counts = with_predicted(gold, predicted)
+    assert counts == {"predicted": 5, "exact": 1, "stand_in": 2, "false": 2}
+    assert concepts[:3] == gold and concepts[0] is not gold[0]  # copies: the gold list is not touched
+    assert [(c["id"], c["start"]) for c in concepts[3:]] == [("T2", 8), ("T3", 30), ("predicted:3", 16),
+                                                               ("predicted:4", 44)]
+    assert with_predicted(gold, []) == (gold, {"predicted": 0, "exact": 0, "stand_in": 0, "false": 0})

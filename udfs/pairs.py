@@ -42,6 +42,31 @@ def candidate_tails(task: Task, head: Mapping, concepts: Sequence[Mapping]) -> l
     return [c for c in concepts if not _same_concept(c, head) and allowed_relations(task, head["label"], c["label"])]
 
 
+def with_predicted(gold: Sequence[Mapping], predicted: Sequence[Mapping]) -> tuple[list[dict], dict[str, int]]:
+    """The candidate concepts of a training note as the pair classifier meets them at inference: the gold concepts
+    (``{"id", "label", "start", "end", ...}``) plus a tagger's ``predicted`` ones that are not a gold concept. A
+    predicted concept overlapping gold concepts of its label stands for the one it overlaps most (takes its id, so
+    its pairs take that concept's gold relations: lenient scoring credits them); one overlapping none is false (an
+    id no relation names: every pair it is in is a "no"). Counts: predicted, exact (already gold), stand_in,
+    false."""
+    out = [dict(c) for c in gold]
+    counts = {"predicted": len(predicted), "exact": 0, "stand_in": 0, "false": 0}
+    for k, p in enumerate(predicted):
+        same_label = [g for g in gold if g["label"] == p["label"]]
+        if any(_same_concept(p, g) for g in same_label):
+            counts["exact"] += 1
+            continue
+        overlaps = [(min(p["end"], g["end"]) - max(p["start"], g["start"]), g) for g in same_label]
+        overlap, best = max(overlaps, key=lambda o: o[0], default=(0, None))
+        if overlap > 0:
+            counts["stand_in"] += 1
+            out.append({**p, "id": best["id"]})
+        else:
+            counts["false"] += 1
+            out.append({**p, "id": f"predicted:{k}"})
+    return out, counts
+
+
 def end_token(offsets: Sequence[tuple[int, int]], end: int) -> int | None:
     """Index of the last token holding characters before ``end`` (the token that ends a mention)."""
     last = None
