@@ -159,6 +159,11 @@ def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[
         weight = torch.tensor(plan["class_weights"], dtype=torch.float32)
 
     class LayeredTrainer(Trainer):
+        # compute_loss returns each micro-batch's mean, so Trainer must divide it by the accumulation steps; it
+        # does not when the model's forward takes **kwargs (it then expects a loss already normalised by
+        # num_items_in_batch), and the loss it logs and the gradient were the sum over grad_accum micro-batches.
+        loss_is_scaled_for_ga = False
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             codes = inputs.pop("labels")
             outputs = model(**inputs)

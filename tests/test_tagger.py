@@ -100,6 +100,20 @@ def test_job_runs_the_tagger_backend(toy, toy_tagger, tmp_path, spark, settings)
         job.run(wrong, src, str(tmp_path / "wh2"), spark=spark)
 
 
+def test_logged_loss_is_a_mean_whatever_the_accumulation(toy, tmp_path, base_model_path):
+    """One step over the same 4 windows, as one batch of 4 or as 4 accumulated batches of 1: the logged loss is a
+    mean either way (near ln 3 for a fresh O/B/I head). Trainer used to take the head's per-batch mean for a loss
+    already divided over the accumulated batch, and logged (and stepped on) the sum: 4x here."""
+    from notelake.models.tagger import train_tagger
+
+    first_loss = {}
+    for batch, accum in ((4, 1), (1, 4)):
+        manifest = train_tagger(_cfg(toy, tmp_path / f"b{batch}", steps=1, batch_size=batch, grad_accum=accum,
+                                     max_examples=4))
+        first_loss[batch] = manifest["training"]["loss_curve"][0][1]
+    assert 0.5 < first_loss[1] / first_loss[4] < 2, first_loss
+
+
 def test_tagger_config_takes_one_task(toy, tmp_path):
     from notelake.conf.settings import ConfigError
     from notelake.models.tagger import train_tagger
