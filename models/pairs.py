@@ -24,8 +24,9 @@ from typing import Any
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
-from notelake.models.tagger import Tagger, TrainedHead, head_report, predicted_items, train_head, windows
-from notelake.models.training import Example, TrainConfig, read_jsonl, split_notes
+from notelake.models.tagger import (Tagger, TrainedHead, head_notes, head_report, predicted_items, train_head,
+                                   windows)
+from notelake.models.training import Example, TrainConfig
 from notelake.udfs.pairs import (IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix,
                                  with_predicted)
 
@@ -94,15 +95,11 @@ def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
 def tagger_concepts(cfg: TrainConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """``cfg.pair_candidates_tagger``'s concepts on the config's training and validation notes (by note id), and
     the tagger's name, digest and prediction time for the data plan. The tagger is freed before training starts."""
-    task = load_task(cfg.tasks[0])
     tagger = Tagger(cfg.pair_candidates_tagger, threads=cfg.threads)
-    if tagger.task.name != task.name:
+    if tagger.task.name != load_task(cfg.tasks[0]).name:
         raise ConfigError(f"pair_candidates_tagger {cfg.pair_candidates_tagger} tags task {tagger.task.name}, "
-                          f"not {task.name}")
-    path = cfg.data_dir / task.name / "train.jsonl"
-    if not path.exists():
-        raise ConfigError(f"no training data for task {task.name!r}: {path} not found")
-    train_notes, val_notes = split_notes(read_jsonl(path), cfg, task.name)
+                          f"not {cfg.tasks[0]}")
+    _, train_notes, val_notes = head_notes(cfg)
     notes = train_notes + val_notes
     concepts, counts = tagger.predict([r["text"] for r in notes])
     info = {"candidates_tagger": tagger.manifest.get("name"), "candidates_tagger_sha256": tagger.manifest.get("sha256"),

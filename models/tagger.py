@@ -68,10 +68,8 @@ def note_tag_examples(tokenizer, task: Task, record: dict, window_chars: int, st
     return out
 
 
-def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples) -> tuple[Task, list[Example], list[Example], dict]:
-    """Train and validation examples of a per-token head (tagger or pair classifier) for ``cfg``'s one task:
-    ``note_examples(tokenizer, task, record, window_chars, counts)`` makes a note's examples and adds to
-    ``counts`` (reported as ``<count>_train``). Same note split as the generative runs."""
+def head_notes(cfg: TrainConfig) -> tuple[Task, list[dict], list[dict]]:
+    """A per-token head's one task and its training and validation notes (the generative runs' split)."""
     if len(cfg.tasks) != 1:
         raise ConfigError("a tagger or pair classifier is trained on one task (its layers are the task's labels)")
     task = load_task(cfg.tasks[0])
@@ -79,6 +77,14 @@ def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples) -> tuple[Tas
     if not path.exists():
         raise ConfigError(f"no training data for task {task.name!r}: {path} not found")
     train_notes, val_notes = split_notes(read_jsonl(path), cfg, task.name)
+    return task, train_notes, val_notes
+
+
+def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples) -> tuple[Task, list[Example], list[Example], dict]:
+    """Train and validation examples of a per-token head (tagger or pair classifier) for ``cfg``'s one task:
+    ``note_examples(tokenizer, task, record, window_chars, counts)`` makes a note's examples and adds to
+    ``counts`` (reported as ``<count>_train``). Same note split as the generative runs."""
+    task, train_notes, val_notes = head_notes(cfg)
     stats: dict[str, Any] = {"notes_train": len(train_notes), "notes_val": len(val_notes), "dropped_too_long": 0}
 
     def build(notes: list[dict], cap: int | None, counts: dict) -> list[Example]:
