@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, metavar="FOLDER",
                    help="with --tagger: a relation pair classifier (train objective: pair) over the tagger's concepts; "
                         "relations scored end to end. 'allowed': the floor a classifier must beat (every pair the "
-                        "task's schema allows)")
+                        "task's schema allows); 'allowed:FOLDER': every candidate pair of FOLDER's classifier (its "
+                        "label pairs and largest gap)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
     p.add_argument("--label", default=None, help="run label in comparison tables")
     p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
@@ -168,8 +169,12 @@ def tagger_report(args) -> dict:
     if args.pairs:
         from notelake.models.pairs import AllowedPairs, PairClassifier, evaluate_end_to_end
 
-        pairs = (AllowedPairs(tagger.task, tagger.window_chars) if args.pairs == "allowed"
-                 else PairClassifier(args.pairs))
+        if args.pairs == "allowed":
+            pairs = AllowedPairs(tagger.task, tagger.window_chars)
+        elif args.pairs.startswith("allowed:"):
+            pairs = AllowedPairs.like(args.pairs.removeprefix("allowed:"))
+        else:
+            pairs = PairClassifier(args.pairs)
         scores = evaluate_end_to_end(tagger, pairs, records, resamples=args.resamples, seed=args.seed)
     else:
         scores = evaluate_tagger(tagger, records, resamples=args.resamples, seed=args.seed)

@@ -8,7 +8,8 @@ training machinery as the tagger (``models/tagger.py``: :func:`fit_token_head`),
 concept) and applied end to end to the tagger's predicted concepts, so relation F1 is scored end to end (a relation counts
 only when both its concepts were found) by the generative rows' scorer.
 
-What it cannot do: relations between concepts in different windows (counted in training as ``cross_window``),
+What it cannot do: relations that no pass offers as a candidate pair (ends in different windows, or outside the
+``pair_max_gap_chars`` / ``pair_seen_min_count`` limits: counted in training as ``not_candidates``),
 and a discontinuous concept is placed by its first and last character. The causal backbone reads a tail before
 any text after it, like the tagger.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import functools
 import gc
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
@@ -28,7 +29,7 @@ from notelake.models.tagger import (Tagger, TrainedHead, head_notes, head_report
                                    windows)
 from notelake.models.training import Example, TrainConfig
 from notelake.udfs.pairs import (IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix,
-                                 with_predicted)
+                                 pass_span, with_predicted, with_seen_pairs)
 
 KIND = "pairs"
 YES_NO = 2  # classes per relation layer
@@ -48,10 +49,10 @@ def window_inputs(tokenizer, head: dict, window_enc) -> tuple[list[int], int]:
 
 
 def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, counts: dict,
-                       predicted: dict[str, list[dict]] | None = None) -> list[Example]:
-    """One example per (window, head with candidate tails) of a gold note: ids, and per token one code per
-    relation (IGNORE but at candidate tails' end tokens). ``predicted``: a tagger's concepts per note id, joined
-    to the gold ones as candidates (``udfs.pairs.with_predicted``)."""
+                       predicted: dict[str, list[dict]] | None = None, max_gap: int | None = None) -> list[Example]:
+    """One example per head pass of a gold note (:func:`head_passes`): ids, and per token one code per relation
+    (IGNORE but at candidate tails' end tokens). ``predicted``: a tagger's concepts per note id, joined to the gold
+    ones as candidates (``udfs.pairs.with_predicted``)."""
     relations = list(task.relations)
     concepts = gold_concepts(task, record)
     if predicted is not None:
@@ -65,31 +66,44 @@ def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, c
     counts["gold_relations"] = counts.get("gold_relations", 0) + sum(len(v) for v in gold.values())
     covered: set[tuple[str, str]] = set()
     out = []
-    for _, chunk, heads, _ in candidate_windows(task, [record["text"]], [concepts], window_chars):
-        enc = tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
-        for head, tails in heads:
-            codes = [(t["end"], {r: int(r in gold.get((head["id"], t["id"]), ()))
-                                 for r in allowed_relations(task, head["label"], t["label"])}) for t in tails]
-            covered.update((head["id"], t["id"]) for t in tails)
-            ids, n_prefix = window_inputs(tokenizer, head, enc)
-            labels = [[IGNORE] * len(relations)] * n_prefix + encode_targets(enc["offset_mapping"], relations, codes)
-            counts["pairs"] = counts.get("pairs", 0) + len(tails)
-            counts["positive"] = counts.get("positive", 0) + sum(sum(c.values()) for _, c in codes)
-            out.append(Example(f"{task.name}:{record['note_id']}#{chunk.index}:{head['id']}", task.name, ids, labels))
-    # gold relations no window offers as a candidate pair (their ends in different windows): never learnt
+    encode = token_encoder(tokenizer)
+    for p in head_passes(task, [record["text"]], [concepts], window_chars, max_gap):
+        head = p.head
+        codes = [(t["end"], {r: int(r in gold.get((head["id"], t["id"]), ()))
+                             for r in allowed_relations(task, head["label"], t["label"])}) for t in p.tails]
+        covered.update((head["id"], t["id"]) for t in p.tails)
+        enc = encode(p.text)
+        ids, n_prefix = window_inputs(tokenizer, head, enc)
+        labels = [[IGNORE] * len(relations)] * n_prefix + encode_targets(enc["offset_mapping"], relations, codes)
+        counts["pairs"] = counts.get("pairs", 0) + len(p.tails)
+        counts["positive"] = counts.get("positive", 0) + sum(sum(c.values()) for _, c in codes)
+        out.append(Example(f"{task.name}:{record['note_id']}#{p.window}:{head['id']}", task.name, ids, labels))
+    # gold relations no pass offers as a candidate pair (ends in different windows, too far apart, or a label pair
+    # the classifier does not decide): never learnt, never found
     counts["not_candidates"] = counts.get("not_candidates", 0) + sum(
         len(labels) for pair, labels in gold.items() if pair not in covered)
     return out
 
 
+def token_encoder(tokenizer):
+    """The tokenizer with offsets, remembering recent texts: a window's heads share its text when passes read the
+    whole window."""
+    return functools.lru_cache(maxsize=8)(
+        lambda text: tokenizer(text, return_offsets_mapping=True, add_special_tokens=False))
+
+
 def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     """Train one pair-classifier config end to end; returns the manifest (or the data plan when ``dry_run``)."""
-    note_examples, extra_plan = note_pair_examples, {}
+    predicted, extra_plan = None, {}
     if cfg.pair_candidates_tagger is not None:
         predicted, extra_plan = tagger_concepts(cfg)
-        note_examples = functools.partial(note_pair_examples, predicted=predicted)
+    note_examples = functools.partial(note_pair_examples, predicted=predicted, max_gap=cfg.pair_max_gap_chars)
+    derive_task = None
+    if cfg.pair_seen_min_count is not None:
+        derive_task = functools.partial(with_seen_pairs, min_count=cfg.pair_seen_min_count)
     return train_head(cfg, kind=KIND, note_examples=note_examples, layer_labels=lambda task: list(task.relations),
-                      layer_name="relations", classes=YES_NO, dry_run=dry_run, extra_plan=extra_plan)
+                      layer_name="relations", classes=YES_NO, dry_run=dry_run, extra_plan=extra_plan,
+                      derive_task=derive_task, extra_manifest={"pair_max_gap_chars": cfg.pair_max_gap_chars})
 
 
 def tagger_concepts(cfg: TrainConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:
@@ -111,18 +125,38 @@ def tagger_concepts(cfg: TrainConfig) -> tuple[dict[str, list[dict]], dict[str, 
     return {r["note_id"]: found for r, found in zip(notes, concepts)}, info
 
 
-def candidate_windows(task: Task, texts: list[str], concepts: list[list[dict]], window_chars: int):
-    """Yields each window holding a head with candidate tails: (text index, window, [(head, its tails)],
-    tail -> concept). Heads keep ``concepts``' text offsets (per text: label, start, end, text, ...); tails are
-    copies in window offsets, mapped back to their concept by ``id``."""
+class HeadPass(NamedTuple):
+    """One forward pass of the classifier: a head and its candidate tails over the text the pass reads."""
+
+    text_index: int     # which of the texts
+    window: int         # which window of that text
+    text: str           # what the pass reads after the head line
+    head: dict          # the head concept (offsets into its whole text)
+    tails: list[dict]   # copies of the candidate tails, offsets into ``text``
+    concept_of: dict    # id(tail copy) -> its concept
+
+
+def head_passes(task: Task, texts: list[str], concepts: list[list[dict]], window_chars: int,
+                max_gap: int | None = None):
+    """Yields a :class:`HeadPass` for every concept with candidate tails (``udfs.pairs.candidate_tails``) in its
+    window. Concepts per text: label, start, end, text, .... Without ``max_gap`` a pass reads the head's whole
+    window; with it, the span from the first to the last character of the head and its tails."""
     for k, (text, found) in enumerate(zip(texts, concepts)):
         for chunk in windows(text, window_chars):
             inside = [c for c in found if chunk.start <= c["start"] and c["end"] <= chunk.end]
             local = [{**c, "start": c["start"] - chunk.start, "end": c["end"] - chunk.start} for c in inside]
-            heads = [(head, tails) for head, local_head in zip(inside, local)
-                     if (tails := candidate_tails(task, local_head, local))]
-            if heads:
-                yield k, chunk, heads, {id(w): c for w, c in zip(local, inside)}
+            concept_of = {id(w): c for w, c in zip(local, inside)}
+            for head, local_head in zip(inside, local):
+                tails = candidate_tails(task, local_head, local, max_gap)
+                if not tails:
+                    continue
+                if max_gap is None:
+                    yield HeadPass(k, chunk.index, chunk.text, head, tails, concept_of)
+                    continue
+                lo, hi = pass_span(local_head, tails)
+                shifted = [{**t, "start": t["start"] - lo, "end": t["end"] - lo} for t in tails]
+                yield HeadPass(k, chunk.index, chunk.text[lo:hi], head, shifted,
+                               {id(s): concept_of[id(t)] for s, t in zip(shifted, tails)})
 
 
 class PairClassifier(TrainedHead):
@@ -131,41 +165,56 @@ class PairClassifier(TrainedHead):
     kind = KIND
     classes = YES_NO
 
+    def __init__(self, folder, threads: int | None = None):
+        super().__init__(folder, threads)
+        self.max_gap = self.manifest.get("pair_max_gap_chars")
+
     def predict(self, texts: list[str], concepts: list[list[dict]],
                 batch_size: int = 8) -> tuple[list[list[dict]], dict]:
         """Relations per text (``{"label", "head", "tail"}``, head and tail being items of ``concepts``: dicts with
         label, start, end, text, offsets into the text) and counts (passes, tokens, s)."""
-        passes = []  # (note, head, tails in window offsets, their concepts, window token offsets, ids, head tokens)
-        for k, chunk, heads, concept_of in candidate_windows(self.task, texts, concepts, self.window_chars):
-            enc = self.tokenizer(chunk.text, return_offsets_mapping=True, add_special_tokens=False)
-            for head, tails in heads:
-                ids, n_prefix = window_inputs(self.tokenizer, head, enc)
-                passes.append((k, head, tails, concept_of, enc["offset_mapping"], ids, n_prefix))
+        encode = token_encoder(self.tokenizer)
+        passes = []  # (the pass, its token offsets, ids, head-line tokens)
+        for p in head_passes(self.task, texts, concepts, self.window_chars, self.max_gap):
+            enc = encode(p.text)
+            ids, n_prefix = window_inputs(self.tokenizer, p.head, enc)
+            passes.append((p, enc["offset_mapping"], ids, n_prefix))
         out: list[list[dict]] = [[] for _ in texts]
         t0 = time.monotonic()
-        for i, codes in self.decisions([p[5] for p in passes], batch_size):
-            note, head, tails, concept_of, offsets, _, n_prefix = passes[i]
-            for relation, tail in decode_tails(self.task, head, tails, offsets, codes[n_prefix:]):
-                out[note].append({"label": relation, "head": head, "tail": concept_of[id(tail)]})
-        tokens = sum(len(p[5]) for p in passes)
+        for i, codes in self.decisions([ids for _, _, ids, _ in passes], batch_size):
+            p, offsets, _, n_prefix = passes[i]
+            for relation, tail in decode_tails(self.task, p.head, p.tails, offsets, codes[n_prefix:]):
+                out[p.text_index].append({"label": relation, "head": p.head, "tail": p.concept_of[id(tail)]})
+        tokens = sum(len(ids) for _, _, ids, _ in passes)
         return out, {"passes": len(passes), "tokens": tokens, "wall_s": time.monotonic() - t0}
 
 
 class AllowedPairs:
-    """The pair classifier's floor (``jobs.evaluate --pairs allowed``): every candidate pair of a window, with every
-    relation its label pair allows: what a classifier that always says yes predicts. No model, no passes."""
+    """The pair classifier's floor (``jobs.evaluate --pairs allowed``): every candidate pair, with every relation
+    its label pair allows: what a classifier that always says yes predicts. No model, no passes. :meth:`like`: the
+    candidates of a trained classifier (its task's label pairs, window and largest gap), so the floor shows what
+    its decisions add over its candidate limits."""
 
-    def __init__(self, task: Task, window_chars: int):
+    def __init__(self, task: Task, window_chars: int, max_gap: int | None = None, name: str = "allowed-pairs"):
         self.task = task
         self.window_chars = window_chars
-        self.manifest = {"name": "allowed-pairs", "sha256": None, "kind": "rule"}
+        self.max_gap = max_gap
+        self.manifest = {"name": name, "sha256": None, "kind": "rule"}
         self.folder = None  # a rule: nothing on disk
+
+    @classmethod
+    def like(cls, folder) -> "AllowedPairs":
+        manifest = TrainedHead.manifest_of(folder)
+        if not str(manifest.get("kind", "")).startswith(KIND):
+            raise ConfigError(f"{folder}: not a {KIND} folder")
+        return cls(Task.model_validate(manifest["task_definition"]), int(manifest["tag_window_chars"]),
+                   manifest.get("pair_max_gap_chars"), name=f"allowed-pairs-like-{manifest.get('name')}")
 
     def predict(self, texts: list[str], concepts: list[list[dict]]) -> tuple[list[list[dict]], dict]:
         out: list[list[dict]] = [[] for _ in texts]
-        for k, _, heads, concept_of in candidate_windows(self.task, texts, concepts, self.window_chars):
-            out[k] += [{"label": r, "head": head, "tail": concept_of[id(t)]} for head, tails in heads
-                       for t in tails for r in allowed_relations(self.task, head["label"], t["label"])]
+        for p in head_passes(self.task, texts, concepts, self.window_chars, self.max_gap):
+            out[p.text_index] += [{"label": r, "head": p.head, "tail": p.concept_of[id(t)]} for t in p.tails
+                                  for r in allowed_relations(self.task, p.head["label"], t["label"])]
         return out, {"passes": 0, "tokens": 0, "wall_s": 0.0}
 
 

@@ -80,12 +80,17 @@ def head_notes(cfg: TrainConfig) -> tuple[Task, list[dict], list[dict]]:
     return task, train_notes, val_notes
 
 
-def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples) -> tuple[Task, list[Example], list[Example], dict]:
+def build_head_datasets(cfg: TrainConfig, tokenizer, note_examples,
+                        derive_task=None) -> tuple[Task, list[Example], list[Example], dict]:
     """Train and validation examples of a per-token head (tagger or pair classifier) for ``cfg``'s one task:
     ``note_examples(tokenizer, task, record, window_chars, counts)`` makes a note's examples and adds to
-    ``counts`` (reported as ``<count>_train``). Same note split as the generative runs."""
+    ``counts`` (reported as ``<count>_train``). Same note split as the generative runs. ``derive_task(task,
+    train_notes) -> (task, stats)``: the task the head learns, derived from its training notes."""
     task, train_notes, val_notes = head_notes(cfg)
     stats: dict[str, Any] = {"notes_train": len(train_notes), "notes_val": len(val_notes), "dropped_too_long": 0}
+    if derive_task is not None:
+        task, derived = derive_task(task, train_notes)
+        stats.update(derived)
 
     def build(notes: list[dict], cap: int | None, counts: dict) -> list[Example]:
         out: list[Example] = []
@@ -246,17 +251,19 @@ def start_training(cfg: TrainConfig):
 
 
 def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, layer_name: str, classes: int,
-               dry_run: bool = False, extra_plan: dict[str, Any] | None = None) -> dict[str, Any]:
+               dry_run: bool = False, extra_plan: dict[str, Any] | None = None, derive_task=None,
+               extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train a per-token head end to end (the tagger, or the pair classifier): examples from ``note_examples``,
     one layer per label of ``layer_labels(task)`` (``layer_name`` in the data plan), ``classes`` per layer; weights
-    and a manifest of kind ``<kind>-<mode>`` into ``cfg.output_dir``; ``extra_plan`` joins the data plan. Returns
-    the manifest (or the data plan when ``dry_run``)."""
+    and a manifest of kind ``<kind>-<mode>`` into ``cfg.output_dir``; ``extra_plan`` joins the data plan,
+    ``extra_manifest`` the manifest, ``derive_task`` goes to :func:`build_head_datasets`. Returns the manifest (or
+    the data plan when ``dry_run``)."""
     from notelake.models.adapters import write_adapter_manifest
     from notelake.models.base_model import model_sha256
 
     t_start = time.time()
     base_path, tokenizer = start_training(cfg)
-    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_examples)
+    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_examples, derive_task)
     labels = layer_labels(task)
     if not labels:
         raise ConfigError(f"task {task.name} has no {layer_name} for a {kind} to learn")
@@ -274,7 +281,7 @@ def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, laye
         tmp, name=cfg.name, kind=f"{kind}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
         base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: labels},
         task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record,
-        data_fingerprint=data_fingerprint(train_ex), dev_scores={})
+        data_fingerprint=data_fingerprint(train_ex), dev_scores={}, **(extra_manifest or {}))
     publish(tmp, Path(cfg.output_dir))
     del trainer
     gc.collect()

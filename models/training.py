@@ -75,6 +75,13 @@ class TrainConfig(BaseModel):
         None, description="pair: a tagger folder whose predicted concepts on the training notes join the gold ones as "
                           "candidates (one overlapping no gold concept of its label is false: 'no' to all its pairs), "
                           "so the classifier meets the false concepts it will see at inference")
+    pair_max_gap_chars: int | None = Field(
+        None, ge=0, description="pair: a tail is a candidate only this many characters or fewer from its head, and a "
+                                "head's pass reads only the text spanning it and its tails (null = its whole window)")
+    pair_seen_min_count: int | None = Field(
+        None, ge=1, description="pair: a relation the schema allows between any labels (pairs: null) is decided only "
+                                "for the label pairs it holds between this often in the training notes; both limits "
+                                "are kept in the classifier's manifest and applied at inference")
     base_model: str = Field(BASE_MODEL_NAME, description="base model name (models.base_model.resolve_model) or folder")
     tasks: list[str] = Field(..., min_length=1, description="task names or task YAML paths; several = multi-task")
     data_dir: Path = Field(default_factory=default_data_dir, description="folder with <task name>/train.jsonl")
@@ -142,9 +149,10 @@ class TrainConfig(BaseModel):
             self.checkpoint_dir = REPO_ROOT / ".notelake" / "checkpoints" / self.name
         else:
             self.checkpoint_dir = _repo_path(self.checkpoint_dir)
+        for key in ("pair_candidates_tagger", "pair_max_gap_chars", "pair_seen_min_count"):
+            if getattr(self, key) is not None and self.objective != "pair":
+                raise ValueError(f"{key} is for the pair classifier (objective: pair)")
         if self.pair_candidates_tagger is not None:
-            if self.objective != "pair":
-                raise ValueError("pair_candidates_tagger is for the pair classifier (objective: pair)")
             self.pair_candidates_tagger = _repo_path(self.pair_candidates_tagger)
         if self.class_weighting != "none" and self.objective == "generate":
             raise ValueError("class_weighting is for the classification heads (objective: tag or pair)")

@@ -317,6 +317,47 @@ def test_allowed_pairs_floor_predicts_every_pair_the_schema_allows(tmp_path):
     assert got == [{("caused", drug, caused), ("caused", drug, other)} for _, drug, caused, other in PAIR_SENTENCES[:2]]
 
 
+def test_pair_classifier_keeps_the_candidate_limits_it_was_trained_with(toy_pairs, toy_pair_tagger, tmp_path):
+    """On a task whose relation holds between any labels (MACCROBAT's case), pair_seen_min_count keeps the label
+    pairs seen in training (Drug -> Effect) and pair_max_gap_chars drops the far Effect and shortens each pass; both
+    land in the manifest and limit the classifier and its floor (`--pairs allowed:FOLDER`) at inference."""
+    from notelake.jobs import evaluate
+    from notelake.models.pairs import AllowedPairs, PairClassifier, gold_concepts, train_pairs
+
+    root, _ = toy_pairs
+    task = tmp_path / "toy_pairs.yaml"  # same task name, relation open to any label pair
+    task.write_text(PAIR_TASK_YAML.replace(", pairs: [[Drug, Effect]]", ""), encoding="utf-8")
+    cfg = dict(objective="pair", tasks=[str(task)], data_dir=root / "data", output_dir=tmp_path / "pairs",
+               checkpoint_dir=tmp_path / "ckpt", steps=2, batch_size=2, lora_r=4, lora_alpha=8,
+               validation_fraction=0.0, save_every=50, warmup_steps=0, threads=2)
+    plans = [train_pairs(TrainConfig(**cfg, **limits), dry_run=True)["plan"] for limits in (
+        {}, {"pair_seen_min_count": 1}, {"pair_seen_min_count": 1, "pair_max_gap_chars": 20})]
+    n = len(PAIR_SENTENCES)
+    assert [p["pairs_train"] for p in plans] == [6 * n, 2 * n, n]  # any pair; Drug -> both Effects; the near one
+    assert [p["positive_train"] for p in plans] == [n, n, n] and plans[2]["not_candidates_train"] == 0
+    assert plans[1]["seen_label_pairs"] == 1 and plans[2]["tokens_train"] < plans[1]["tokens_train"]
+
+    manifest = train_pairs(TrainConfig(**cfg, pair_seen_min_count=1, pair_max_gap_chars=20))
+    assert manifest["pair_max_gap_chars"] == 20
+    model = PairClassifier(tmp_path / "pairs")
+    assert model.max_gap == 20 and model.task.relations["caused"].pairs == [("Drug", "Effect")]
+    records = [json.loads(line) for line in (root / "data" / "toy_pairs" / "train.jsonl").read_text().splitlines()]
+    texts, concepts = [r["text"] for r in records], [gold_concepts(model.task, r) for r in records]
+    predicted, counts = model.predict(texts, concepts)
+    assert counts["passes"] == n and all(
+        (r["head"]["label"], r["tail"]["label"]) == ("Drug", "Effect") for related in predicted for r in related)
+    floor, _ = AllowedPairs.like(tmp_path / "pairs").predict(texts, concepts)
+    assert [{(r["head"]["text"], r["tail"]["text"]) for r in related} for related in floor] == [
+        {(drug, caused)} for _, drug, caused, _ in PAIR_SENTENCES]
+    out = tmp_path / "eval"
+    assert evaluate.main(["--task", str(task), "--gold", str(root / "data" / "toy_pairs" / "train.jsonl"),
+                          "--tagger", str(toy_pair_tagger), "--pairs", f"allowed:{tmp_path / 'pairs'}",
+                          "--resamples", "20", "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["pairs"]["name"] == "allowed-pairs-like-pairs"
+    with pytest.raises(ValueError, match="pair_max_gap_chars is for the pair classifier"):
+        TrainConfig(**{**cfg, "objective": "tag"}, pair_max_gap_chars=20)
+
+
 def test_balanced_class_weights_make_a_rare_class_count_as_much_as_a_common_one():
     """The pair classifier's PHEE codes are ~95 % "yes": balanced weights lift "no" so that both classes carry the
     same total loss, and the weighted loss of a confident "yes" on a "no" pair grows by that weight."""

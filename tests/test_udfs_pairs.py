@@ -3,9 +3,9 @@ tokens, and decoding back, on hand-made offsets (no tokenizer)."""
 
 from __future__ import annotations
 
-from notelake.conf.task import load_task
-from notelake.udfs.pairs import (IGNORE, candidate_tails, decode_tails, encode_targets, end_token, head_prefix,
-                                 with_predicted)
+from notelake.conf.task import Task, load_task
+from notelake.udfs.pairs import (IGNORE, candidate_tails, decode_tails, encode_targets, end_token, gap, head_prefix,
+                                 pass_span, seen_pairs, with_predicted, with_seen_pairs)
 
 PHEE = load_task("phee")
 TEXT = "Insulin induced lipoatrophies in women of reproductive age."
@@ -76,3 +76,41 @@ def test_predicted_concepts_join_the_gold_ones_as_stand_ins_or_false():
     assert [(c["id"], c["start"]) for c in concepts[3:]] == [("T2", 8), ("T3", 30), ("predicted:3", 16),
                                                                ("predicted:4", 44)]
     assert with_predicted(gold, []) == (gold, {"predicted": 0, "exact": 0, "stand_in": 0, "false": 0})
+
+
+def test_a_largest_gap_limits_the_tails_and_the_text_a_pass_reads():
+    """``max_gap``: characters between head and tail (0 when they touch or nest); a pass then reads from the first to
+    the last character of the head and its tails."""
+    assert gap(DRUG, TRIGGER) == gap(TRIGGER, DRUG) == 1 and gap(SUBJECT, AGE) == 0
+    assert gap(TRIGGER, SUBJECT) == SUBJECT["start"] - TRIGGER["end"] == 18
+    assert candidate_tails(PHEE, TRIGGER, CONCEPTS, max_gap=17) == [DRUG, TREATMENT, EFFECT]
+    assert candidate_tails(PHEE, TRIGGER, CONCEPTS, max_gap=18) == [DRUG, TREATMENT, EFFECT, SUBJECT]
+    assert candidate_tails(PHEE, TRIGGER, CONCEPTS, max_gap=27) == candidate_tails(PHEE, TRIGGER, CONCEPTS)
+    assert pass_span(TRIGGER, [DRUG, EFFECT]) == (0, EFFECT["end"])
+    assert pass_span(EFFECT, [SUBJECT]) == (EFFECT["start"], SUBJECT["end"])
+
+
+OPEN_TASK = Task(name="open", description="d", kind="cre", concepts={"A": "a", "B": "b", "C": "c"},
+                 relations={"MODIFY": {"definition": "any pair"},
+                            "CAUSE": {"definition": "fixed pairs", "pairs": [["A", "C"]]}})
+
+
+def record(concepts: str, relations: list[tuple[str, int, int]]) -> dict:
+    return {"concepts": [{"id": f"T{k}", "label": label} for k, label in enumerate(concepts)],
+            "relations": [{"label": r, "head": f"T{h}", "tail": f"T{t}"} for r, h, t in relations]}
+
+
+def test_seen_label_pairs_limit_only_the_relations_the_schema_leaves_open():
+    """MACCROBAT's relations hold between any labels: ``with_seen_pairs`` keeps, for such a relation, the label pairs
+    it holds between at least ``min_count`` times in the training notes; a relation with pairs keeps its own;
+    relations of other tasks' labels, or naming a missing concept, are not counted."""
+    notes = [record("AB", [("MODIFY", 0, 1)]), record("ABC", [("MODIFY", 0, 1), ("MODIFY", 2, 0), ("CAUSE", 0, 2)]),
+             record("B", [("OTHER", 0, 0), ("MODIFY", 0, 9)])]
+    assert seen_pairs(OPEN_TASK, notes) == {("MODIFY", "A", "B"): 2, ("MODIFY", "C", "A"): 1, ("CAUSE", "A", "C"): 1}
+    limited, counts = with_seen_pairs(OPEN_TASK, notes, min_count=2)
+    assert limited.relations["MODIFY"].pairs == [("A", "B")] and limited.relations["CAUSE"].pairs == [("A", "C")]
+    assert counts == {"seen_relations": 3, "seen_relations_kept": 2, "seen_label_pairs": 1}
+    assert limited.allows("MODIFY", "A", "B") and not limited.allows("MODIFY", "C", "A")
+    assert OPEN_TASK.allows("MODIFY", "C", "A") and OPEN_TASK.relations["MODIFY"].pairs is None  # not touched
+    assert with_seen_pairs(OPEN_TASK, notes, 1)[0].relations["MODIFY"].pairs == [("A", "B"), ("C", "A")]
+    assert Task.model_validate(limited.model_dump(mode="json")) == limited  # survives a manifest round trip

@@ -11,12 +11,17 @@ concepts often end on the same token (PHEE's Treatment "insulin" and Drug "insul
 reproductive age" and Subject_age "reproductive age"), and a tail's relation is read only from the layers its
 label pair allows (``Task.allows``), so two such tails of different relations stay apart. Candidates are the
 concept pairs some relation of the task allows: PHEE's trigger -> argument, Drug -> Effect and
-Combination_trigger -> Drug; MACCROBAT allows any pair.
+Combination_trigger -> Drug; MACCROBAT's schema allows any pair, which makes a pass per concept over its whole
+window with every other concept as a tail (7.44M tokens an epoch). Two optional limits, both learnt or set at
+training and kept with the classifier: the label pairs seen in the training relations (:func:`with_seen_pairs`)
+and a largest gap between head and tail (:func:`within`); with the gap set, a head's pass reads only the text from
+the first to the last of it and its tails (:func:`pass_span`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections import Counter
+from typing import Iterable, Mapping, Sequence
 
 from notelake.conf.task import Task
 
@@ -36,10 +41,56 @@ def _same_concept(a: Mapping, b: Mapping) -> bool:
     return (a["start"], a["end"], a["label"]) == (b["start"], b["end"], b["label"])
 
 
-def candidate_tails(task: Task, head: Mapping, concepts: Sequence[Mapping]) -> list[Mapping]:
+def gap(a: Mapping, b: Mapping) -> int:
+    """Characters between two concepts (0 when they touch or overlap)."""
+    return max(0, b["start"] - a["end"], a["start"] - b["end"])
+
+
+def within(head: Mapping, tail: Mapping, max_gap: int | None) -> bool:
+    return max_gap is None or gap(head, tail) <= max_gap
+
+
+def candidate_tails(task: Task, head: Mapping, concepts: Sequence[Mapping], max_gap: int | None = None) -> list[Mapping]:
     """The concepts (``{"label", "start", "end", ...}``: first and last character) some relation allows as a
-    tail of ``head``."""
-    return [c for c in concepts if not _same_concept(c, head) and allowed_relations(task, head["label"], c["label"])]
+    tail of ``head`` (no more than ``max_gap`` characters away from it, when given)."""
+    return [c for c in concepts if not _same_concept(c, head) and within(head, c, max_gap)
+            and allowed_relations(task, head["label"], c["label"])]
+
+
+def pass_span(head: Mapping, tails: Sequence[Mapping]) -> tuple[int, int]:
+    """The characters a head's pass must read: from the first to the last character of the head and its tails."""
+    ends = [head, *tails]
+    return min(c["start"] for c in ends), max(c["end"] for c in ends)
+
+
+def seen_pairs(task: Task, records: Iterable[Mapping]) -> Counter:
+    """How often each (relation, head label, tail label) holds among the gold relations of ``records`` (the data
+    format's notes: concepts with ids, relations naming them)."""
+    counts: Counter = Counter()
+    for record in records:
+        label_of = {c["id"]: c["label"] for c in record["concepts"]}
+        for r in record.get("relations", []):
+            if r["label"] in task.relations and r["head"] in label_of and r["tail"] in label_of:
+                counts[(r["label"], label_of[r["head"]], label_of[r["tail"]])] += 1
+    return counts
+
+
+def with_seen_pairs(task: Task, records: Iterable[Mapping], min_count: int) -> tuple[Task, dict[str, int]]:
+    """``task`` with each relation the schema leaves open to any label pair (``pairs: null``) limited to the label
+    pairs it holds between at least ``min_count`` times in ``records``, and counts of the relations so limited:
+    seen_relations, seen_relations_kept (between a kept label pair), seen_label_pairs (kept). Relations the schema already limits keep their pairs."""
+    counts = seen_pairs(task, records)
+    relations = {}
+    for label, spec in task.relations.items():
+        if spec.pairs is None:
+            spec = spec.model_copy(update={"pairs": sorted((h, t) for (r, h, t), n in counts.items()
+                                                           if r == label and n >= min_count)})
+        relations[label] = spec
+    open_ = {label for label, spec in task.relations.items() if spec.pairs is None}
+    stats = {"seen_relations": sum(n for (r, _, _), n in counts.items() if r in open_),
+             "seen_relations_kept": sum(n for (r, _, _), n in counts.items() if r in open_ and n >= min_count),
+             "seen_label_pairs": sum(len(relations[r].pairs) for r in open_)}
+    return task.model_copy(update={"relations": relations}), stats
 
 
 def with_predicted(gold: Sequence[Mapping], predicted: Sequence[Mapping]) -> tuple[list[dict], dict[str, int]]:
