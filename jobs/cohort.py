@@ -1,6 +1,7 @@
 """Cohort SQL over the output tables, with DuckDB or Spark SQL (same queries, same rows).
 
     notelake sql --output <warehouse dir> --query drug_adverse_effects [--engine duckdb|spark]
+    notelake sql --output <warehouse dir> --query "select label, count(*) from relations group by label"
 
 Both engines read exactly the current Delta snapshot's Parquet files, listed by ``deltalake``
 (``DeltaTable.file_uris()``): DuckDB with ``read_parquet``, Spark with ``spark.read.parquet`` (the path for
@@ -20,14 +21,18 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 QUERY_TABLES = ("concepts", "relations", "runs", "errors")
 
 
-def query_text(name_or_path: str) -> str:
-    path = Path(name_or_path)
-    if path.suffix != ".sql":
-        path = SQL_DIR / f"{name_or_path}.sql"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in SQL_DIR.glob("*.sql")))
-        raise FileNotFoundError(f"no query {name_or_path!r}; shipped queries: {known}")
-    return path.read_text(encoding="utf-8")
+def query_text(query: str) -> str:
+    """The SQL of a shipped query's name, of a ``.sql`` file, or ``query`` itself when it is a statement (holds a
+    space). Anything else is a :class:`ConfigError` naming the shipped queries."""
+    from notelake.conf.settings import ConfigError
+
+    path = Path(query) if query.endswith(".sql") else SQL_DIR / f"{query}.sql"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if not query.endswith(".sql") and any(c.isspace() for c in query.strip()):
+        return query
+    known = ", ".join(sorted(p.stem for p in SQL_DIR.glob("*.sql")))
+    raise ConfigError(f"no query {query!r}: give a shipped query ({known}), a .sql file or a SQL statement")
 
 
 def run_duckdb(output: str | Path, sql: str, opts: dict[str, str] | None = None) -> pa.Table:
@@ -63,29 +68,37 @@ def run_spark(spark, output: str | Path, sql: str, opts: dict[str, str] | None =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="notelake sql", description="run a cohort query over the output tables")
     p.add_argument("--output", required=True, help="warehouse directory written by the extract job")
-    p.add_argument("--query", default="drug_adverse_effects", help="shipped query name or a .sql file")
+    p.add_argument("--query", default="drug_adverse_effects",
+                   help="shipped query name, a .sql file, or a SQL statement over concepts, relations, runs, errors")
     p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb")
     p.add_argument("--max-rows", type=int, default=50)
     p.add_argument("--conf", default=None, help="settings YAML whose storage.options reach an object-store output "
                                                "(the environment's AWS_* variables serve too)")
     args = p.parse_args(argv)
-    sql = query_text(args.query)
+    import duckdb
+
     from notelake.conf import load_settings
+    from notelake.conf.settings import ConfigError
     from notelake.jobs import storage
 
-    settings = load_settings(args.conf)
-    opts = storage.settings_options(settings)
-    if args.engine == "duckdb":
+    try:
+        sql = query_text(args.query)
+        settings = load_settings(args.conf)
+        opts = storage.settings_options(settings)
+        if args.engine == "spark":
+            from notelake.jobs.extract import start_spark
+
+            spark = start_spark(settings, app_name="notelake-sql")
+            run_spark(spark, args.output, sql, opts).show(args.max_rows, truncate=False)
+            return 0
         table = run_duckdb(args.output, sql, opts)
-        import polars as pl
+    except (ConfigError, duckdb.Error) as exc:  # a query or a setting to fix: its message is for the user
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import polars as pl
 
-        with pl.Config(tbl_rows=args.max_rows, tbl_width_chars=160, fmt_str_lengths=60):
-            print(pl.from_arrow(table))
-    else:
-        from notelake.jobs.extract import start_spark
-
-        spark = start_spark(settings, app_name="notelake-sql")
-        run_spark(spark, args.output, sql, opts).show(args.max_rows, truncate=False)
+    with pl.Config(tbl_rows=args.max_rows, tbl_width_chars=160, fmt_str_lengths=60):
+        print(pl.from_arrow(table))
     return 0
 
 

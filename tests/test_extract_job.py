@@ -14,6 +14,7 @@ from deltalake import DeltaTable
 from jobkit import (assert_no_duplicates, job_settings, offsets_exact, sample_notes, sorted_rows, table, write_conf,
                     write_notes)
 
+from notelake.jobs import cohort
 from notelake.jobs import extract as job
 from notelake.jobs.cohort import query_text, run_duckdb, run_spark
 from notelake.jobs.warehouse import read_delta_arrow
@@ -32,7 +33,7 @@ def test_job_engine_enables_lora_only_for_an_unmerged_adapter(settings, tiny_ada
     assert job.job_engine_settings(replay) == replay
 
 
-def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings):
+def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings, capsys):
     notes = sample_notes(4)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
@@ -96,6 +97,13 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings)
     for name in ("drug_adverse_effects", "adverse_event_cohort"):
         run_duckdb(out, query_text(name))  # parses and runs over the real tables
         run_spark(spark, out, query_text(name)).collect()
+    # `notelake sql`: a statement of one's own runs too; a query to fix is a one-line error and exit 2
+    assert cohort.main(["--output", str(out), "--query", "select 'rows=' || count(*) as n from concepts"]) == 0
+    assert f"rows={len(after)}" in capsys.readouterr().out
+    assert cohort.main(["--output", str(out), "--query", "no_such_query"]) == 2
+    assert cohort.main(["--output", str(out), "--query", "select no_such_column from concepts"]) == 2
+    err = capsys.readouterr().err
+    assert "shipped query (adverse_event_cohort" in err and "no_such_column" in err and "Traceback" not in err
 
 
 def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings):
