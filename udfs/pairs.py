@@ -50,7 +50,8 @@ def within(head: Mapping, tail: Mapping, max_gap: int | None) -> bool:
     return max_gap is None or gap(head, tail) <= max_gap
 
 
-def candidate_tails(task: Task, head: Mapping, concepts: Sequence[Mapping], max_gap: int | None = None) -> list[Mapping]:
+def candidate_tails(task: Task, head: Mapping, concepts: Sequence[Mapping],
+                    max_gap: int | None = None) -> list[Mapping]:
     """The concepts (``{"label", "start", "end", ...}``: first and last character) some relation allows as a
     tail of ``head`` (no more than ``max_gap`` characters away from it, when given)."""
     return [c for c in concepts if not _same_concept(c, head) and within(head, c, max_gap)
@@ -78,7 +79,8 @@ def seen_pairs(task: Task, records: Iterable[Mapping]) -> Counter:
 def with_seen_pairs(task: Task, records: Iterable[Mapping], min_count: int) -> tuple[Task, dict[str, int]]:
     """``task`` with each relation the schema leaves open to any label pair (``pairs: null``) limited to the label
     pairs it holds between at least ``min_count`` times in ``records``, and counts of the relations so limited:
-    seen_relations, seen_relations_kept (between a kept label pair), seen_label_pairs (kept). Relations the schema already limits keep their pairs."""
+    seen_relations, seen_relations_kept (between a kept label pair), seen_label_pairs (kept). Relations the schema
+    already limits keep their pairs."""
     counts = seen_pairs(task, records)
     relations = {}
     for label, spec in task.relations.items():
