@@ -204,9 +204,7 @@ class AllowedPairs:
 
     @classmethod
     def like(cls, folder) -> "AllowedPairs":
-        manifest = TrainedHead.manifest_of(folder)
-        if not str(manifest.get("kind", "")).startswith(KIND):
-            raise ConfigError(f"{folder}: not a {KIND} folder")
+        manifest = PairClassifier.checked_manifest(folder)  # no model loaded: a rule needs its candidates only
         return cls(Task.model_validate(manifest["task_definition"]), int(manifest["tag_window_chars"]),
                    manifest.get("pair_max_gap_chars"), name=f"allowed-pairs-like-{manifest.get('name')}")
 

@@ -305,13 +305,8 @@ class TrainedHead:
         import torch
         from transformers import AutoTokenizer
 
-        from notelake.models.base_model import read_manifest
-
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        if not self.manifest or not str(self.manifest.get("kind", "")).startswith(self.kind):
-            raise ConfigError(f"{self.folder}: not a {self.kind} folder (manifest kind {self.kind}-lora / "
-                              f"{self.kind}-full)")
+        self.manifest = self.checked_manifest(self.folder)
         if threads:
             torch.set_num_threads(threads)
         self.task = Task.model_validate(self.manifest["task_definition"])  # the folder is self-contained
@@ -328,6 +323,14 @@ class TrainedHead:
         else:
             model = load_token_head(self.folder, outputs, torch.float32)
         self.model = model.eval()
+
+    @classmethod
+    def checked_manifest(cls, folder: str | Path) -> dict:
+        """The folder's manifest; a :class:`ConfigError` unless it is one of this class's kind."""
+        manifest = cls.manifest_of(folder)
+        if not str(manifest.get("kind", "")).startswith(cls.kind):
+            raise ConfigError(f"{folder}: not a {cls.kind} folder (manifest kind {cls.kind}-lora / {cls.kind}-full)")
+        return manifest
 
     @staticmethod
     def manifest_of(folder: str | Path) -> dict:

@@ -321,6 +321,7 @@ def test_pair_classifier_keeps_the_candidate_limits_it_was_trained_with(toy_pair
     """On a task whose relation holds between any labels (MACCROBAT's case), pair_seen_min_count keeps the label
     pairs seen in training (Drug -> Effect) and pair_max_gap_chars drops the far Effect and shortens each pass; both
     land in the manifest and limit the classifier and its floor (`--pairs allowed:FOLDER`) at inference."""
+    from notelake.conf.settings import ConfigError
     from notelake.jobs import evaluate
     from notelake.models.pairs import AllowedPairs, PairClassifier, gold_concepts, train_pairs
 
@@ -347,6 +348,8 @@ def test_pair_classifier_keeps_the_candidate_limits_it_was_trained_with(toy_pair
     assert counts["passes"] == n and all(
         (r["head"]["label"], r["tail"]["label"]) == ("Drug", "Effect") for related in predicted for r in related)
     floor, _ = AllowedPairs.like(tmp_path / "pairs").predict(texts, concepts)
+    with pytest.raises(ConfigError, match="not a pairs folder"):
+        AllowedPairs.like(toy_pair_tagger)
     assert [{(r["head"]["text"], r["tail"]["text"]) for r in related} for related in floor] == [
         {(drug, caused)} for _, drug, caused, _ in PAIR_SENTENCES]
     out = tmp_path / "eval"
