@@ -86,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.conf)
         opts = storage.settings_options(settings)
         if args.engine == "spark":
+            from pyspark.errors import AnalysisException  # parse errors too: ParseException is one
+
             from notelake.jobs.extract import start_spark
 
             spark = start_spark(settings, app_name="notelake-sql")
-            run_spark(spark, args.output, sql, opts).show(args.max_rows, truncate=False)
+            try:
+                run_spark(spark, args.output, sql, opts).show(args.max_rows, truncate=False)
+            except AnalysisException as exc:  # the statement's own error (its plan, never rows): for the user
+                raise ConfigError(f"Spark SQL: {exc}") from None
             return 0
         table = run_duckdb(args.output, sql, opts)
     except (ConfigError, duckdb.Error) as exc:  # a query or a setting to fix: its message is for the user

@@ -17,7 +17,8 @@ No Spark is involved; run it directly, from the repository root::
 
 Relative paths in the config (output_dir, checkpoint_dir, data_dir) are taken from the repository root.
 The run resumes from the last checkpoint in ``checkpoint_dir`` (default ``.notelake/checkpoints/<name>``,
-git-ignored) unless ``--no-resume``. ``touch <checkpoint_dir>/STOP`` ends a run gracefully after the current step
+git-ignored) unless ``--no-resume`` (which removes them and starts over); checkpoints of a different run there
+(``run.json``: another mode, tasks, data or recipe) are refused with exit 2. ``touch <checkpoint_dir>/STOP`` ends a run gracefully after the current step
 (checkpoint + adapter written); ``--export-checkpoint <checkpoint_dir>/checkpoint-N`` writes the adapter folder
 from a checkpoint of a run that was cut off. The output folder holds only the weights, their config and
 ``manifest.json``. Progress lines carry step, loss, tokens, tokens/s, ETA and peak RSS — never note text.
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir")
     p.add_argument("--checkpoint-dir")
     p.add_argument("--name")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over: remove the checkpoints in checkpoint_dir instead of resuming the last one")
     p.add_argument("--dry-run", action="store_true", help="print the data plan and token estimate, do not train")
     p.add_argument("--export-checkpoint", metavar="CKPT",
                    help="do not train: write output_dir (weights + manifest) from this checkpoint of the config's run")

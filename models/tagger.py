@@ -31,6 +31,7 @@ from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
 from notelake.models.evaluation import Mention, NoteItems, gold_items, score_notes
 from notelake.models.training import (BASE_MODEL_NAME, Example, PadCollator, TrainConfig, _make_callbacks,
+                                      checkpoint_to_resume,
                                       count_params, data_fingerprint, peak_rss_mb, planned_steps, publish,
                                       read_jsonl, resolve_base, split_notes, stage_weights)
 from notelake.udfs.bio import IGNORE, LAYER_TAGS, decode_layers, encode_layers
@@ -149,8 +150,8 @@ def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[
     trainer and the training record for the manifest. Shared by the tagger and the pair classifier."""
     import torch
     from transformers import Trainer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
+    last = checkpoint_to_resume(cfg, train_ex)  # before the model loads: a wrong folder fails in seconds
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and cfg.dtype != "float32" else torch.float32
     model = load_token_head(base_path, layers * classes, dtype)
@@ -213,7 +214,6 @@ def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    last = get_last_checkpoint(str(cfg.checkpoint_dir)) if cfg.resume and Path(cfg.checkpoint_dir).is_dir() else None
     if last:
         print(f"resuming from checkpoint {last}", flush=True)
     t_train = time.time()

@@ -310,6 +310,57 @@ def data_fingerprint(examples: list[Example]) -> str:
     return hashlib.sha256("\n".join(sorted(e.id for e in examples)).encode()).hexdigest()
 
 
+RUN_FILE = "run.json"
+# config fields that do not change which run a checkpoint belongs to: where things are written, how often, how
+# fast, and how long the run goes on (a run extended by steps, epochs or token budget resumes)
+_NOT_RUN_IDENTITY = {"name", "output_dir", "checkpoint_dir", "resume", "threads", "save_every", "keep_checkpoints",
+                     "data_dir", "steps", "epochs", "token_budget"}
+
+
+def run_identity(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
+    """What makes two runs the same run: the training config less the fields above, and the data. Paths inside the
+    repository are kept relative to it, so a clone moved elsewhere still resumes."""
+    root = f"{REPO_ROOT}{os.sep}"
+    identity = {k: v.removeprefix(root) if isinstance(v, str) else v
+                for k, v in json.loads(cfg.model_dump_json()).items() if k not in _NOT_RUN_IDENTITY}
+    identity["data_fingerprint"] = data_fingerprint(examples)
+    return identity
+
+
+def checkpoint_to_resume(cfg: TrainConfig, examples: list[Example]) -> str | None:
+    """The checkpoint this run resumes from, or None to start fresh; records the run in ``checkpoint_dir/run.json``.
+
+    Refuses (ConfigError) to resume checkpoints of a different run: a config reused with ``--mode``, ``--tasks`` or
+    ``--data-fraction`` overrides keeps its ``checkpoint_dir``, and resuming another run's weights and optimizer
+    state would train a silently wrong model. ``resume: false`` (``--no-resume``) starts over: the folder's
+    checkpoints are removed, so a later resume cannot pick up the old run's higher-numbered ones."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run_file = ckpt_dir / RUN_FILE
+    identity = run_identity(cfg, examples)
+    last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume else None
+    if not cfg.resume:
+        old = sorted(ckpt_dir.glob("checkpoint-*"))
+        for folder in old:
+            shutil.rmtree(folder)
+        if old:
+            print(f"starting over: removed {len(old)} checkpoints of the previous run in {ckpt_dir}", flush=True)
+    elif last and run_file.exists():
+        recorded = json.loads(run_file.read_text())
+        differs = sorted(k for k in identity.keys() | recorded.keys() if identity.get(k) != recorded.get(k))
+        if differs:
+            raise ConfigError(
+                f"{ckpt_dir} holds checkpoints of a different run (differs in: {', '.join(differs)}); "
+                f"pass --checkpoint-dir DIR for this run, or --no-resume to start over there (removes them)")
+    elif last:
+        print(f"warning: {ckpt_dir} has no {RUN_FILE} (written before it existed): cannot check that "
+              f"{Path(last).name} belongs to this run", flush=True)
+    run_file.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    return last
+
+
 def planned_steps(cfg: TrainConfig, examples: list[Example]) -> int:
     """Optimizer steps of the run: ``epochs`` passes over ``examples`` when set, else ``steps``."""
     if cfg.epochs is None:
@@ -483,6 +534,7 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     print("data plan: " + json.dumps(plan), flush=True)
     if dry_run:
         return plan
+    last = checkpoint_to_resume(cfg, train_ex)  # before the model loads: a wrong folder fails in seconds
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
@@ -509,13 +561,9 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
           f"threads {torch.get_num_threads()}", flush=True)
 
     from transformers import Trainer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     has_val = bool(val_ex)
     args = TrainingArguments(
-        output_dir=str(ckpt_dir),
+        output_dir=str(cfg.checkpoint_dir),
         max_steps=planned_steps(cfg, train_ex),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -558,7 +606,6 @@ def train(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress line replaces the raw dict dumps
-    last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume else None
     if last:
         print(f"resuming from checkpoint {last}", flush=True)
     t_train = time.time()

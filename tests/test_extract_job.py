@@ -104,6 +104,13 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings,
     assert cohort.main(["--output", str(out), "--query", "select no_such_column from concepts"]) == 2
     err = capsys.readouterr().err
     assert "shipped query (adverse_event_cohort" in err and "no_such_column" in err and "Traceback" not in err
+    spark_sql = ["--output", str(out), "--engine", "spark", "--query"]
+    assert cohort.main([*spark_sql, "select 'rows=' || count(*) as n from concepts"]) == 0
+    assert f"rows={len(after)}" in capsys.readouterr().out
+    assert cohort.main([*spark_sql, "select no_such_column from concepts"]) == 2
+    assert cohort.main([*spark_sql, "selec nothing from"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_column" in err and "PARSE_SYNTAX_ERROR" in err and "Traceback" not in err
 
 
 def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from notelake.conf.settings import ConfigError
-from notelake.models.training import TrainConfig, build_datasets, encode_example, load_train_config, split_notes
+from notelake.models.training import (TrainConfig, build_datasets, checkpoint_to_resume, encode_example,
+                                      load_train_config, split_notes)
 from notelake.udfs import answer, prompts
 
 TASK_YAML = """\
@@ -162,6 +163,13 @@ def test_lora_few_steps_writes_adapter_with_manifest(toy, tmp_path, base_model_p
     assert exported["training"]["exported_from"] == "checkpoint-2"
     assert exported["training"]["optimizer_steps"] == 2 and exported["training"]["trainable_params"] > 0
     load_adapter(tmp_path / "exported", model_sha256(base_model_path), "toy_ade")
+
+    # the same checkpoint folder for a different run (another mode) is refused before the model loads, naming why
+    with pytest.raises(ConfigError, match=r"different run \(differs in: mode\)"):
+        train(cfg.model_copy(update={"mode": "full", "steps": 4}))
+    # --no-resume starts over there: the old run's checkpoints go, so no later resume picks them up
+    assert checkpoint_to_resume(cfg.model_copy(update={"resume": False}), []) is None
+    assert not list(Path(cfg.checkpoint_dir).glob("checkpoint-*"))
 
 
 def test_token_budget_stops_the_run(toy, tmp_path, base_model_path):
