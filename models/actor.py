@@ -137,6 +137,31 @@ def remote_engine_actor():
 
 
 # ============================================================================================== pool
+class CounterTotals:
+    """The actors' live counters summed so that the sums never go back. An actor that does not answer in time
+    (its threads all busy with generate calls from the executors) keeps its last answer, one that died keeps what
+    it had counted, and one restarted by Ray (counting from zero again) adds to what it counted before: progress
+    lines measured against a baseline would otherwise show negative prompts and rates."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, dict[str, int]] = {}
+        self.before_restart: dict[int, dict[str, int]] = {}
+
+    def update(self, actor: int, counts: dict[str, int]) -> None:
+        last = self.last.get(actor)
+        if last is not None and counts["requests"] < last["requests"]:
+            earlier = self.before_restart.get(actor, {})
+            self.before_restart[actor] = {k: earlier.get(k, 0) + v for k, v in last.items()}
+        self.last[actor] = dict(counts)
+
+    def total(self) -> dict[str, int]:
+        total = {"requests": 0, "output_tokens": 0, "errors": 0}
+        for part in (*self.last.values(), *self.before_restart.values()):
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+
 class EnginePool:
     """Handles to the named engine actors of one engine config."""
 
@@ -145,6 +170,7 @@ class EnginePool:
         self.names = names
         self.settings = settings
         self._dead: set[int] = set()
+        self._totals = CounterTotals()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -216,17 +242,15 @@ class EnginePool:
         return self
 
     def counts(self) -> dict[str, int]:
-        """Requests, output tokens and errors answered so far, summed over the live actors."""
-        total = {"requests": 0, "output_tokens": 0, "errors": 0}
+        """Requests, output tokens and errors answered so far, summed over the actors (never going back)."""
         for i, actor in enumerate(self.actors):
             if i in self._dead:
                 continue
             try:
-                for key, value in ray.get(actor.counts.remote(), timeout=10).items():
-                    total[key] += value
-            except Exception:  # noqa: BLE001 - progress is best effort; a restarting actor answers later
+                self._totals.update(i, ray.get(actor.counts.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - progress is best effort: a busy or restarting actor answers later
                 continue
-        return total
+        return self._totals.total()
 
     def generate(self, requests: list[GenerationRequest], batch_size: int | None = None) -> list[GenerationResult]:
         """Results in input order; per-item errors (including ``engine_unavailable``) instead of exceptions."""

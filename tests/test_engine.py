@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from notelake.conf.task import load_task
-from notelake.models.actor import ENGINE_UNAVAILABLE, EnginePool, actor_names, engine_config_hash
+from notelake.models.actor import ENGINE_UNAVAILABLE, CounterTotals, EnginePool, actor_names, engine_config_hash
 from notelake.models.engine import GenerationRequest, GenerationResult
 from notelake.udfs.answer import answer_guide, mention_ngrams
 from notelake.udfs.parsing import ParsedAnswer, parse_answer
@@ -184,6 +184,24 @@ def test_pool_orders_results_across_batches(ray_address, settings):
     assert [r.request_id for r in out] == [f"r{i}" for i in range(11)]
     assert all(r.text == f"echo:{r.request_id}" for r in out)
     pool.shutdown()
+
+
+def test_progress_counts_never_go_back():
+    """The live counters behind the progress lines: an actor that did not answer this time keeps its last answer
+    (a busy actor used to count as zero: a line showed -523 prompts at -13 prompts/s), and one Ray restarted
+    adds its new counts to what it counted before."""
+    totals = CounterTotals()
+    totals.update(0, {"requests": 523, "output_tokens": 8000, "errors": 1})
+    totals.update(1, {"requests": 10, "output_tokens": 100, "errors": 0})
+    assert totals.total() == {"requests": 533, "output_tokens": 8100, "errors": 1}
+    # actor 1 not asked or not answering: no update, its 10 stand
+    totals.update(0, {"requests": 600, "output_tokens": 9000, "errors": 1})
+    assert totals.total()["requests"] == 610
+    # actor 0 restarted: counting from zero again
+    totals.update(0, {"requests": 5, "output_tokens": 50, "errors": 0})
+    assert totals.total() == {"requests": 615, "output_tokens": 9150, "errors": 1}
+    totals.update(0, {"requests": 7, "output_tokens": 70, "errors": 0})
+    assert totals.total()["requests"] == 617
 
 
 def test_dead_actor_gives_per_item_errors(ray_address, settings):
