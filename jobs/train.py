@@ -18,10 +18,11 @@ No Spark is involved; run it directly, from the repository root::
 Relative paths in the config (output_dir, checkpoint_dir, data_dir) are taken from the repository root.
 The run resumes from the last checkpoint in ``checkpoint_dir`` (default ``.notelake/checkpoints/<name>``,
 git-ignored) unless ``--no-resume`` (which removes them and starts over); checkpoints of a different run there
-(``run.json``: another mode, tasks, data or recipe) are refused with exit 2. ``touch <checkpoint_dir>/STOP`` ends a run gracefully after the current step
-(checkpoint + adapter written); ``--export-checkpoint <checkpoint_dir>/checkpoint-N`` writes the adapter folder
-from a checkpoint of a run that was cut off. The output folder holds only the weights, their config and
-``manifest.json``. Progress lines carry step, loss, tokens, tokens/s, ETA and peak RSS — never note text.
+(``run.json``: another mode, tasks, data or recipe) are refused with exit 2. ``touch <checkpoint_dir>/STOP`` ends
+a run gracefully after the current step (checkpoint + adapter written); ``--export-checkpoint
+<checkpoint_dir>/checkpoint-N`` writes the adapter folder from a checkpoint of a run that was cut off. The output
+folder holds only the weights, their config and ``manifest.json``. Progress lines carry step, loss, tokens,
+tokens/s, ETA and peak RSS — never note text.
 Exit codes: 0 trained, 2 bad configuration.
 """
 

@@ -31,9 +31,8 @@ from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
 from notelake.models.evaluation import Mention, NoteItems, gold_items, score_notes
 from notelake.models.training import (BASE_MODEL_NAME, Example, PadCollator, TrainConfig, _make_callbacks,
-                                      checkpoint_to_resume,
-                                      count_params, data_fingerprint, peak_rss_mb, planned_steps, publish,
-                                      read_jsonl, resolve_base, split_notes, stage_weights)
+                                      checkpoint_to_resume, count_params, data_fingerprint, peak_rss_mb,
+                                      planned_steps, publish, read_jsonl, resolve_base, split_notes, stage_weights)
 from notelake.udfs.bio import IGNORE, LAYER_TAGS, decode_layers, encode_layers
 
 log = logging.getLogger("notelake.tagger")

@@ -340,14 +340,16 @@ def checkpoint_to_resume(cfg: TrainConfig, examples: list[Example]) -> str | Non
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     run_file = ckpt_dir / RUN_FILE
     identity = run_identity(cfg, examples)
-    last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume else None
-    if not cfg.resume:
+    last = None
+    if cfg.resume:
+        last = get_last_checkpoint(str(ckpt_dir))
+    else:
         old = sorted(ckpt_dir.glob("checkpoint-*"))
         for folder in old:
             shutil.rmtree(folder)
         if old:
             print(f"starting over: removed {len(old)} checkpoints of the previous run in {ckpt_dir}", flush=True)
-    elif last and run_file.exists():
+    if last and run_file.exists():
         recorded = json.loads(run_file.read_text())
         differs = sorted(k for k in identity.keys() | recorded.keys() if identity.get(k) != recorded.get(k))
         if differs:
