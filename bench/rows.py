@@ -39,7 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 # conf/local.yaml's batching before the benchmarks (commit 557667c), measured beside the current one.
 BASE_NO_LORA = "base, engine without LoRA"
 WARMUP_SEED = 10_000  # the 4 notes every engine runs once before its timed passes (not in the corpus)
-PRE_TUNING_BATCHING = {"ray": {"batch_size": 16, "max_in_flight": 2}, "spark": {"arrow_batch_size": 32}}
+PRE_TUNING_BATCHING = {"ray": {"batch_size": 16, "max_in_flight": 2, "batches_ahead": 0},
+                       "spark": {"arrow_batch_size": 32}}
+#: the conf's batching as it was before batches were sent ahead (session 18 and earlier)
+ONE_BATCH_AT_A_TIME = {"ray": {"batches_ahead": 0}}
 
 
 def bench_settings(args, **overrides):
@@ -362,9 +365,9 @@ def project_functions(profiler, top: int = 20) -> list[dict]:
 
 
 def timed_job_without_spark(name: str, settings, notes, output: str, pool, task) -> dict:
-    """The job's executor path without Spark: ``extract_batch`` (chunk, prompt, EnginePool.generate, parse,
-    ground, stage) on Arrow batches of ``spark.arrow_batch_size`` notes, in ``num_actors x max_in_flight``
-    threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates what Spark adds to the job."""
+    """The job's executor path without Spark: ``extract_batches`` (chunk, prompt, EnginePool.generate, parse,
+    ground, stage; ``ray.batches_ahead`` sent ahead) on Arrow batches of ``spark.arrow_batch_size`` notes, in
+    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates what Spark adds to the job."""
     import shutil
     import uuid
     from concurrent.futures import ThreadPoolExecutor
@@ -372,7 +375,7 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
     import pyarrow as pa
 
     from notelake.jobs.extract import describe_extraction, load_round
-    from notelake.jobs.stage import RunContext, extract_batch
+    from notelake.jobs.stage import SUMMARY_SCHEMA, RunContext, extract_batches
     from notelake.jobs.warehouse import open_warehouse
     from notelake.udfs.hashing import note_bucket, sha256_text
 
@@ -400,9 +403,11 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
             .append_column("task", pa.array([task.name] * n, pa.string())) \
             .append_column("has_output", pa.array([False] * n)).append_column("in_ledger", pa.array([False] * n))
         batches = hashed.to_batches(max_chunksize=settings.spark.arrow_batch_size)
-        with ThreadPoolExecutor(settings.ray.num_actors * settings.ray.max_in_flight) as threads:
-            summaries = pa.Table.from_batches(list(threads.map(
-                lambda kb: extract_batch(kb[1], ctx, pool, "driver", kb[0]), enumerate(batches))))
+        partitions = settings.ray.num_actors * settings.ray.max_in_flight  # the job's Spark partitions
+        with ThreadPoolExecutor(partitions) as threads:
+            streams = threads.map(lambda p: [b for _, b in extract_batches(batches[p::partitions], ctx, lambda: pool,
+                                                                             f"driver-p{p}")], range(partitions))
+            summaries = pa.Table.from_batches([b for stream in streams for b in stream], SUMMARY_SCHEMA)
         load_round(warehouse, str(staging), summaries.to_pylist(), hashed.select(list(passthrough)).schema)
         shutil.rmtree(staging, ignore_errors=True)
         wall = time.monotonic() - t0
@@ -456,18 +461,19 @@ def _start_job_stack(settings, task, work: Path, also_warm=()):
 
 def batching_label(settings) -> str:
     return (f"batch {settings.ray.batch_size}, {settings.ray.max_in_flight} in flight, "
-            f"Arrow {settings.spark.arrow_batch_size}")
+            f"Arrow {settings.spark.arrow_batch_size}, {settings.ray.batches_ahead} ahead")
 
 
 def row_job(args) -> dict:
-    """Rows 2, 5, 6 and 7: the job end to end (the conf's batching and the pre-tuning one), the incremental
-    rerun, the job's executor path without Spark, scaling, and the fixed costs."""
+    """Rows 2, 5, 6 and 7: the job end to end (the conf's batching, the same one batch at a time, and the
+    pre-tuning one), the incremental rerun, the job's executor path without Spark, scaling, and the fixed costs."""
     from notelake.conf.task import load_task
 
     work = Path(args.work)
     task = load_task(TASK)
     conf = bench_settings(args)
     before = bench_settings(args, **PRE_TUNING_BATCHING)
+    one_at_a_time = bench_settings(args, **ONE_BATCH_AT_A_TIME)
     spark, pool, fixed = _start_job_stack(conf, task, work, also_warm=[before])
     notes = synthetic_notes(max([args.notes, *args.scaling]), args.seed)
     source = write_note_table(notes.slice(0, args.notes), work / f"notes-{args.notes}")
@@ -480,6 +486,8 @@ def row_job(args) -> dict:
                           str(work / "wh-conf")))
     rows.append(timed_job(f"job end to end, pre-tuning batching ({batching_label(before)})", before, spark, source,
                           str(work / "wh-pre-tuning"), pool, task))
+    rows.append(timed_job(f"job end to end, one batch at a time ({batching_label(one_at_a_time)})", one_at_a_time,
+                          spark, source, str(work / "wh-one-at-a-time"), pool, task))
     rows.append(timed_job_without_spark(f"job without Spark: extract_batch + load ({batching_label(conf)})", conf,
                                         notes.slice(0, args.notes), str(work / "wh-nospark"), pool, task))
     for n in args.scaling:

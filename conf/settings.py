@@ -105,6 +105,9 @@ class RayConfig(_Strict):
     max_task_retries: int = Field(2, ge=0, description="times a batch in flight on a dead actor is retried")
     batch_size: int = Field(16, ge=1, description="prompts per actor call")
     max_in_flight: int = Field(2, ge=1, description="calls in flight per actor (keeps continuous batching full)")
+    batches_ahead: int = Field(1, ge=0, description="Arrow batches a Spark partition sends to the engines before it "
+                                                    "parses the one in front (0 = one batch at a time): the engines "
+                                                    "keep decoding across batch boundaries")
 
     @field_validator("address")
     @classmethod

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -174,37 +176,50 @@ def _ledger_row(lineage: dict, note: dict, task: Task, status: str, n_chunks: in
     }
 
 
-def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driver",
-                  seq: int = 0) -> pa.RecordBatch:
-    """Chunk, prompt, generate, parse and ground one Arrow batch of notes (each row names its ``task``; the
-    prompts of every task go to the engines together); stage rows; return per-note counts."""
+@dataclass
+class PreparedBatch:
+    """One Arrow batch of notes, chunked and turned into engine requests (one per chunk, in note order)."""
+
+    notes: list[dict]
+    tasks: dict[str, Task]
+    chunked: list[list]
+    requests: list
+
+
+def prepare_batch(batch: pa.RecordBatch, ctx: RunContext) -> PreparedBatch:
+    """Chunk the notes of one batch (each row names its ``task``) and build one request per chunk."""
     from notelake.models.engine import GenerationRequest
     from notelake.udfs.answer import answer_guide
-    from notelake.udfs.assemble import assemble_note
     from notelake.udfs.chunking import chunk_text
     from notelake.udfs.prompts import build_messages
-    from notelake.udfs.schemas import utc_now
 
     engine_cfg = ctx.settings["engine"]
-    job_cfg = ctx.settings["job"]
     guided = engine_cfg.get("guided_decoding", "grounded")
     notes = batch.to_pylist()
     tasks = {name: ctx.task(name) for name in {n["task"] for n in notes}}
     chunked = [chunk_text(n["text"], tasks[n["task"]].max_chunk_chars,
-                          tasks[n["task"]].overlap(job_cfg["chunk_overlap_chars"])) for n in notes]
+                          tasks[n["task"]].overlap(ctx.settings["job"]["chunk_overlap_chars"])) for n in notes]
     requests = []
     for i, (note, chunks) in enumerate(zip(notes, chunked)):
         task = tasks[note["task"]]
         requests += [GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
                                        guide=answer_guide(task, c.text, guided), text=c.text,
                                        max_tokens=engine_cfg.get("max_tokens") or task.max_tokens) for c in chunks]
-    results = iter(pool.generate(requests))
+    return PreparedBatch(notes, tasks, chunked, requests)
 
-    passthrough_schema = pa.schema([batch.schema.field(c) for c in ctx.passthrough])
+
+def finish_batch(prepared: PreparedBatch, outputs: list, ctx: RunContext, batch_schema: pa.Schema,
+                 tag: str = "driver", seq: int = 0) -> pa.RecordBatch:
+    """Parse and ground the engine's ``outputs`` (one per request, in order); stage rows; return per-note counts."""
+    from notelake.udfs.assemble import assemble_note
+    from notelake.udfs.schemas import utc_now
+
+    results = iter(outputs)
+    passthrough_schema = pa.schema([batch_schema.field(c) for c in ctx.passthrough])
     concept_rows, relation_rows, error_rows, ledger_rows, summaries = [], [], [], [], []
-    for note, chunks in zip(notes, chunked):
+    for note, chunks in zip(prepared.notes, prepared.chunked):
         outs = [next(results) for _ in chunks]
-        task = tasks[note["task"]]
+        task = prepared.tasks[note["task"]]
         lineage = {**ctx.lineages[task.name], "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
                    "attempt": note["attempt"]}
         result = assemble_note(
@@ -234,6 +249,46 @@ def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driv
     return pa.RecordBatch.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
+def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driver",
+                  seq: int = 0) -> pa.RecordBatch:
+    """Chunk, prompt, generate, parse and ground one Arrow batch of notes (the prompts of every task go to the
+    engines together); stage rows; return per-note counts."""
+    prepared = prepare_batch(batch, ctx)
+    return finish_batch(prepared, pool.generate(prepared.requests), ctx, batch.schema, tag, seq)
+
+
+def extract_batches(batches: Iterable[pa.RecordBatch], ctx: RunContext, pool_factory: Callable[[], Any],
+                    tag: str = "driver") -> Iterator[tuple[int, pa.RecordBatch]]:
+    """:func:`extract_batch` over a stream of batches, yielding ``(seq, per-note counts)``. Up to
+    ``ray.batches_ahead`` batches are sent to the engines before the one in front is parsed, so the engines keep
+    decoding while this process parses, grounds and stages, instead of draining at every batch boundary. After
+    ``ctx.deadline`` no new batch is sent; those already sent are finished and staged."""
+    ahead = ctx.settings["ray"]["batches_ahead"]
+    pending: deque = deque()  # (seq, schema, prepared, future of the engine outputs)
+    threads = ThreadPoolExecutor(max_workers=ahead + 1, thread_name_prefix="notelake-generate")
+    pool = None
+
+    def finish_front() -> tuple[int, pa.RecordBatch]:
+        seq, schema, prepared, outputs = pending.popleft()
+        return seq, finish_batch(prepared, outputs.result(), ctx, schema, tag, seq)
+
+    try:
+        for seq, batch in enumerate(batches):
+            if ctx.deadline is not None and time.time() > ctx.deadline:
+                break  # the rest of the round waits for the next run: its notes have no summary, no ledger row
+            if batch.num_rows == 0:
+                continue
+            pool = pool or pool_factory()
+            prepared = prepare_batch(batch, ctx)
+            pending.append((seq, batch.schema, prepared, threads.submit(pool.generate, prepared.requests)))
+            while len(pending) > ahead:
+                yield finish_front()
+        while pending:
+            yield finish_front()
+    finally:  # closed early (a failed task): batches still in the engines are dropped, never staged
+        threads.shutdown(wait=False, cancel_futures=True)
+
+
 def transform(selected, ctx: RunContext, partitions: int):
     """Lazy per-note summaries; staging files are written as a side effect when an action runs."""
 
@@ -241,17 +296,9 @@ def transform(selected, ctx: RunContext, partitions: int):
         from pyspark import TaskContext
 
         os.umask(int(ctx.settings["job"]["umask"], 8))  # staged Parquet holds PHI: same modes as the tables
-        tag = attempt_tag()
         tc = TaskContext.get()
         fault = tc.getLocalProperty(FAILPOINT) if tc is not None else None
-        pool = None
-        for seq, batch in enumerate(batches):
-            if ctx.deadline is not None and time.time() > ctx.deadline:
-                return  # the rest of the round waits for the next run: its notes have no summary, no ledger row
-            if batch.num_rows == 0:
-                continue
-            pool = pool or _executor_pool(ctx)
-            summary = extract_batch(batch, ctx, pool, tag, seq)
+        for seq, summary in extract_batches(batches, ctx, lambda: _executor_pool(ctx), attempt_tag()):
             if fault == "exit_after_first_staged_batch" and tc.partitionId() == 0 and tc.attemptNumber() == 0:
                 os._exit(17)  # a lost executor: its staged file stays behind, its results never reach the driver
             yield summary

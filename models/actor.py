@@ -188,9 +188,10 @@ class EnginePool:
                 # with tensor parallelism vLLM starts one Ray worker per GPU itself: the actor holds none
                 num_cpus=rc.num_cpus_per_actor,
                 num_gpus=rc.num_gpus_per_actor if settings.engine.tensor_parallel_size == 1 else 0,
-                # generate calls run one at a time in the engine; the extra threads let ping/describe and the
-                # next batch's tokenisation proceed while a batch is decoding.
-                max_concurrency=rc.max_in_flight + 1,
+                # every running generate call feeds the one engine loop (continuous batching across calls): a
+                # thread per call a partition keeps in flight, and one for counts/ping/describe. Calls beyond it
+                # wait in Ray's queue while the engine is already full.
+                max_concurrency=rc.max_in_flight * (rc.batches_ahead + 1) + 1,
                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
             ).remote(settings.engine.model_dump(mode="json")))
         log.info("engine pool: %d actor(s) %s", len(actors), names[0].rsplit("-", 1)[0])

@@ -1,0 +1,94 @@
+"""The executor side of the job (jobs/stage.py) on the REPLAY engine: batches are sent ahead of parsing, and the
+deadline stops new batches but finishes those already sent. No Spark or Ray: the stage is plain Python."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from notelake.conf import EngineConfig
+from notelake.conf.task import load_task
+from notelake.jobs.extract import describe_extraction
+from notelake.jobs.stage import RunContext, extract_batches
+from notelake.models.engine import make_engine
+from notelake.udfs.hashing import sha256_text
+
+TEXTS = [
+    "A 67-year-old man developed acute kidney injury after starting ibuprofen for knee pain.",
+    "Severe hepatotoxicity was observed in a woman treated with isoniazid.",
+    "Rash resolved after amoxicillin was stopped.",
+    "She had a seizure two days after bupropion was started.",
+    "Warfarin was associated with gastrointestinal bleeding.",
+    "Lisinopril caused angioedema in a 54-year-old patient.",
+]
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def engine(base_model_path):
+    return make_engine(EngineConfig(backend="replay", max_num_seqs=4))
+
+
+def context(settings, staging, ahead: int, deadline: float | None = None) -> RunContext:
+    task = load_task("phee")
+    cfg = settings.with_overrides(engine={"backend": "replay"}, ray={"batches_ahead": ahead})
+    ident = describe_extraction(cfg, task)
+    lineage = {"run_id": "r1", **{k: ident[k] for k in ("model", "adapter", "adapter_sha256", "prompt_version",
+                                                       "fingerprint")}}
+    return RunContext(run_id="r1", task_defs={task.name: task.model_dump(mode="json")},
+                      settings=cfg.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
+                      passthrough=(), lineages={task.name: lineage}, deadline=deadline)
+
+
+def note_batches(events: list, pause_before: int | None = None):
+    n = len(TEXTS)
+    notes = pa.table({
+        "note_id": [f"n{i}" for i in range(n)], "text": TEXTS, "text_sha256": [sha256_text(t) for t in TEXTS],
+        "note_bucket": pa.array([0] * n, pa.int32()), "passthrough_sha256": pa.nulls(n, pa.string()),
+        "attempt": pa.array([1] * n, pa.int32()), "task": ["phee"] * n, "has_output": [False] * n,
+        "in_ledger": [False] * n,
+    })
+    for k, batch in enumerate(notes.to_batches(max_chunksize=BATCH)):
+        if k == pause_before:
+            time.sleep(3)
+        events.append(("read", k))
+        yield batch
+
+
+def expected_order(n_batches: int, ahead: int) -> list[tuple[str, int]]:
+    order, parsed = [], 0
+    for k in range(n_batches):
+        order.append(("read", k))
+        if k - parsed >= ahead:
+            order.append(("parsed", parsed))
+            parsed += 1
+    return order + [("parsed", k) for k in range(parsed, n_batches)]
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_batches_are_sent_before_the_one_in_front_is_parsed(tmp_path, settings, engine, ahead):
+    events: list = []
+    summaries = []
+    for seq, summary in extract_batches(note_batches(events), context(settings, tmp_path, ahead), lambda: engine):
+        events.append(("parsed", seq))
+        summaries.append(summary)
+    n_batches = len(TEXTS) // BATCH
+    assert events == expected_order(n_batches, ahead)
+    rows = pa.Table.from_batches(summaries).to_pylist()
+    assert [r["note_id"] for r in rows] == [f"n{i}" for i in range(len(TEXTS))]  # every note once, in order
+    assert sum(r["n_concepts"] for r in rows) > 0
+    staged = pq.read_table(tmp_path / "ledger").to_pylist()
+    assert sorted(r["note_id"] for r in staged) == sorted(r["note_id"] for r in rows)
+
+
+def test_after_the_deadline_batches_already_sent_are_finished_and_no_new_one_is_sent(tmp_path, settings, engine):
+    events: list = []
+    ctx = context(settings, tmp_path, ahead=1, deadline=time.time() + 1.5)
+    summaries = [s for _, s in extract_batches(note_batches(events, pause_before=2), ctx, lambda: engine)]
+    rows = pa.Table.from_batches(summaries).to_pylist()
+    # batches 0 and 1 went out before the deadline; batch 2 was read after it and never sent
+    assert [r["note_id"] for r in rows] == ["n0", "n1", "n2", "n3"]
+    assert sorted(r["note_id"] for r in pq.read_table(tmp_path / "ledger").to_pylist()) == ["n0", "n1", "n2", "n3"]
