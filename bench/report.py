@@ -94,7 +94,7 @@ def ratios(rows: list[dict], fixed: dict) -> list[dict]:
     """The issue's headline ratios, each with its target and the rows it divides."""
     cold = {r["row"].split(" cold")[0]: r for r in cold_rows(rows, fixed)}
     job = _find(rows, "job end to end, conf")
-    before = _find(rows, "job end to end, pre-tuning")
+    bare_paired = _find(rows, "bare vLLM LLM.generate on the job's engine actor")
     one_at_a_time = _find(rows, "job end to end, one batch at a time")
     bare = _find(rows, "bare vLLM LLM.generate (job engine args), guided")
     bare_default = _find(rows, "bare vLLM LLM.generate (default engine args), guided")
@@ -135,10 +135,10 @@ def ratios(rows: list[dict], fixed: dict) -> list[dict]:
               "notes/s"),
         entry("job marginal per-note rate / bare vLLM (same engine args)", _ratio(marginal, bare, "notes_per_s"),
               0.95, ">=", marginal, bare, "notes/s"),
-        entry("pre-tuning job / bare vLLM (same engine args)", _ratio(before, bare, "notes_per_s"), 0.95, ">=", before,
-              bare, "notes/s"),
-        entry("job one batch at a time / bare vLLM (same engine args)", _ratio(one_at_a_time, bare, "notes_per_s"),
-              0.95, ">=", one_at_a_time, bare, "notes/s"),
+        entry("job / bare vLLM on the job's engine (paired)", _ratio(job, bare_paired, "notes_per_s"), 0.95, ">=",
+              job, bare_paired, "notes/s"),
+        entry("job one batch at a time / bare vLLM on the job's engine (paired)",
+              _ratio(one_at_a_time, bare_paired, "notes_per_s"), 0.95, ">=", one_at_a_time, bare_paired, "notes/s"),
         entry("job / bare vLLM (default args)", _ratio(job, bare_default, "notes_per_s"), 1.5, ">=", job,
               bare_default, "notes/s"),
         entry("job / ray.data.llm (steady state)", _ratio(job, ray_data, "notes_per_s"), 1.1, ">=", job,

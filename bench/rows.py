@@ -36,11 +36,8 @@ log = logging.getLogger("bench")
 
 TASK = "phee"
 REPO = Path(__file__).resolve().parents[1]
-# conf/local.yaml's batching before the benchmarks (commit 557667c), measured beside the current one.
 BASE_NO_LORA = "base, engine without LoRA"
 WARMUP_SEED = 10_000  # the 4 notes every engine runs once before its timed passes (not in the corpus)
-PRE_TUNING_BATCHING = {"ray": {"batch_size": 16, "max_in_flight": 2, "batches_ahead": 0},
-                       "spark": {"arrow_batch_size": 32}}
 #: the conf's batching as it was before batches were sent ahead (session 18 and earlier)
 ONE_BATCH_AT_A_TIME = {"ray": {"batches_ahead": 0}}
 
@@ -321,6 +318,40 @@ def _probe_pool(pool, task) -> float:
     return round(time.monotonic() - t0, 3)
 
 
+def timed_bare_on_job_engine(name: str, pool, task, texts: list[str], max_tokens: int) -> dict:
+    """Bare vLLM ``LLM.generate`` on the job's own engine, run and timed inside its actor process: the same engine
+    instance, args and sampling as the job run timed right after it. Rows measured minutes apart in separate
+    processes differ by up to ~10 % on this VM (docs/benchmarks.md, session 19); a pair on one engine keeps that
+    drift out of the job / bare ratio."""
+    import ray
+
+    def bare_pass(actor, task_json: dict, texts: list[str], max_tokens: int) -> dict:
+        import time
+
+        from notelake.conf.task import Task
+        from notelake.models.engine import GenerationRequest
+        from notelake.udfs.answer import answer_guide
+        from notelake.udfs.prompts import build_messages
+
+        engine, task = actor.engine, Task.model_validate(task_json)
+        guided = engine.cfg.guided_decoding
+        prompts = [{"prompt_token_ids": engine.render(build_messages(task, t))} for t in texts]
+        params = [engine._sampling_params(GenerationRequest(f"bare-{i}", [], guide=answer_guide(task, t, guided),
+                                                            max_tokens=max_tokens)) for i, t in enumerate(texts)]
+        t0 = time.monotonic()
+        outs = engine.llm.generate(prompts, params, use_tqdm=False)
+        return {"wall_s": time.monotonic() - t0, "tokens_in": sum(len(o.prompt_token_ids) for o in outs),
+                "tokens_out": sum(len(o.outputs[0].token_ids) for o in outs)}
+
+    _reset_actor_prefix_cache(pool)
+    first_token_s = _probe_pool(pool, task)
+    with PeakMemory() as mem:
+        got = ray.get(pool.actors[0].__ray_call__.remote(bare_pass, task.model_dump(mode="json"), texts, max_tokens))
+    log.info("%s: %d prompts, %d output tokens in %.1f s", name, len(texts), got["tokens_out"], got["wall_s"])
+    return row(name, notes=len(texts), wall_s=got["wall_s"], tokens_in=got["tokens_in"], tokens_out=got["tokens_out"],
+               peak_gib=mem.peak_gib, first_token_s=first_token_s)
+
+
 def timed_job(name: str, settings, spark, source: str, output: str, pool=None, task=None, **extra) -> dict:
     """One ``jobs.extract.run`` on a warm Spark, Ray and engine; counts and tokens from its ``runs`` row."""
     from notelake.jobs.extract import run
@@ -436,10 +467,9 @@ def _start_engine_pool(settings, task) -> tuple:
     return pool, fixed
 
 
-def _start_job_stack(settings, task, work: Path, also_warm=()):
+def _start_job_stack(settings, task, work: Path):
     """Spark, Ray and the engine pool, each timed (row 7's fixed costs), the first-token probe, then one job run
-    on 4 other notes (and one per settings in ``also_warm``): they start Spark's Python workers and their Ray
-    connections, which every later run reuses."""
+    on 4 other notes: it starts Spark's Python workers and their Ray connections, which every later run reuses."""
     from notelake.jobs.extract import run, start_spark
 
     with PeakMemory() as mem:
@@ -452,9 +482,6 @@ def _start_job_stack(settings, task, work: Path, also_warm=()):
         t0 = time.monotonic()
         run(settings, warmup, str(work / "wh-warmup"), spark=spark)
         fixed["first_job_run_4_notes_s"] = round(time.monotonic() - t0, 2)
-        for i, other in enumerate(also_warm):
-            spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(other.spark.arrow_batch_size))
-            run(other, warmup, str(work / f"wh-warmup-{i}"), spark=spark)
     fixed["startup_peak_mem_gib"] = mem.peak_gib
     return spark, pool, fixed
 
@@ -465,27 +492,27 @@ def batching_label(settings) -> str:
 
 
 def row_job(args) -> dict:
-    """Rows 2, 5, 6 and 7: the job end to end (the conf's batching, the same one batch at a time, and the
-    pre-tuning one), the incremental rerun, the job's executor path without Spark, scaling, and the fixed costs."""
+    """Rows 2, 5, 6 and 7: bare vLLM on the job's engine paired with the job end to end right after it, the job
+    with its batches sent one at a time, the incremental rerun, the job's executor path without Spark, scaling,
+    and the fixed costs."""
     from notelake.conf.task import load_task
 
     work = Path(args.work)
     task = load_task(TASK)
     conf = bench_settings(args)
-    before = bench_settings(args, **PRE_TUNING_BATCHING)
     one_at_a_time = bench_settings(args, **ONE_BATCH_AT_A_TIME)
-    spark, pool, fixed = _start_job_stack(conf, task, work, also_warm=[before])
+    spark, pool, fixed = _start_job_stack(conf, task, work)
     notes = synthetic_notes(max([args.notes, *args.scaling]), args.seed)
     source = write_note_table(notes.slice(0, args.notes), work / f"notes-{args.notes}")
-    rows = [timed_job(f"job end to end, conf batching ({batching_label(conf)})", conf, spark, source,
+    rows = [timed_bare_on_job_engine("bare vLLM LLM.generate on the job's engine actor, guided (paired)", pool, task,
+                                     notes.slice(0, args.notes)["text"].to_pylist(), args.max_tokens),
+            timed_job(f"job end to end, conf batching ({batching_label(conf)})", conf, spark, source,
                       str(work / "wh-conf"), pool, task)]
     # The bench's failed notes are answers cut at --max-tokens; retried, they would turn the unchanged-corpus rerun
     # into a retry run. One attempt per note measures what the rerun row is for: selection over an unchanged corpus.
     rerun = bench_settings(args, job={"max_attempts": 1})
     rows.append(timed_job("job incremental rerun, unchanged corpus (failed notes not retried)", rerun, spark, source,
                           str(work / "wh-conf")))
-    rows.append(timed_job(f"job end to end, pre-tuning batching ({batching_label(before)})", before, spark, source,
-                          str(work / "wh-pre-tuning"), pool, task))
     rows.append(timed_job(f"job end to end, one batch at a time ({batching_label(one_at_a_time)})", one_at_a_time,
                           spark, source, str(work / "wh-one-at-a-time"), pool, task))
     rows.append(timed_job_without_spark(f"job without Spark: extract_batch + load ({batching_label(conf)})", conf,

@@ -5,9 +5,10 @@ write ``results.json``, ``results.md`` and ``throughput.svg`` into ``--out``:
     .venv/bin/python -m bench.run --notes 4 --max-tokens 32 --scaling 2 --replay-notes 500   # smoke (~12 min)
 
 Rows (see bench/rows.py): bare vLLM with the job's engine args and with vLLM's defaults (1), the job end to
-end with the conf's batching and the pre-tuning one, and without Spark (2), ray.data.llm (3), base vs LoRA
-(served by vLLM and merged into the weights) and guided decoding on/off (4), the incremental rerun (5), scaling
-with the real engine and the REPLAY data plane (6), fixed costs (7).
+end with the conf's batching (right after bare vLLM on the job's own engine: a pair), with one batch at a time,
+and without Spark (2), ray.data.llm (3), base vs LoRA (served by vLLM and merged into the weights) and guided
+decoding on/off (4), the incremental rerun (5), scaling with the real engine and the REPLAY data plane (6), fixed
+costs (7).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The executor side of the extraction job: one Arrow batch of notes -> engine -> rows staged as Parquet.
 
-:func:`transform` maps :func:`extract_batch` over a round's notes (``mapInArrow``); each batch is chunked, sent to
+:func:`transform` maps :func:`extract_batches` over a round's notes (``mapInArrow``); each batch is chunked, sent to
 the Ray engine actors, parsed and grounded, and its rows are written as Parquet under the round's staging folder.
-Only per-note counts come back to the driver.
+A partition sends its next batches (``ray.batches_ahead``) before it parses the one in front, so the engines keep
+decoding across batch boundaries. Only per-note counts come back to the driver.
 
 Idempotent under Spark retries: every staged file is named after the Spark task attempt that wrote it
 (``attempt_tag``), and each summary row carries that tag. The driver commits only the files of the attempts whose
