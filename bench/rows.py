@@ -515,7 +515,7 @@ def row_job(args) -> dict:
                           str(work / "wh-conf")))
     rows.append(timed_job(f"job end to end, one batch at a time ({batching_label(one_at_a_time)})", one_at_a_time,
                           spark, source, str(work / "wh-one-at-a-time"), pool, task))
-    rows.append(timed_job_without_spark(f"job without Spark: extract_batch + load ({batching_label(conf)})", conf,
+    rows.append(timed_job_without_spark(f"job without Spark: extract_batches + load ({batching_label(conf)})", conf,
                                         notes.slice(0, args.notes), str(work / "wh-nospark"), pool, task))
     for n in args.scaling:
         scaled = write_note_table(notes.slice(0, n), work / f"notes-{n}")
@@ -527,7 +527,7 @@ def row_job(args) -> dict:
 
 
 def row_job_nospark(args) -> dict:
-    """Row 2 where Spark is absent (the GPU box): Ray engine actors + the job's extract_batch + load, with the
+    """Row 2 where Spark is absent (the GPU box): Ray engine actors + the job's extract_batches + load, with the
     conf's batching and with one engine call per Arrow batch, plus Ray up / engine load / first token."""
     from notelake.conf.task import load_task
 
@@ -539,7 +539,7 @@ def row_job_nospark(args) -> dict:
     one_call = bench_settings(args, ray={"batch_size": conf.spark.arrow_batch_size})
     pool, fixed = _start_engine_pool(conf, task)
     notes = synthetic_notes(args.notes, args.seed)
-    rows = [timed_job_without_spark(f"job without Spark: extract_batch + load, {label} ({batching_label(settings)})",
+    rows = [timed_job_without_spark(f"job without Spark: extract_batches + load, {label} ({batching_label(settings)})",
                                     settings, notes, str(work / f"wh-nospark-{i}"), pool, task)
             for i, (label, settings) in enumerate((("conf batching", conf),
                                                    ("one engine call per Arrow batch", one_call)))]

@@ -250,17 +250,10 @@ def finish_batch(prepared: PreparedBatch, outputs: list, ctx: RunContext, batch_
     return pa.RecordBatch.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-def extract_batch(batch: pa.RecordBatch, ctx: RunContext, pool, tag: str = "driver",
-                  seq: int = 0) -> pa.RecordBatch:
-    """Chunk, prompt, generate, parse and ground one Arrow batch of notes (the prompts of every task go to the
-    engines together); stage rows; return per-note counts."""
-    prepared = prepare_batch(batch, ctx)
-    return finish_batch(prepared, pool.generate(prepared.requests), ctx, batch.schema, tag, seq)
-
-
 def extract_batches(batches: Iterable[pa.RecordBatch], ctx: RunContext, pool_factory: Callable[[], Any],
                     tag: str = "driver") -> Iterator[tuple[int, pa.RecordBatch]]:
-    """:func:`extract_batch` over a stream of batches, yielding ``(seq, per-note counts)``. Up to
+    """Chunk, prompt, generate, parse and ground a stream of Arrow batches of notes (the prompts of every task go
+    to the engines together), stage their rows, and yield ``(seq, per-note counts)`` per batch. Up to
     ``ray.batches_ahead`` batches are sent to the engines before the one in front is parsed, so the engines keep
     decoding while this process parses, grounds and stages, instead of draining at every batch boundary. After
     ``ctx.deadline`` no new batch is sent; those already sent are finished and staged."""
