@@ -12,7 +12,8 @@ import psutil
 class PeakMemory:
     """Samples the summed memory of this process and all its descendants (vLLM engine core, Ray's raylet and
     workers, Spark's JVM and Python workers) every ``interval_s``; ``peak_gib`` is the largest sum seen. One
-    sample of the job's tree costs ~35 ms of CPU (2 cores): every 2 s keeps that under 1% of the machine.
+    sample of the job's tree at 512 notes (~20 processes, vLLM's worker at ~6 GiB) cost 126 ms of CPU in session 19:
+    ~6 % of one core at one sample per 2 s (docs/benchmarks.md, session 19; ~35 ms was measured on a smaller tree).
 
     PSS (proportional set size) so pages shared between processes (model weights, Ray's object store) count
     once; RSS where PSS cannot be read.
