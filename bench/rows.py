@@ -334,12 +334,13 @@ def timed_bare_on_job_engine(name: str, pool, task, texts: list[str], max_tokens
         from notelake.udfs.prompts import build_messages
 
         engine, task = actor.engine, Task.model_validate(task_json)
-        guided = engine.cfg.guided_decoding
-        prompts = [{"prompt_token_ids": engine.render(build_messages(task, t))} for t in texts]
-        params = [engine._sampling_params(GenerationRequest(f"bare-{i}", [], guide=answer_guide(task, t, guided),
-                                                            max_tokens=max_tokens)) for i, t in enumerate(texts)]
+        # the engine's own request preparation (chat template, sampling, LoRA): exactly what the job's calls send
+        prompts, params, loras = zip(*(engine._prepare(GenerationRequest(
+            f"bare-{i}", build_messages(task, t), guide=answer_guide(task, t, engine.cfg.guided_decoding),
+            max_tokens=max_tokens)) for i, t in enumerate(texts)))
         t0 = time.monotonic()
-        outs = engine.llm.generate(prompts, params, use_tqdm=False)
+        outs = engine.llm.generate(list(prompts), list(params), use_tqdm=False,
+                                   lora_request=list(loras) if any(loras) else None)
         return {"wall_s": time.monotonic() - t0, "tokens_in": sum(len(o.prompt_token_ids) for o in outs),
                 "tokens_out": sum(len(o.outputs[0].token_ids) for o in outs)}
 
@@ -398,7 +399,8 @@ def project_functions(profiler, top: int = 20) -> list[dict]:
 def timed_job_without_spark(name: str, settings, notes, output: str, pool, task) -> dict:
     """The job's executor path without Spark: ``extract_batches`` (chunk, prompt, EnginePool.generate, parse,
     ground, stage; ``ray.batches_ahead`` sent ahead) on Arrow batches of ``spark.arrow_batch_size`` notes, in
-    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates what Spark adds to the job."""
+    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates
+    what Spark adds to the job."""
     import shutil
     import uuid
     from concurrent.futures import ThreadPoolExecutor
