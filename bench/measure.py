@@ -11,15 +11,20 @@ import psutil
 
 class PeakMemory:
     """Samples the summed memory of this process and all its descendants (vLLM engine core, Ray's raylet and
-    workers, Spark's JVM and Python workers) every ``interval_s``; ``peak_gib`` is the largest sum seen. One
-    sample of the job's tree at 512 notes (~20 processes, vLLM's worker at ~6 GiB) cost 126 ms of CPU in session 19:
-    ~6 % of one core at one sample per 2 s (docs/benchmarks.md, session 19; ~35 ms was measured on a smaller tree).
+    workers, Spark's JVM and Python workers) every ``interval_s``; ``peak_gib`` is the largest sum seen.
+
+    One sample is not free: reading PSS walks every page of every process, 126 ms of CPU on the job's tree at
+    512 notes (~20 processes, vLLM's worker at ~6 GiB). vLLM on CPU pins one OpenMP thread per core, so CPU taken
+    by any other process stalls whole decode steps: sampled every 2 s, the sampler slowed the same bare pass on the
+    job's engine by 12 % (42.3 s against 37.6 s without it, 128 notes, docs/benchmarks.md session 20). Every
+    10 s it costs ~1 %; the engine's memory is allocated at load, before any timed pass, so a pass's peak is a
+    plateau that 10 s sampling still sees.
 
     PSS (proportional set size) so pages shared between processes (model weights, Ray's object store) count
     once; RSS where PSS cannot be read.
     """
 
-    def __init__(self, interval_s: float = 2.0):
+    def __init__(self, interval_s: float = 10.0):
         self.interval_s = interval_s
         self.peak_bytes = 0
         self._stop = threading.Event()
