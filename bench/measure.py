@@ -1,4 +1,4 @@
-"""Measurement helpers: wall clocks, peak memory of a whole process tree, and the benchmark row record."""
+"""Measurement helpers: peak memory and CPU time of a whole process tree, the machine, and the benchmark row record."""
 
 from __future__ import annotations
 
@@ -9,32 +9,54 @@ import threading
 import psutil
 
 
-class PeakMemory:
-    """Samples the summed memory of this process and all its descendants (vLLM engine core, Ray's raylet and
-    workers, Spark's JVM and Python workers) every ``interval_s``; ``peak_gib`` is the largest sum seen.
+def process_kind(proc: psutil.Process, root_pid: int) -> str:
+    """Which part of the stack a process of a row's tree is, from its command line (vLLM and Ray retitle theirs)."""
+    if proc.pid == root_pid:
+        return "row process"  # the bench's driver and sampler; bare rows' vLLM front end (LLM, detokenizing) too
+    cmd = " ".join(proc.cmdline())
+    if cmd.startswith("VLLM::"):
+        return "vLLM engine"  # engine core (scheduler, grammar) and model worker
+    if proc.name() == "java":
+        return "Spark JVM"
+    if "pyspark" in cmd:
+        return "Spark Python"
+    if cmd.startswith("ray::"):
+        return "Ray workers"  # actors: the job's engine actor runs vLLM's front end
+    return "Ray system" if "/ray/" in cmd else "other"
 
+
+class ProcessTreeUsage:
+    """Peak memory and CPU time of this process and all its descendants (vLLM engine core and worker, Ray's
+    raylet and workers, Spark's JVM and Python workers) over a ``with`` block.
+
+    Memory: the summed PSS (proportional set size: pages shared between processes, model weights and Ray's object
+    store, count once; RSS where PSS cannot be read) sampled every ``interval_s``; ``peak_gib`` is the largest sum.
     One sample is not free: reading PSS walks every page of every process, 126 ms of CPU on the job's tree at
     512 notes (~20 processes, vLLM's worker at ~6 GiB). vLLM on CPU pins one OpenMP thread per core, so CPU taken
     by any other process stalls whole decode steps: sampled every 2 s, the sampler slowed the same bare pass on the
-    job's engine by 12 % (42.3 s against 37.6 s without it, 128 notes, docs/benchmarks.md session 20). Every
-    10 s it costs ~1 %; the engine's memory is allocated at load, before any timed pass, so a pass's peak is a
-    plateau that 10 s sampling still sees.
+    job's engine by 12 % (42.3 s against 37.6 s without it, 128 notes, one pass each; docs/benchmarks.md session
+    20). The engine's memory is allocated at load, before any timed pass, so a pass's peak is a plateau that
+    10 s sampling still sees.
 
-    PSS (proportional set size) so pages shared between processes (model weights, Ray's object store) count
-    once; RSS where PSS cannot be read.
+    CPU: user + system seconds by ``process_kind`` between the block's start and end, from two reads of every
+    process's counters (no sampling cost). A process that exits inside the block is counted through its parent,
+    whose reaped-children counters take it over (pyspark's daemon reaps its workers, the raylet Ray's).
     """
 
     def __init__(self, interval_s: float = 10.0):
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.cpu_s: dict[str, float] = {}
+        self._root = psutil.Process(os.getpid())
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="process-tree-usage", daemon=True)
 
-    @staticmethod
-    def _tree_bytes() -> int:
-        root = psutil.Process(os.getpid())
+    def _tree(self) -> list[psutil.Process]:
+        return [self._root, *self._root.children(recursive=True)]
+
+    def _tree_bytes(self) -> int:
         total = 0
-        for proc in [root, *root.children(recursive=True)]:
+        for proc in self._tree():
             try:
                 try:
                     total += proc.memory_full_info().pss
@@ -44,12 +66,24 @@ class PeakMemory:
                 continue
         return total
 
+    def _tree_cpu(self) -> dict[str, float]:
+        by_kind: dict[str, float] = {}
+        for proc in self._tree():
+            try:
+                t = proc.cpu_times()
+                kind = process_kind(proc, self._root.pid)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+            by_kind[kind] = by_kind.get(kind, 0.0) + t.user + t.system + t.children_user + t.children_system
+        return by_kind
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self._tree_bytes())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> "ProcessTreeUsage":
+        self._cpu_at_start = self._tree_cpu()
         self._thread.start()
         return self
 
@@ -57,21 +91,34 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._tree_bytes())
+        end = self._tree_cpu()
+        self.cpu_s = {kind: round(end.get(kind, 0.0) - self._cpu_at_start.get(kind, 0.0), 1)
+                      for kind in sorted(end.keys() | self._cpu_at_start.keys())}
 
     @property
     def peak_gib(self) -> float:
         return round(self.peak_bytes / 2**30, 2)
 
+    @property
+    def cpu_s_beside_vllm(self) -> float:
+        """CPU seconds of the tree outside vLLM's engine core and worker: on this 2-core CPU every one of them
+        is taken from the decode steps."""
+        return round(sum(v for k, v in self.cpu_s.items() if k != "vLLM engine"), 1)
 
-def row(name: str, *, notes: int, wall_s: float, tokens_in: int, tokens_out: int, peak_gib: float | None,
-        **extra) -> dict:
-    """One result row: throughputs derived from the measured wall time and token counts."""
+
+def row(name: str, *, notes: int, wall_s: float, tokens_in: int, tokens_out: int,
+        usage: ProcessTreeUsage | None, **extra) -> dict:
+    """One result row: throughputs derived from the measured wall time and token counts; the process tree's peak
+    memory and CPU seconds (by part of the stack) over the timed block."""
     return {
         "row": name, "notes": notes, "wall_s": round(wall_s, 2),
         "notes_per_s": round(notes / wall_s, 3) if wall_s else None,
         "input_tok_per_s": round(tokens_in / wall_s, 1) if wall_s else None,
         "output_tok_per_s": round(tokens_out / wall_s, 1) if wall_s else None,
-        "tokens_in": tokens_in, "tokens_out": tokens_out, "peak_mem_gib": peak_gib, **extra,
+        "tokens_in": tokens_in, "tokens_out": tokens_out,
+        "peak_mem_gib": usage.peak_gib if usage else None,
+        "cpu_s_beside_vllm": usage.cpu_s_beside_vllm if usage else None,
+        "cpu_s": usage.cpu_s if usage else None, **extra,
     }
 
 

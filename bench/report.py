@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 COLUMNS = [("row", "row"), ("notes", "notes"), ("wall_s", "wall s"), ("notes_per_s", "notes/s"),
-           ("input_tok_per_s", "in tok/s"), ("output_tok_per_s", "out tok/s"), ("peak_mem_gib", "peak GiB")]
+           ("input_tok_per_s", "in tok/s"), ("output_tok_per_s", "out tok/s"), ("peak_mem_gib", "peak GiB"),
+           ("cpu_s_beside_vllm", "CPU s beside vLLM")]
 
 
 def _cell(value) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from bench.corpus import PROBE_TEXT, render_prompts, synthetic_notes, write_note_table
-from bench.measure import PeakMemory, row
+from bench.measure import ProcessTreeUsage, row
 
 log = logging.getLogger("bench")
 
@@ -93,14 +93,14 @@ def timed_llm_generate(name: str, llm, prompts: list[list[int]], probe: list[int
                        **extra) -> dict:
     """One timed ``LLM.generate`` over all prompts (after the cache reset and probe)."""
     first_token_s = probe_first_token(llm, probe, cfg, lora)
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora)
         wall = time.monotonic() - t0
     tokens_out = sum(len(o.outputs[0].token_ids) for o in outs)
     log.info("%s: %d prompts, %d output tokens in %.1f s", name, len(outs), tokens_out, wall)
     return row(name, notes=len(prompts), wall_s=wall, tokens_in=sum(len(o.prompt_token_ids) for o in outs),
-               tokens_out=tokens_out, peak_gib=mem.peak_gib, first_token_s=first_token_s, **extra)
+               tokens_out=tokens_out, usage=mem, first_token_s=first_token_s, **extra)
 
 
 def warm_up(llm, tokenizer, cfg, max_tokens: int) -> float:
@@ -119,7 +119,7 @@ def warm_up(llm, tokenizer, cfg, max_tokens: int) -> float:
 def _load_vllm_engine(settings):
     from notelake.models.engine import VLLMEngine
 
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         engine = VLLMEngine(settings.engine)
     warm_s = warm_up(engine.llm, engine.tokenizer, settings.engine, settings.engine.max_tokens)
     return engine, {"engine_load_s": engine.load_seconds, "engine_load_peak_mem_gib": mem.peak_gib,
@@ -175,7 +175,7 @@ def row_bare_default(args) -> dict:
     texts = corpus_texts(args)
     prompts = render_prompts(tokenizer, task, texts)
     probe = render_prompts(tokenizer, task, [PROBE_TEXT])[0]
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         # vLLM's default KV-cache share (0.9 of host memory on CPU) does not fit beside the rest of a 24 GiB
         # machine: the job's share is the one non-default argument.
@@ -205,12 +205,12 @@ def timed_engine_generate(name: str, engine, task, texts: list[str], max_tokens:
                                   guide=answer_guide(task, t, cfg.guided_decoding) if guided else None,
                                   max_tokens=max_tokens, adapter=adapter_path) for i, t in enumerate(texts)]
     first_token_s = probe_first_token(engine.llm, probe, cfg, probe_lora)
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         results = engine.generate(requests)
         wall = time.monotonic() - t0
     return row(name, notes=len(texts), wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results),
-               tokens_out=sum(r.output_tokens for r in results), peak_gib=mem.peak_gib, first_token_s=first_token_s,
+               tokens_out=sum(r.output_tokens for r in results), usage=mem, first_token_s=first_token_s,
                errors=sum(1 for r in results if not r.ok), guided=cfg.guided_decoding if guided else "off", **extra)
 
 
@@ -346,11 +346,11 @@ def timed_bare_on_job_engine(name: str, pool, task, texts: list[str], max_tokens
 
     _reset_actor_prefix_cache(pool)
     first_token_s = _probe_pool(pool, task)
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         got = ray.get(pool.actors[0].__ray_call__.remote(bare_pass, task.model_dump(mode="json"), texts, max_tokens))
     log.info("%s: %d prompts, %d output tokens in %.1f s", name, len(texts), got["tokens_out"], got["wall_s"])
     return row(name, notes=len(texts), wall_s=got["wall_s"], tokens_in=got["tokens_in"], tokens_out=got["tokens_out"],
-               peak_gib=mem.peak_gib, first_token_s=first_token_s)
+               usage=mem, first_token_s=first_token_s)
 
 
 def timed_job(name: str, settings, spark, source: str, output: str, pool=None, task=None, **extra) -> dict:
@@ -363,7 +363,7 @@ def timed_job(name: str, settings, spark, source: str, output: str, pool=None, t
         first_token_s = _probe_pool(pool, task)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.spark.arrow_batch_size))
     profiler = cProfile.Profile()  # the driver's side of the run: where its wall time goes, stage by stage
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         profiler.enable()
         code = run(settings, source, output, spark=spark)
@@ -372,7 +372,7 @@ def timed_job(name: str, settings, spark, source: str, output: str, pool=None, t
     runs = _runs_row(output)
     log.info("%s: exit %d, %d selected, %d succeeded in %.1f s", name, code, runs["selected"], runs["succeeded"], wall)
     return row(name, notes=runs["selected"], wall_s=wall, tokens_in=runs["tokens_in"], tokens_out=runs["tokens_out"],
-               peak_gib=mem.peak_gib, exit_code=code, succeeded=runs["succeeded"], failed=runs["failed"],
+               usage=mem, exit_code=code, succeeded=runs["succeeded"], failed=runs["failed"],
                skipped=runs["skipped"], first_token_s=first_token_s,
                batching={"batch_size": settings.ray.batch_size, "max_in_flight": settings.ray.max_in_flight,
                          "arrow_batch_size": settings.spark.arrow_batch_size},
@@ -415,7 +415,7 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
     _reset_actor_prefix_cache(pool)
     first_token_s = _probe_pool(pool, task)
     passthrough = ("patient_id", "note_date", "note_type")
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         ident = describe_extraction(settings, task)
         run_id = f"bench-nospark-{uuid.uuid4().hex[:8]}"
@@ -447,7 +447,7 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
     status = summaries["status"].to_pylist()
     log.info("%s: %d notes in %.1f s", name, len(status), wall)
     return row(name, notes=len(status), wall_s=wall, tokens_in=sum(summaries["tokens_in"].to_pylist()),
-               tokens_out=sum(summaries["tokens_out"].to_pylist()), peak_gib=mem.peak_gib,
+               tokens_out=sum(summaries["tokens_out"].to_pylist()), usage=mem,
                succeeded=status.count("succeeded"), failed=status.count("failed"), skipped=0,
                first_token_s=first_token_s,
                batching={"batch_size": settings.ray.batch_size, "max_in_flight": settings.ray.max_in_flight,
@@ -474,7 +474,7 @@ def _start_job_stack(settings, task, work: Path):
     on 4 other notes: it starts Spark's Python workers and their Ray connections, which every later run reuses."""
     from notelake.jobs.extract import run, start_spark
 
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         spark = start_spark(settings, app_name="notelake-bench")
         spark_up_s = round(time.monotonic() - t0, 2)
@@ -570,13 +570,13 @@ def row_multi_adapter(args) -> dict:
                                       adapter=str(Path(adapters[i % len(adapters)]).resolve()))
                     for i, t in enumerate(texts)]
         first_token_s = probe_first_token(engine.llm, probe, settings.engine)
-        with PeakMemory() as mem:
+        with ProcessTreeUsage() as mem:
             t0 = time.monotonic()
             results = engine.generate(requests)
             wall = time.monotonic() - t0
         rows.append(row(f"VLLMEngine.generate, {label}, guided", notes=len(texts), wall_s=wall,
                         tokens_in=sum(r.prompt_tokens for r in results), tokens_out=sum(r.output_tokens for r in results),
-                        peak_gib=mem.peak_gib, first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok)))
+                        usage=mem, first_token_s=first_token_s, errors=sum(1 for r in results if not r.ok)))
     return {"rows": rows}
 
 
@@ -720,7 +720,7 @@ def row_tasks(args) -> dict:
                         ("two tasks, one pass (--task phee,maccrobat)", [one_pass])):
         total = {k: sum(p[k] for p in parts) for k in parts[0]}
         rows.append(row(name, notes=total["succeeded"] + total["failed"], wall_s=total["wall_s"],
-                        tokens_in=total["tokens_in"], tokens_out=total["tokens_out"], peak_gib=None,
+                        tokens_in=total["tokens_in"], tokens_out=total["tokens_out"], usage=None,
                         engine_loads=total["engine_loads"], exit_codes=[p["exit_code"] for p in parts],
                         process_walls_s=[round(p["wall_s"], 1) for p in parts]))
     return {"rows": rows}
@@ -739,13 +739,13 @@ def row_tagger(args) -> dict:
     texts = corpus_texts(args)
     requests = [GenerationRequest(f"{i}", [], text=t) for i, t in enumerate(texts)]
     engine.generate(requests[:1])  # warm-up
-    with PeakMemory() as mem:
+    with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
         results = engine.generate(requests)
         wall = time.monotonic() - t0
     return {"rows": [row(f"tagger {engine.info.name} (classification head, TaggerEngine.generate)", notes=len(texts),
                          wall_s=wall, tokens_in=sum(r.prompt_tokens for r in results), tokens_out=0,
-                         peak_gib=mem.peak_gib, concepts=sum(len(r.spans or ()) for r in results),
+                         usage=mem, concepts=sum(len(r.spans or ()) for r in results),
                          errors=sum(1 for r in results if r.error))],
             "fixed": {"tagger": {"engine_load_s": load_s}}}
 
@@ -794,7 +794,7 @@ def row_ray_data_llm(args) -> dict:
         t0 = time.monotonic()
         generate(probe, [PROBE_TEXT])
         fixed["engine_load_and_1_note_s"] = round(time.monotonic() - t0, 2)
-        with PeakMemory() as mem:
+        with ProcessTreeUsage() as mem:
             t0 = time.monotonic()
             outputs = generate(prompts, texts)
             concept_rows = _write_concepts(task, texts, outputs, Path(args.work) / "wh-ray-data-llm")
@@ -809,10 +809,10 @@ def row_ray_data_llm(args) -> dict:
     tokens_in = sum(o["num_input_tokens"] for o in outputs)
     tokens_out = sum(o["num_generated_tokens"] for o in outputs)
     cold = row(f"{name}, cold (incl. its engine load)", notes=len(outputs), wall_s=wall, tokens_in=tokens_in,
-               tokens_out=tokens_out, peak_gib=mem.peak_gib, concept_rows=concept_rows)
+               tokens_out=tokens_out, usage=mem, concept_rows=concept_rows)
     warm = row(f"{name}, steady state (engine time: longest request of the one batch)", notes=len(outputs),
                wall_s=max(o["time_taken_llm"] for o in outputs), tokens_in=tokens_in, tokens_out=tokens_out,
-               peak_gib=mem.peak_gib, concept_rows=concept_rows)
+               usage=mem, concept_rows=concept_rows)
     return {"rows": [warm, cold], "fixed": {"ray.data.llm": fixed}}
 
 
