@@ -40,7 +40,8 @@ class ProcessTreeUsage:
 
     CPU: user + system seconds by ``process_kind`` between the block's start and end, from two reads of every
     process's counters (no sampling cost). A process that exits inside the block is counted through its parent,
-    whose reaped-children counters take it over (pyspark's daemon reaps its workers, the raylet Ray's).
+    whose reaped-children counters take it over (pyspark's daemon reaps its workers, the raylet Ray's): the total
+    stays exact, and such a process's seconds count under its parent's kind.
     """
 
     def __init__(self, interval_s: float = 10.0):
