@@ -111,6 +111,8 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(settings.spark.arrow_batch_size),
         "spark.sql.session.timeZone": "UTC",
         "spark.python.worker.reuse": "true",
+        # workers fork from a daemon that imported the job's modules (jobs/spark_daemon.py)
+        "spark.python.daemon.module": "notelake.jobs.spark_daemon",
         "spark.ui.showConsoleProgress": "false",
         # files Spark itself writes (staged rejections and rounds, local dirs) get the same restrictive umask
         "spark.hadoop.fs.permissions.umask-mode": settings.job.umask[-3:],
@@ -157,9 +159,7 @@ def read_notes(spark, source: str, settings: Settings):
         if notes is None:
             raise InputError(f"{source} is not a Delta table")
         return notes
-    if storage.is_uri(source):
-        return storage.read_table(spark, source, "parquet", opts)
-    return spark.read.parquet(source)
+    return storage.read_parquet(spark, source, opts)
 
 
 # ---------------------------------------------------------------------------------------------- extract
@@ -1043,8 +1043,7 @@ def _extract_round(spark, ctx: RunContext, rounds_dir: str, round_index: int, pa
                    passthrough_schema: pa.Schema, stats: dict[str, RunStats], t_round: float) -> int:
     """Extract and commit one round; returns the notes it extracted (fewer after the deadline)."""
     staging = storage.join(ctx.staging_dir, f"round-{round_index:05d}")
-    part = storage.read_table(spark, storage.join(rounds_dir, f"_round={round_index}"), "parquet",
-                              ctx.storage_options)
+    part = storage.read_parquet(spark, storage.join(rounds_dir, f"_round={round_index}"), ctx.storage_options)
     summary = [r.asDict() for r in transform(part, dataclasses.replace(ctx, staging_dir=staging),
                                              partitions).collect()]
     t_commit = time.monotonic()

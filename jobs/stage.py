@@ -117,7 +117,7 @@ def stage_frame(frame, location: str, opts: dict, umask: str, partition_by: str 
     """Write a DataFrame as Parquet under ``location`` from the executors, through pyarrow's file systems (Spark
     has no object-store connector here), then delete the files of attempts whose results Spark discarded: what
     is left is exactly one copy of every row, read back by :func:`storage.read_parquet_dir` or
-    :func:`storage.read_table`. ``partition_by``: rows go to ``<location>/<column>=<value>/`` and the column is
+    :func:`storage.read_parquet`. ``partition_by``: rows go to ``<location>/<column>=<value>/`` and the column is
     dropped from the files. Each task writes one file per value (another after every ``_STAGE_FILE_ROWS`` rows),
     not one per Arrow batch: a round is read back as a few large files. Returns the rows staged."""
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

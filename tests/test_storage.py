@@ -198,3 +198,29 @@ def test_parquet_folder_on_s3_read_through_spark(spark, s3_opts):
     expected = [(*rows[0], 0), (*rows[1], 0), (*rows[2][:4], None, 1), (*rows[3][:4], None, 1)]  # round 1: no n_words
     assert _rows(df) == expected
     assert df.rdd.getNumPartitions() == 2
+
+
+def test_a_staged_round_reads_alike_from_a_local_folder_and_from_s3(spark, s3_opts, tmp_path, capsys):
+    """``read_parquet``: Spark's own reader for a local folder (no Python planner workers), the data source for a
+    URI; the job reads its staged rounds through it, so both must give the same rows and column types."""
+    from datetime import datetime, timezone
+
+    seen = [datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)] * 4  # what Spark's Arrow batches carry for a timestamp
+    notes = NOTES.append_column("seen_at", pa.array(seen, pa.timestamp("us", tz="UTC")))
+    frames = {}
+    for root, opts in ((str(tmp_path / "selected"), None), (tmp_path.as_uri() + "/selected-uri", None),
+                       (storage.join(_s3_root(), "selected"), s3_opts)):
+        storage.write_parquet(notes.slice(0, 2), storage.join(root, "_round=0", "s1-p0-a0--000000.parquet"), opts)
+        storage.write_parquet(notes.slice(2), storage.join(root, "_round=0", "s1-p1-a0--000000.parquet"), opts)
+        frames[root] = df = storage.read_parquet(spark, storage.join(root, "_round=0"), opts)
+        df.explain()
+        plan = capsys.readouterr().out
+        native = not storage.is_uri(root)
+        assert ("FileScan parquet" in plan, "notelake_table" in plan) == (native, not native), root
+    rows = [tuple(r.values())[:-1] for r in notes.to_pylist()]
+    for df in frames.values():
+        assert df.columns == ["note_id", "text", "site", "visit", "n_words", "seen_at"]
+        assert [f.dataType.simpleString() for f in df.schema] == ["string", "string", "string", "date", "int",
+                                                                  "timestamp"]
+        assert [r[:-1] for r in _rows(df)] == rows
+        assert {r[-1].isoformat() for r in _rows(df)} == {"2024-01-02T03:04:05"}  # session time zone UTC
