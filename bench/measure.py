@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import threading
 
 import psutil
@@ -25,6 +26,17 @@ def process_kind(proc: psutil.Process, root_pid: int) -> str:
     return "Ray system" if "/ray/" in cmd else "other"
 
 
+def _ignores_sigchld(pid: int) -> bool:
+    """True when process ``pid`` ignores SIGCHLD (the kernel then reaps its children and drops their counters), or
+    is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            ignored = next(int(line.split()[1], 16) for line in fh if line.startswith("SigIgn:"))
+    except (OSError, StopIteration):
+        return True
+    return bool(ignored & (1 << (signal.SIGCHLD - 1)))
+
+
 class ProcessTreeUsage:
     """Peak memory and CPU time of this process and all its descendants (vLLM engine core and worker, Ray's
     raylet and workers, Spark's JVM and Python workers) over a ``with`` block.
@@ -39,9 +51,11 @@ class ProcessTreeUsage:
     10 s sampling still sees.
 
     CPU: user + system seconds by ``process_kind`` between the block's start and end, from two reads of every
-    process's counters (no sampling cost). A process that exits inside the block is counted through its parent,
-    whose reaped-children counters take it over (pyspark's daemon reaps its workers, the raylet Ray's): the total
-    stays exact, and such a process's seconds count under its parent's kind.
+    process's counters (no sampling cost). A process that exits inside the block is counted through its parent
+    when the parent waits for it (the raylet for Ray's workers, ``subprocess``): the parent's reaped-children
+    counters take over its seconds, which then count under the parent's kind. pyspark's daemon ignores SIGCHLD, so
+    the kernel discards its workers' counters when they exit: the seconds such a worker used inside the block are
+    missed (Spark ends idle workers after a minute; an idle worker uses next to none).
     """
 
     def __init__(self, interval_s: float = 10.0):
@@ -67,16 +81,18 @@ class ProcessTreeUsage:
                 continue
         return total
 
-    def _tree_cpu(self) -> dict[str, float]:
-        by_kind: dict[str, float] = {}
+    def _tree_cpu(self) -> dict[tuple[int, float], tuple[str, float, int]]:
+        """(pid, start time) -> (kind, CPU seconds of it and its reaped children, parent pid) for the tree."""
+        found = {}
         for proc in self._tree():
             try:
                 t = proc.cpu_times()
-                kind = process_kind(proc, self._root.pid)
+                found[(proc.pid, proc.create_time())] = (process_kind(proc, self._root.pid),
+                                                         t.user + t.system + t.children_user + t.children_system,
+                                                         proc.ppid())
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-            by_kind[kind] = by_kind.get(kind, 0.0) + t.user + t.system + t.children_user + t.children_system
-        return by_kind
+        return found
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -92,9 +108,16 @@ class ProcessTreeUsage:
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._tree_bytes())
-        end = self._tree_cpu()
-        self.cpu_s = {kind: round(end.get(kind, 0.0) - self._cpu_at_start.get(kind, 0.0), 1)
-                      for kind in sorted(end.keys() | self._cpu_at_start.keys())}
+        start, end = self._cpu_at_start, self._tree_cpu()
+        by_kind: dict[str, float] = {}
+        for key, (kind, seconds, _) in end.items():
+            by_kind[kind] = by_kind.get(kind, 0.0) + seconds - (start[key][1] if key in start else 0.0)
+        for key, (kind, seconds, parent) in start.items():
+            # gone: its final seconds moved to a waiting parent's children counters (take off what came before the
+            # block), or were discarded with it (a parent ignoring SIGCHLD: nothing of it is counted)
+            if key not in end and not _ignores_sigchld(parent):
+                by_kind[kind] = by_kind.get(kind, 0.0) - seconds
+        self.cpu_s = {kind: round(by_kind[kind], 1) for kind in sorted(by_kind)}
 
     @property
     def peak_gib(self) -> float:
