@@ -1,11 +1,12 @@
 """Spark's Python daemon with the job's modules imported once, before it forks workers.
 
-Spark forks every Python worker from a daemon (``python -m <spark.python.daemon.module> <worker module>``): the
-executors' ``mapInArrow`` tasks and the planners of the ``notelake_table`` data source. A fresh worker then imports
-what its task needs (pyarrow, pandas, pydantic, the job's stage: ~0.6 s of CPU each), and Spark ends workers idle for
-a minute, so every run pays that again for each worker it starts (~2.5 s before the engine's first prompt,
-docs/benchmarks.md). :func:`start_spark <notelake.jobs.extract.start_spark>` sets this module as
-``spark.python.daemon.module``; forked workers inherit the imports.
+Spark forks the executors' Python workers (the job's ``mapInArrow`` tasks) from a daemon, ``python -m
+<spark.python.daemon.module> <worker module>``; a fresh worker then imports what its task needs (pyarrow, pandas,
+pydantic, the job's stage: ~0.6 s of CPU each). Spark ends workers idle for a minute, so a run pays that again for
+each worker it starts: staging a round took 0.78-0.98 s with new workers from Spark's daemon and at most 0.37 s from
+this one (docs/benchmarks.md, session 21). :func:`start_spark <notelake.jobs.extract.start_spark>` sets this module
+as ``spark.python.daemon.module``; forked workers inherit the imports. (The planners of Python data sources fork
+from pyspark's own daemon whatever the setting.)
 
 Fork safety: pyspark's own daemon imports nothing before it forks, because numpy's BLAS and pyarrow's jemalloc start
 threads when loaded, and a fork copies only the forking thread. Both are asked not to (one BLAS thread, no jemalloc
