@@ -22,9 +22,10 @@ import importlib
 import os
 import sys
 
-#: what the job's workers import; pyspark's worker module (argv[1]) is added per daemon
-PRELOAD = ("notelake.jobs.stage", "notelake.jobs.storage", "notelake.udfs.assemble", "notelake.udfs.answer",
-           "notelake.udfs.prompts", "notelake.udfs.chunking", "notelake.models.engine")
+#: what the job's workers import (the stage brings storage, conf and pyarrow; the rest it imports inside functions);
+#: pyspark's worker module (argv[1]) is added per daemon
+PRELOAD = ("notelake.jobs.stage", "notelake.udfs.assemble", "notelake.udfs.answer", "notelake.udfs.prompts",
+           "notelake.udfs.chunking", "notelake.models.engine")
 
 
 def threads() -> int:

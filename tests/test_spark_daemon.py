@@ -53,4 +53,3 @@ def test_daemon_with_a_thread_replaces_itself_with_sparks_plain_daemon():
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "no preload (RuntimeError: 2 threads after importing notelake.jobs.stage" in err.decode()
-
