@@ -202,6 +202,28 @@ class StorageConfig(_Strict):
         return {k: v.get_secret_value() for k, v in self.options.items()}
 
 
+class OmopConfig(_Strict):
+    """Concept normalization to the site's OMOP vocabulary and the OMOP CDM output (jobs/linking.py)."""
+
+    enabled: bool = Field(True, description="link concepts to the vocabulary when one is present (a missing "
+                                            "vocabulary skips linking with one warning); false = never link")
+    vocabulary: str | None = Field(None, description="where the vocabulary's Delta tables are (concept, "
+                                                     "concept_synonym, concept_relationship, concept_ancestor, "
+                                                     "vocabulary): a path or URI; null = <output>/vocabulary "
+                                                     "(written by `notelake vocab load`)")
+    fuzzy_scorer: Literal["ratio", "token_sort_ratio", "token_set_ratio"] = Field(
+        "token_sort_ratio", description="rapidfuzz scorer of the fuzzy step, on normalized strings (token_sort: "
+                                        "word order ignored)")
+    fuzzy_threshold: float = Field(0.9, ge=0, le=1, description="a fuzzy match is accepted only at or above this "
+                                                                "similarity (0..1)")
+    fuzzy_margin: float = Field(0.05, ge=0, le=1, description="... and only this far above the best score of any "
+                                                              "other concept (else: ambiguous, concept 0)")
+    fuzzy_min_chars: int = Field(4, ge=1, description="normalized mentions shorter than this are matched exactly "
+                                                      "only (a short string is one edit from many terms)")
+    link_buckets_per_pass: int = Field(16, ge=1, description="note buckets linked per Spark pass and commit "
+                                                             "(bounds the driver's work per pass)")
+
+
 class Settings(_Strict):
     environment: str = Field("local", description="name of this environment")
     engine: EngineConfig = EngineConfig()
@@ -210,6 +232,7 @@ class Settings(_Strict):
     input: InputConfig = InputConfig()
     job: JobConfig = JobConfig()
     storage: StorageConfig = StorageConfig()
+    omop: OmopConfig = OmopConfig()
 
     @model_validator(mode="after")
     def _adapter_needs_lora(self) -> "Settings":
