@@ -46,6 +46,21 @@ class DerivedRelation(BaseModel):
     anchor: str | None = Field(None, description="only in events anchored by this label (null = any event)")
 
 
+class LabelNormalization(BaseModel):
+    """Where one concept label's mentions are looked up in the OMOP vocabulary (jobs/linking.py). Each list is in
+    order of preference: when one normalized mention names several standard concepts, a concept's own name beats
+    a synonym, then the earlier domain, then the earlier vocabulary; concepts still tied are ambiguous (concept 0).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domains: list[str] = Field(..., min_length=1, description="OMOP domain_id(s) of the target standard concepts")
+    vocabularies: list[str] = Field(default_factory=list, description="vocabulary_id(s) of the target standard "
+                                                                      "concepts; empty = any vocabulary")
+    concept_classes: list[str] = Field(default_factory=list, description="concept_class_id(s) of the target "
+                                                                         "standard concepts; empty = any class")
+
+
 class EventSpec(BaseModel):
     """Event tasks (answer schema v2): a line starts with an anchor (a trigger) and lists its arguments."""
 
@@ -73,6 +88,10 @@ class Task(BaseModel):
     max_chunk_chars: int = Field(1500, ge=100, description="longest text span sent in one prompt")
     chunk_overlap_chars: int | None = Field(
         None, ge=0, description="overlap between chunks of a long note for this task; null = job.chunk_overlap_chars")
+    normalization: dict[str, LabelNormalization] = Field(
+        default_factory=dict, description="concept label -> its OMOP target (domains, vocabularies, classes); a "
+                                          "label not named here is left unlinked (concept 0, match_type "
+                                          "unmapped_label)")
 
     def overlap(self, default: int) -> int:
         """The chunk overlap this task runs with (its own, else the job's ``default``)."""
@@ -93,6 +112,9 @@ class Task(BaseModel):
                 for end in (head, tail):
                     if end not in self.concepts:
                         raise ValueError(f"relation {label!r} names unknown concept label {end!r}")
+        for label in self.normalization:
+            if label not in self.concepts:
+                raise ValueError(f"normalization: {label!r} is not a concept label")
         if self.events is not None:
             self._check_events(self.events)
         elif set(self.relations) & set(self.concepts):
