@@ -222,6 +222,23 @@ class OmopConfig(_Strict):
                                                       "only (a short string is one edit from many terms)")
     link_buckets_per_pass: int = Field(16, ge=1, description="note buckets linked per Spark pass and commit "
                                                              "(bounds the driver's work per pass)")
+    # -- the OMOP CDM output (jobs/omop.py: note_nlp, note_nlp_relation, NLP-derived domain rows)
+    term_exists_speculated: Literal["Y", "N"] = Field(
+        "N", description="note_nlp.term_exists of a speculated mention ('possible', 'may have'). Present -> Y, "
+                         "negated and hypothetical -> N always. N (default) counts only asserted facts; the CDM's "
+                         "own text leaves moderate uncertainty as Y (only very low certainty makes it false)")
+    domain_tables: bool = Field(False, description="also write NLP-derived drug_exposure and condition_occurrence "
+                                                   "rows (type concept 'NLP') for linked, asserted-present mentions")
+    person_id_column: str = Field("person_id", description="pass-through column holding the OMOP person_id "
+                                                           "(integer) of a note: the person of its derived rows")
+    note_date_column: str = Field("note_date", description="pass-through column holding the note's date: the "
+                                                           "start and end date of its derived rows")
+    note_id_column: str | None = Field(
+        None, description="where the OMOP NOTE.note_id (integer) of a note comes from: a pass-through column, or "
+                          "'note_id' when the input's own note id is that integer; null = the note_crosswalk table "
+                          "assigns each source note id a BIGINT once")
+    publish_buckets_per_pass: int = Field(16, ge=1, description="note buckets published per Spark pass and commit "
+                                                                "(bounds the driver's work per pass)")
 
 
 class Settings(_Strict):
