@@ -12,6 +12,7 @@ COMMANDS = {
     "sql": ("notelake.jobs.cohort", "run a cohort query over the output tables"),
     "sample-table": ("notelake.jobs.sample", "write the shipped synthetic notes as a Delta note table"),
     "models": ("notelake.models.base_model", "fetch-base: fetch and convert the embedded base model"),
+    "docs": ("notelake.conf.reference", "config: regenerate docs/configuration.md from the settings models"),
 }
 
 
