@@ -83,6 +83,7 @@ def assemble_note(
     passthrough: dict | None = None,
     note_bucket: int | None = None,
     fuzzy: bool = False,
+    cut_final: bool = False,
 ) -> NoteResult:
     """Rows of one note from its chunks' raw outputs. See the module docstring for the rules.
 
@@ -92,6 +93,9 @@ def assemble_note(
     chunk i's concepts as ``(label, start, end)`` in the chunk's text, taken as they are (grounded by
     construction; no answer to parse), and ``tag_relations[i]`` its relations as ``(label, head, tail)``, indexes
     into ``tagged[i]`` (the pair classifier; pairs the task does not allow are dropped and counted).
+    ``cut_final``: cut windows were already extracted again in smaller pieces (``udfs.windows.extract_windows``),
+    so an answer still cut before any complete line gives this window no answer and a warning, not an error row:
+    the same request would be cut again.
     """
     if len(outputs) != len(chunks):
         raise ValueError(f"{len(chunks)} chunks but {len(outputs)} outputs")
@@ -144,6 +148,9 @@ def assemble_note(
         cut = bool(truncated[pos]) if truncated is not None else False
         result.truncated_chunks += cut
         parsed = parse_answer(raw, task, truncated=cut)
+        if isinstance(parsed, ParseFailure) and cut_final and parsed.error_type == "truncated_output":
+            result.warnings += 1
+            continue
         if isinstance(parsed, ParseFailure):
             fail(i, "parse", parsed.error_type, parsed.message)
             continue
