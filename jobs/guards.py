@@ -1,14 +1,23 @@
-"""Guards around a run's output directory: path confinement, file permissions and one run at a time.
+"""Guards around a run's output: path confinement, file permissions and one run at a time.
 
 * :func:`resolve_output` resolves ``--output`` (symlinks followed) and, when ``job.output_root`` is set, refuses
   any output outside it, so a config or flag can never point the job's writes elsewhere.
 * :func:`restrictive_umask` applies ``job.umask`` (default 077: files 0600, folders 0700) to everything the
   process writes -- Delta tables on the driver, staged Parquet on the executors -- because the tables hold PHI.
-* :class:`RunLock` is an exclusive ``flock`` on ``<output>/_notelake.lock``: a second run on the same output
-  waits up to ``job.lock_timeout_s`` and then fails cleanly, before it reads or writes anything. Delta commits
-  stay safe without it (optimistic concurrency, retried); the lock avoids two runs extracting the same notes.
-  ``flock`` holds on local and NFSv4 file systems; an object-store output gets no lock (the scheduler must
-  serialise runs on it; Delta's optimistic concurrency still keeps every commit whole).
+* :func:`output_lock` keeps a second run off an output for the length of a run: it waits up to
+  ``job.lock_timeout_s`` and then raises :class:`LockedError` (exit 3) before the run reads or writes anything.
+  Delta commits stay whole without it (optimistic concurrency, retried); the lock keeps two runs from extracting
+  the same notes and from recovering each other's rounds as if their driver had died.
+
+  - A local output takes :class:`RunLock`, an exclusive ``flock`` on ``<output>/_notelake.lock``: the kernel drops
+    it the moment the holder dies, so the run after a crash starts at once, and nothing is written while it is
+    held. ``flock`` holds on local and NFSv4 file systems (``mode="lease"`` takes the lease on other ones).
+  - An object-store output takes the heartbeat lease of :mod:`notelake.jobs.lease` (a compare-and-swap on a small
+    Delta table's log): a dead holder blocks the output until its lease expires (``ttl_s``), and a run whose lease
+    was taken over is fenced off the output tables (:meth:`OutputLease.check` before each commit).
+
+  Both give the same interface: a context manager with ``check()`` (the commit fence; a no-op for the flock,
+  which cannot be lost) and ``taken_over`` (the lease record of a run that died holding it, else None).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from notelake.conf import ConfigError
 
@@ -60,11 +69,16 @@ def restrictive_umask(umask: str) -> Iterator[None]:
 class RunLock:
     """Exclusive lock on an output directory for the length of a run (released when the process dies)."""
 
+    taken_over = None  # a flock dies with its holder: there is never an expired one to take over
+
     def __init__(self, output: Path, timeout_s: float = 0.0, poll_s: float = 0.5):
         self.path = Path(output) / LOCK_FILE
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self._fh = None
+
+    def check(self) -> None:
+        """The commit fence of :func:`output_lock`'s interface: a held flock cannot be lost."""
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,3 +106,19 @@ class RunLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def output_lock(output: str, holder: str, timeout_s: float = 0.0, storage_options: dict[str, str] | None = None,
+                *, ttl_s: float | None = None, mode: Literal["auto", "lease"] = "auto"):
+    """The exclusive hold of run ``holder`` (its pass id) on ``output`` (as :func:`resolve_output` returned it):
+    :class:`RunLock` for a local path, an :class:`~notelake.jobs.lease.OutputLease` for an object-store URI (or
+    everywhere with ``mode="lease"``). Enter it before reading the output; :class:`LockedError` after
+    ``timeout_s``. ``ttl_s``: the lease's expiry after its last renewal (default
+    :data:`~notelake.jobs.lease.DEFAULT_TTL_S`)."""
+    from notelake.jobs import storage
+    from notelake.jobs.lease import DEFAULT_TTL_S, OutputLease
+
+    if mode == "auto" and storage.is_local(output):
+        return RunLock(Path(output), timeout_s)
+    return OutputLease(output, holder, timeout_s=timeout_s, ttl_s=ttl_s or DEFAULT_TTL_S,
+                       storage_options=storage_options)

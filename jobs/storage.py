@@ -422,12 +422,16 @@ def read_parquet(spark, location: str, opts: dict[str, str] | None = None):
     return spark.read.parquet(os.path.abspath(_local_path(location)))
 
 
-def read_table(spark, location: str, fmt: str = "delta", opts: dict[str, str] | None = None):
-    """A DataFrame over the Delta table or Parquet folder at ``location`` (any URI; the executors read the files)."""
+def read_table(spark, location: str, fmt: str = "delta", opts: dict[str, str] | None = None,
+               version: int | None = None):
+    """A DataFrame over the Delta table (its latest snapshot, or ``version``) or Parquet folder at ``location``
+    (any URI; the executors read the files)."""
     register_table_source(spark)
     # the tasks may run in another working directory: hand them an absolute local path
     location = str(location) if is_uri(location) else os.path.abspath(_local_path(location))
-    return (spark.read.format(SOURCE_NAME)
-            .option("format", fmt)
-            .option("storage_options", json.dumps(opts or {}))
-            .load(location))
+    reader = (spark.read.format(SOURCE_NAME)
+              .option("format", fmt)
+              .option("storage_options", json.dumps(opts or {})))
+    if version is not None:
+        reader = reader.option("version", str(version))
+    return reader.load(location)

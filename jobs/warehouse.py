@@ -9,6 +9,14 @@ Write semantics (design notes): a round's notes are replaced atomically, one com
 by ``write_deltalake(mode="overwrite", predicate=<task, buckets, note ids>)`` (delta-rs replaceWhere: the notes'
 old rows out, the new ones in, in one commit, the data checked against the predicate); first-time notes by a plain
 append. The ledger is committed last, so a crash before it means the round is redone, never lost or duplicated.
+
+Schema evolution: every write merges the data's schema into the table's (``schema_mode="merge"``, ``merge_schema``
+on MERGE), so a pass-through column added to the input becomes a new column of concepts, relations and the
+ledger (older rows null) and one the input no longer has stays in the table, null on new rows.
+
+Concurrency: one run at a time per output (:func:`notelake.jobs.guards.output_lock`). ``Warehouse.fence`` (the
+lock's ``check``) runs before every commit, so a run whose object-store lease was taken over commits nothing
+more.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -34,6 +42,8 @@ LAYOUT_FILE = "_notelake_layout.json"
 LAYOUT_VERSION = 2
 _COMMIT_RETRIES = 5
 _DELETE_BATCH = 5000  # note ids per DELETE predicate
+_DELETE_BUCKETS = 4  # note buckets per DELETE commit: each reads and rewrites only those buckets' files
+STAGING_DIR = "_staging"
 
 
 class OutputLayoutError(ValueError):
@@ -68,42 +78,47 @@ def read_delta_arrow(path: str | os.PathLike, columns: list[str] | None = None,
     return table.to_pyarrow_dataset().to_table(columns=columns)
 
 
-def snapshot_files(path: str | os.PathLike) -> list[str]:
-    """Parquet files of a local Delta table's current snapshot (how Spark reads delta-rs tables without
-    delta-spark)."""
+def snapshot_files(path: str | os.PathLike, version: int | None = None) -> list[str]:
+    """Parquet files of a local Delta table's snapshot (the current one, or ``version``): how Spark reads delta-rs
+    tables without delta-spark."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        return DeltaTable(str(path)).file_uris()
+        return DeltaTable(str(path), version=version).file_uris()
     except TableNotFoundError:
         return []
 
 
-def empty_snapshot(path: str | os.PathLike, opts: dict[str, str] | None = None) -> pa.Table | None:
+def empty_snapshot(path: str | os.PathLike, opts: dict[str, str] | None = None,
+                   version: int | None = None) -> pa.Table | None:
     """An empty table with the Delta table's schema (a table with no rows has no files), or None if absent."""
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        return pa.schema(DeltaTable(str(path), storage_options=opts).schema().to_arrow()).empty_table()
+        table = DeltaTable(str(path), version=version, storage_options=opts)
     except TableNotFoundError:
         return None
+    return pa.schema(table.schema().to_arrow()).empty_table()
 
 
-def read_snapshot_spark(spark, path: str | os.PathLike, opts: dict[str, str] | None = None):
-    """A delta-rs table as a Spark DataFrame without delta-spark, or None if there is no table. Local tables: the
-    current snapshot's Parquet files through Spark's own reader, with ``basePath`` so Hive-style partition columns
-    (``task=phee/``) come back as columns. Object stores (Spark has no connector here): the ``notelake_table``
-    data source, whose tasks read the snapshot's files with delta-rs."""
+def read_snapshot_spark(spark, path: str | os.PathLike, opts: dict[str, str] | None = None,
+                        version: int | None = None):
+    """A delta-rs table (its current snapshot, or ``version``) as a Spark DataFrame without delta-spark, or None if
+    there is no table. Local tables: the snapshot's Parquet files through Spark's own reader, with ``basePath`` so
+    Hive-style partition columns (``task=phee/``) come back as columns. Object stores (Spark has no connector
+    here): the ``notelake_table`` data source, whose tasks read the snapshot's files with delta-rs."""
     from notelake.jobs import storage
 
     if storage.is_uri(str(path)):
-        return None if empty_snapshot(path, opts) is None else storage.read_table(spark, str(path), "delta", opts)
-    files = snapshot_files(path)
+        if empty_snapshot(path, opts, version) is None:
+            return None
+        return storage.read_table(spark, str(path), "delta", opts, version=version)
+    files = snapshot_files(path, version)
     if files:
         return spark.read.option("basePath", Path(path).resolve().as_uri()).parquet(*files)
-    empty = empty_snapshot(path)
+    empty = empty_snapshot(path, version=version)
     return None if empty is None else spark.createDataFrame(empty)
 
 
@@ -114,6 +129,8 @@ class Warehouse:
     root: str  # a local path or an object-store URI
     commit_metadata: dict[str, str]
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # credentials: never logged
+    # called before every commit (the output lock's ``check``): raises when this run may no longer write
+    fence: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def path(self, table: str) -> str:
         from notelake.jobs import storage
@@ -149,6 +166,8 @@ class Warehouse:
         from deltalake.exceptions import CommitFailedError, DeltaError
 
         for attempt in range(1, _COMMIT_RETRIES + 1):
+            if self.fence is not None:
+                self.fence()
             try:
                 return action()
             except CommitFailedError as exc:
@@ -183,7 +202,7 @@ class Warehouse:
         if not note_ids or self._create_or_append(table, data, "replace_notes"):
             return
         self._with_retries(table, lambda: write_deltalake(
-            self.path(table), data, mode="overwrite", predicate=note_scope(task, buckets, note_ids),
+            self.path(table), data, mode="overwrite", predicate=note_scope(task, buckets, note_ids), schema_mode="merge",
             commit_properties=self._commit_properties("replace_notes"), storage_options=self.storage_options))
 
     def upsert(self, table: str, data: pa.Table, key: str = "run_id") -> None:
@@ -209,7 +228,8 @@ class Warehouse:
         predicate = f"t.note_id = s.note_id AND {note_scope(task, buckets, alias='t')}"
         self._with_retries(table, lambda: (
             DeltaTable(self.path(table), storage_options=self.storage_options)
-            .merge(data, predicate=predicate, source_alias="s", target_alias="t",
+            # merge_schema: a column new to the table is added (without it delta-rs drops the values silently)
+            .merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True,
                    commit_properties=self._commit_properties("update_columns"))
             .when_matched_update({c: f"s.{c}" for c in columns}).execute()))
 
@@ -221,21 +241,21 @@ class Warehouse:
         from deltalake import write_deltalake
 
         self._with_retries(table, lambda: write_deltalake(
-            self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
+            self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table), schema_mode="merge",
             commit_properties=self._commit_properties("append"), storage_options=self.storage_options,
         ))
 
     def delete_notes(self, task: str, notes: dict[str, int], tables: tuple[str, ...] = NOTE_TABLES) -> None:
-        """Remove every row of the notes ``{note_id: note_bucket}`` of ``task`` from ``tables``, the ledger last,
-        so a crash in between is finished by the next run (the ledger still lists them)."""
-        ids = sorted(notes)
-        for start in range(0, len(ids), _DELETE_BATCH):
-            part = ids[start:start + _DELETE_BATCH]
-            scope = note_scope(task, {notes[i] for i in part}, part)
-            for table in tables:
-                if self.version(table) is not None:
-                    self._with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
-                                                              self._commit_properties("delete_notes")))
+        """Remove every row of the notes ``{note_id: note_bucket}`` of ``task`` from ``tables``, bucket by bucket:
+        each commit covers at most ``_DELETE_BUCKETS`` buckets and ``_DELETE_BATCH`` notes, so it reads and
+        rewrites only those buckets' files. In each batch the ledger goes last, so a crash in between is finished
+        by the next run (the ledger still lists the notes)."""
+        present = [t for t in tables if self.version(t) is not None]
+        for buckets, ids in _delete_batches(notes):
+            scope = note_scope(task, buckets, ids)
+            for table in present:
+                self._with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
+                                                          self._commit_properties("delete_notes")))
 
     def commit_round(self, staged: dict[str, pa.Table], task: str, replaced: list[str], first: list[str],
                      ledger_known: list[str], buckets: set[int]) -> None:
@@ -289,12 +309,29 @@ class Warehouse:
                                self.storage_options)
         return wanted
 
-    def recover(self, staging_root: str) -> tuple[list[str], int]:
-        """Clean up after runs that died (called under the run lock, so no other run is active): remove their
-        staged files (note-derived PHI), mark their ``running`` rows ``abandoned``, and remove the rows of the
-        round they died in (:meth:`repair`). Returns (the runs marked abandoned, notes repaired)."""
+    def staging_root(self, staging: str | None = None) -> str:
+        """Where this output's runs stage rows (each run in ``<root>/<pass id>``): ``<output>/_staging``, or
+        ``<staging>/<output id>`` (:func:`output_id`) under a shared ``storage.staging``, so recovering one
+        output never touches the rows another output's run has staged."""
         from notelake.jobs import storage
 
+        if staging is None:
+            return storage.join(self.root, STAGING_DIR)
+        return storage.join(staging, output_id(self.root))
+
+    def recover(self, staging_root: str) -> tuple[list[str], int]:
+        """Clean up after the runs on this output that ended without finishing: remove their staged files under
+        ``staging_root`` (:meth:`staging_root`: this output's only; note-derived PHI), mark their ``running`` rows
+        ``abandoned``, and remove the rows of the round they died in (:meth:`repair`). Returns (the runs marked
+        abandoned, notes repaired).
+
+        Call it holding the output's lock (:func:`notelake.jobs.guards.output_lock`): every other run on this
+        output has then ended, released its lease or let it expire, and one that lost its lease is fenced off the
+        tables (``fence`` is checked first, and before each commit)."""
+        from notelake.jobs import storage
+
+        if self.fence is not None:
+            self.fence()
         storage.delete_tree(staging_root, self.storage_options)
         runs = read_delta_arrow(self.path("runs"), opts=self.storage_options)
         if runs is None:
@@ -365,6 +402,37 @@ def note_scope(task: str, buckets: set[int], note_ids: list[str] | None = None, 
     return scope
 
 
+def _delete_batches(notes: dict[str, int]) -> Iterator[tuple[set[int], list[str]]]:
+    """(buckets, note ids) of each delete commit: whole buckets in order, at most ``_DELETE_BUCKETS`` buckets and
+    ``_DELETE_BATCH`` ids per commit (a bucket with more ids is split over several commits)."""
+    by_bucket: dict[int, list[str]] = {}
+    for note_id, bucket in notes.items():
+        by_bucket.setdefault(int(bucket), []).append(note_id)
+    buckets: set[int] = set()
+    ids: list[str] = []
+    for bucket in sorted(by_bucket):
+        members = sorted(by_bucket[bucket])
+        for start in range(0, len(members), _DELETE_BATCH):
+            part = members[start:start + _DELETE_BATCH]
+            if ids and (len(buckets | {bucket}) > _DELETE_BUCKETS or len(ids) + len(part) > _DELETE_BATCH):
+                yield buckets, ids
+                buckets, ids = set(), []
+            buckets.add(bucket)
+            ids.extend(part)
+    if ids:
+        yield buckets, ids
+
+
+def output_id(root: str) -> str:
+    """A short, readable name for an output location, distinct for ``s3://a/wh`` and ``s3://b/wh``: its last path
+    part and the first 12 hex digits of the sha256 of the whole location."""
+    import hashlib
+
+    location = str(root).rstrip("/")
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "_", location.rsplit("/", 1)[-1])[:40].strip(".") or "output"
+    return f"{tail}-{hashlib.sha256(location.encode()).hexdigest()[:12]}"
+
+
 def _delete(path: str, predicate: str, opts: dict[str, str], commit_properties) -> None:
     from deltalake import DeltaTable
 
@@ -372,11 +440,13 @@ def _delete(path: str, predicate: str, opts: dict[str, str], commit_properties) 
 
 
 def open_warehouse(root: str | os.PathLike, commit_metadata: dict[str, str],
-                   storage_options: dict[str, str] | None = None) -> Warehouse:
+                   storage_options: dict[str, str] | None = None,
+                   fence: Callable[[], None] | None = None) -> Warehouse:
+    """The output tables under ``root``; ``fence``: the output lock's ``check``, run before every commit."""
     from notelake.jobs import storage
 
     root = str(root)
     if storage.is_local(root):
         root = storage.join(root)
         os.makedirs(root, exist_ok=True)
-    return Warehouse(root, commit_metadata, dict(storage_options or {}))
+    return Warehouse(root, commit_metadata, dict(storage_options or {}), fence)
