@@ -25,7 +25,7 @@ from pathlib import Path
 
 RECIPE = "conf/train/multitask.yaml"
 SETUPS = {"mt": ["phee", "maccrobat"], "phee": ["phee"], "maccrobat": ["maccrobat"]}
-DEV_LIMIT = {"phee": 200, "maccrobat": 5}  # the slices of docs/results.md
+DEV_LIMIT = {"phee": 200, "maccrobat": 5}  # the slices of docs/quality.md
 
 
 def point_name(setup: str, fraction: float) -> str:

@@ -67,7 +67,7 @@ class EngineConfig(_Strict):
     guided_decoding: Literal["grounded", "labels", "off"] = Field(
         "grounded", description="structured outputs over the answer grammar: grounded = labels as enums and every "
                                 "mention one of the chunk's own word n-grams (grounded by construction); labels = "
-                                "labels as enums, free mentions; off = free generation (docs/results.md A/B)")
+                                "labels as enums, free mentions; off = free generation (docs/quality.md A/B)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     max_tokens: int | None = Field(None, ge=1, description="answer budget; null = the task's own max_tokens")
     seed: int = Field(0, description="sampling seed")
