@@ -30,7 +30,12 @@ from pathlib import Path
 import pyarrow as pa
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
-QUERY_TABLES = ("concepts", "relations", "runs", "errors")
+QUERY_TABLES = ("concepts", "relations", "runs", "errors",
+                # OMOP: the linker's links and the CDM tables `notelake omop` publishes (jobs/omop.py)
+                "concept_links", "note_nlp", "note_nlp_relation", "drug_exposure", "condition_occurrence",
+                "note_crosswalk")
+#: The OMOP vocabulary's tables by their CDM names, under omop.vocabulary (default <output>/vocabulary).
+VOCABULARY_TABLES = ("concept", "concept_synonym", "concept_relationship", "concept_ancestor", "vocabulary")
 PINNED_TABLES = ("concepts", "relations", "errors")  # read as of the last finished run (runs: always latest)
 FINISHED = ("succeeded", "failed")  # statuses of runs that recorded their table versions when they ended
 
@@ -107,33 +112,42 @@ def _arrow_view(path: str, opts: dict[str, str] | None, pinned: bool, version: i
     return table.to_pyarrow_dataset()
 
 
-def run_duckdb(output: str | Path, sql: str, opts: dict[str, str] | None = None, latest: bool = False) -> pa.Table:
+def table_location(output: str | Path, table: str, vocabulary: str | None = None) -> str:
+    """Where a table a query names lives: under the output, or (a vocabulary table) under ``vocabulary``."""
+    from notelake.jobs import storage
+    from notelake.jobs.vocab import vocabulary_root
+
+    root = vocabulary_root(str(output), vocabulary) if table in VOCABULARY_TABLES else str(output)
+    return storage.join(root, table)
+
+
+def run_duckdb(output: str | Path, sql: str, opts: dict[str, str] | None = None, latest: bool = False,
+               vocabulary: str | None = None) -> pa.Table:
     """DuckDB over the tables as of the last finished run (``latest``: their current snapshots): delta-rs hands
     DuckDB an Arrow dataset of exactly the snapshot's files (local or on an object store), which DuckDB scans
     with projection and filter pushdown."""
     import duckdb
 
-    from notelake.jobs import storage
-
     versions = read_versions(output, opts, latest)
     con = duckdb.connect()
-    for table in QUERY_TABLES:
+    for table in QUERY_TABLES + VOCABULARY_TABLES:
         pinned = versions is not None and table in versions
-        view = _arrow_view(storage.join(str(output), table), opts, pinned, versions.get(table) if pinned else None)
+        view = _arrow_view(table_location(output, table, vocabulary), opts, pinned,
+                           versions.get(table) if pinned else None)
         if view is not None:
             con.register(table, view)
     return con.sql(sql).to_arrow_table()
 
 
-def run_spark(spark, output: str | Path, sql: str, opts: dict[str, str] | None = None, latest: bool = False):
+def run_spark(spark, output: str | Path, sql: str, opts: dict[str, str] | None = None, latest: bool = False,
+              vocabulary: str | None = None):
     """Spark SQL over delta-rs tables as of the last finished run (``latest``: their current snapshots), via the
     snapshot's Parquet files (no delta-spark needed)."""
-    from notelake.jobs import storage
     from notelake.jobs.warehouse import read_snapshot_spark
 
     versions = read_versions(output, opts, latest)
-    for table in QUERY_TABLES:
-        path = storage.join(str(output), table)
+    for table in QUERY_TABLES + VOCABULARY_TABLES:
+        path = table_location(output, table, vocabulary)
         pinned = versions is not None and table in versions
         if pinned and versions[table] is None:
             empty = _arrow_view(path, opts, pinned=True, version=None)
@@ -152,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="notelake sql", description="run a cohort query over the output tables")
     p.add_argument("--output", required=True, help="warehouse directory written by the extract job")
     p.add_argument("--query", default="drug_adverse_effects",
-                   help="shipped query name, a .sql file, or a SQL statement over concepts, relations, runs, errors")
+                   help="shipped query name, a .sql file, or a SQL statement over the output's tables (concepts, "
+                        "relations, runs, errors; OMOP: concept_links, note_nlp, note_nlp_relation, drug_exposure, "
+                        "condition_occurrence, note_crosswalk) and the vocabulary's (concept, concept_ancestor, ...)")
     p.add_argument("--engine", choices=("duckdb", "spark"), default="duckdb")
     p.add_argument("--max-rows", type=int, default=50)
     p.add_argument("--latest", action="store_true",
@@ -181,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
             spark = start_spark(settings, app_name="notelake-sql")
             try:
-                run_spark(spark, args.output, sql, opts, args.latest).show(args.max_rows, truncate=False)
+                run_spark(spark, args.output, sql, opts, args.latest, settings.omop.vocabulary).show(args.max_rows, truncate=False)
             except AnalysisException as exc:  # the statement's own error (its plan, never rows): for the user
                 raise ConfigError(f"Spark SQL: {exc}") from None
             return 0
-        table = run_duckdb(args.output, sql, opts, args.latest)
+        table = run_duckdb(args.output, sql, opts, args.latest, settings.omop.vocabulary)
     except (ConfigError, StaleVersionError, duckdb.Error) as exc:  # a query or a setting to fix: for the user
         print(f"error: {exc}", file=sys.stderr)
         return 2
