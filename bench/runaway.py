@@ -65,10 +65,9 @@ def run(args) -> dict:
     from notelake.conf import load_settings
     from notelake.conf.task import load_task
     from notelake.models.engine import make_engine
-    from notelake.models.evaluation import gold_items, predicted_items, read_gold, score_notes, select_slice
-    from notelake.udfs.assemble import assemble_note
+    from notelake.models.evaluation import read_gold, select_slice
     from notelake.udfs.chunking import chunk_text
-    from notelake.udfs.windows import Window, extract_windows
+    from notelake.udfs.windows import NoteWindows, Window, extract_windows
 
     settings = load_settings(args.settings)
     task = load_task(args.task)
@@ -88,54 +87,71 @@ def run(args) -> dict:
 
     t0 = time.monotonic()
     if args.plain:
-        windows = [Window(k, task, c) for k, chunks in enumerate(chunked) for c in chunks]
-        outputs = iter(generate(windows))
-        per_note = [(chunks, [next(outputs) for _ in chunks]) for chunks in chunked]
+        outputs = iter(generate([Window(k, task, c) for k, chunks in enumerate(chunked) for c in chunks]))
+        notes = [NoteWindows(list(c), [next(outputs) for _ in c], [False] * len(c)) for c in chunked]
     else:
-        per_note = [(n.chunks, n.outputs) for n in extract_windows([task] * len(records), chunked, generate)]
+        notes = extract_windows([task] * len(records), chunked, generate)
     wall_s = time.monotonic() - t0
-
-    lineage = {"run_id": "bench-runaway", "model": settings.engine.model, "model_sha256": desc.get("model_sha256"),
-               "adapter": None, "adapter_sha256": None, "prompt_version": "bench", "fingerprint": "bench",
-               "extracted_at": datetime.now(timezone.utc)}
-    pairs, failed, error_types, kept = [], 0, Counter(), []
-    still_cut = warnings = 0
-    for rec, (chunks, outs) in zip(records, per_note):
-        res = assemble_note(note_id=rec["note_id"], text=rec["text"], task=task, chunks=chunks,
-                            outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
-                            truncated=[o.finish_reason == "length" for o in outs], lineage=lineage)
-        failed += bool(res.errors)
-        error_types.update(str(e["error_type"]) for e in res.errors)
-        still_cut += res.truncated_chunks
-        warnings += res.warnings
-        pairs.append((predicted_items(rec["note_id"], res.concepts, res.relations), gold_items(task, rec)))
-        kept += [{"note_id": rec["note_id"], "start": c.start, "end": c.end, "finish_reason": o.finish_reason,
-                  "output_tokens": o.output_tokens, "text": o.text} for c, o in zip(chunks, outs)]
     if args.keep_outputs:
-        Path(args.keep_outputs).write_text("".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept),
-                                           encoding="utf-8")
-    scores = score_notes(task, pairs, resamples=1000, seed=args.seed)
+        _keep_outputs(args.keep_outputs, records, notes)
+
     first = calls[0] if calls else {"windows": 0, "cut": 0}
-    final = [o for _, outs in per_note for o in outs]
-    out_tokens = [o.output_tokens for o in final]
     n_windows = sum(len(c) for c in chunked)
-    return {
+    out_tokens = [o.output_tokens for n in notes for o in n.outputs]
+    report = {
         "task": task.name, "gold": args.gold, "notes": len(records), "plain": args.plain,
         "command": "python -m bench.runaway " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": {k: desc.get(k) for k in ("backend", "dtype", "guided_decoding", "model_sha256", "versions")},
         "adapter": str(settings.engine.adapter), "merged": settings.engine.merge_adapter,
-        "windows": n_windows, "skipped_no_prose": n_windows - first["windows"],
-        "cut_first_pass": first["cut"], "cut_first_pass_rate": round(first["cut"] / max(1, first["windows"]), 4),
-        "reextraction_calls": calls[1:], "final_windows": len(final), "final_windows_cut": still_cut,
-        "notes_failed": failed, "error_types": dict(error_types), "parser_warnings": warnings,
+        "windows": n_windows, "no_prose": sum(n.no_prose for n in notes),
+        "cut_first_pass": first["cut"], "cut_first_pass_rate": round(first["cut"] / max(1, n_windows), 4),
+        "reextraction_calls": calls[1:],
         "output_tokens": sum(c["output_tokens"] for c in calls),
-        "final_output_tokens_p50_p99_max": _quantiles(out_tokens),
+        "output_tokens_p50_p99_max": _quantiles(out_tokens),
         "wall_s": round(wall_s, 1), "notes_per_s": round(len(records) / wall_s, 3),
-        "cce_lenient": _f1(scores["cce"]["lenient"]), "cce_strict": _f1(scores["cce"]["strict"]),
-        "cre_lenient": _f1(scores.get("cre", {}).get("lenient")), "cre_strict": _f1(scores.get("cre", {}).get("strict")),
-        "grounding_rate": scores["grounding_rate"],
+        "output_tokens_per_s": round(sum(c["output_tokens"] for c in calls) / wall_s, 1),
     }
+    report["scores"] = _score(task, records, notes, cut_final=not args.plain)
+    if not args.plain:  # the same answers, the cut windows' own lines left out (only their pieces)
+        report["scores_without_cut_windows_lines"] = _score(task, records, notes, cut_final=True, drop_split=True)
+    return report
+
+
+def _score(task, records: list[dict], notes: list, *, cut_final: bool, drop_split: bool = False) -> dict:
+    """Assemble every note as the job does and score it as ``notelake evaluate`` does; failures and cut windows."""
+    from notelake.models.evaluation import gold_items, predicted_items, score_notes
+    from notelake.udfs.assemble import assemble_note
+
+    lineage = {"run_id": "bench-runaway", "model": "bench", "model_sha256": None, "adapter": None,
+               "adapter_sha256": None, "prompt_version": "bench", "fingerprint": "bench",
+               "extracted_at": datetime.now(timezone.utc)}
+    pairs, failed, error_types, cut, warnings = [], 0, Counter(), 0, 0
+    for rec, note in zip(records, notes):
+        inputs = note.assemble_inputs()
+        if drop_split:
+            keep = [k for k, split in enumerate(note.split) if not split]
+            inputs = {name: [values[k] for k in keep] if isinstance(values, list) else values
+                      for name, values in inputs.items()}
+        res = assemble_note(note_id=rec["note_id"], text=rec["text"], task=task, lineage=lineage,
+                            **{**inputs, "cut_final": cut_final})
+        failed += bool(res.errors)
+        error_types.update(str(e["error_type"]) for e in res.errors)
+        cut += res.truncated_chunks
+        warnings += res.warnings
+        pairs.append((predicted_items(rec["note_id"], res.concepts, res.relations), gold_items(task, rec)))
+    scores = score_notes(task, pairs, resamples=1000, seed=0)
+    return {"notes_failed": failed, "error_types": dict(error_types), "windows_cut_assembled": cut,
+            "parser_warnings": warnings, "cce_lenient": _f1(scores["cce"]["lenient"]),
+            "cce_strict": _f1(scores["cce"]["strict"]), "cre_lenient": _f1(scores.get("cre", {}).get("lenient")),
+            "cre_strict": _f1(scores.get("cre", {}).get("strict")), "grounding_rate": scores["grounding_rate"]}
+
+
+def _keep_outputs(path: str, records: list[dict], notes: list) -> None:
+    rows = [{"note_id": rec["note_id"], "start": c.start, "end": c.end, "split": split,
+             "finish_reason": o.finish_reason, "output_tokens": o.output_tokens, "text": o.text}
+            for rec, note in zip(records, notes) for c, o, split in zip(note.chunks, note.outputs, note.split)]
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def _quantiles(values: list[int]) -> list[int]:

@@ -88,6 +88,14 @@ class Task(BaseModel):
     max_chunk_chars: int = Field(1500, ge=100, description="longest text span sent in one prompt")
     chunk_overlap_chars: int | None = Field(
         None, ge=0, description="overlap between chunks of a long note for this task; null = job.chunk_overlap_chars")
+    max_mention_tokens: dict[str, int] = Field(
+        default_factory=dict, description="concept label -> longest mention in word/punctuation tokens the answer "
+                                          "grammar admits, learned from training data (`notelake bounds`); a label "
+                                          "not listed: udfs.answer.MAX_MENTION_TOKENS")
+    max_line_items: int | None = Field(
+        None, ge=1, description="most items on one answer line (an event's trigger and arguments, a concept and "
+                                "its references), learned from training data (`notelake bounds`); null: "
+                                "udfs.answer.MAX_LINE_ITEMS")
     normalization: dict[str, LabelNormalization] = Field(
         default_factory=dict, description="concept label -> its OMOP target (domains, vocabularies, classes); a "
                                           "label not named here is left unlinked (concept 0, match_type "
@@ -103,6 +111,11 @@ class Task(BaseModel):
             if not _LABEL.match(label):
                 raise ValueError(f"label {label!r}: letters, digits, '_' and '-' only, starting with a letter "
                                  "(labels are written verbatim in the answer format)")
+        unknown = sorted(set(self.max_mention_tokens) - set(self.concepts))
+        if unknown:
+            raise ValueError(f"max_mention_tokens names unknown concept label(s) {unknown}")
+        if any(n < 1 for n in self.max_mention_tokens.values()):
+            raise ValueError("max_mention_tokens: every bound must be >= 1")
         if self.kind == "cre" and not self.relations:
             raise ValueError("kind 'cre' needs at least one relation label")
         if self.kind == "cce" and self.relations:

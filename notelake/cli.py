@@ -9,6 +9,7 @@ COMMANDS = {
     "extract": ("notelake.jobs.extract", "run the extraction job (same flags as spark-submit jobs/extract.py)"),
     "train": ("notelake.jobs.train", "train a LoRA adapter or a full fine-tune"),
     "evaluate": ("notelake.jobs.evaluate", "score extraction against a gold JSONL"),
+    "bounds": ("notelake.jobs.bounds", "learn a task's answer-grammar bounds from training data (--write: into its YAML)"),
     "sql": ("notelake.jobs.cohort", "run a cohort query over the output tables"),
     "vocab": ("notelake.jobs.vocab", "load: an OMOP vocabulary export (Athena files) into Delta tables"),
     "link": ("notelake.jobs.linking", "link the concepts to the OMOP vocabulary (concept_links table)"),

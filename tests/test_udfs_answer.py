@@ -3,8 +3,17 @@ xgrammar, the structured-output backend vLLM runs), and the grounded grammar adm
 
 import pytest
 from notelake.conf.task import load_task
-from notelake.udfs.answer import answer_grammar, gold_answer, mention_ngrams
+from notelake.udfs.answer import (
+    MAX_MENTION_TOKENS,
+    MAX_TOKEN_CHARS,
+    answer_grammar,
+    gold_answer,
+    line_items_bound,
+    mention_bound,
+    mention_ngrams,
+)
 from notelake.udfs.parsing import ParsedAnswer, parse_answer
+from notelake.udfs.prompts import prompt_version
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -89,4 +98,79 @@ def shared_data_records():
                 lines = (root / task / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:60]
                 out += [(task, json.loads(line)) for line in lines]
             return out
+    pytest.skip("shared/data not available beside the repository")
+
+
+WORDS = " ".join(f"w{k}" for k in range(60)) + "."
+
+
+def mention(n: int) -> str:
+    return " ".join(f"w{k}" for k in range(n))
+
+
+def test_a_mention_is_bounded_by_its_label(compiler):
+    """Each label's longest mention is the task's bound for it (learned from training data, conf/tasks/*.yaml)."""
+    task = load_task("phee")
+    drug, treatment = mention_bound(task, "Drug"), mention_bound(task, "Treatment")
+    assert drug < treatment < 60
+    grammar = answer_grammar(task, WORDS)
+    assert accepts(compiler, grammar, f"Drug: {mention(drug)}")
+    assert not accepts(compiler, grammar, f"Drug: {mention(drug + 1)}")
+    assert accepts(compiler, grammar, f"Treatment: {mention(treatment)}")
+    assert not accepts(compiler, grammar, f"Treatment: {mention(treatment + 1)}")
+    event = f"ADE_trigger: w0 | Drug: {mention(drug)} | Effect: w3"
+    assert accepts(compiler, grammar, event)
+    assert not accepts(compiler, grammar, event.replace(mention(drug), mention(drug + 1)))
+    unbounded = task.model_copy(update={"max_mention_tokens": {}})  # a label not bounded: MAX_MENTION_TOKENS
+    assert accepts(compiler, answer_grammar(unbounded, WORDS), f"Drug: {mention(MAX_MENTION_TOKENS)}")
+    assert not accepts(compiler, answer_grammar(unbounded, WORDS), f"Drug: {mention(MAX_MENTION_TOKENS + 1)}")
+
+
+def test_a_line_holds_at_most_the_tasks_items(compiler):
+    phee, maccrobat = load_task("phee"), load_task("maccrobat")
+    n = line_items_bound(phee)
+    event = "ADE_trigger: w0" + "".join(f" | Drug: w{k}" for k in range(1, n))
+    assert accepts(compiler, answer_grammar(phee, WORDS), event)
+    assert not accepts(compiler, answer_grammar(phee, WORDS), event + " | Drug: w59")
+    m = line_items_bound(maccrobat)
+    line = "Sign_symptom: w0" + "".join(f" | MODIFY: w{k}" for k in range(1, m))
+    assert accepts(compiler, answer_grammar(maccrobat, WORDS), line)
+    assert not accepts(compiler, answer_grammar(maccrobat, WORDS), line + " | MODIFY: w59")
+
+
+def test_a_mention_never_copies_a_blob_token(compiler):
+    blob = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xt"  # a base64 run: one \w token of 52 chars
+    text = f"Aspirin {blob} caused rash."
+    grammar = answer_grammar(load_task("phee"), text)
+    assert len(blob) > MAX_TOKEN_CHARS and blob not in mention_ngrams(text)
+    assert accepts(compiler, grammar, "Drug: Aspirin\nEffect: rash")
+    assert not accepts(compiler, grammar, f"Drug: {blob}")
+    assert not accepts(compiler, grammar, f"Drug: Aspirin {blob}")
+
+
+def test_shipped_bounds_are_those_the_training_data_gives(shared_data_root):
+    """conf/tasks/{phee,maccrobat}.yaml hold what `notelake bounds --task <task> --gold <train> --write` computes."""
+    from notelake.jobs.bounds import learned_bounds
+
+    for name in ("phee", "maccrobat"):
+        task = load_task(name)
+        learned = learned_bounds(task, shared_data_root / name / "train.jsonl")
+        assert task.max_mention_tokens == learned["max_mention_tokens"], name
+        assert task.max_line_items == learned["max_line_items"], name
+
+
+def test_bounds_are_part_of_the_prompt_version():
+    task = load_task("phee")
+    assert prompt_version(task) != prompt_version(task.model_copy(update={"max_line_items": 3}))
+    tighter = {**task.max_mention_tokens, "Drug": 2}
+    assert prompt_version(task) != prompt_version(task.model_copy(update={"max_mention_tokens": tighter}))
+
+
+@pytest.fixture(scope="module")
+def shared_data_root():
+    from pathlib import Path
+
+    for root in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")):
+        if (root / "phee" / "train.jsonl").exists():
+            return root
     pytest.skip("shared/data not available beside the repository")

@@ -1,10 +1,12 @@
+import base64
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from notelake.udfs.chunking import Chunk, chunk_text
+from notelake.udfs.chunking import Chunk, chunk_text, has_prose, prose_pieces, split_chunk
 
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -88,3 +90,79 @@ def test_real_maccrobat_notes():
         check_chunks(text, chunks, 400)
         for a, b in zip(chunks, chunks[1:]):
             assert 0 < a.end - b.start <= 199
+
+
+@PROPS
+@given(text=texts, max_chars=st.integers(20, 300), overlap=st.integers(0, 100), min_chars=st.integers(1, 60),
+       lead=st.text(max_size=30))
+def test_split_chunk_pieces_map_exactly_into_the_note(text, max_chars, overlap, min_chars, lead):
+    note = lead + text
+    for chunk in chunk_text(note, max_chars, overlap):
+        pieces = split_chunk(chunk, min_chars)
+        if len(chunk.text) < 2 * min_chars:
+            assert pieces == []
+            continue
+        assert pieces[0].start == chunk.start and pieces[-1].end == chunk.end
+        for i, p in enumerate(pieces):
+            assert p.index == i and note[p.start:p.end] == p.text and 0 < len(p.text) < len(chunk.text)
+        for a, b in zip(pieces, pieces[1:]):
+            assert a.start < b.start <= a.end < b.end  # overlapping neighbours, no hole
+
+
+def test_split_chunk_halves_a_window_on_its_boundaries():
+    text = "Rash developed after amoxicillin. 😀 Naproxène was stopped; the rash resolved. " * 3
+    (chunk,) = chunk_text(text, 1000)
+    pieces = split_chunk(chunk, 48)
+    assert 2 <= len(pieces) <= 3 and all(len(p.text) <= len(text) // 2 + len(text) // 8 + 1 for p in pieces)
+    assert all(p.text.endswith((". ", "; ")) for p in pieces[:-1])
+
+
+BLOBS = {
+    "whitespace of a template": " " * 200 + "\n\t \n" * 50,
+    "a separator line": "=" * 400,
+    "a spaced separator": "- " * 200,
+    "a run of one letter": "a" * 400,
+    "a few characters repeated": "ab " * 130,
+    "base64 (MIME lines)": base64.encodebytes(bytes(range(256)) * 2).decode(),
+    "base64 (one token)": base64.b64encode(bytes(range(256)) * 2).decode(),
+    "hex": bytes(range(200)).hex(),
+    "RTF": r"{\rtf1\ansi\ansicpg1252\deff0\nouicompat{\fonttbl{\f0\fnil\fcharset0 Calibri;}}{\*\generator Riched20"
+           r" 10.0}\viewkind4\uc1 \pard\sa200\sl276\slmult1\f0\fs22\lang9 {\pict\pngblip\picw64\pich64 "
+           + "89504e470d0a1a0a0000000d49484452" * 8 + "}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOBS))
+def test_no_prose_in_blobs(name):
+    (chunk,) = chunk_text(BLOBS[name], 4000)
+    assert not has_prose(chunk.text) and prose_pieces(chunk) == []
+
+
+def test_prose_beside_a_blob_is_kept_at_its_offsets():
+    rtf = r"{\rtf1\ansi \pard INR rose to 9 today.\par}"
+    labs = "WBC 12.3, Hb 9.1 g/dL, (+), CK19 (+)."
+    text = "Pt took warfarin 5 mg.\n" + BLOBS["base64 (MIME lines)"] + rtf + "\n" + "=" * 80 + "\n" + labs
+    (chunk,) = chunk_text(text, 4000)
+    pieces = prose_pieces(chunk)
+    assert [p.text for p in pieces] == ["Pt took warfarin 5 mg.", r"INR rose to 9 today.\par}", labs]
+    assert all(text[p.start:p.end] == p.text for p in pieces)
+    sentence = Chunk(0, 0, 22, "Pt took warfarin 5 mg.")
+    assert prose_pieces(sentence) == [sentence]  # prose as a whole: the window itself
+
+
+def test_every_window_of_the_corpora_is_prose():
+    """Lab value lists, HLA alleles, karyotypes, a hyphenated 82-character regimen: all prose, down to the pieces
+    udfs/windows.py splits a cut window into."""
+    root = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (root / "maccrobat" / "dev.jsonl").exists():
+        pytest.skip("shared data not available")
+    n = 0
+    for corpus, max_chars in (("phee", 1000), ("maccrobat", 400)):
+        for split in ("train", "dev"):
+            for line in (root / corpus / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+                windows = chunk_text(json.loads(line)["text"], max_chars, 200)
+                for _ in range(4):
+                    assert all(prose_pieces(w) == [w] for w in windows)
+                    n += len(windows)
+                    windows = [p for w in windows for p in split_chunk(w, 48)]
+    assert n > 50_000

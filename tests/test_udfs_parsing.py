@@ -51,7 +51,7 @@ def relations_of(parsed: ParsedAnswer) -> set[tuple[str, str, str]]:
 
 
 def test_parser_version():
-    assert PARSER_VERSION == "p2"
+    assert PARSER_VERSION == "p3"
 
 
 def test_event_lines_give_arguments_and_derived_relations(phee):
@@ -86,13 +86,27 @@ def test_none_and_empty_output(phee):
     assert_no_phi(failure, SECRET)
 
 
-def test_truncated_output_drops_its_last_line(phee):
+def test_truncated_output_drops_its_last_item(phee):
     cut = GOOD[: GOOD.index("glucose") + 3]
     parsed = parse_answer(cut, phee, truncated=True)
-    assert [c.text for c in parsed.concepts] == ["induced", "insulin", "insulin therapy", "hypoglycemia"]
+    assert [c.text for c in parsed.concepts] == ["induced", "insulin", "insulin therapy", "hypoglycemia", "improved",
+                                                 "metformin"]  # the cut line keeps its complete items
     assert parsed.truncated and any("cut at max_tokens" in w for w in parsed.warnings)
     failure = parse_answer(GOOD[:5], phee, truncated=True)
     assert isinstance(failure, ParseFailure) and failure.error_type == "truncated_output"
+
+
+def test_a_cut_line_loses_its_repeated_items(phee):
+    """The runaways of PHEE dev: one event line that repeats an item (or a block of items) until max_tokens."""
+    line = ("ADE_trigger: developed | Subject: Eleven patients | Effect: infection | Drug: leflunomide | "
+            "Drug: PHT | Drug: leflunomide | Drug: PHT | Drug: lefl")
+    parsed = parse_answer(line, phee, truncated=True)
+    assert [c.text for c in parsed.concepts] == ["developed", "Eleven patients", "infection", "leflunomide", "PHT"]
+    assert {(r.label, r.head, r.tail) for r in parsed.relations} >= {("Drug", 0, 3), ("Drug", 0, 4),
+                                                                      ("adverse_effect", 3, 2)}
+    assert parsed.warnings[-1].startswith("output cut at max_tokens: line 1: 2 item(s)")
+    repeated = "ADE_trigger: caused | Drug: PHT | Drug: PHT\nDrug: x"
+    assert [c.text for c in parse_answer(repeated, phee).concepts] == ["caused", "PHT", "PHT", "x"]  # complete: kept
 
 
 def test_a_cut_answer_loses_its_loop(maccrobat):

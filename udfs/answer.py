@@ -28,7 +28,9 @@ enums, argument labels per anchor, and optionally every mention restricted to th
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from notelake.conf.task import Task
@@ -37,9 +39,17 @@ ANSWER_SCHEMA_VERSION = "v2"
 ASSERTIONS = ("present", "negated", "speculated", "hypothetical")
 NONE = "none"
 ITEM_SEP = " | "
-#: Longest mention (in word/punctuation tokens) the grounded grammar admits: covers 99.8 % of PHEE and
-#: MACCROBAT train mentions (docs/results.md).
+#: Longest mention (in word/punctuation tokens) the grounded grammar admits for a label its task does not bound
+#: (``Task.max_mention_tokens``): covers 99.8 % of PHEE and MACCROBAT train mentions (docs/results.md).
 MAX_MENTION_TOKENS = 24
+#: Most items on one line for a task that does not bound them (``Task.max_line_items``): a line that keeps
+#: growing ends and the answer goes on with complete lines.
+MAX_LINE_ITEMS = 24
+#: Longest text token (characters) a grounded mention may hold: the longest in a gold mention of PHEE and
+#: MACCROBAT train is 26; longer ones are blobs (base64, hex, URLs) that a mention must not copy.
+MAX_TOKEN_CHARS = 40
+#: Version of the answer grammar's construction (bounds, usable tokens): part of ``prompt_version``.
+GRAMMAR_VERSION = "g2"
 
 # MACCROBAT POLARITY values and PHEE event attributes -> assertion.
 _POLARITY_TO_ASSERTION = {"NEG": "negated", "UNCERTAIN": "speculated", "MAYBE_POS": "speculated", "MAYBE_NEG": "speculated"}
@@ -153,26 +163,33 @@ def _alternatives(values: list[str]) -> str:
 
 def _text_tokens(text: str) -> list[tuple[str, str | None]]:
     """Word/punctuation tokens of ``text`` with the separator to the next one: "" (adjacent), " " (whitespace
-    between), or None where a mention cannot continue (a line break or an item separator in between)."""
+    between), or None where a mention cannot continue (a line break or an item separator in between, or a token
+    that cannot be in a mention next). A token that cannot be in a mention (an item separator, or longer than
+    ``MAX_TOKEN_CHARS``: a base64 run, a URL) is returned with separator None and is never a mention's start."""
     spans = [(m.start(), m.end()) for m in _TOKEN.finditer(text)]
+    usable = [_usable(text[start:end]) for start, end in spans]
     out = []
     for k, (start, end) in enumerate(spans):
         sep: str | None = None
-        if k + 1 < len(spans) and text[spans[k + 1][0]] != "|" and text[start:end] != "|":
+        if k + 1 < len(spans) and usable[k] and usable[k + 1]:
             gap = text[end:spans[k + 1][0]]
             sep = None if ("\n" in gap or "\r" in gap) else (" " if gap else "")
         out.append((text[start:end], sep))
     return out
 
 
+def _usable(token: str) -> bool:
+    return token != "|" and len(token) <= MAX_TOKEN_CHARS
+
+
 def mention_ngrams(text: str, max_tokens: int = MAX_MENTION_TOKENS) -> list[str]:
-    """Mentions the grounded grammar admits, up to ``max_tokens`` tokens (the grammar has no length limit): runs of
-    word/punctuation tokens of ``text`` as they appear there (whitespace runs as one space) that hold no line break
-    and no item separator."""
+    """Mentions the grounded grammar admits for a label bounded to ``max_tokens`` tokens: runs of word/punctuation
+    tokens of ``text`` as they appear there (whitespace runs as one space) that hold no line break, no item
+    separator and no token longer than ``MAX_TOKEN_CHARS``."""
     tokens = _text_tokens(text)
     out: dict[str, None] = {}
     for i in range(len(tokens)):
-        if tokens[i][0] == "|":
+        if not _usable(tokens[i][0]):
             continue
         span = ""
         for j in range(i, min(len(tokens), i + max_tokens)):
@@ -184,55 +201,103 @@ def mention_ngrams(text: str, max_tokens: int = MAX_MENTION_TOKENS) -> list[str]
     return list(out)
 
 
-def _mention_rules(text: str) -> dict[str, str]:
-    """Grammar rules admitting exactly the contiguous token runs of ``text``: ``t<k>`` is a mention that starts
-    at token k and may continue into token k+1. Linear in the text's length (an alternation of every n-gram
-    compiles ~10x slower on a 400-character chunk)."""
+def _mention_rules(text: str, bounds: set[int]) -> tuple[dict[str, str], dict[int, str]]:
+    """Grammar rules admitting exactly the contiguous token runs of ``text`` of at most b tokens, for each b in
+    ``bounds``, and the name of the rule of each bound (``m<b>``). ``t<k>`` is a mention that starts at token k and
+    may run to the end of its line; ``t<k>_<r>`` one of at most r tokens (a bound at least as long as the run left
+    from token k is the unbounded rule). Rules are shared between bounds: their number is at most the text's tokens
+    times its largest bound below its runs' length (an alternation of every n-gram compiles ~10x slower on a
+    400-character chunk)."""
     tokens = _text_tokens(text)
+    run = [0] * (len(tokens) + 1)  # run[k]: tokens in the longest mention starting at token k
+    for k in reversed(range(len(tokens))):
+        run[k] = 1 + (run[k + 1] if tokens[k][1] is not None else 0)
+
+    def name(k: int, r: int) -> str:
+        return f"t{k}" if r >= run[k] else f"t{k}_{r}"
+
     rules: dict[str, str] = {}
-    starts = []
-    for k, (token, sep) in enumerate(tokens):
-        if token == "|":
-            continue
-        starts.append(f"t{k}")
-        tail = "" if sep is None else (f" t{k + 1}?" if sep == "" else f' (" " t{k + 1})?')
-        rules[f"t{k}"] = _literal(token) + tail
-    rules["mention"] = " | ".join(starts) if starts else '"-"'
-    return rules
+    starts = [k for k, (token, _) in enumerate(tokens) if _usable(token)]
+    names: dict[int, str] = {}
+    for bound in sorted(bounds):
+        for k in starts:
+            j, r = k, bound
+            while name(j, r) not in rules:
+                token, sep = tokens[j]
+                more = sep is not None and r > 1
+                tail = "" if not more else (f" {name(j + 1, r - 1)}?" if sep == "" else
+                                            f' (" " {name(j + 1, r - 1)})?')
+                rules[name(j, r)] = _literal(token) + tail
+                if not more:
+                    break
+                j, r = j + 1, r - 1
+        names[bound] = f"m{bound}"
+        rules[names[bound]] = " | ".join(name(k, bound) for k in starts) if starts else '"-"'
+    return rules, names
+
+
+def mention_bound(task: Task, label: str) -> int:
+    """Longest mention of ``label`` (word/punctuation tokens) the grounded grammar admits."""
+    return task.max_mention_tokens.get(label, MAX_MENTION_TOKENS)
+
+
+def line_items_bound(task: Task) -> int:
+    """Most items on one answer line the grammar admits."""
+    return task.max_line_items or MAX_LINE_ITEMS
+
+
+def grammar_signature(task: Task) -> dict[str, Any]:
+    """What the answer grammar of ``task`` depends on besides the text (part of ``prompt_version``)."""
+    return {"version": GRAMMAR_VERSION, "max_token_chars": MAX_TOKEN_CHARS, "max_line_items": line_items_bound(task),
+            "max_mention_tokens": {label: mention_bound(task, label) for label in task.concepts}}
 
 
 def answer_grammar(task: Task, text: str | None = None) -> str:
     """GBNF grammar of a v2 answer for ``task`` (vLLM structured outputs, ``grammar``).
 
     Labels are enums; an event line admits only the argument labels its anchor has a relation for; reference
-    items only relation labels. With ``text``, a mention can only be one of ``mention_ngrams(text)``: every
-    emitted mention is then grounded by construction (discontinuous mentions cannot be written).
+    items only relation labels; a line holds at most ``line_items_bound(task)`` items. With ``text``, a mention of
+    a label can only be one of ``mention_ngrams(text, mention_bound(task, label))``: every emitted mention is then
+    grounded by construction (discontinuous mentions cannot be written), and none runs longer than the task's
+    training data ever wrote one.
     """
     marker = '("(" ("negated" | "speculated" | "hypothetical") ")")?'
     anchors = list(task.events.anchors) if task.events else []
     plain = [c for c in task.concepts if c not in anchors]
     references = reference_relations(task)
+    more_items = line_items_bound(task) - 1
+    repeat = f"{{0,{more_items}}}"
     rules = {"root": f'"{NONE}" | line ("\\n" line)*'}
+    bounds = {mention_bound(task, label) for label in task.concepts}
+    if text is None:
+        mention_rules, mention_of = {"mention": "[^|\\n ] [^|\\n]*"}, {b: "mention" for b in bounds}
+    else:
+        mention_rules, mention_of = _mention_rules(text, bounds)
+
+    def items(labels: list[str]) -> str:
+        """``Label[(assertion)]: mention`` for any of ``labels``, each with its own mention bound."""
+        by_bound: dict[str, list[str]] = {}
+        for label in labels:
+            by_bound.setdefault(mention_of[mention_bound(task, label)], []).append(label)
+        return " | ".join(f'({_alternatives(group)}) {marker} ": " {rule}' for rule, group in by_bound.items())
+
     line_kinds = []
     if plain:
-        rules["concept"] = f"({_alternatives(plain)}) {marker} \": \" mention"
+        rules["concept"] = items(plain)
         line_kinds.append("concept")
     for k, anchor in enumerate(anchors):
         args = [c for c in task.concepts if task.argument_relations(anchor, c)]
-        body = f"{_literal(anchor)} {marker} \": \" mention"
-        if args:
-            rules[f"arg{k}"] = f"({_alternatives(args)}) {marker} \": \" mention"
-            body += f' (" | " arg{k})*'
+        body = items([anchor])
+        if args and more_items:
+            rules[f"arg{k}"] = items(args)
+            body = f'({body}) (" | " arg{k}){repeat}'
         rules[f"event{k}"] = body
         line_kinds.append(f"event{k}")
-    if references:
-        rules["reference"] = f"({_alternatives(references)}) \": \" mention"
-        line_kinds = [f'{kind} (" | " reference)*' for kind in line_kinds]
+    if references and more_items:
+        rules["reference"] = f'({_alternatives(references)}) ": " {mention_of[max(bounds)]}'
+        line_kinds = [f'{kind} (" | " reference){repeat}' for kind in line_kinds]
     rules["line"] = " | ".join(f"({kind})" for kind in line_kinds)
-    if text is None:
-        rules["mention"] = "[^|\\n ] [^|\\n]*"
-    else:
-        rules.update(_mention_rules(text))
+    rules.update(mention_rules)
     return "\n".join(f"{name} ::= {body}" for name, body in rules.items())
 
 
@@ -242,3 +307,36 @@ def answer_guide(task: Task, text: str, mode: str) -> dict[str, Any] | None:
     if mode == "off":
         return None
     return {"grammar": answer_grammar(task, text if mode == "grounded" else None)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounds learned from training data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _quantile(values: list[int], q: float) -> int:
+    """Nearest-rank quantile: the smallest value with at least a share ``q`` of ``values`` at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def learn_bounds(task: Task, records: Iterable[dict], quantile: float = 0.999,
+                 windows: Callable[[str], Iterable[tuple[int, int]]] | None = None) -> dict[str, Any]:
+    """The answer grammar's bounds for ``task`` from gold records (shared/data JSONL format): per concept label, the
+    ``quantile`` of its mentions' length in word/punctuation tokens, and the ``quantile`` of the items per line of
+    the gold answers of the ``windows`` of each record ((start, end) pairs, the job's chunks; default the whole
+    text). A label with no mention in ``records`` is left out (it gets ``MAX_MENTION_TOKENS``)."""
+    lengths: dict[str, list[int]] = {}
+    items: list[int] = []
+    for record in records:
+        for concept in record["concepts"]:
+            if concept["label"] in task.concepts:
+                lengths.setdefault(concept["label"], []).append(len(_TOKEN.findall(concept["text"])))
+        for window in (windows or (lambda text: [(0, len(text))]))(record["text"]):
+            answer = gold_answer(task, record, window)
+            items += [line.count(ITEM_SEP) + 1 for line in answer.splitlines() if answer != NONE]
+    if not items:
+        raise ValueError(f"no gold answer line for task {task.name!r}: are these records of its corpus?")
+    return {"max_mention_tokens": {label: _quantile(lengths[label], quantile) for label in task.concepts
+                                   if label in lengths},
+            "max_line_items": _quantile(items, quantile)}

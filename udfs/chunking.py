@@ -129,26 +129,60 @@ def split_chunk(chunk: Chunk, min_chars: int) -> list[Chunk]:
     if n < 2 * max(1, min_chars):
         return []
     overlap = n // 4
-    pieces = chunk_text(chunk.text, max(min_chars, (n + overlap) // 2 + 1), overlap)
+    pieces = chunk_text(chunk.text, min(n - 1, max(min_chars, (n + overlap) // 2 + 1)), overlap)
     return [Chunk(p.index, chunk.start + p.start, chunk.start + p.end, p.text) for p in pieces]
 
 
-# A word: one whitespace-separated token that is letters (inner hyphens and apostrophes allowed) between optional
-# punctuation, no longer than the longest English word. Tokens of base64, RTF control words, URLs and runs of one
-# character are not words.
-_WORD = re.compile(r"[^\w]*([^\W\d_]+(?:['\u2019-][^\W\d_]+)*)[^\w]*")
-_LONGEST_WORD = 45
-#: Share of a window's non-space characters that words must make up for it to hold prose. On the windows of
-#: PHEE and MACCROBAT train+dev (6,119 windows, chunked as the job does) the smallest share is 0.35.
-MIN_WORD_SHARE = 0.2
+# What is not prose, by cheap features (none needs a tokenizer). A blob token (whitespace-separated): one too long
+# to be words (base64, hex, a run of one letter), one that is mostly RTF control words or braces ("{\rtf1",
+# "\pard\fs22", "Calibri;}}{\*\generator"), a run of one or two punctuation characters ("=====", "*-*-*-"). Prose
+# is what is left between blob tokens, unless little of it is letters or digits or it uses a handful of characters
+# ("ab ab ab"). Of the windows of PHEE and MACCROBAT train+dev, chunked as the job does, and their pieces down to
+# three rounds of split_chunk (as udfs/windows.py splits them), none holds a blob token or is taken for no prose.
+MIN_ALNUM_SHARE = 0.5
+_BLOB_TOKEN_CHARS = 64  # the corpora's longest whitespace token is a regimen of hyphenated drug names, 82 chars
+_PUNCTUATION_RUN = 4
+_WORD_CHAIN = re.compile(r"[(\[\"']*[^\W\d_]{1,45}(?:[-/'\u2019][^\W\d_]{1,45})*[)\]\"'.,;:!?]*")
+_RTF_CONTROL = re.compile(r"\\[a-zA-Z]+-?\d*|\\[^a-zA-Z\s]|[{}]")
+_MIN_DISTINCT_CHARS = 4
+_NON_SPACE = re.compile(r"\S+")
+
+
+def _is_blob_token(token: str) -> bool:
+    if len(token) >= _BLOB_TOKEN_CHARS and not _WORD_CHAIN.fullmatch(token):
+        return True
+    if len(token) >= _PUNCTUATION_RUN and len(set(token)) <= 2 and not any(ch.isalnum() for ch in token):
+        return True
+    return 2 * sum(len(m) for m in _RTF_CONTROL.findall(token)) >= len(token)
 
 
 def has_prose(text: str) -> bool:
-    """Whether ``text`` holds prose worth a model call: at least two different words, and words make up at least
-    ``MIN_WORD_SHARE`` of its non-space characters. False for whitespace, a run of one character or token, an
-    embedded base64 or hex blob, RTF markup; true for every window of the PHEE and MACCROBAT corpora."""
+    """Whether ``text`` is worth a model call as a whole: no blob token, at least ``MIN_ALNUM_SHARE`` of its
+    non-space characters letters or digits, at least ``_MIN_DISTINCT_CHARS`` different characters."""
     tokens = text.split()
-    words = [m.group(1) for t in tokens if (m := _WORD.fullmatch(t)) and len(m.group(1)) <= _LONGEST_WORD]
-    if len({w.casefold() for w in words}) < 2:
+    if not tokens or any(_is_blob_token(t) for t in tokens):
         return False
-    return sum(map(len, words)) >= MIN_WORD_SHARE * sum(map(len, tokens))
+    chars = "".join(tokens)
+    return sum(ch.isalnum() for ch in chars) >= MIN_ALNUM_SHARE * len(chars) and len(set(chars)) >= _MIN_DISTINCT_CHARS
+
+
+def prose_pieces(chunk: Chunk) -> list[Chunk]:
+    """The parts of ``chunk`` worth a model call, with offsets into the same text as ``chunk``'s (``index`` =
+    position among the parts): ``[chunk]`` when it holds prose as a whole; else its runs of tokens between blob
+    tokens (see the comment above) that hold prose and two words or more, each from its first to its last token;
+    ``[]`` for none (a window of whitespace, of a separator line, of a base64 or RTF blob)."""
+    if has_prose(chunk.text):
+        return [chunk]
+    runs: list[list[re.Match]] = [[]]
+    for m in _NON_SPACE.finditer(chunk.text):
+        if _is_blob_token(m.group()):
+            runs.append([])
+        else:
+            runs[-1].append(m)
+    pieces = []
+    for run in runs:  # a lone word between blobs is a name in a header (an RTF font table), not prose
+        words = sum(any(ch.isalpha() for ch in m.group()) for m in run)
+        if words >= 2 and has_prose(chunk.text[run[0].start():run[-1].end()]):
+            start, end = chunk.start + run[0].start(), chunk.start + run[-1].end()
+            pieces.append(Chunk(len(pieces), start, end, chunk.text[run[0].start():run[-1].end()]))
+    return pieces

@@ -4,8 +4,10 @@ Whatever the model writes, only the task's concept labels, relation labels and a
 come out; everything else is dropped with a warning. Warnings and failure messages carry counts, line numbers and
 task label names only, never the raw output or note text (PHI).
 
-An answer cut at ``max_tokens`` loses its last (partial) line and, from the first line that repeats an earlier
-one, the rest: greedy decoding that runs out of budget is looping (measured on MACCROBAT windows).
+An answer cut at ``max_tokens`` loses its last (partial) item and the loop that ran it out of budget: from the
+first line that repeats an earlier one, the rest; in a line, from the first item that repeats an earlier item of
+that line, the rest of the line (greedy decoding that runs out of budget is looping: measured on PHEE and
+MACCROBAT dev).
 
 A concept is returned with the index of its event's anchor (arguments are grounded next to their anchor); a
 relation's tail is a concept index, or, for a reference item, the mention text to resolve against the answer's
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 from notelake.conf.task import Task
 from notelake.udfs.answer import ASSERTIONS, ITEM_SEP, NONE, reference_relations
 
-PARSER_VERSION = "p2"
+#: Version of the parsing rules and of what happens to a window around them (udfs/windows.py: no model call for a
+#: window without prose, a cut window extracted again in pieces): part of the extraction fingerprint.
+PARSER_VERSION = "p3"
 
 ERROR_TYPES = ("empty_output", "not_text", "no_answer_lines", "truncated_output")
 
@@ -133,6 +137,35 @@ class _Builder:
                         self.relation(d.relation, h, t)
 
 
+def _cut_loop(lines: list[tuple[int, str]], warnings: list[str]) -> list[tuple[int, str]]:
+    """The part of a cut answer's lines worth keeping. Its last line was cut: its last (partial) item is dropped.
+    A small model that runs out of budget is repeating itself (measured on PHEE and MACCROBAT dev): from the first
+    line equal to an earlier one on, the rest is the loop; within a line, from the first item equal to an earlier
+    item of the line on."""
+    sep = ITEM_SEP.strip()
+    *complete, (last_no, last) = lines
+    kept = last.split(sep)[:-1]
+    lines = [*complete, (last_no, sep.join(kept))] if kept else complete
+    warnings.append("output cut at max_tokens: its last item dropped")
+    seen: set[str] = set()
+    for k, (_, line) in enumerate(lines):
+        if line in seen:
+            warnings.append(f"output cut at max_tokens: {len(lines) - k} line(s) from the first repeated line on "
+                            "dropped")
+            lines = lines[:k]
+            break
+        seen.add(line)
+    out = []
+    for line_no, line in lines:
+        items = [item.strip() for item in line.split(sep)]
+        first_repeat = next((k for k, item in enumerate(items) if item in items[:k]), len(items))
+        if first_repeat < len(items):
+            warnings.append(f"output cut at max_tokens: line {line_no}: {len(items) - first_repeat} item(s) from "
+                            "its first repeated item on dropped")
+        out.append((line_no, ITEM_SEP.join(items[:first_repeat])))
+    return out
+
+
 def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFailure:
     if raw is None:
         return ParseFailure("empty_output", "model output is empty (None)")
@@ -146,19 +179,10 @@ def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFail
     lines = [(n, line) for n, line in lines if not line.startswith("```")]
     builder = _Builder(task)
     if truncated:
-        if len(lines) <= 1:
+        lines = _cut_loop(lines, builder.warnings)
+        if not lines:
             return ParseFailure("truncated_output", f"output cut at max_tokens ({len(raw)} chars) before any "
-                                                    "complete line")
-        lines.pop()
-        builder.warnings.append("output cut at max_tokens: its last line dropped")
-        seen: set[str] = set()
-        for k, (_, line) in enumerate(lines):
-            if line in seen:  # a small model that runs out of budget is repeating itself: the rest is the loop
-                builder.warnings.append(f"output cut at max_tokens: {len(lines) - k} line(s) from the first "
-                                        "repeated line on dropped")
-                lines = lines[:k]
-                break
-            seen.add(line)
+                                                    "complete item")
     if len(lines) == 1 and lines[0][1].lower() == NONE:
         return ParsedAnswer([], [], builder.warnings, truncated)
     for n, line in lines:

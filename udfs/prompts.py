@@ -18,7 +18,7 @@ import hashlib
 import json
 
 from notelake.conf.task import Task
-from notelake.udfs.answer import ANSWER_SCHEMA_VERSION, NONE, reference_relations
+from notelake.udfs.answer import ANSWER_SCHEMA_VERSION, NONE, grammar_signature, reference_relations
 
 TEMPLATE_VERSION = "t3"
 SYSTEM_ZERO_SHOT = "You are a clinical information extraction system."
@@ -68,16 +68,18 @@ def build_messages(task: Task, text: str, answer: str | None = None) -> list[dic
     return messages
 
 
-#: The task fields a prompt or an answer depends on (budgets and chunking are in the extraction fingerprint).
+#: The task fields a prompt or an answer depends on (budgets and chunking are in the extraction fingerprint; the
+#: answer grammar's bounds enter through ``grammar_signature``).
 _PROMPT_FIELDS = {"name", "description", "kind", "concepts", "relations", "events", "examples", "define_labels"}
 
 
 def prompt_version(task: Task) -> str:
-    """Hash of the template, the answer schema version and the task definition (recorded on every row)."""
+    """Hash of the template, the answer schema version, the task definition and the answer grammar's construction
+    and bounds (recorded on every row; part of the extraction fingerprint)."""
     payload = json.dumps(
         {"template": TEMPLATE_VERSION, "schema": ANSWER_SCHEMA_VERSION, "system": system_prompt(task),
          "instruction": instruction(task) if task.define_labels else None,
-         "task": task.model_dump(mode="json", include=_PROMPT_FIELDS)},
+         "task": task.model_dump(mode="json", include=_PROMPT_FIELDS), "grammar": grammar_signature(task)},
         sort_keys=True,
     )
     return f"{TEMPLATE_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"

@@ -1,13 +1,15 @@
 """The windows of a batch of notes -> their answers, so that no window costs its note a failure.
 
-* A window without prose (:func:`udfs.chunking.has_prose`: whitespace from a template, a run of one character,
-  an embedded base64 or RTF blob) gets the empty answer with no model call.
-* A window whose answer was cut at ``max_tokens`` is extracted again in smaller pieces
+* A window without prose (:func:`udfs.chunking.prose_pieces`: whitespace from a template, a separator line, a run
+  of one character, an embedded base64 or RTF blob) gets the empty answer with no model call; a window with prose
+  beside such a blob is sent as its prose only.
+* A window whose answer was cut at ``max_tokens`` keeps what its answer holds before the cut (its complete lines
+  and items up to the loop that ran it out of budget: udfs/parsing.py) and is extracted again in smaller pieces
   (:func:`udfs.chunking.split_chunk`: about half its length, overlapping, exact offsets into the note), each
   piece again when it is cut too, down to pieces shorter than ``2 * min_window_chars`` or ``max_rounds`` rounds.
   Decoding is greedy: the same request would be cut the same way again, a smaller window is a different request
-  that can succeed. An answer still cut at the end keeps its complete lines; one without a complete line gives no
-  answer and a parser warning (``assemble_note(..., cut_final=True)``), never a failed note.
+  that can succeed. A cut answer with nothing complete gives its window no answer and a parser warning
+  (``assemble_note(..., cut_final=True)``), never a failed note.
 
 :func:`extract_windows` does this for a whole batch: one ``generate`` call for its first pass and one per round of
 re-extraction, each over the windows of every note of the batch. Nothing here imports an engine: ``generate`` is
@@ -22,7 +24,7 @@ from typing import Any
 
 from notelake.conf.task import Task
 from notelake.udfs.answer import NONE
-from notelake.udfs.chunking import Chunk, has_prose, split_chunk
+from notelake.udfs.chunking import Chunk, prose_pieces, split_chunk
 
 #: Pieces are not split below this many characters (a clause or two: a PHEE sentence averages 137).
 MIN_WINDOW_CHARS = 48
@@ -58,8 +60,8 @@ class NoteWindows:
 
     chunks: list[Chunk] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
-    no_prose: int = 0  # windows answered without a model call
-    split: int = 0  # cut answers whose window was extracted again in pieces
+    split: list[bool] = field(default_factory=list)  # per chunk: its answer was cut and it was extracted in pieces
+    no_prose: int = 0  # windows answered without a model call (no prose in them)
 
     def assemble_inputs(self) -> dict[str, Any]:
         """The keyword arguments of ``udfs.assemble.assemble_note`` that describe this note's windows."""
@@ -81,7 +83,7 @@ def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], g
     if len(tasks) != len(chunked):
         raise ValueError(f"{len(tasks)} tasks but {len(chunked)} notes")
     notes = [NoteWindows() for _ in chunked]
-    done: list[list[tuple[Chunk, Any]]] = [[] for _ in chunked]
+    done: list[list[tuple[Chunk, Any, bool]]] = [[] for _ in chunked]  # (window, its answer, split in pieces)
     pending = _with_prose([Window(k, tasks[k], c) for k, chunks in enumerate(chunked) for c in chunks], notes, done)
     for round_no in range(max_rounds + 1):
         if not pending:
@@ -92,26 +94,28 @@ def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], g
         pieces: list[Window] = []
         for window, result in zip(pending, results):
             split = split_chunk(window.chunk, min_window_chars) if round_no < max_rounds else []
-            if result.finish_reason == "length" and split:
-                notes[window.note].split += 1
+            cut = result.finish_reason == "length" and bool(split)
+            done[window.note].append((window.chunk, result, cut))
+            if cut:
                 pieces += [Window(window.note, window.task, piece) for piece in split]
-            else:
-                done[window.note].append((window.chunk, result))
         pending = _with_prose(pieces, notes, done)
     for note, answered in zip(notes, done):
-        answered.sort(key=lambda pair: (pair[0].start, pair[0].end))
-        note.chunks = [Chunk(i, c.start, c.end, c.text) for i, (c, _) in enumerate(answered)]
-        note.outputs = [result for _, result in answered]
+        answered.sort(key=lambda item: (item[0].start, -item[0].end))  # a window before its pieces
+        note.chunks = [Chunk(i, c.start, c.end, c.text) for i, (c, _, _) in enumerate(answered)]
+        note.outputs = [result for _, result, _ in answered]
+        note.split = [cut for _, _, cut in answered]
     return notes
 
 
-def _with_prose(windows: list[Window], notes: list[NoteWindows], done: list[list[tuple[Chunk, Any]]]) -> list[Window]:
-    """The windows that hold prose; the others are answered (empty) in ``done`` right away."""
-    keep = []
+def _with_prose(windows: list[Window], notes: list[NoteWindows], done: list[list[tuple[Chunk, Any, bool]]]
+                ) -> list[Window]:
+    """The windows to send: each window's prose (itself, or its parts beside a blob); a window without any is
+    answered (empty) in ``done`` right away."""
+    send = []
     for window in windows:
-        if has_prose(window.chunk.text):
-            keep.append(window)
-        else:
+        pieces = prose_pieces(window.chunk)
+        if not pieces:
             notes[window.note].no_prose += 1
-            done[window.note].append((window.chunk, NoProseAnswer()))
-    return keep
+            done[window.note].append((window.chunk, NoProseAnswer(), False))
+        send += [Window(window.note, window.task, piece) for piece in pieces]
+    return send
