@@ -175,14 +175,13 @@ class OutputLease:
             self._thread.join(timeout=60)
             self._thread = None
         with self._lock:
-            if self._record is None or self._lost is not None:
-                return
-            try:
-                self._vacuum()
-                self._write_next(replace(self._record, released=True, expires_at=_now()))
-            except Exception as exc:  # noqa: BLE001 - never mask the run's own outcome; the lease expires anyway
-                log.warning("could not release the lease on %s (%s); it expires at %s", self.output,
-                            type(exc).__name__, f"{self._record.expires_at:%H:%M:%S}Z")
+            if self._record is not None and self._lost is None:
+                try:
+                    self._vacuum()
+                    self._write_next(replace(self._record, released=True, expires_at=_now()))
+                except Exception as exc:  # noqa: BLE001 - never mask the run's outcome; the lease expires anyway
+                    log.warning("could not release the lease on %s (%s); it expires at %s", self.output,
+                                type(exc).__name__, f"{self._record.expires_at:%H:%M:%S}Z")
             self._record = None
 
     # ------------------------------------------------------------------------------------------------ private

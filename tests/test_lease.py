@@ -119,12 +119,12 @@ def test_a_second_run_waits_then_fails_while_the_first_renews_its_lease(s3_opts)
     first run's renewals keep it out) and fails with LockedError, touching nothing of the first run; once the first
     releases, a waiting run takes the lease at once, with nothing to recover."""
     output = s3_output()
-    first = Holder(output, "pass-1", ttl_s=2.0, opts=s3_opts)
+    first = Holder(output, "pass-1", ttl_s=4.0, opts=s3_opts)
     try:
         t0 = time.monotonic()
         with pytest.raises(LockedError, match="another run holds the lease .* run pass-1"):
-            OutputLease(output, "pass-2", timeout_s=5.0, ttl_s=2.0, poll_s=0.2, storage_options=s3_opts).acquire()
-        assert time.monotonic() - t0 >= 5.0
+            OutputLease(output, "pass-2", timeout_s=9.0, ttl_s=4.0, poll_s=0.2, storage_options=s3_opts).acquire()
+        assert time.monotonic() - t0 >= 9.0
         assert staged(output, "pass-1", s3_opts)  # nothing of the first run's staging removed
         assert first.send("commit") == "committed"  # and the first run still holds its output
 
@@ -153,15 +153,15 @@ def test_a_killed_holders_lease_expires_and_the_next_run_recovers_exactly_that_r
     wh.append("concepts", pa.Table.from_pylist([{"note_id": "kept", "concept_id": "kept-c", "task": "phee",
                                                  "note_bucket": 1, "run_id": "earlier"}], schema=CONCEPTS))
     neighbour = Holder(other, "other-pass", ttl_s=30.0, opts=s3_opts, staging=staging)
-    dead = Holder(output, "dead-pass", ttl_s=3.0, opts=s3_opts, staging=staging)
+    dead = Holder(output, "dead-pass", ttl_s=5.0, opts=s3_opts, staging=staging)
     try:
         os.kill(dead.proc.pid, signal.SIGKILL)
         dead.close()
         with pytest.raises(LockedError):  # the lease outlives its holder by up to ttl_s
-            OutputLease(output, "next-pass", timeout_s=0, ttl_s=3.0, storage_options=s3_opts).acquire()
+            OutputLease(output, "next-pass", timeout_s=0, ttl_s=5.0, storage_options=s3_opts).acquire()
         assert staged(output, "dead-pass", s3_opts, staging)
 
-        with OutputLease(output, "next-pass", timeout_s=30.0, ttl_s=3.0, poll_s=0.2,
+        with OutputLease(output, "next-pass", timeout_s=30.0, ttl_s=5.0, poll_s=0.2,
                          storage_options=s3_opts) as lease:
             assert lease.taken_over is not None and lease.taken_over.holder == "dead-pass"
             wh = open_warehouse(output, {"notelake.run_id": "next-pass"}, s3_opts, fence=lease.check)

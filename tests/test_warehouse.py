@@ -133,3 +133,135 @@ def test_delete_notes_is_scoped_to_task_and_ids(tmp_path):
     # quotes escaped; tables without rows (relations, ledger) are skipped
     wh.delete_notes("phee", {i: note_bucket(i, BUCKETS) for i in ("n1", "it's", "never-seen")})
     assert snapshot(wh) == sorted([("n2", "b", "phee", "Drug"), ("n1", "x", "other", "drug")])
+
+
+# -- schema evolution (a pass-through column added to, or gone from, an existing output) ---------------------------
+
+PATIENT = pa.schema([*SCHEMA, ("patient_id", pa.string())])
+
+
+def with_patient(*items):
+    """Rows of SCHEMA plus a patient_id (the last item of each)."""
+    return pa.Table.from_pylist([dict(zip(PATIENT.names, (*i[:4], note_bucket(i[0], BUCKETS), i[4]))) for i in items],
+                                schema=PATIENT)
+
+
+def concepts_with_patient(wh):
+    return sorted((r["note_id"], r["concept_id"], r["patient_id"]) for r in read_delta_arrow(wh.path("concepts"),
+                                                                                             opts=wh.storage_options)
+                  .to_pylist())
+
+
+def test_a_passthrough_column_added_to_an_existing_output_becomes_a_column(tmp_path):
+    """The input gains patient_id after the output was created: the replace of a known note, the append of a
+    first-time note and the refresh of an unchanged one all write it (older rows null) instead of failing."""
+    wh = Warehouse(tmp_path, {})
+    replace(wh, rows(("n1", "a", "phee", "Drug"), ("n2", "b", "phee", "Drug")), "phee", ["n1", "n2"])
+    replace(wh, with_patient(("n1", "a2", "phee", "Drug", "P1")), "phee", ["n1"])
+    wh.append("concepts", with_patient(("n3", "c", "phee", "Drug", "P3")))
+    assert concepts_with_patient(wh) == [("n1", "a2", "P1"), ("n2", "b", None), ("n3", "c", "P3")]
+
+    # a refresh that brings a column the table has never had (note_type) adds it rather than dropping the values
+    refresh = pa.table({"note_id": ["n2"], "patient_id": ["P2"], "note_type": ["discharge"]})
+    wh.update_columns("concepts", refresh, "phee", buckets_of("n2"), ["patient_id", "note_type"])
+    types = {r["note_id"]: (r["patient_id"], r["note_type"]) for r in read_delta_arrow(wh.path("concepts")).to_pylist()}
+    assert types == {"n1": ("P1", None), "n2": ("P2", "discharge"), "n3": ("P3", None)}
+
+    # an input without the optional column again: the rows land, null in it
+    replace(wh, rows(("n3", "c2", "phee", "Drug")), "phee", ["n3"])
+    assert ("n3", "c2", None) in concepts_with_patient(wh)
+
+
+def test_a_ledger_written_by_an_older_release_takes_rows_with_new_columns(tmp_path):
+    """commit_ledger (replace for known notes, append for new ones) over a ledger lacking a column added since."""
+    old = pa.schema([f for f in schemas.LEDGER_SCHEMA if f.name != "passthrough_sha256"])
+
+    def ledger_row(note_id: str, status: str, schema: pa.Schema) -> dict:
+        row = {f.name: None for f in schema}
+        row.update(note_id=note_id, task="phee", note_bucket=note_bucket(note_id, BUCKETS), text_sha256="t",
+                   fingerprint="f", run_id="r", status=status, attempts=1, has_output=True, n_chunks=1,
+                   n_concepts=1, n_relations=0, n_warnings=0, n_ungrounded=0, n_dropped_relations=0,
+                   n_truncated_chunks=0, processed_at=datetime(2026, 11, 1, tzinfo=timezone.utc))
+        return {k: v for k, v in row.items() if k in schema.names}
+
+    wh = Warehouse(tmp_path, {})
+    wh.commit_ledger(schemas.rows_to_table([ledger_row("n1", "failed", old)], old), "phee", [], buckets_of("n1"))
+    new = [{**ledger_row(n, "succeeded", schemas.LEDGER_SCHEMA), "passthrough_sha256": f"h-{n}"} for n in ("n1", "n2")]
+    wh.commit_ledger(schemas.rows_to_table(new, schemas.LEDGER_SCHEMA), "phee", ["n1"], buckets_of("n1", "n2"))
+    ledger = {r["note_id"]: (r["status"], r["passthrough_sha256"]) for r in read_delta_arrow(wh.path("ledger")).to_pylist()}
+    assert ledger == {"n1": ("succeeded", "h-n1"), "n2": ("succeeded", "h-n2")}
+
+
+def test_schema_evolution_on_an_object_store():
+    from s3server import BUCKET, s3_server
+
+    with s3_server() as opts:
+        wh = Warehouse(f"s3://{BUCKET}/wh", {}, opts)
+        replace(wh, rows(("n1", "a", "phee", "Drug")), "phee", ["n1"])
+        replace(wh, with_patient(("n1", "a2", "phee", "Drug", "P1")), "phee", ["n1"])
+        wh.append("concepts", with_patient(("n2", "b", "phee", "Drug", "P2")))
+        assert concepts_with_patient(wh) == [("n1", "a2", "P1"), ("n2", "b", "P2")]
+
+
+# -- bucketed deletes ----------------------------------------------------------------------------------------------
+
+def test_delete_batches_take_whole_buckets_in_order_and_split_a_large_one(monkeypatch):
+    from notelake.jobs import warehouse
+
+    monkeypatch.setattr(warehouse, "_DELETE_BUCKETS", 2)
+    monkeypatch.setattr(warehouse, "_DELETE_BATCH", 3)
+    notes = {"a": 0, "b": 0, "c": 1, "d": 2, "e": 2, "f": 2, "g": 2, "h": 2, "i": 3}
+    assert list(warehouse._delete_batches(notes)) == [
+        ({0, 1}, ["a", "b", "c"]), ({2}, ["d", "e", "f"]), ({2, 3}, ["g", "h", "i"])]
+
+
+def test_delete_notes_commits_bucket_by_bucket_each_touching_only_its_buckets_files(tmp_path, monkeypatch):
+    """Deleting notes of every bucket: each commit rewrites the files of at most _DELETE_BUCKETS buckets, concepts
+    before the ledger in every batch, and exactly the deleted notes' rows are gone."""
+    from deltalake import DeltaTable
+
+    from notelake.jobs import warehouse
+
+    monkeypatch.setattr(warehouse, "_DELETE_BUCKETS", 2)
+    wh = Warehouse(tmp_path, {})
+    ids = [f"n{i}" for i in range(24)]
+    for table in ("concepts", "ledger"):
+        wh.append(table, rows(*[(n, f"{n}-a", "phee", "Drug") for n in ids]))
+    gone = ids[::2]
+    assert len({note_bucket(n, BUCKETS) for n in gone}) == BUCKETS
+    before = {t: wh.version(t) for t in ("concepts", "ledger")}
+    wh.delete_notes("phee", {n: note_bucket(n, BUCKETS) for n in gone}, tables=("concepts", "ledger"))
+
+    assert sorted(r["note_id"] for r in read_delta_arrow(wh.path("concepts")).to_pylist()) == sorted(set(ids) - set(gone))
+    commits = {}
+    for table in ("concepts", "ledger"):
+        path = wh.path(table)
+        versions = range(before[table] + 1, wh.version(table) + 1)
+        assert len(versions) == BUCKETS // 2  # one commit per two buckets
+        for v in versions:
+            changed = set(DeltaTable(path, version=v - 1).file_uris()) ^ set(DeltaTable(path, version=v).file_uris())
+            assert len({f.split("note_bucket=")[1].split("/")[0] for f in changed}) <= 2
+        commits[table] = [h["timestamp"] for h in DeltaTable(path).history()[:len(versions)]][::-1]
+    for k, (concepts_at, ledger_at) in enumerate(zip(commits["concepts"], commits["ledger"])):
+        assert concepts_at <= ledger_at  # each batch: the ledger after the rows
+        if k + 1 < len(commits["concepts"]):
+            assert ledger_at <= commits["concepts"][k + 1]
+
+
+# -- staging per output ----------------------------------------------------------------------------------------------
+
+def test_recovery_on_one_output_leaves_another_outputs_staging(tmp_path):
+    """Two outputs sharing one storage.staging: each stages under its own folder, and recovering one removes
+    only its own runs' staged files."""
+    from notelake.jobs import storage
+
+    shared = str(tmp_path / "staging")
+    a, b = open_warehouse(tmp_path / "a" / "wh", {}), open_warehouse(tmp_path / "b" / "wh", {})
+    assert a.staging_root() == str(tmp_path / "a" / "wh" / "_staging")
+    assert a.staging_root(shared) != b.staging_root(shared)
+    assert a.staging_root(shared).startswith(shared + "/wh-")
+    for wh, name in ((a, "pass-a"), (b, "pass-b")):
+        storage.write_text(storage.join(wh.staging_root(shared), name, "round-00001", "part.txt"), "staged")
+    assert b.recover(b.staging_root(shared)) == ([], 0)
+    assert storage.exists(storage.join(a.staging_root(shared), "pass-a", "round-00001", "part.txt"))
+    assert not storage.exists(b.staging_root(shared))
