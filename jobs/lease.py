@@ -210,11 +210,13 @@ class OutputLease:
 
     def _swap(self, table, record: LeaseRecord) -> bool:
         """Write ``record`` as the next version after ``table`` (None: create the table); False when another
-        writer committed first. On success this run holds the lease as ``record`` says."""
+        writer committed first; the write's own error when nobody did (storage unreachable, permissions). On
+        success this run holds the lease as ``record`` says."""
         from deltalake import CommitProperties, write_deltalake
         from deltalake.exceptions import CommitFailedError, DeltaError
 
         started = time.monotonic()
+        base = None if table is None else table.version()
         data = pa.Table.from_pylist([vars(record)], schema=LEASE_SCHEMA)
         no_retry = CommitProperties(custom_metadata={"notelake.lease": record.holder}, max_commit_retries=0)
         try:
@@ -223,11 +225,13 @@ class OutputLease:
                                 commit_properties=no_retry, storage_options=self.storage_options or None)
             else:
                 write_deltalake(table, data, mode="overwrite", commit_properties=no_retry)
-        except (CommitFailedError, DeltaError, OSError) as exc:
-            # a lost race, or an answer lost on the way back after the write landed: the row says which
-            _, now = self._read()
+        except (CommitFailedError, DeltaError, OSError):
+            # a lost race, an answer lost on the way back after the write landed, or a failed write: the table
+            # after it says which
+            after, now = self._read()
             if now != record:
-                log.debug("lease write on %s lost (%s)", self.path, type(exc).__name__)
+                if (None if after is None else after.version()) == base:
+                    raise  # nobody committed: our write failed on its own
                 return False
         self._record = record
         self._valid_until = started + self.ttl_s - self.heartbeat_s

@@ -258,3 +258,24 @@ def test_a_lease_not_renewed_in_time_fences_its_holder(tmp_path):
         wh.append("concepts", pa.Table.from_pylist([{"note_id": "n", "concept_id": "c", "task": "phee",
                                                      "note_bucket": 1, "run_id": "quiet"}], schema=CONCEPTS))
     assert wh.version("concepts") is None
+
+
+def test_a_lease_that_cannot_be_written_is_an_error_not_a_wait(tmp_path):
+    """A lease table that cannot be read or written (here a file stands in its place) is an error for the run,
+    never taken for another run's lease and waited on or retried forever."""
+    (tmp_path / LEASE_TABLE).write_text("not a table")
+    outcome = []
+
+    def take() -> None:
+        try:
+            OutputLease(str(tmp_path), "p", timeout_s=0).acquire()
+            outcome.append("held")
+        except LockedError:
+            outcome.append("locked")
+        except Exception as exc:  # noqa: BLE001 - the point: an error surfaces
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and outcome and outcome[0] not in ("held", "locked")
