@@ -43,21 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _request(window, guided: str, max_tokens: int | None):
-    from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_guide
-    from notelake.udfs.prompts import build_messages
-
-    chunk, task = window.chunk, window.task
-    return GenerationRequest(request_id=f"{window.note}:{chunk.start}-{chunk.end}",
-                             messages=build_messages(task, chunk.text), guide=answer_guide(task, chunk.text, guided),
-                             text=chunk.text, max_tokens=max_tokens or task.max_tokens)
-
-
 def _generate_in_batches(engine, windows: list, guided: str, max_tokens: int | None, batch: int) -> list:
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.windows import request_fields
+
     out: list = []
     for b in range(0, len(windows), batch):
-        out += engine.generate([_request(w, guided, max_tokens) for w in windows[b:b + batch]])
+        out += engine.generate([GenerationRequest(**request_fields(w, guided, max_tokens))
+                                for w in windows[b:b + batch]])
     return out
 
 

@@ -4,8 +4,9 @@
     notelake bounds --task phee --gold ../shared/data/phee/train.jsonl --write    # and write conf/tasks/phee.yaml
 
 Per concept label, the longest mention the grounded grammar admits (``max_mention_tokens``: the ``--quantile`` of
-the gold mentions' length in word/punctuation tokens), and the most items on one answer line (``max_line_items``:
-the same quantile over the gold answers of the job's chunks). See udfs/answer.py ``learn_bounds``. ``--write``
+the gold mentions' length in word/punctuation tokens); the most items on one answer line (``max_line_items``) and
+the most answer lines per 100 characters of a window (``max_lines_per_100_chars``): the same quantile over the gold
+answers of the job's chunks. See udfs/answer.py ``learn_bounds``. ``--write``
 replaces the block between the markers below (or adds it after ``max_chunk_chars``); the rest of the file, comments
 included, is kept. A change of bounds changes the task's ``prompt_version``, hence the extraction fingerprint.
 """
@@ -27,6 +28,7 @@ def render_block(bounds: dict, source: str, quantile: float, task_name: str) -> 
         f"{BEGIN} (`notelake bounds --task {task_name} --gold {source} --quantile {quantile} --write`;",
         "# do not edit by hand)",
         f"max_line_items: {bounds['max_line_items']}",
+        f"max_lines_per_100_chars: {bounds['max_lines_per_100_chars']}",
         "max_mention_tokens:",
         *(f"  {label}: {n}" for label, n in bounds["max_mention_tokens"].items()),
         END,

@@ -1,12 +1,15 @@
 """Answer schema v2: the guided-decoding grammar accepts exactly the answers the parser reads (checked with
 xgrammar, the structured-output backend vLLM runs), and the grounded grammar admits only the chunk's own words."""
 
+import math
+
 import pytest
 from notelake.conf.task import load_task
 from notelake.udfs.answer import (
     MAX_MENTION_TOKENS,
     MAX_TOKEN_CHARS,
     answer_grammar,
+    answer_lines_bound,
     gold_answer,
     line_items_bound,
     mention_bound,
@@ -138,6 +141,18 @@ def test_a_line_holds_at_most_the_tasks_items(compiler):
     assert not accepts(compiler, answer_grammar(maccrobat, WORDS), line + " | MODIFY: w59")
 
 
+def test_an_answer_holds_at_most_the_lines_its_window_is_worth(compiler):
+    """A model that repeats lines instead of stopping (MACCROBAT dev: a third of the windows ran to max_tokens so) is
+    stopped at as many lines per 100 characters as the densest training windows hold."""
+    task = load_task("maccrobat")
+    n = answer_lines_bound(task, WORDS)
+    assert n == math.ceil(task.max_lines_per_100_chars * len(WORDS) / 100) and answer_lines_bound(task, "pain") == 1
+    grammar = answer_grammar(task, WORDS)
+    assert accepts(compiler, grammar, "\n".join(["Sign_symptom: w1"] * n))
+    assert not accepts(compiler, grammar, "\n".join(["Sign_symptom: w1"] * (n + 1)))
+    assert accepts(compiler, answer_grammar(task), "\n".join(["Sign_symptom: w1"] * (n + 1)))  # no text: no bound
+
+
 def test_a_mention_never_copies_a_blob_token(compiler):
     blob = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xt"  # a base64 run: one \w token of 52 chars
     text = f"Aspirin {blob} caused rash."
@@ -157,11 +172,13 @@ def test_shipped_bounds_are_those_the_training_data_gives(shared_data_root):
         learned = learned_bounds(task, shared_data_root / name / "train.jsonl")
         assert task.max_mention_tokens == learned["max_mention_tokens"], name
         assert task.max_line_items == learned["max_line_items"], name
+        assert task.max_lines_per_100_chars == learned["max_lines_per_100_chars"], name
 
 
 def test_bounds_are_part_of_the_prompt_version():
     task = load_task("phee")
     assert prompt_version(task) != prompt_version(task.model_copy(update={"max_line_items": 3}))
+    assert prompt_version(task) != prompt_version(task.model_copy(update={"max_lines_per_100_chars": 1.0}))
     tighter = {**task.max_mention_tokens, "Drug": 2}
     assert prompt_version(task) != prompt_version(task.model_copy(update={"max_mention_tokens": tighter}))
 

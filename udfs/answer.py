@@ -246,9 +246,18 @@ def line_items_bound(task: Task) -> int:
     return task.max_line_items or MAX_LINE_ITEMS
 
 
+def answer_lines_bound(task: Task, text: str) -> int | None:
+    """Most lines an answer over ``text`` may hold: the task's lines per 100 characters times the text's length
+    (at least one); None when the task sets no density."""
+    if task.max_lines_per_100_chars is None:
+        return None
+    return max(1, math.ceil(task.max_lines_per_100_chars * len(text) / 100))
+
+
 def grammar_signature(task: Task) -> dict[str, Any]:
     """What the answer grammar of ``task`` depends on besides the text (part of ``prompt_version``)."""
     return {"version": GRAMMAR_VERSION, "max_token_chars": MAX_TOKEN_CHARS, "max_line_items": line_items_bound(task),
+            "max_lines_per_100_chars": task.max_lines_per_100_chars,
             "max_mention_tokens": {label: mention_bound(task, label) for label in task.concepts}}
 
 
@@ -259,7 +268,8 @@ def answer_grammar(task: Task, text: str | None = None) -> str:
     items only relation labels; a line holds at most ``line_items_bound(task)`` items. With ``text``, a mention of
     a label can only be one of ``mention_ngrams(text, mention_bound(task, label))``: every emitted mention is then
     grounded by construction (discontinuous mentions cannot be written), and none runs longer than the task's
-    training data ever wrote one.
+    training data ever wrote one; and the answer holds at most ``answer_lines_bound(task, text)`` lines, so a model
+    that repeats lines instead of stopping is stopped at as many lines as the densest training windows hold.
     """
     marker = '("(" ("negated" | "speculated" | "hypothetical") ")")?'
     anchors = list(task.events.anchors) if task.events else []
@@ -267,7 +277,9 @@ def answer_grammar(task: Task, text: str | None = None) -> str:
     references = reference_relations(task)
     more_items = line_items_bound(task) - 1
     repeat = f"{{0,{more_items}}}"
-    rules = {"root": f'"{NONE}" | line ("\\n" line)*'}
+    max_lines = answer_lines_bound(task, text) if text is not None else None
+    more_lines = "*" if max_lines is None else f"{{0,{max_lines - 1}}}"
+    rules = {"root": f'"{NONE}" | line ("\\n" line){more_lines}'}
     bounds = {mention_bound(task, label) for label in task.concepts}
     if text is None:
         mention_rules, mention_of = {"mention": "[^|\\n ] [^|\\n]*"}, {b: "mention" for b in bounds}
@@ -322,21 +334,26 @@ def _quantile(values: list[int], q: float) -> int:
 
 def learn_bounds(task: Task, records: Iterable[dict], quantile: float = 0.999,
                  windows: Callable[[str], Iterable[tuple[int, int]]] | None = None) -> dict[str, Any]:
-    """The answer grammar's bounds for ``task`` from gold records (shared/data JSONL format): per concept label, the
-    ``quantile`` of its mentions' length in word/punctuation tokens, and the ``quantile`` of the items per line of
-    the gold answers of the ``windows`` of each record ((start, end) pairs, the job's chunks; default the whole
-    text). A label with no mention in ``records`` is left out (it gets ``MAX_MENTION_TOKENS``)."""
+    """The answer grammar's bounds for ``task`` from gold records (shared/data JSONL format), each the ``quantile``
+    of its measure: per concept label, its mentions' length in word/punctuation tokens; over the gold answers of the
+    ``windows`` of each record ((start, end) pairs, the job's chunks; default the whole text), the items per line
+    and the lines per 100 characters of the window (rounded up to 0.01). A label with no mention in ``records`` is
+    left out (it gets ``MAX_MENTION_TOKENS``)."""
     lengths: dict[str, list[int]] = {}
     items: list[int] = []
+    density: list[float] = []
     for record in records:
         for concept in record["concepts"]:
             if concept["label"] in task.concepts:
                 lengths.setdefault(concept["label"], []).append(len(_TOKEN.findall(concept["text"])))
-        for window in (windows or (lambda text: [(0, len(text))]))(record["text"]):
-            answer = gold_answer(task, record, window)
-            items += [line.count(ITEM_SEP) + 1 for line in answer.splitlines() if answer != NONE]
+        for start, end in (windows or (lambda text: [(0, len(text))]))(record["text"]):
+            answer = gold_answer(task, record, (start, end))
+            lines = [] if answer == NONE else answer.splitlines()
+            items += [line.count(ITEM_SEP) + 1 for line in lines]
+            density.append(100 * len(lines) / max(1, end - start))
     if not items:
         raise ValueError(f"no gold answer line for task {task.name!r}: are these records of its corpus?")
     return {"max_mention_tokens": {label: _quantile(lengths[label], quantile) for label in task.concepts
                                    if label in lengths},
-            "max_line_items": _quantile(items, quantile)}
+            "max_line_items": _quantile(items, quantile),
+            "max_lines_per_100_chars": math.ceil(100 * _quantile(density, quantile)) / 100}

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from notelake.conf.task import Task
-from notelake.udfs.answer import NONE
+from notelake.udfs.answer import NONE, answer_guide
 from notelake.udfs.chunking import Chunk, prose_pieces, split_chunk
+from notelake.udfs.prompts import build_messages
 
 #: Pieces are not split below this many characters (a clause or two: a PHEE sentence averages 137).
 MIN_WINDOW_CHARS = 48
@@ -73,6 +74,15 @@ class NoteWindows:
 
 # generate(windows) -> one result per window, in order; a result has the fields of models.engine.GenerationResult
 Generate = Callable[[list[Window]], Sequence[Any]]
+
+
+def request_fields(window: Window, guided_decoding: str, max_tokens: int | None = None) -> dict[str, Any]:
+    """The engine request of ``window`` (``models.engine.GenerationRequest(**fields)``): its prompt, its answer
+    grammar (``guided_decoding``: grounded, labels or off), its text, and ``max_tokens`` (default: the task's)."""
+    chunk, task = window.chunk, window.task
+    return {"request_id": f"{window.note}:{chunk.start}-{chunk.end}", "messages": build_messages(task, chunk.text),
+            "guide": answer_guide(task, chunk.text, guided_decoding), "text": chunk.text,
+            "max_tokens": max_tokens or task.max_tokens}
 
 
 def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], generate: Generate, *,
