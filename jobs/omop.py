@@ -7,12 +7,15 @@ Incremental. Each publish records the Delta versions of its sources (concepts, r
 in ``omop_publish``; the next one lists only the data files added or removed since then (Delta log, no rows read)
 and visits only those note buckets. There, Spark computes each note's key (a hash of its concept rows' lineage,
 links, person, date and the publish fingerprint) and compares it with ``omop_state``; only notes whose key changed
-are rewritten, notes gone from the concepts table are removed, and a rerun with nothing changed commits nothing.
+are rewritten, notes gone from the concepts table are removed, and a rerun with nothing changed writes no table
+but its own ``omop_publish`` row.
 A change of the publish fingerprint (these settings, the stage version, the NLP type concept) republishes all.
 
 Commits. Per pass of ``omop.publish_buckets_per_pass`` buckets: one commit per output table, whose predicate names
-the task, the buckets and the rewritten notes' OMOP note ids (a note's old rows out, its new rows in), then
-``omop_state`` last; a crash before it only means the notes are published again by the next run.
+the task, the buckets and the rewritten notes' OMOP note ids (a note's old rows out, its new rows in) -- or only the
+task and buckets when every note published there is rewritten (a first publish, a vocabulary release), so no
+IN-list of every note -- then ``omop_state`` last; a crash before it only means the notes are published again by
+the next run, with the same ids.
 
 Identifiers, assigned once and never reused (the ``omop_ids`` table reserves each block before it is used, so a
 crash leaves a gap, never a duplicate):

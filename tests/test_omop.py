@@ -48,7 +48,9 @@ NOTES = [
     ("N8", 5, date(2026, 1, 10), 3, [(EFFECT, "melena", "present", 0, None)], []),
     ("N9", 6, date(2026, 2, 1), 0, [(DRUG, "ibuprofen", "present", IBUPROFEN, None),
                                     (EFFECT, "haematemesis", "present", GI_HAEMORRHAGE, None)], [(0, 1)]),
+    ("N10", None, date(2026, 1, 9), 1, [(DRUG, "ibuprofen", "present", IBUPROFEN, None)], []),  # no person id
 ]
+NOTE_NAMES = {n[0] for n in NOTES}
 PASSTHROUGH = pa.schema([("person_id", pa.int64()), ("note_date", pa.date32())])
 RUN_AT = datetime(2026, 2, 2, 3, 0, tzinfo=timezone.utc)
 
@@ -132,12 +134,12 @@ def source_ids(wh) -> dict[int, str]:
 
 def test_first_publish_writes_note_nlp_relations_and_derived_rows(published):
     wh, stats = published
-    assert (stats.notes_published, stats.notes_removed, stats.buckets_visited) == (9, 0, 4)
+    assert (stats.notes_published, stats.notes_removed, stats.buckets_visited) == (10, 0, 4)
     nlp = table(wh, "note_nlp")
-    assert len(nlp) == stats.note_nlp_rows == 13
-    assert sorted(r["note_nlp_id"] for r in nlp) == list(range(1, 14))
+    assert len(nlp) == stats.note_nlp_rows == 14
+    assert sorted(r["note_nlp_id"] for r in nlp) == list(range(1, 15))
     names = source_ids(wh)
-    assert sorted(names.values()) == [f"N{k}" for k in range(1, 10)] and sorted(names) == list(range(1, 10))
+    assert set(names.values()) == NOTE_NAMES and sorted(names) == list(range(1, 11))
     by_text = {(names[r["note_id"]], r["lexical_variant"]): r for r in nlp}
     advil = by_text[("N3", "Advil")]  # a brand name: the standard ingredient, the brand as source concept
     assert (advil["note_nlp_concept_id"], advil["note_nlp_source_concept_id"]) == (IBUPROFEN, ADVIL)
@@ -161,6 +163,10 @@ def test_first_publish_writes_note_nlp_relations_and_derived_rows(published):
     assert conditions == {(1, AKI, date(2026, 1, 4)), (1, GI_HAEMORRHAGE, date(2026, 1, 14)),
                           (2, GI_HAEMORRHAGE, date(2026, 3, 1)), (4, GI_HAEMORRHAGE, date(2026, 1, 7)),
                           (6, GI_HAEMORRHAGE, date(2026, 2, 1))}
+    # N10 has no person id: its mention is in note_nlp, its drug row is not, and the errors table says why
+    assert by_text[("N10", "ibuprofen")]["term_exists"] == "Y" and stats.derived_skipped == 1
+    assert [(e["note_id"], e["stage"], e["error_type"]) for e in table(wh, "errors")] == [
+        ("N10", "omop", "omop_person_id_invalid")]
     nlp_ids = {r["concept_id"]: r["note_nlp_id"] for r in nlp}
     assert {r["drug_exposure_id"] for r in table(wh, "drug_exposure")} <= set(nlp_ids.values())
 
@@ -247,7 +253,7 @@ def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):
 
     # N1 re-extracted: its drug mention unchanged, the effect now "renal failure"; N2 deleted; N6 re-linked to 0
     n1 = NOTES[0]
-    mentions = [n1[4][0], (EFFECT, "renal failure", "present", 13, None)]
+    mentions = [n1[4][0], (EFFECT, "renal failure", "present", AKI, None)]
     wh.replace_notes("concepts", schemas.rows_to_table(_concept_rows("N1", 1, n1[2], 0, mentions, run_id="run-2"),
                                                        schemas.concepts_schema(PASSTHROUGH)), TASK, ["N1"], {0})
     wh.delete_notes(TASK, {"N2": 1}, tables=("concepts", "relations"))
@@ -268,7 +274,8 @@ def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):
     assert 4 not in {r["person_id"] for r in table(wh, "drug_exposure")}  # warfarin no longer linked
     conditions = {(r["person_id"], r["condition_start_date"]) for r in table(wh, "condition_occurrence")}
     assert (1, date(2026, 1, 14)) not in conditions and (1, date(2026, 1, 4)) in conditions
-    assert sorted(names.values()) == [f"N{k}" for k in range(1, 10)]  # the crosswalk keeps a deleted note's id
+    assert set(names.values()) == NOTE_NAMES  # the crosswalk keeps a deleted note's id
     state = {r["note_id"] for r in table(wh, "omop_state")}
-    assert "N2" not in state and len(state) == 8
+    assert state == NOTE_NAMES - {"N2"}
+    assert len(table(wh, "errors")) == 1  # N10 is not republished: its error is not repeated
     assert publish_omop(spark, wh, omop_settings, [TASK]).notes_published == 0
