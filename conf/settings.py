@@ -154,6 +154,12 @@ class JobConfig(_Strict):
     note_buckets: int = Field(64, ge=1, le=4096, description="hash buckets of note ids partitioning the output "
                                                              "tables (with task); fixed when an output is created")
     chunk_overlap_chars: int = Field(200, ge=0, description="overlap between chunks of a long note")
+    assertion: Literal["model", "context", "combined"] = Field(
+        "combined", description="who sets a concept's assertion (present, negated, speculated, hypothetical): "
+                                "model = the extractor's marker; context = ConText (medspaCy's rules) over the "
+                                "concept's offsets; combined = negation from ConText, speculation and hypothesis "
+                                "from the model. ConText judges only the task's assertion_labels "
+                                "(models/assertion.py)")
     log_phi: bool = Field(False, description="debug only: full tracebacks (which may quote note text) in logs; "
                                              "warns at start. Off: logs carry ids, counts, types and rates only")
     output_root: str | None = Field(None, description="when set, --output must resolve (symlinks followed) inside "

@@ -104,6 +104,10 @@ class Task(BaseModel):
         default_factory=dict, description="concept label -> its OMOP target (domains, vocabularies, classes); a "
                                           "label not named here is left unlinked (concept 0, match_type "
                                           "unmapped_label)")
+    assertion_labels: list[str] | None = Field(
+        None, description="concept labels that take an assertion (negated, speculated, ...): the labels of which "
+                          "the training data marks at least 1 % not present (`python -m bench.assertion labels`). "
+                          "ConText (job.assertion: context, combined) judges only these; null = every label")
 
     def overlap(self, default: int) -> int:
         """The chunk overlap this task runs with (its own, else the job's ``default``)."""
@@ -132,6 +136,9 @@ class Task(BaseModel):
         for label in self.normalization:
             if label not in self.concepts:
                 raise ValueError(f"normalization: {label!r} is not a concept label")
+        for label in self.assertion_labels or []:
+            if label not in self.concepts:
+                raise ValueError(f"assertion_labels: {label!r} is not a concept label")
         if self.events is not None:
             self._check_events(self.events)
         elif set(self.relations) & set(self.concepts):
