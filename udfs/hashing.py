@@ -73,3 +73,14 @@ def fingerprint(
             "parser_version": parser_version,
         }
     )
+
+
+def link_fingerprint(linker: dict, target: dict | None, vocabulary_versions: dict[str, str | None]) -> str:
+    """Link fingerprint of one label: what its concept links depend on besides the mention (32 hex chars).
+
+    ``linker`` holds the linker's and the normalizer's versions and its matching settings, ``target`` the label's
+    normalization section of the task YAML (None: unmapped), ``vocabulary_versions`` every vocabulary's version.
+    Independent of the extraction fingerprint: a vocabulary release re-links stored concepts, it never re-extracts.
+    """
+    return _short_hash({"linker": linker, "target": target, "vocabulary_versions": vocabulary_versions})
+

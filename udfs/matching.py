@@ -7,7 +7,7 @@ and the match is **accepted only when** its similarity is at least ``threshold``
 similarity of any entry of another concept by at least ``margin``. Otherwise the result says ``ambiguous``
 (close to several concepts) or ``none``: the linker writes concept 0 then, never a guess.
 
-Speed: only entries whose length allows a similarity of ``threshold - margin`` are compared (for the Indel
+Speed: each distinct mention is looked up once (results are kept per lexicon), and only entries whose length allows a similarity of ``threshold - margin`` are compared (for the Indel
 similarity ``2 * matches / (len_a + len_b)``, lengths outside ``[L * c / (2 - c), L * (2 - c) / c]`` cannot
 reach ``c``), with rapidfuzz's ``cdist`` over all mentions of one length at once. Entries below that cut-off
 cannot change the decision: a runner-up under ``threshold - margin`` leaves any accepted match its margin.
@@ -28,6 +28,7 @@ Scorer = Literal["ratio", "token_sort_ratio"]
 FuzzyStatus = Literal["fuzzy", "ambiguous", "none"]
 _MAX_CELLS = 2_000_000  # similarity matrix cells per cdist call (16 MB of float64)
 _EPS = 1e-9
+_CACHE_SIZE = 200_000  # results kept per lexicon: clinical mentions repeat ("warfarin" in thousands of notes)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class FuzzyLexicon:
         self._entries = order
         self._concepts = np.asarray(concepts, dtype=np.int64)[order]
         self._cut = max(threshold - margin, 0.0)
+        self._cache: dict[str, FuzzyResult] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -78,12 +80,15 @@ class FuzzyLexicon:
 
         results: list[FuzzyResult | None] = [None] * len(mentions)
         by_length: dict[int, list[int]] = {}
+        first: dict[str, int] = {}  # a mention repeated in the batch is looked up once
         for i, mention in enumerate(mentions):
-            key = self._key(mention)
-            if len(mention) < self.min_chars or not self._keys:
+            if mention in self._cache:
+                results[i] = self._cache[mention]
+            elif len(mention) < self.min_chars or not self._keys:
                 results[i] = FuzzyResult("none", -1, 0.0, 0.0)
-            else:
-                by_length.setdefault(len(key), []).append(i)
+            elif mention not in first:
+                first[mention] = i
+                by_length.setdefault(len(self._key(mention)), []).append(i)
         for length, positions in by_length.items():
             start, stop = self._window(length)
             if start == stop:
@@ -98,7 +103,11 @@ class FuzzyLexicon:
                                        workers=1)
                 for row, i in zip(scores, part):
                     results[i] = self._decide(row, start)
-        return results  # type: ignore[return-value]
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.clear()
+        for mention, i in first.items():
+            self._cache[mention] = results[i]
+        return [r if r is not None else results[first[m]] for r, m in zip(results, mentions)]
 
     def _decide(self, row: np.ndarray, offset: int) -> FuzzyResult:
         candidates = np.flatnonzero(row >= self._cut * 100 - _EPS) if self._cut > 0 else np.arange(len(row))

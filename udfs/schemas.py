@@ -101,6 +101,30 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+#: How a concept row was linked (jobs/linking.py), in the linker's order: ``exact`` (normalized name or synonym of a
+#: valid standard concept), ``maps_to`` (of a non-standard concept, through a valid 'Maps to'), ``fuzzy`` (similar
+#: enough, and clearly more than to any other concept), ``ambiguous`` (several concepts fit equally: concept 0),
+#: ``none`` (nothing fits: concept 0), ``unmapped_label`` (the task names no vocabulary target for the label).
+MATCH_TYPES = ("exact", "maps_to", "fuzzy", "ambiguous", "none", "unmapped_label")
+CONCEPT_LINKS_SCHEMA = pa.schema(
+    [
+        pa.field("concept_id", pa.string(), nullable=False),  # the concepts row (its key)
+        pa.field("note_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("note_bucket", pa.int32(), nullable=True),  # as in concepts (partition column)
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("omop_concept_id", pa.int32(), nullable=False),  # a valid standard concept; 0 = no matching concept
+        pa.field("source_concept_id", pa.int32(), nullable=False),  # the concept matched (non-standard for maps_to)
+        pa.field("vocabulary_id", pa.string(), nullable=True),  # of omop_concept_id; null when it is 0
+        pa.field("domain_id", pa.string(), nullable=True),
+        pa.field("match_type", pa.string(), nullable=False),  # MATCH_TYPES
+        pa.field("match_score", pa.float64(), nullable=False),  # 1 for exact and maps_to; similarity 0..1 otherwise
+        pa.field("link_fingerprint", pa.string(), nullable=False),
+        pa.field("vocabulary_version", pa.string(), nullable=False),  # the vocabulary release linked against
+        pa.field("linked_at", TIMESTAMP, nullable=False),
+    ]
+)
+
 LEDGER_STATUSES = ("succeeded", "failed", "rejected")
 LEDGER_SCHEMA = pa.schema(
     [
