@@ -12,7 +12,8 @@ import time
 import uuid
 
 import pytest
-from jobkit import job_settings, sample_notes, write_conf, write_notes
+import yaml
+from jobkit import job_settings, sample_notes, write_notes
 from s3server import BUCKET, s3_server
 
 from notelake.jobs import extract as job
@@ -32,6 +33,15 @@ def replay(settings, ray_address, base_model_path):
     pool.shutdown()
 
 
+def write_conf(path, settings, opts: dict, **job) -> str:
+    """Settings as a YAML file with the storage options in clear (a dump masks them, as secrets)."""
+    data = settings.model_dump(mode="json")
+    data["storage"]["options"] = opts
+    data["job"].update(job)
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 def start_job(conf: str, src: str, output: str, log_path) -> subprocess.Popen:
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "notelake.jobs.extract", "--conf", conf, "--input", src,
@@ -45,9 +55,9 @@ def test_two_jobs_on_one_s3_output_lose_and_duplicate_nothing(tmp_path, replay):
     src = write_notes(tmp_path / "notes", notes)
     with s3_server() as opts:
         output = f"s3://{BUCKET}/{uuid.uuid4().hex}/warehouse"
-        settings = replay.with_overrides(job={"round_notes": 1}, storage={"options": opts})
-        conf = write_conf(tmp_path / "first.yaml", settings)
-        patient = write_conf(tmp_path / "waiting.yaml", settings.with_overrides(job={"lock_timeout_s": 600}))
+        settings = replay.with_overrides(job={"round_notes": 1})
+        conf = write_conf(tmp_path / "first.yaml", settings, opts)
+        patient = write_conf(tmp_path / "waiting.yaml", settings, opts, lock_timeout_s=600)
 
         procs = [start_job(conf, src, output, tmp_path / "first.log")]
         first = procs[0]
