@@ -48,6 +48,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -262,14 +263,14 @@ def fuzzy_entries(lexicon) -> dict[str, dict[str, list]]:
 
 
 # ------------------------------------------------------------------------------------------------------ executors
-_FUZZY: dict[tuple[int, str], FuzzyLexicon] = {}
+_FUZZY: dict[tuple[str, str], FuzzyLexicon] = {}
 
 
 def _fuzzy_lexicon(broadcast, key: str, omop: dict) -> FuzzyLexicon:
-    """One FuzzyLexicon per target and broadcast in each Python worker (workers are reused)."""
-    cache_key = (broadcast.id, key)
+    """One FuzzyLexicon per target and run in each Python worker (workers are reused across runs)."""
+    cache_key = (broadcast.value["run"], key)
     if cache_key not in _FUZZY:
-        entries = broadcast.value[key]
+        entries = broadcast.value["targets"][key]
         _FUZZY[cache_key] = FuzzyLexicon(entries["norm"], entries["omop_concept_id"], scorer=omop["fuzzy_scorer"],
                                          threshold=omop["fuzzy_threshold"], margin=omop["fuzzy_margin"],
                                          min_chars=omop["fuzzy_min_chars"])
@@ -291,13 +292,13 @@ def finish_links(batch: pa.RecordBatch, broadcast, omop: dict) -> pa.RecordBatch
         elif rows["r_match"][i] is not None:
             _set(out, i, rows["r_omop"][i], rows["r_source"][i], rows["r_vocabulary"][i], rows["r_domain"][i],
                  rows["r_match"][i], 1.0)
-        elif rows["target"][i] not in broadcast.value:  # the vocabulary has no concept for this target at all
+        elif rows["target"][i] not in broadcast.value["targets"]:  # the vocabulary has no concept for the target
             _set(out, i, 0, 0, None, None, "none", 0.0)
         else:
             pending.setdefault(rows["target"][i], []).append(i)
     for key, positions in pending.items():
         lexicon = _fuzzy_lexicon(broadcast, key, omop)
-        entries = broadcast.value[key]
+        entries = broadcast.value["targets"][key]
         for i, result in zip(positions, lexicon.lookup([rows["norm"][i] or "" for i in positions])):
             if result.status == "fuzzy":
                 e = result.entry
@@ -341,7 +342,9 @@ class _Run:
             return
         lexicon = build_lexicon(self.spark, self.vocabulary, self.plan.targets, self.opts).persist()
         self.resolved = resolve_exact(lexicon).persist()
-        self.broadcast = self.spark.sparkContext.broadcast(fuzzy_entries(lexicon))
+        # "run": a key for the executors' FuzzyLexicon cache, fresh per run (a Python worker outlives a run)
+        self.broadcast = self.spark.sparkContext.broadcast({"run": uuid.uuid4().hex,
+                                                            "targets": fuzzy_entries(lexicon)})
         self.resolved.count()
         lexicon.unpersist()
 
