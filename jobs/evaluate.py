@@ -10,6 +10,8 @@ Run from the repository root (no Spark needed; one in-process vLLM engine, float
         --model .notelake/adapters/exp-mt-full --out runs/eval/mt-full    # a full fine-tune, served as the model
     python -m notelake.jobs.evaluate --task maccrobat --gold ../shared/data/maccrobat/dev.jsonl --limit 5 \
         --adapter models/adapters/notelake-mt --out runs/eval/mac
+    python -m notelake.jobs.evaluate --task maccrobat --define-labels --gold ../shared/data/maccrobat/dev.jsonl \
+        --limit 10 --adapter .notelake/adapters/lodo-phee --out runs/eval/lodo-phee-to-maccrobat   # zero-shot transfer
     # several runs side by side (e.g. a learning curve), without generating anything:
     python -m notelake.jobs.evaluate --compare runs/eval/a/report.json runs/eval/b/report.json --out runs/eval/curve
 
@@ -40,6 +42,9 @@ from notelake.conf.settings import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="notelake evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", help="task name (conf/tasks/<name>.yaml)")
+    p.add_argument("--define-labels", action="store_true",
+                   help="prompt with every label's definition (the zero-shot prompt) even for a trained task: scores "
+                        "a task as if no adapter had learnt it (leave-one-dataset-out transfer)")
     p.add_argument("--gold", help="gold JSONL (shared/data format)")
     p.add_argument("--limit", type=int, default=None, help="notes in the fixed slice (default: all)")
     p.add_argument("--seed", type=int, default=0, help="slice shuffle seed (and bootstrap seed)")
@@ -109,6 +114,8 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     from notelake.conf import load_settings
 
     task = load_task(args.task)
+    if args.define_labels:
+        task = task.model_copy(update={"define_labels": True})
     records = select_slice(read_gold(args.gold), args.limit, args.seed)
     if not records:
         raise ConfigError(f"{args.gold}: no records")
