@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from notelake.conf.task import load_task
     from notelake.models.adapters import load_adapter
-    from notelake.models.engine import VLLMEngine
+    from notelake.models.vllm_engine import VLLMEngine
 
     p = argparse.ArgumentParser(prog="python -m bench.profile_lora")
     p.add_argument("--adapter", required=True)

@@ -65,11 +65,11 @@ def sampling_params(cfg, max_tokens: int, guide: dict | None = None, ignore_eos:
     """The engine's sampling (models/engine.py): greedy, seeded, constrained by ``guide`` when given."""
     from vllm import SamplingParams
 
-    from notelake.models.engine import _structured_output_api
+    from notelake.models.vllm_engine import structured_output_api
 
     kwargs = {"temperature": cfg.temperature, "seed": cfg.seed, "max_tokens": max_tokens, "ignore_eos": ignore_eos}
     if guide is not None:
-        params_cls, field_name = _structured_output_api()
+        params_cls, field_name = structured_output_api()
         kwargs[field_name] = params_cls(**guide)
     return SamplingParams(**kwargs)
 
@@ -117,7 +117,7 @@ def warm_up(llm, tokenizer, cfg, max_tokens: int) -> float:
 
 
 def _load_vllm_engine(settings):
-    from notelake.models.engine import VLLMEngine
+    from notelake.models.vllm_engine import VLLMEngine
 
     with ProcessTreeUsage() as mem:
         engine = VLLMEngine(settings.engine)

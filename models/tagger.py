@@ -439,37 +439,40 @@ class TaggerEngine:
         self._lock = threading.Lock()
         self.load_seconds = round(time.monotonic() - t0, 1)
 
-    def generate(self, requests: list) -> list:
-        from notelake.models.engine import GenerationResult, error_result
+    def generate(self, requests: list, on_result=None) -> list:
+        """Tags of every request's text; a call's requests finish together (one batched pass), so ``on_result``
+        gets them all at the end of the call."""
+        from notelake.models.engine import GenerationResult, error_result, report_each
 
         missing = [r for r in requests if r.text is None]
         if missing:
-            return [error_result(r.request_id, "engine_error: the tagger needs the chunk text (request.text)")
-                    for r in requests]
+            return report_each([error_result(r.request_id, "engine_error: the tagger needs the chunk text "
+                                             "(request.text)") for r in requests], on_result)
         texts = [r.text for r in requests]
         with self._lock:  # one forward pass at a time per engine
             predicted, _ = self.tagger.predict(texts)
             related = self.pairs.predict(texts, predicted)[0] if self.pairs else [None] * len(requests)
-        return [GenerationResult(request_id=r.request_id, text=None, error=None,
-                                 prompt_tokens=self.count_tokens(r.text), output_tokens=0, finish_reason="stop",
-                                 spans=tuple((c["label"], c["start"], c["end"]) for c in concepts),
-                                 relations=None if relations is None else tuple(
-                                     (rel["label"], _index(concepts, rel["head"]), _index(concepts, rel["tail"]))
-                                     for rel in relations))
-                for r, concepts, relations in zip(requests, predicted, related)]
+        results = [GenerationResult(request_id=r.request_id, text=None, error=None,
+                                    prompt_tokens=self.count_tokens(r.text), output_tokens=0, finish_reason="stop",
+                                    spans=tuple((c["label"], c["start"], c["end"]) for c in concepts),
+                                    relations=None if relations is None else tuple(
+                                        (rel["label"], _index(concepts, rel["head"]), _index(concepts, rel["tail"]))
+                                        for rel in relations))
+                   for r, concepts, relations in zip(requests, predicted, related)]
+        return report_each(results, on_result)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tagger.tokenizer.encode(text, add_special_tokens=False))
 
     def describe(self) -> dict:
-        from notelake.models.engine import _versions
+        from notelake.models.engine import versions
 
         return {"backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
                 "model_sha256": self.model_sha256, "adapter": self.info.name, "adapter_path": str(self.info.path),
                 "adapter_sha256": self.info.sha256, "dtype": "float32", "guided_decoding": "n/a (tags)",
                 "pairs": self.pairs_info.name if self.pairs else None,
                 "pairs_sha256": self.pairs_info.sha256 if self.pairs else None,
-                "load_seconds": self.load_seconds, "versions": _versions()}
+                "load_seconds": self.load_seconds, "versions": versions()}
 
 
 def _index(items: list, item) -> int:
