@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
-from notelake.models.tagger import (Tagger, TrainedHead, head_notes, head_report, predicted_items, train_head,
-                                   windows)
+from notelake.models.tagger import (HeadKind, Tagger, TrainedHead, head_notes, head_report, predicted_items,
+                                   train_head, windows)
 from notelake.models.training import Example, TrainConfig
 from notelake.udfs.pairs import (IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix,
                                  pass_span, with_predicted, with_seen_pairs)
@@ -101,9 +101,9 @@ def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     derive_task = None
     if cfg.pair_seen_min_count is not None:
         derive_task = functools.partial(with_seen_pairs, min_count=cfg.pair_seen_min_count)
-    return train_head(cfg, kind=KIND, note_examples=note_examples, layer_labels=lambda task: list(task.relations),
-                      layer_name="relations", classes=YES_NO, dry_run=dry_run, extra_plan=extra_plan,
-                      derive_task=derive_task, extra_manifest={"pair_max_gap_chars": cfg.pair_max_gap_chars})
+    head = HeadKind(KIND, note_examples, lambda task: list(task.relations), "relations", YES_NO, derive_task)
+    return train_head(cfg, head, dry_run=dry_run, extra_plan=extra_plan,
+                      extra_manifest={"pair_max_gap_chars": cfg.pair_max_gap_chars})
 
 
 def tagger_concepts(cfg: TrainConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:
