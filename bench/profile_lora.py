@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 
 from bench.corpus import render_prompts
-from bench.rows import TASK, bench_settings, corpus_texts, sampling_params
+from bench.vllm_passes import sampling_params
+from bench.workload import TASK, bench_settings, corpus_texts
 
 # vLLM's CPU LoRA kernels (vllm/lora/ops/torch_ops): a per-token gather of the adapter matrices, then an einsum
 # (counted apart: the leaf name alone does not say who called it).
