@@ -1,4 +1,4 @@
-"""Data-size curve (issue 14): one epoch over 10 / 20 / 50 / 100 % of the training notes, multi-task
+"""Data-size curve: one epoch over 10 / 20 / 50 / 100 % of the training notes, multi-task
 instruction tuning (PHEE + MACCROBAT mixed) against single-task runs, each scored on the dev slices of the
 tasks it was trained on. Every point is a real training run (conf/train/multitask.yaml's recipe, only the
 tasks and `data_fraction` change) followed by `jobs.evaluate`; points already on disk are skipped, and a

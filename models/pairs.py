@@ -1,4 +1,4 @@
-"""The relation pair classifier of the classification-head baseline (#14): relations over a tagger's concepts.
+"""The relation pair classifier of the classification-head baseline: relations over a tagger's concepts.
 
 For each concept that can head a relation, one forward pass over its window with the head written first
 (``udfs/pairs.py``): at the token that ends each candidate tail, one yes/no layer per relation label says whether

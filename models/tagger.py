@@ -1,4 +1,4 @@
-"""The classification-head baseline (#14): the base model with a token-classification head, BIO-tagging concepts.
+"""The classification-head baseline: the base model with a token-classification head, BIO-tagging concepts.
 
 The method we follow compares prompt-based generation with a classification head over token representations.
 Here the head is a linear layer over SmolLM2's last hidden states, one BIO layer per label (``udfs/bio.py``:
