@@ -4,7 +4,9 @@
   address that executor processes pass to :meth:`EnginePool.connect`. Worker output is not forwarded to
   the driver (``log_to_driver=False``), so nothing an engine prints can reach driver logs.
 * :class:`EngineActor` wraps one engine (``models.engine.make_engine``); ``generate`` never raises for
-  per-item problems -- they come back as ``GenerationResult.error``.
+  per-item problems -- they come back as ``GenerationResult.error``. Its live counters (``counts``: requests,
+  output tokens, errors; summed over the actors by :meth:`EnginePool.counts` for progress lines) advance as each
+  request finishes, not when a whole call returns.
 * :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>`` (per-request
   fields -- ``max_tokens``, ``guided_decoding`` -- left out)
   (``get_if_exists``), so every process using the same engine config shares the same actors. ``generate``
