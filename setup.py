@@ -5,7 +5,7 @@ The repository's top-level folders are installed as sub-packages of one package,
 ``conf/`` -> ``notelake.conf``. Nothing generic like ``jobs`` lands in site-packages.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 SUBPACKAGES = {"jobs": "jobs", "udfs": "udfs", "models": "models", "conf": "conf"}
 
@@ -27,7 +27,9 @@ setup(
     version="0.5.0",
     description="Distributed batch extraction of clinical concepts and relations into Delta tables",
     python_requires=">=3.11",
-    packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES],
+    # each sub-package with the packages inside its folder (models/training -> notelake.models.training)
+    packages=["notelake"] + [f"notelake.{name}" + (f".{inner}" if inner else "") for name, folder in SUBPACKAGES.items()
+                             for inner in ["", *find_packages(folder)]],
     package_dir={"notelake": "notelake", **{f"notelake.{k}": v for k, v in SUBPACKAGES.items()}},
     package_data={
         "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml", "train/exp/*.yaml"],

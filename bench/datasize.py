@@ -1,4 +1,4 @@
-"""Data-size curve (issue 14): one epoch over 10 / 20 / 50 / 100 % of the training notes, multi-task
+"""Data-size curve: one epoch over 10 / 20 / 50 / 100 % of the training notes, multi-task
 instruction tuning (PHEE + MACCROBAT mixed) against single-task runs, each scored on the dev slices of the
 tasks it was trained on. Every point is a real training run (conf/train/multitask.yaml's recipe, only the
 tasks and `data_fraction` change) followed by `jobs.evaluate`; points already on disk are skipped, and a
@@ -8,11 +8,11 @@ training run cut off resumes from its last checkpoint.
     .venv/bin/python -m bench.datasize report runs/datasize --record docs/datasize.json --plot docs/img/datasize.png
 
 `--record` keeps every point measured so far in a small committed JSON file: the points on disk replace the
-recorded ones of the same (setup, %, task), so a later session, on a machine without the earlier reports, extends
-the same table and plot.
+recorded ones of the same (setup, %, task), so a run on another machine, without the reports of the runs before
+it, extends the same table and plot.
 
-On 2 CPU cores one epoch of everything is ~613k tokens (~65 min idle); 10 % of it ~6 min. A GPU machine runs
-the whole grid (`--fractions 0.1,0.2,0.5,1.0 --setups mt,phee,maccrobat`).
+Each training run prints its data plan (its planned tokens) first. A CPU machine runs the small fractions; a GPU
+machine runs the whole grid (`--fractions 0.1,0.2,0.5,1.0 --setups mt,phee,maccrobat`).
 """
 
 from __future__ import annotations

@@ -43,12 +43,10 @@ class ProcessTreeUsage:
 
     Memory: the summed PSS (proportional set size: pages shared between processes, model weights and Ray's object
     store, count once; RSS where PSS cannot be read) sampled every ``interval_s``; ``peak_gib`` is the largest sum.
-    One sample is not free: reading PSS walks every page of every process, 126 ms of CPU on the job's tree at
-    512 notes (~20 processes, vLLM's worker at ~6 GiB). vLLM on CPU pins one OpenMP thread per core, so CPU taken
-    by any other process stalls whole decode steps: sampled every 2 s, the sampler slowed the same bare pass on the
-    job's engine by 12 % (42.3 s against 37.6 s without it, 128 notes, one pass each; docs/benchmarks.md session
-    20). The engine's memory is allocated at load, before any timed pass, so a pass's peak is a plateau that
-    10 s sampling still sees.
+    One sample is not free: reading PSS walks every page of every process, and vLLM on CPU pins one OpenMP thread
+    per core, so CPU taken by any other process stalls whole decode steps: frequent sampling slows the pass it
+    measures (docs/benchmarks.md has the figures). The engine's memory is allocated at load, before any timed
+    pass, so a pass's peak is a plateau that sparse sampling (every 10 s by default) still sees.
 
     CPU: user + system seconds by ``process_kind`` between the block's start and end, from two reads of every
     process's counters (no sampling cost). A process that exits inside the block is counted through its parent

@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 
 from bench.corpus import render_prompts
-from bench.rows import TASK, bench_settings, corpus_texts, sampling_params
+from bench.vllm_passes import sampling_params
+from bench.workload import TASK, bench_settings, corpus_texts
 
 # vLLM's CPU LoRA kernels (vllm/lora/ops/torch_ops): a per-token gather of the adapter matrices, then an einsum
 # (counted apart: the leaf name alone does not say who called it).
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from notelake.conf.task import load_task
     from notelake.models.adapters import load_adapter
-    from notelake.models.engine import VLLMEngine
+    from notelake.models.vllm_engine import VLLMEngine
 
     p = argparse.ArgumentParser(prog="python -m bench.profile_lora")
     p.add_argument("--adapter", required=True)

@@ -91,74 +91,81 @@ def cold_rows(rows: list[dict], fixed: dict) -> list[dict]:
     return out
 
 
-def ratios(rows: list[dict], fixed: dict) -> list[dict]:
-    """The issue's headline ratios, each with its target and the rows it divides."""
-    cold = {r["row"].split(" cold")[0]: r for r in cold_rows(rows, fixed)}
-    job = _find(rows, "job end to end, conf")
-    bare_paired = _find(rows, "bare vLLM LLM.generate on the job's engine actor")
-    one_at_a_time = _find(rows, "job end to end, one batch at a time")
-    bare = _find(rows, "bare vLLM LLM.generate (job engine args), guided")
-    bare_default = _find(rows, "bare vLLM LLM.generate (default engine args), guided")
-    ray_data = _find(rows, "ray.data.llm vLLMEngineProcessor, guided, steady")
-    rerun = _find(rows, "job incremental rerun, unchanged corpus")
-    replay_runs = [r for r in rows if r["row"].startswith("job with REPLAY engine") and not r.get("error")]
-    replay_run = max(replay_runs, key=lambda r: r["notes"], default=None)
-    replay_rerun = _find(rows, f"job incremental rerun, unchanged corpus of {replay_run['notes']} notes") \
-        if replay_run else None
-    # LoRA's cost is measured against the base model on an engine started without LoRA (row base-no-lora)
-    base_pure = _find(rows, "bare vLLM LLM.generate, base, engine without LoRA, ignore_eos")
-    lora_pure = next((r for r in rows if r["row"].startswith("bare vLLM LLM.generate, LoRA") and "merged" not in r["row"]
-                      and not r.get("error")), None)
-    merged_pure = next((r for r in rows if "merged into the weights, ignore_eos" in r["row"] and not r.get("error")),
-                       None)
-    base_guided = _find(rows, "VLLMEngine.generate, base, engine without LoRA, guided on")
-    separate_tasks = _find(rows, "two tasks, two job runs")
-    one_pass = _find(rows, "two tasks, one pass")
-    lora_guided = _find(rows, "VLLMEngine.generate, LoRA")
-
-    # Marginal cost between the smallest and the largest corpus of the job's scaling series: extra notes per extra
-    # second, so the job's fixed per-run cost (Spark actions, Delta commits) cancels out.
+def _marginal(rows: list[dict]) -> dict | None:
+    """Marginal rate between the smallest and the largest corpus of the job's scaling series: extra notes per extra
+    second, so the job's fixed per-run cost (Spark actions, Delta commits) cancels out."""
     series = [r for r in rows if r["row"].startswith(("job scaling", "job end to end, conf")) and not r.get("error")]
     small = min(series, key=lambda r: r["notes"], default=None)
     large = max(series, key=lambda r: r["notes"], default=None)
-    marginal = None
     if small and large and large["notes"] > small["notes"] and large["wall_s"] > small["wall_s"]:
-        marginal = {"row": f"job marginal, {small['notes']} -> {large['notes']} notes",
-                    "notes_per_s": (large["notes"] - small["notes"]) / (large["wall_s"] - small["wall_s"])}
+        return {"row": f"job marginal, {small['notes']} -> {large['notes']} notes",
+                "notes_per_s": (large["notes"] - small["notes"]) / (large["wall_s"] - small["wall_s"])}
+    return None
 
-    def entry(name, value, target, op, num, den, metric):
+
+def headline_rows(rows: list[dict], fixed: dict) -> dict[str, dict | None]:
+    """The rows the headline ratios divide, by a short name (None where a row is missing or failed)."""
+    cold = {r["row"].split(" cold")[0]: r for r in cold_rows(rows, fixed)}
+    replay_runs = [r for r in rows if r["row"].startswith("job with REPLAY engine") and not r.get("error")]
+    replay_run = max(replay_runs, key=lambda r: r["notes"], default=None)
+    return {
+        "job": _find(rows, "job end to end, conf"),
+        "marginal": _marginal(rows),
+        "bare paired": _find(rows, "bare vLLM LLM.generate on the job's engine actor"),
+        "one at a time": _find(rows, "job end to end, one batch at a time"),
+        "bare": _find(rows, "bare vLLM LLM.generate (job engine args), guided"),
+        "bare default": _find(rows, "bare vLLM LLM.generate (default engine args), guided"),
+        "ray.data.llm": _find(rows, "ray.data.llm vLLMEngineProcessor, guided, steady"),
+        "job cold": cold.get("job"),
+        "ray.data.llm cold": cold.get("ray.data.llm"),
+        # LoRA's cost is measured against the base model on an engine started without LoRA (row base-no-lora)
+        "base pure": _find(rows, "bare vLLM LLM.generate, base, engine without LoRA, ignore_eos"),
+        "lora pure": next((r for r in rows if r["row"].startswith("bare vLLM LLM.generate, LoRA")
+                           and "merged" not in r["row"] and not r.get("error")), None),
+        "merged pure": next((r for r in rows if "merged into the weights, ignore_eos" in r["row"]
+                             and not r.get("error")), None),
+        "base guided": _find(rows, "VLLMEngine.generate, base, engine without LoRA, guided on"),
+        "lora guided": _find(rows, "VLLMEngine.generate, LoRA"),
+        "two runs": _find(rows, "two tasks, two job runs"),
+        "one pass": _find(rows, "two tasks, one pass"),
+        "rerun": _find(rows, "job incremental rerun, unchanged corpus"),
+        "replay run": replay_run,
+        "replay rerun": _find(rows, f"job incremental rerun, unchanged corpus of {replay_run['notes']} notes")
+        if replay_run else None,
+    }
+
+
+METRICS = {"notes_per_s": "notes/s", "output_tok_per_s": "output tok/s", "wall_s": "wall s"}
+#: (ratio, numerator, denominator (names of headline_rows), the rows' key divided, the target's comparison, target)
+RATIOS = [
+    ("job / bare vLLM (same engine args)", "job", "bare", "notes_per_s", ">=", 0.95),
+    ("job marginal per-note rate / bare vLLM (same engine args)", "marginal", "bare", "notes_per_s", ">=", 0.95),
+    ("job / bare vLLM on the job's engine (paired)", "job", "bare paired", "notes_per_s", ">=", 0.95),
+    ("job one batch at a time / bare vLLM on the job's engine (paired)", "one at a time", "bare paired",
+     "notes_per_s", ">=", 0.95),
+    ("job / bare vLLM (default args)", "job", "bare default", "notes_per_s", ">=", 1.5),
+    ("job / ray.data.llm (steady state)", "job", "ray.data.llm", "notes_per_s", ">=", 1.1),
+    ("job / ray.data.llm (cold one-shot)", "job cold", "ray.data.llm cold", "notes_per_s", ">=", 1.1),
+    ("LoRA / base (pure decode, ignore_eos)", "lora pure", "base pure", "output_tok_per_s", ">=", 0.9),
+    ("LoRA / base (guided, our engine)", "lora guided", "base guided", "output_tok_per_s", ">=", 0.9),
+    ("merged LoRA / base (pure decode, ignore_eos)", "merged pure", "base pure", "output_tok_per_s", ">=", 0.9),
+    ("two tasks: one pass / two job runs (wall)", "one pass", "two runs", "wall_s", "<=", 1.0),
+    ("rerun / first run wall", "rerun", "job", "wall_s", "<=", 0.1),
+    ("rerun / first run wall, largest REPLAY corpus", "replay rerun", "replay run", "wall_s", "<=", 0.1),
+]
+
+
+def ratios(rows: list[dict], fixed: dict) -> list[dict]:
+    """The issue's headline ratios (:data:`RATIOS`), each with its target and the rows it divides."""
+    found = headline_rows(rows, fixed)
+    entries = []
+    for name, num_name, den_name, key, op, target in RATIOS:
+        num, den = found[num_name], found[den_name]
+        value = _ratio(num, den, key)
         met = None if value is None else (value >= target if op == ">=" else value <= target)
-        return {"ratio": name, "value": value, "target": f"{op} {target}", "met": met, "metric": metric,
-                "numerator": num["row"] if num else None, "denominator": den["row"] if den else None}
-
-    return [
-        entry("job / bare vLLM (same engine args)", _ratio(job, bare, "notes_per_s"), 0.95, ">=", job, bare,
-              "notes/s"),
-        entry("job marginal per-note rate / bare vLLM (same engine args)", _ratio(marginal, bare, "notes_per_s"),
-              0.95, ">=", marginal, bare, "notes/s"),
-        entry("job / bare vLLM on the job's engine (paired)", _ratio(job, bare_paired, "notes_per_s"), 0.95, ">=",
-              job, bare_paired, "notes/s"),
-        entry("job one batch at a time / bare vLLM on the job's engine (paired)",
-              _ratio(one_at_a_time, bare_paired, "notes_per_s"), 0.95, ">=", one_at_a_time, bare_paired, "notes/s"),
-        entry("job / bare vLLM (default args)", _ratio(job, bare_default, "notes_per_s"), 1.5, ">=", job,
-              bare_default, "notes/s"),
-        entry("job / ray.data.llm (steady state)", _ratio(job, ray_data, "notes_per_s"), 1.1, ">=", job,
-              ray_data, "notes/s"),
-        entry("job / ray.data.llm (cold one-shot)", _ratio(cold.get("job"), cold.get("ray.data.llm"),
-                                                                 "notes_per_s"), 1.1, ">=", cold.get("job"),
-              cold.get("ray.data.llm"), "notes/s"),
-        entry("LoRA / base (pure decode, ignore_eos)", _ratio(lora_pure, base_pure, "output_tok_per_s"), 0.9, ">=",
-              lora_pure, base_pure, "output tok/s"),
-        entry("LoRA / base (guided, our engine)", _ratio(lora_guided, base_guided, "output_tok_per_s"), 0.9, ">=",
-              lora_guided, base_guided, "output tok/s"),
-        entry("merged LoRA / base (pure decode, ignore_eos)", _ratio(merged_pure, base_pure, "output_tok_per_s"), 0.9,
-              ">=", merged_pure, base_pure, "output tok/s"),
-        entry("two tasks: one pass / two job runs (wall)", _ratio(one_pass, separate_tasks, "wall_s"), 1.0, "<=",
-              one_pass, separate_tasks, "wall s"),
-        entry("rerun / first run wall", _ratio(rerun, job, "wall_s"), 0.1, "<=", rerun, job, "wall s"),
-        entry("rerun / first run wall, largest REPLAY corpus", _ratio(replay_rerun, replay_run, "wall_s"), 0.1, "<=",
-              replay_rerun, replay_run, "wall s"),
-    ]
+        entries.append({"ratio": name, "value": value, "target": f"{op} {target}", "met": met, "metric": METRICS[key],
+                        "numerator": num["row"] if num else None, "denominator": den["row"] if den else None})
+    return entries
 
 
 def ratio_table(entries: list[dict]) -> str:

@@ -1,10 +1,10 @@
 """Run the benchmark rows (each in its own process, one after another), print the table and the ratios, and
 write ``results.json``, ``results.md`` and ``throughput.svg`` into ``--out``:
 
-    .venv/bin/python -m bench.run --notes 32 --seed 0            # or: make bench (~20 min on 2 cores)
-    .venv/bin/python -m bench.run --notes 4 --max-tokens 32 --scaling 2 --replay-notes 500   # smoke (~12 min)
+    .venv/bin/python -m bench.run --notes 32 --seed 0            # or: make bench
+    .venv/bin/python -m bench.run --notes 4 --max-tokens 32 --scaling 2 --replay-notes 500   # smoke
 
-Rows (see bench/rows.py): bare vLLM with the job's engine args and with vLLM's defaults (1), the job end to
+Rows (bench/rows.py lists them): bare vLLM with the job's engine args and with vLLM's defaults (1), the job end to
 end with the conf's batching (right after bare vLLM on the job's own engine: a pair), with one batch at a time,
 and without Spark (2), ray.data.llm (3), base vs LoRA (served by vLLM and merged into the weights) and guided
 decoding on/off (4), the incremental rerun (5), scaling with the real engine and the REPLAY data plane (6), fixed
@@ -71,7 +71,7 @@ def run_row(name: str, argv: list[str], work: Path, timeout_s: float) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--notes", type=int, default=32, help="corpus size of rows 1-5 (synthetic PHEE-like notes)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
@@ -91,52 +91,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default runs/bench/<UTC time>)")
     p.add_argument("--include", nargs="*", default=[], help="row results (<out>/work/<row>.json) of earlier runs to "
                                                             "report with this one's (--rows '' reports them alone)")
-    args = p.parse_args(argv)
+    return p
 
-    started = datetime.now(timezone.utc)
-    machine_at_start = machine()
-    out = Path(args.out or REPO / "runs" / "bench" / f"{started:%Y%m%dT%H%M%S}")
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+
+def row_plan(args) -> list[tuple[str, list[str]]]:
+    """(row, its ``bench.rows`` arguments) for every row of ``--rows``, in ROW_ORDER."""
     adapter = args.adapter or default_adapter()
     common = ["--notes", str(args.notes), "--seed", str(args.seed), "--max-tokens", str(args.max_tokens),
               "--conf", args.conf]
     adapters = args.adapters or ",".join(str(p.parent) for p in sorted(ADAPTERS.glob("*/manifest.json")))
-    plan: list[tuple[str, list[str]]] = []
-    for name in [r for r in ROW_ORDER if r in args.rows.split(",")]:
-        if name == "job":
-            plan.append((name, common + ["--scaling", args.scaling]))
-        elif name in ("lora", "lora-merged", "tasks"):
-            plan.append((name, common + ["--adapter", adapter]))
-        elif name == "tagger":
-            plan.append((name, common + ["--adapter", str(REPO / args.tagger)]))
-        elif name == "multi-adapter":
-            plan.append((name, common + ["--adapters", adapters]))
-        elif name == "replay":
-            plan.append((name, common + ["--scaling", args.replay_notes, "--round-notes", str(args.replay_round_notes)]))
-        else:
-            plan.append((name, common))
+    extra = {"job": ["--scaling", args.scaling], "lora": ["--adapter", adapter],
+             "lora-merged": ["--adapter", adapter], "tasks": ["--adapter", adapter],
+             "tagger": ["--adapter", str(REPO / args.tagger)], "multi-adapter": ["--adapters", adapters],
+             "replay": ["--scaling", args.replay_notes, "--round-notes", str(args.replay_round_notes)]}
+    return [(name, common + extra.get(name, [])) for name in ROW_ORDER if name in args.rows.split(",")]
 
+
+def collect(results: list[tuple[str, dict]]) -> tuple[list[dict], dict, dict]:
+    """The rows, fixed costs and extras (adapter, each row process's wall time) of the row results."""
     rows, fixed, extras = [], {}, {}
-    earlier = [(Path(path).stem, {**json.loads(Path(path).read_text()), "process_wall_s": None}) for path in args.include]
-    ran = ((name, run_row(name, row_argv, work, args.row_timeout_s)) for name, row_argv in plan)
-    for name, result in [*earlier, *ran]:
+    for name, result in results:
         rows += result["rows"]
-        for stack, values in result.get("fixed", {}).items():
-            fixed[stack] = values
+        fixed.update(result.get("fixed", {}))
         if "adapter" in result:
             extras["adapter"] = result["adapter"]
         extras.setdefault("process_wall_s", {})[name] = result["process_wall_s"]
+    return rows, fixed, extras
 
-    rows += report.cold_rows(rows, fixed)
-    entries = report.ratios(rows, fixed)
-    results = {
-        "started_at": started.isoformat(timespec="seconds"),
-        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_at_start, "load_avg_at_end": machine()["load_avg_1_5_15"], "conf": args.conf, "task": "phee", "notes": args.notes, "seed": args.seed, "max_tokens": args.max_tokens,
-        "rows": rows, "fixed": fixed, "ratios": entries, **extras,
-    }
+
+def write_results(out: Path, results: dict) -> None:
+    """``results.json``, ``results.md`` and ``throughput.svg`` (job and REPLAY notes/s against corpus size)."""
+    rows, fixed, entries = results["rows"], results["fixed"], results["ratios"]
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text("\n\n".join([report.markdown_table(rows), report.fixed_table(fixed),
                                                  report.ratio_table(entries)]) + "\n")
@@ -148,12 +133,32 @@ def main(argv: list[str] | None = None) -> int:
                                 f"notelake job throughput vs corpus size ({os.cpu_count()} CPU cores)")
     if svg:
         (out / "throughput.svg").write_text(svg)
-    print()
-    print(report.text_table(rows))
-    print()
-    print(report.fixed_table(fixed))
-    print()
-    print(report.ratio_table(entries))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = datetime.now(timezone.utc)
+    machine_at_start = machine()
+    out = Path(args.out or REPO / "runs" / "bench" / f"{started:%Y%m%dT%H%M%S}")
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    plan = row_plan(args)
+    earlier = [(Path(path).stem, {**json.loads(Path(path).read_text()), "process_wall_s": None}) for path in args.include]
+    ran = [(name, run_row(name, row_argv, work, args.row_timeout_s)) for name, row_argv in plan]
+    rows, fixed, extras = collect(earlier + ran)
+    rows += report.cold_rows(rows, fixed)
+    entries = report.ratios(rows, fixed)
+    write_results(out, {
+        "started_at": started.isoformat(timespec="seconds"),
+        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_at_start, "load_avg_at_end": machine()["load_avg_1_5_15"], "conf": args.conf,
+        "task": "phee", "notes": args.notes, "seed": args.seed, "max_tokens": args.max_tokens,
+        "rows": rows, "fixed": fixed, "ratios": entries, **extras,
+    })
+    for table in (report.text_table(rows), report.fixed_table(fixed), report.ratio_table(entries)):
+        print()
+        print(table)
     print(f"\nwrote {out / 'results.json'}, results.md, throughput.svg")
     return 0
 

@@ -77,7 +77,7 @@ class EngineConfig(_Strict):
     cpu_reserved_cores: int | None = Field(
         None, ge=0, description="vllm-cpu only: cores kept off the model for vLLM's scheduler "
                                 "(VLLM_CPU_NUM_OF_RESERVED_CPU); null = vLLM's default (1). 0 on a small box gives "
-                                "the model every core (1.65x on 2 cores, docs/benchmarks.md)")
+                                "the model every core (docs/benchmarks.md)")
     vllm_args: dict[str, Any] = Field(
         default_factory=dict, description="vLLM backend: further engine arguments (vLLM EngineArgs names, e.g. "
                                           "max_num_batched_tokens, speculative_config), applied after the ones above; "

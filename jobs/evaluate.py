@@ -109,8 +109,9 @@ def _adapter_info(path: str | None, model_sha: str, task: str) -> dict | None:
 def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc: dict,
                    adapter_arg: str = "none") -> dict:
     from notelake.conf.task import load_task
-    from notelake.models.evaluation import evaluate_records, now_iso, read_gold, select_slice, slice_fingerprint
     from notelake.models.adapters import AdapterError
+    from notelake.models.evaluation import (EvalOptions, evaluate_records, now_iso, read_gold, select_slice,
+                                            slice_fingerprint)
     from notelake.conf import load_settings
 
     task = load_task(args.task)
@@ -127,13 +128,13 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     settings = load_settings(args.settings)
     max_tokens = args.max_tokens or task.max_tokens
     overlap = task.overlap(settings.job.chunk_overlap_chars) if args.chunk_overlap is None else args.chunk_overlap
-    scores = evaluate_records(
-        task, records, generate, adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
+    scores = evaluate_records(task, records, generate, EvalOptions(
+        adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
         guided_decoding=args.guided, chunk_overlap_chars=overlap,
         batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
         lineage={"model": model_name, "model_sha256": model_sha,
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
-    )
+    ))
     n_gold = scores["cce"]["lenient"]["n_gold"]
     from notelake.models.evaluation import rescore_prefix
 

@@ -4,7 +4,9 @@
   address that executor processes pass to :meth:`EnginePool.connect`. Worker output is not forwarded to
   the driver (``log_to_driver=False``), so nothing an engine prints can reach driver logs.
 * :class:`EngineActor` wraps one engine (``models.engine.make_engine``); ``generate`` never raises for
-  per-item problems -- they come back as ``GenerationResult.error``.
+  per-item problems -- they come back as ``GenerationResult.error``. Its live counters (``counts``: requests,
+  output tokens, errors; summed over the actors by :meth:`EnginePool.counts` for progress lines) advance as each
+  request finishes, not when a whole call returns.
 * :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>`` (per-request
   fields -- ``max_tokens``, ``guided_decoding`` -- left out)
   (``get_if_exists``), so every process using the same engine config shares the same actors. ``generate``
@@ -22,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import ray
@@ -78,27 +80,24 @@ class EngineActor:
         _normal_priority()
         self.cfg = EngineConfig.model_validate(engine_cfg)
         self.engine = make_engine(self.cfg)
-        self._counts = {"requests": 0, "output_tokens": 0, "errors": 0}
-        self._counts_lock = threading.Lock()
+        self._counts = ProgressCounts()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        call = CallProgress(self._counts)
         try:
-            results = self.engine.generate(list(requests))
+            results = self.engine.generate(list(requests), on_result=call.finished)
         except Exception as exc:  # noqa: BLE001 - never raise for the batch; the message may quote text
             log.error("engine failed on a batch of %d (%s)", len(requests), type(exc).__name__)
             results = [error_result(r.request_id, f"engine_error: {type(exc).__name__}") for r in requests]
         if len(results) != len(requests):
             results = [error_result(r.request_id, "engine_error: result count mismatch") for r in requests]
-        with self._counts_lock:
-            self._counts["requests"] += len(results)
-            self._counts["output_tokens"] += sum(r.output_tokens for r in results)
-            self._counts["errors"] += sum(1 for r in results if r.error)
+        call.close(results)
         return results
 
     def counts(self) -> dict[str, int]:
-        """Requests answered, output tokens and per-item errors since the actor started (live progress)."""
-        with self._counts_lock:
-            return dict(self._counts)
+        """Requests answered, output tokens and per-item errors since the actor started, counted as each request
+        finishes (live progress)."""
+        return self._counts.snapshot()
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
@@ -123,6 +122,50 @@ def _normal_priority() -> None:
     except (OSError, AttributeError) as exc:  # no CAP_SYS_NICE: keep Ray's niceness, say so once
         log.warning("engine actor keeps niceness %s (%s): it may starve beside other processes",
                     os.getpriority(os.PRIO_PROCESS, 0), type(exc).__name__)
+
+
+class ProgressCounts:
+    """Requests, output tokens and per-item errors of one engine, safe to add to from any thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._counts = {"requests": 0, "output_tokens": 0, "errors": 0}
+
+    def add(self, result: GenerationResult) -> None:
+        """Count one result; the caller holds :attr:`lock`."""
+        self._counts["requests"] += 1
+        self._counts["output_tokens"] += result.output_tokens
+        self._counts["errors"] += 1 if result.error else 0
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self._counts)
+
+
+class CallProgress:
+    """Counts one generate call's results once each: as the engine finishes them (:meth:`finished`, the engine's
+    ``on_result``), and when the call returns (:meth:`close`) those it did not report, e.g. every result of a call
+    that failed as a whole. A result reported after the call returned is not counted again."""
+
+    def __init__(self, counts: ProgressCounts) -> None:
+        self.counts = counts
+        self.reported: Counter[str] = Counter()  # request id -> results counted by finished()
+        self.closed = False
+
+    def finished(self, result: GenerationResult) -> None:
+        with self.counts.lock:
+            if not self.closed:
+                self.reported[result.request_id] += 1
+                self.counts.add(result)
+
+    def close(self, results: list[GenerationResult]) -> None:
+        with self.counts.lock:
+            self.closed = True
+            for result in results:
+                if self.reported[result.request_id] > 0:
+                    self.reported[result.request_id] -= 1
+                else:
+                    self.counts.add(result)
 
 
 _REMOTE_CLS = None

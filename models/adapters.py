@@ -196,7 +196,8 @@ def merged_model(base_path: str | os.PathLike, info: AdapterInfo, cache_root: Pa
 
     Built once per (adapter, base) pair under ``NOTELAKE_HOME/merged`` with a checksummed manifest naming both
     hashes, and verified on every reuse like the base model. Served as a plain model it skips the per-token
-    LoRA work (on CPU vLLM's LoRA kernels cost ~3x decode throughput), at the price of one adapter per engine.
+    LoRA work (vLLM's CPU LoRA kernels cost much of its decode throughput: docs/benchmarks.md), at the price of
+    one adapter per engine.
     """
     root = Path(cache_root or notelake_home() / "merged")
     target = root / f"{info.name}-{info.sha256[:12]}-{info.base_model_sha256[:12]}"

@@ -1,4 +1,4 @@
-"""The relation pair classifier of the classification-head baseline (#14): relations over a tagger's concepts.
+"""The relation pair classifier of the classification-head baseline: relations over a tagger's concepts.
 
 For each concept that can head a relation, one forward pass over its window with the head written first
 (``udfs/pairs.py``): at the token that ends each candidate tail, one yes/no layer per relation label says whether
@@ -21,12 +21,13 @@ from __future__ import annotations
 import functools
 import gc
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
-from notelake.models.tagger import (Tagger, TrainedHead, head_notes, head_report, predicted_items, train_head,
-                                   windows)
+from notelake.models.tagger import (HeadKind, Tagger, TrainedHead, head_notes, head_report, predicted_items,
+                                   train_head, windows)
 from notelake.models.training import Example, TrainConfig
 from notelake.udfs.pairs import (IGNORE, allowed_relations, candidate_tails, decode_tails, encode_targets, head_prefix,
                                  pass_span, with_predicted, with_seen_pairs)
@@ -48,41 +49,48 @@ def window_inputs(tokenizer, head: dict, window_enc) -> tuple[list[int], int]:
     return list(prefix) + list(window_enc["input_ids"]), len(prefix)
 
 
-def note_pair_examples(tokenizer, task: Task, record: dict, window_chars: int, counts: dict,
-                       predicted: dict[str, list[dict]] | None = None, max_gap: int | None = None) -> list[Example]:
-    """One example per head pass of a gold note (:func:`head_passes`): ids, and per token one code per relation
-    (IGNORE but at candidate tails' end tokens). ``predicted``: a tagger's concepts per note id, joined to the gold
-    ones as candidates (``udfs.pairs.with_predicted``)."""
-    relations = list(task.relations)
-    concepts = gold_concepts(task, record)
-    if predicted is not None:
-        concepts, joined = with_predicted(concepts, predicted[record["note_id"]])
-        for key, n in joined.items():
-            counts[f"{key}_concepts"] = counts.get(f"{key}_concepts", 0) + n
-    gold: dict[tuple[str, str], set[str]] = {}
-    for r in record.get("relations", []):
-        if r["label"] in task.relations:
-            gold.setdefault((r["head"], r["tail"]), set()).add(r["label"])
-    counts["gold_relations"] = counts.get("gold_relations", 0) + sum(len(v) for v in gold.values())
-    covered: set[tuple[str, str]] = set()
-    out = []
-    encode = token_encoder(tokenizer)
-    for p in head_passes(task, [record["text"]], [concepts], window_chars, max_gap):
-        head = p.head
-        codes = [(t["end"], {r: int(r in gold.get((head["id"], t["id"]), ()))
-                             for r in allowed_relations(task, head["label"], t["label"])}) for t in p.tails]
-        covered.update((head["id"], t["id"]) for t in p.tails)
-        enc = encode(p.text)
-        ids, n_prefix = window_inputs(tokenizer, head, enc)
-        labels = [[IGNORE] * len(relations)] * n_prefix + encode_targets(enc["offset_mapping"], relations, codes)
-        counts["pairs"] = counts.get("pairs", 0) + len(p.tails)
-        counts["positive"] = counts.get("positive", 0) + sum(sum(c.values()) for _, c in codes)
-        out.append(Example(f"{task.name}:{record['note_id']}#{p.window}:{head['id']}", task.name, ids, labels))
-    # gold relations no pass offers as a candidate pair (ends in different windows, too far apart, or a label pair
-    # the classifier does not decide): never learnt, never found
-    counts["not_candidates"] = counts.get("not_candidates", 0) + sum(
-        len(labels) for pair, labels in gold.items() if pair not in covered)
-    return out
+@dataclass(frozen=True)
+class PairExamples:
+    """The pair classifier's examples of a gold note (its ``HeadKind.note_examples``, models/tagger.py).
+    ``predicted``: a tagger's concepts per note id, joined to the gold ones as candidates
+    (``udfs.pairs.with_predicted``); ``max_gap``: the tail distance limit of :func:`head_passes`."""
+
+    predicted: dict[str, list[dict]] | None = None
+    max_gap: int | None = None
+
+    def __call__(self, tokenizer, task: Task, record: dict, window_chars: int, counts: dict) -> list[Example]:
+        """One example per head pass of a gold note (:func:`head_passes`): ids, and per token one code per relation
+        (IGNORE but at candidate tails' end tokens)."""
+        relations = list(task.relations)
+        concepts = gold_concepts(task, record)
+        if self.predicted is not None:
+            concepts, joined = with_predicted(concepts, self.predicted[record["note_id"]])
+            for key, n in joined.items():
+                counts[f"{key}_concepts"] = counts.get(f"{key}_concepts", 0) + n
+        gold: dict[tuple[str, str], set[str]] = {}
+        for r in record.get("relations", []):
+            if r["label"] in task.relations:
+                gold.setdefault((r["head"], r["tail"]), set()).add(r["label"])
+        counts["gold_relations"] = counts.get("gold_relations", 0) + sum(len(v) for v in gold.values())
+        covered: set[tuple[str, str]] = set()
+        out = []
+        encode = token_encoder(tokenizer)
+        for p in head_passes(task, [record["text"]], [concepts], window_chars, self.max_gap):
+            head = p.head
+            codes = [(t["end"], {r: int(r in gold.get((head["id"], t["id"]), ()))
+                                 for r in allowed_relations(task, head["label"], t["label"])}) for t in p.tails]
+            covered.update((head["id"], t["id"]) for t in p.tails)
+            enc = encode(p.text)
+            ids, n_prefix = window_inputs(tokenizer, head, enc)
+            labels = [[IGNORE] * len(relations)] * n_prefix + encode_targets(enc["offset_mapping"], relations, codes)
+            counts["pairs"] = counts.get("pairs", 0) + len(p.tails)
+            counts["positive"] = counts.get("positive", 0) + sum(sum(c.values()) for _, c in codes)
+            out.append(Example(f"{task.name}:{record['note_id']}#{p.window}:{head['id']}", task.name, ids, labels))
+        # gold relations no pass offers as a candidate pair (ends in different windows, too far apart, or a label pair
+        # the classifier does not decide): never learnt, never found
+        counts["not_candidates"] = counts.get("not_candidates", 0) + sum(
+            len(labels) for pair, labels in gold.items() if pair not in covered)
+        return out
 
 
 def token_encoder(tokenizer):
@@ -97,13 +105,13 @@ def train_pairs(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     predicted, extra_plan = None, {}
     if cfg.pair_candidates_tagger is not None:
         predicted, extra_plan = tagger_concepts(cfg)
-    note_examples = functools.partial(note_pair_examples, predicted=predicted, max_gap=cfg.pair_max_gap_chars)
+    note_examples = PairExamples(predicted, cfg.pair_max_gap_chars)
     derive_task = None
     if cfg.pair_seen_min_count is not None:
         derive_task = functools.partial(with_seen_pairs, min_count=cfg.pair_seen_min_count)
-    return train_head(cfg, kind=KIND, note_examples=note_examples, layer_labels=lambda task: list(task.relations),
-                      layer_name="relations", classes=YES_NO, dry_run=dry_run, extra_plan=extra_plan,
-                      derive_task=derive_task, extra_manifest={"pair_max_gap_chars": cfg.pair_max_gap_chars})
+    head = HeadKind(KIND, note_examples, lambda task: list(task.relations), "relations", YES_NO, derive_task)
+    return train_head(cfg, head, dry_run=dry_run, extra_plan=extra_plan,
+                      extra_manifest={"pair_max_gap_chars": cfg.pair_max_gap_chars})
 
 
 def tagger_concepts(cfg: TrainConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:

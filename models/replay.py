@@ -10,7 +10,7 @@ Answers: for each prompt, a v2 answer (udfs/answer.py) naming a few words that r
 Deterministic per text (seeded by its sha256).
 
 Latency (what one vLLM engine with continuous batching costs): a ``generate`` call runs one batch at a time,
-like :class:`~notelake.models.engine.VLLMEngine`, in waves of ``max_num_seqs`` requests; each wave sleeps
+like :class:`~notelake.models.vllm_engine.VLLMEngine`, in waves of ``max_num_seqs`` requests; each wave sleeps
 ``prefill_s_per_token`` x its prompt tokens + ``decode_step_s`` x its longest answer in tokens. Token counts
 come from the base model's tokenizer and chat template, as in the vLLM engine. Defaults (GPU-like for a
 135M model) can be changed with the environment variables ``NOTELAKE_REPLAY_DECODE_STEP_S`` and
@@ -32,7 +32,8 @@ import time
 
 from notelake.conf.settings import EngineConfig
 from notelake.udfs.answer import ITEM_SEP, NONE
-from notelake.models.engine import GenerationRequest, GenerationResult, _exc_category, _versions, error_result
+from notelake.models.engine import (GenerationRequest, GenerationResult, ResultCallback, error_result, exc_category,
+                                    prompt_too_long, report_each, versions)
 
 log = logging.getLogger(__name__)
 
@@ -102,28 +103,31 @@ class ReplayEngine:
             prompt_tokens = self._prompt_tokens(req.messages)
             text = req.messages[-1]["content"].rpartition(TEXT_MARKER)[2]
         except Exception as exc:  # noqa: BLE001 - malformed messages
-            return error_result(req.request_id, f"bad_prompt: {_exc_category(exc)}")
-        if prompt_tokens > self.cfg.max_model_len - req.max_tokens:
-            return error_result(req.request_id, f"prompt_too_long: {prompt_tokens} prompt tokens > max_model_len "
-                                f"{self.cfg.max_model_len} - max_tokens {req.max_tokens}", prompt_tokens)
+            return error_result(req.request_id, f"bad_prompt: {exc_category(exc)}")
+        too_long = prompt_too_long(req, prompt_tokens, self.cfg.max_model_len)
+        if too_long is not None:
+            return too_long
         ids = self.tokenizer.encode(replay_answer(text, req.guide), add_special_tokens=False)
         finish = "length" if len(ids) > req.max_tokens else "stop"
         ids = ids[:req.max_tokens]
         return GenerationResult(request_id=req.request_id, text=self.tokenizer.decode(ids), error=None,
                                 prompt_tokens=prompt_tokens, output_tokens=len(ids), finish_reason=finish)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest],
+                 on_result: ResultCallback | None = None) -> list[GenerationResult]:
+        """The answers, each wave's handed to ``on_result`` when its simulated latency has passed."""
         with self._gen_lock:
             t0 = time.monotonic()
             results = [self._answer(r) for r in requests]
             wave = self.cfg.max_num_seqs
-            simulated = sum(
-                self.prefill_s_per_token * sum(r.prompt_tokens for r in results[i:i + wave])
-                + self.decode_step_s * max(r.output_tokens for r in results[i:i + wave])
-                for i in range(0, len(results), wave)
-            )
-            # The answers' own tokenisation counts as part of the simulated time.
-            time.sleep(max(0.0, simulated - (time.monotonic() - t0)))
+            simulated = 0.0
+            for start in range(0, len(results), wave):
+                batch = results[start:start + wave]
+                simulated += (self.prefill_s_per_token * sum(r.prompt_tokens for r in batch)
+                              + self.decode_step_s * max(r.output_tokens for r in batch))
+                # The answers' own tokenisation counts as part of the simulated time.
+                time.sleep(max(0.0, simulated - (time.monotonic() - t0)))
+                report_each(batch, on_result)
         log.info("replayed %d results (%d prompt tokens, %d output tokens) in %.2f s", len(results),
                  sum(r.prompt_tokens for r in results), sum(r.output_tokens for r in results), time.monotonic() - t0)
         return results
@@ -134,6 +138,6 @@ class ReplayEngine:
             "model_sha256": self.model_sha256, "adapter": None, "adapter_path": None, "adapter_sha256": None,
             "dtype": self.cfg.dtype, "max_model_len": self.cfg.max_model_len,
             "guided_decoding": self.cfg.guided_decoding,
-            "enable_lora": False, "load_seconds": self.load_seconds, "versions": _versions(), "pid": os.getpid(),
+            "enable_lora": False, "load_seconds": self.load_seconds, "versions": versions(), "pid": os.getpid(),
             "replay_decode_step_s": self.decode_step_s, "replay_prefill_s_per_token": self.prefill_s_per_token,
         }

@@ -1,14 +1,14 @@
-"""The classification-head baseline (#14): the base model with a token-classification head, BIO-tagging concepts.
+"""The classification-head baseline: the base model with a token-classification head, BIO-tagging concepts.
 
 The method we follow compares prompt-based generation with a classification head over token representations.
 Here the head is a linear layer over SmolLM2's last hidden states, one BIO layer per label (``udfs/bio.py``:
 PHEE nests its concepts), trained with LoRA (the head trained in full beside the adapter) or by full fine-tuning,
-on the same train notes, validation split and token budget rules as the generative runs (``models/training.py``).
+on the same train notes, validation split and token budget rules as the generative runs (``models/training/``).
 
 What the backbone costs: SmolLM2 is a causal decoder, so a token's representation sees only the text to its
 left. An encoder tagger decides "is this token inside a Drug mention" with the words after it too; here the
 first token of "heparin-induced thrombocytopenia" is tagged before the model has seen "induced". No
-bidirectional variant of this backbone exists; the figures in docs/results.md are what the causal head reaches.
+bidirectional variant of this backbone exists; the figures in docs/quality.md are what the causal head reaches.
 
 Concepts (CCE) only; relations come from the pair classifier over the tagger's concepts (``models/pairs.py``:
 ``jobs.evaluate --tagger T --pairs P``, and ``engine.pairs`` beside ``engine.backend: tagger`` in the job).
@@ -24,15 +24,19 @@ import gc
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
 from notelake.models.evaluation import Mention, NoteItems, gold_items, score_notes
-from notelake.models.training import (BASE_MODEL_NAME, Example, PadCollator, TrainConfig, _make_callbacks,
-                                      checkpoint_to_resume, count_params, data_fingerprint, peak_rss_mb,
-                                      planned_steps, publish, read_jsonl, resolve_base, split_notes, stage_weights)
+from notelake.models.training.checkpoints import checkpoint_to_resume
+from notelake.models.training.config import BASE_MODEL_NAME, TrainConfig, resolve_base
+from notelake.models.training.data import (Datasets, Example, ExampleDataset, PadCollator, data_fingerprint,
+                                           planned_steps, read_jsonl, split_notes)
+from notelake.models.training.output import publish, stage_weights
+from notelake.models.training.trainer import TrainingSetup, count_params, run_trainer, setup_training
 from notelake.udfs.bio import IGNORE, LAYER_TAGS, decode_layers, encode_layers
 
 log = logging.getLogger("notelake.tagger")
@@ -142,37 +146,36 @@ def load_token_head(base_path: Path, num_outputs: int, dtype):
     return AutoModelForTokenClassification.from_pretrained(base_path, num_labels=num_outputs, dtype=dtype)
 
 
-def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[Example], val_ex: list[Example], *,
-                   layers: int, classes: int, plan: dict, t_start: float):
+def fit_token_head(cfg: TrainConfig, setup: TrainingSetup, data: Datasets, *, layers: int, classes: int):
     """Train the backbone with a per-token head of ``layers`` x ``classes`` logits (LoRA + head, or full FT) on
     examples whose labels are one code per layer per token; resumable from ``cfg.checkpoint_dir``. Returns the
     trainer and the training record for the manifest. Shared by the tagger and the pair classifier."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    last = checkpoint_to_resume(cfg, train_ex)  # before the model loads: a wrong folder fails in seconds
+    last = checkpoint_to_resume(cfg, data.train)  # before the model loads: a wrong folder fails in seconds
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and cfg.dtype != "float32" else torch.float32
-    model = load_token_head(base_path, layers * classes, dtype)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = load_token_head(setup.base_path, layers * classes, dtype)
+    model.config.pad_token_id = setup.tokenizer.pad_token_id
     if cfg.mode == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
         model = get_peft_model(model, LoraConfig(
             task_type=TaskType.TOKEN_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules, modules_to_save=[HEAD]))
-    trainable, total = count_params(model)
-    print(f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f} %)", flush=True)
+    params = count_params(model)
+    print(f"trainable parameters {params[0]:,} of {params[1]:,} ({100 * params[0] / params[1]:.2f} %)", flush=True)
     weight = None
     if cfg.class_weighting == "balanced":
-        plan["class_weights"] = balanced_class_weights(train_ex, classes)
-        print(f"class weights {plan['class_weights']}", flush=True)
-        weight = torch.tensor(plan["class_weights"], dtype=torch.float32)
+        data.plan["class_weights"] = balanced_class_weights(data.train, classes)
+        print(f"class weights {data.plan['class_weights']}", flush=True)
+        weight = torch.tensor(data.plan["class_weights"], dtype=torch.float32)
 
     class LayeredTrainer(Trainer):
         # compute_loss returns each micro-batch's mean, so Trainer must divide it by the accumulation steps; it
         # does not when the model's forward takes **kwargs (it then expects a loss already normalised by
-        # num_items_in_batch), and the loss it logs and the gradient were the sum over grad_accum micro-batches.
+        # num_items_in_batch), and the loss it logs and the gradient would be the sum over grad_accum micro-batches.
         loss_is_scaled_for_ga = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -183,102 +186,71 @@ def fit_token_head(cfg: TrainConfig, base_path: Path, tokenizer, train_ex: list[
                                                                              outputs.logits.dtype))
             return (loss, outputs) if return_outputs else loss
 
-    has_val = bool(val_ex)
-    args = TrainingArguments(
-        output_dir=str(cfg.checkpoint_dir), max_steps=plan["steps"], per_device_train_batch_size=cfg.batch_size,
+    trainer = LayeredTrainer(model=model, args=head_arguments(cfg, data.plan["steps"], dtype),
+                             train_dataset=ExampleDataset(data.train),
+                             eval_dataset=ExampleDataset(data.val) if data.val else None,
+                             data_collator=PadCollator(setup.tokenizer.pad_token_id, layers))
+    run = run_trainer(trainer, cfg, last)
+    val_loss = trainer.evaluate()["eval_loss"] if data.val else None
+    return trainer, run.record(cfg, setup, data, params, val_loss)
+
+
+def head_arguments(cfg: TrainConfig, steps: int, dtype):
+    """``TrainingArguments`` of a per-token head: ``cfg``'s recipe, no evaluation during training (the validation
+    loss is taken once at the end)."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(cfg.checkpoint_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=1, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints,
-        eval_strategy="no", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not cuda, bf16=dtype == torch.bfloat16,
-        dataloader_num_workers=0, report_to="none", disable_tqdm=True, include_num_input_tokens_seen="all",
-        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        eval_strategy="no", seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16, dataloader_num_workers=0, report_to="none", disable_tqdm=True,
+        include_num_input_tokens_seen="all", remove_unused_columns=False, label_names=["labels"],
+        prediction_loss_only=True, train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
 
-    class Dataset:
-        def __init__(self, examples):
-            self.examples = examples
 
-        def __len__(self):
-            return len(self.examples)
+@dataclass(frozen=True)
+class HeadKind:
+    """What a per-token head learns: the tagger's BIO layers, or the pair classifier's yes/no layers."""
 
-        def __getitem__(self, i):
-            return {"input_ids": self.examples[i].input_ids, "labels": self.examples[i].labels}
-
-    run_state: dict[str, Any] = {"stopped_by": "steps"}
-    trainer = LayeredTrainer(model=model, args=args, train_dataset=Dataset(train_ex),
-                             eval_dataset=Dataset(val_ex) if has_val else None,
-                             data_collator=PadCollator(tokenizer.pad_token_id, layers),
-                             callbacks=_make_callbacks(cfg, run_state))
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    if last:
-        print(f"resuming from checkpoint {last}", flush=True)
-    t_train = time.time()
-    result = trainer.train(resume_from_checkpoint=last)
-    train_wall = time.time() - t_train
-    val_loss = trainer.evaluate()["eval_loss"] if has_val else None
-    tokens = int(trainer.state.num_input_tokens_seen)
-    record = {
-        "config": json.loads(cfg.model_dump_json()), "tokens_processed": tokens, "stopped_by": run_state["stopped_by"],
-        "optimizer_steps": int(trainer.state.global_step), "wall_time_s": round(train_wall, 1),
-        "wall_time_total_s": round(time.time() - t_start, 1),
-        "tokens_per_s": round(tokens / train_wall, 1) if train_wall > 0 else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-        "trainable_params": trainable, "total_params": total,
-        "mean_train_loss": round(float(result.training_loss), 5), "val_loss": val_loss, "val_examples": len(val_ex),
-        "loss_curve": run_state.get("losses", []), "resumed_from": Path(last).name if last else None, "data": plan,
-        "device": "cuda" if cuda else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-    }
-    return trainer, record
+    kind: str  # the manifest's kind is ``<kind>-<mode>``
+    note_examples: Callable  # (tokenizer, task, record, window_chars, counts) -> a note's examples
+    layer_labels: Callable[[Task], list[str]]  # one layer per label
+    layer_name: str  # what the data plan calls the layers
+    classes: int  # per layer
+    derive_task: Callable | None = None  # (task, train_notes) -> (the task the head learns, stats): see build_head_datasets
 
 
-def start_training(cfg: TrainConfig):
-    """Threads, the base model's folder and its tokenizer (pad = eos when it has none)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    base_path = resolve_base(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return base_path, tokenizer
-
-
-def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, layer_name: str, classes: int,
-               dry_run: bool = False, extra_plan: dict[str, Any] | None = None, derive_task=None,
+def train_head(cfg: TrainConfig, head: HeadKind, *, dry_run: bool = False, extra_plan: dict[str, Any] | None = None,
                extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train a per-token head end to end (the tagger, or the pair classifier): examples from ``note_examples``,
-    one layer per label of ``layer_labels(task)`` (``layer_name`` in the data plan), ``classes`` per layer; weights
-    and a manifest of kind ``<kind>-<mode>`` into ``cfg.output_dir``; ``extra_plan`` joins the data plan,
-    ``extra_manifest`` the manifest, ``derive_task`` goes to :func:`build_head_datasets`. Returns the manifest (or
-    the data plan when ``dry_run``)."""
+    """Train a per-token head end to end (the tagger, or the pair classifier): weights and a manifest of kind
+    ``<kind>-<mode>`` into ``cfg.output_dir``; ``extra_plan`` joins the data plan, ``extra_manifest`` the manifest.
+    Returns the manifest (or ``{"plan": <data plan>}`` when ``dry_run``)."""
     from notelake.models.adapters import write_adapter_manifest
     from notelake.models.base_model import model_sha256
 
-    t_start = time.time()
-    base_path, tokenizer = start_training(cfg)
-    task, train_ex, val_ex, stats = build_head_datasets(cfg, tokenizer, note_examples, derive_task)
-    labels = layer_labels(task)
+    setup = setup_training(cfg)
+    task, train_ex, val_ex, stats = build_head_datasets(cfg, setup.tokenizer, head.note_examples, head.derive_task)
+    labels = head.layer_labels(task)
     if not labels:
-        raise ConfigError(f"task {task.name} has no {layer_name} for a {kind} to learn")
+        raise ConfigError(f"task {task.name} has no {head.layer_name} for a {head.kind} to learn")
     steps = planned_steps(cfg, train_ex)
-    plan = {**stats, "steps": steps, layer_name: len(labels), "window_chars": cfg.tag_window_chars,
+    plan = {**stats, "steps": steps, head.layer_name: len(labels), "window_chars": cfg.tag_window_chars,
             "planned_tokens": int(stats["tokens_train"] * steps * cfg.batch_size * cfg.grad_accum / len(train_ex)),
             **(extra_plan or {})}
     print("data plan: " + json.dumps(plan), flush=True)
     if dry_run:
         return {"plan": plan}
-    trainer, record = fit_token_head(cfg, base_path, tokenizer, train_ex, val_ex, layers=len(labels),
-                                     classes=classes, plan=plan, t_start=t_start)
-    tmp = stage_weights(cfg, trainer.model, tokenizer)  # LoRA + head, or the full model with its tokenizer
+    trainer, record = fit_token_head(cfg, setup, Datasets(train_ex, val_ex, plan), layers=len(labels),
+                                     classes=head.classes)
+    tmp = stage_weights(cfg, trainer.model, setup.tokenizer)  # LoRA + head, or the full model with its tokenizer
     manifest = write_adapter_manifest(
-        tmp, name=cfg.name, kind=f"{kind}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
-        base_model_sha256=model_sha256(base_path), tasks=[task.name], label_sets={task.name: labels},
+        tmp, name=cfg.name, kind=f"{head.kind}-{cfg.mode}", mode=cfg.mode, base_model=BASE_MODEL_NAME,
+        base_model_sha256=model_sha256(setup.base_path), tasks=[task.name], label_sets={task.name: labels},
         task_definition=task.model_dump(mode="json"), tag_window_chars=cfg.tag_window_chars, training=record,
         data_fingerprint=data_fingerprint(train_ex), dev_scores={}, **(extra_manifest or {}))
     publish(tmp, Path(cfg.output_dir))
@@ -289,8 +261,7 @@ def train_head(cfg: TrainConfig, *, kind: str, note_examples, layer_labels, laye
 
 def train_tagger(cfg: TrainConfig, *, dry_run: bool = False) -> dict[str, Any]:
     """Train one tagger config end to end; returns the manifest (or the data plan when ``dry_run``)."""
-    return train_head(cfg, kind=KIND, note_examples=note_tag_examples, layer_labels=labels_of, layer_name="labels",
-                      classes=len(LAYER_TAGS), dry_run=dry_run)
+    return train_head(cfg, HeadKind(KIND, note_tag_examples, labels_of, "labels", len(LAYER_TAGS)), dry_run=dry_run)
 
 
 class TrainedHead:
@@ -439,37 +410,40 @@ class TaggerEngine:
         self._lock = threading.Lock()
         self.load_seconds = round(time.monotonic() - t0, 1)
 
-    def generate(self, requests: list) -> list:
-        from notelake.models.engine import GenerationResult, error_result
+    def generate(self, requests: list, on_result=None) -> list:
+        """Tags of every request's text; a call's requests finish together (one batched pass), so ``on_result``
+        gets them all at the end of the call."""
+        from notelake.models.engine import GenerationResult, error_result, report_each
 
         missing = [r for r in requests if r.text is None]
         if missing:
-            return [error_result(r.request_id, "engine_error: the tagger needs the chunk text (request.text)")
-                    for r in requests]
+            return report_each([error_result(r.request_id, "engine_error: the tagger needs the chunk text "
+                                             "(request.text)") for r in requests], on_result)
         texts = [r.text for r in requests]
         with self._lock:  # one forward pass at a time per engine
             predicted, _ = self.tagger.predict(texts)
             related = self.pairs.predict(texts, predicted)[0] if self.pairs else [None] * len(requests)
-        return [GenerationResult(request_id=r.request_id, text=None, error=None,
-                                 prompt_tokens=self.count_tokens(r.text), output_tokens=0, finish_reason="stop",
-                                 spans=tuple((c["label"], c["start"], c["end"]) for c in concepts),
-                                 relations=None if relations is None else tuple(
-                                     (rel["label"], _index(concepts, rel["head"]), _index(concepts, rel["tail"]))
-                                     for rel in relations))
-                for r, concepts, relations in zip(requests, predicted, related)]
+        results = [GenerationResult(request_id=r.request_id, text=None, error=None,
+                                    prompt_tokens=self.count_tokens(r.text), output_tokens=0, finish_reason="stop",
+                                    spans=tuple((c["label"], c["start"], c["end"]) for c in concepts),
+                                    relations=None if relations is None else tuple(
+                                        (rel["label"], _index(concepts, rel["head"]), _index(concepts, rel["tail"]))
+                                        for rel in relations))
+                   for r, concepts, relations in zip(requests, predicted, related)]
+        return report_each(results, on_result)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tagger.tokenizer.encode(text, add_special_tokens=False))
 
     def describe(self) -> dict:
-        from notelake.models.engine import _versions
+        from notelake.models.engine import versions
 
         return {"backend": self.backend, "model": self.cfg.model, "model_path": str(self.model_path),
                 "model_sha256": self.model_sha256, "adapter": self.info.name, "adapter_path": str(self.info.path),
                 "adapter_sha256": self.info.sha256, "dtype": "float32", "guided_decoding": "n/a (tags)",
                 "pairs": self.pairs_info.name if self.pairs else None,
                 "pairs_sha256": self.pairs_info.sha256 if self.pairs else None,
-                "load_seconds": self.load_seconds, "versions": _versions()}
+                "load_seconds": self.load_seconds, "versions": versions()}
 
 
 def _index(items: list, item) -> int:

@@ -134,7 +134,7 @@ def test_merged_adapter_engine_serves_the_adapter_from_its_weights(ray_address, 
 
 def test_unknown_vllm_args_stop_the_engine_before_it_starts(settings):
     from notelake.conf.settings import ConfigError
-    from notelake.models.engine import VLLMEngine
+    from notelake.models.vllm_engine import VLLMEngine
 
     for args, named in (({"max_num_batched_tokenz": 512}, "max_num_batched_tokenz"), ({"model": "other"}, "model")):
         with pytest.raises(ConfigError, match=f"engine.vllm_args: {named} not accepted"):
@@ -151,6 +151,39 @@ def test_refused_adapter_is_a_per_item_error(lora_pool, base_model_path, tmp_pat
     ])
     assert ok.error is None
     assert bad.text is None and bad.error.startswith("adapter_refused") and "0" * 64 in bad.error
+
+
+def test_counts_rise_per_finished_request_before_the_call_returns(engine_pool):
+    """The actors' live counters (progress lines) advance as each request finishes: polled from another thread
+    while one call of prompts with different max_tokens runs, they stand between the start and the end."""
+    import threading
+    import time
+
+    n = 12
+    requests = [GenerationRequest(f"count-{i}", _user("Write the numbers from 1 to 300, separated by commas."),
+                                  max_tokens=1 if i % 2 else 128) for i in range(n)]
+    before = engine_pool.counts()
+    seen: list[int] = []
+    finished = threading.Event()
+
+    def poll() -> None:
+        while not finished.is_set():
+            seen.append(engine_pool.counts()["requests"] - before["requests"])
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        out = engine_pool.generate(requests, batch_size=n)  # one actor call of all n
+    finally:
+        finished.set()
+        poller.join()
+    assert all(r.error is None for r in out)
+    assert any(0 < k < n for k in seen), seen
+    after = engine_pool.counts()
+    assert after["requests"] - before["requests"] == n
+    assert after["output_tokens"] - before["output_tokens"] == sum(r.output_tokens for r in out)
+    assert after["errors"] == before["errors"]
 
 
 def test_describe_and_connect(engine_pool, ray_address, settings, base_model_sha):
@@ -215,17 +248,20 @@ def test_dead_actor_gives_per_item_errors(ray_address, settings):
 
 # ------------------------------------------------------------------ transformers fallback (no vLLM, no Ray)
 def test_hf_engine_fallback(settings, tiny_adapter, base_model_sha):
-    from notelake.models.engine import HFEngine, make_engine
+    from notelake.models.engine import make_engine
+    from notelake.models.hf_engine import HFEngine
 
     cfg = settings.engine.model_copy(update={"backend": "hf", "enable_lora": True})
     engine = make_engine(cfg)
     assert isinstance(engine, HFEngine)
     messages = _user("What is the capital of France?")
+    reported = []
     base, lora, long = engine.generate([
         GenerationRequest("base", messages, max_tokens=12),
         GenerationRequest("lora", messages, max_tokens=12, adapter=str(tiny_adapter)),
         GenerationRequest("long", _user("note " * 5000), max_tokens=12),
-    ])
+    ], on_result=reported.append)
+    assert reported == [base, lora, long]  # each request reported as it finished
     assert base.error is None and "Paris" in base.text and base.finish_reason == "stop"
     assert lora.error is None and lora.text != base.text
     assert long.text is None and long.error.startswith("prompt_too_long")

@@ -190,7 +190,7 @@ def test_shipped_adapter_gate(lora_pool):
     if found is None:
         pytest.skip("no gate baseline in models/baselines/ yet")
     baseline, path = found
-    from notelake.models.evaluation import evaluate_records, read_gold
+    from notelake.models.evaluation import EvalOptions, evaluate_records, read_gold
 
     task = load_task(baseline["task"])
     gold_path = (REPO / baseline["gold"]).resolve()
@@ -200,8 +200,9 @@ def test_shipped_adapter_gate(lora_pool):
     records = select_slice(read_gold(gold_path), gate["limit"], gate["seed"])
     n_gold = sum(len(gold_items(task, r).concepts) for r in records)
     assert n_gold >= 100, f"gate slice has only {n_gold} gold concepts"
-    scores = evaluate_records(task, records, lora_pool.generate, adapter=str((REPO / baseline["adapter"]).resolve()),
-                              chunk_overlap_chars=200, resamples=1000, seed=gate["seed"], progress=False)
+    options = EvalOptions(adapter=str((REPO / baseline["adapter"]).resolve()), chunk_overlap_chars=200,
+                          resamples=1000, seed=gate["seed"], progress=False)
+    scores = evaluate_records(task, records, lora_pool.generate, options)
     report = {"scores": scores}
     ok, msg = f1_gate(report, {"lenient_f1": gate["lenient_f1"], "lenient_f1_se": gate["lenient_f1_se"]})
     assert scores["invalid_output_rate"] is not None

@@ -62,10 +62,15 @@ def test_latency_model_and_per_item_errors(base_model_path, task):
     ok = [GenerationRequest(f"ok{i}", build_messages(task, t), guide=answer_guide(task, t, "labels"), max_tokens=64)
           for i, t in enumerate(TEXTS)]
     too_long = GenerationRequest("long", build_messages(task, "word " * 1200), max_tokens=64)
+    reported = {}
     t0 = time.monotonic()
-    out = engine.generate(ok + [too_long])
+    out = engine.generate(ok + [too_long], on_result=lambda r: reported.setdefault(r.request_id, time.monotonic()))
     elapsed = time.monotonic() - t0
     assert out[3].error.startswith("prompt_too_long") and all(r.ok for r in out[:3])
     # Two waves of max_num_seqs=2, each sleeping 10 ms per token of its longest answer.
-    expected = 0.01 * (max(r.output_tokens for r in out[:2]) + max(r.output_tokens for r in out[2:]))
+    first_wave = 0.01 * max(r.output_tokens for r in out[:2])
+    expected = first_wave + 0.01 * max(r.output_tokens for r in out[2:])
     assert expected <= elapsed < expected + 1.0
+    # each wave's results are reported when its own latency has passed, the first before the second wave's
+    assert list(reported) == ["ok0", "ok1", "ok2", "long"]
+    assert t0 + first_wave <= reported["ok0"] < t0 + expected <= reported["ok2"]

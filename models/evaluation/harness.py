@@ -1,0 +1,197 @@
+"""Running an evaluation: the real extraction path on a gold JSONL slice, scored by :mod:`.metrics`.
+
+Path (the same functions the nightly job uses): ``udfs.chunking.chunk_text`` -> ``udfs.prompts.build_messages``
+-> an engine's ``generate`` (``models.engine``, guided decoding by ``udfs.answer.answer_guide``) ->
+``udfs.assemble.assemble_note`` (parse + ground). Besides the scores: invalid-output rate (parse failures /
+prompts), engine-error rate and throughput (prompts/s, output tokens/s).
+
+Never logs or reports note text or model output text: only ids, labels, offsets and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from notelake.conf.task import Task
+from notelake.models.evaluation.metrics import NoteItems, gold_items, predicted_items, score_notes
+
+# generate(requests) -> results aligned with requests (models.engine.GenerationResult-like objects)
+GenerateFn = Callable[[list], list]
+
+
+def read_gold(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def select_slice(records: list[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """A fixed dev subsample: the first ``limit`` notes of a seeded shuffle of the notes sorted by note_id."""
+    order = sorted(records, key=lambda r: r["note_id"])
+    random.Random(f"dev-slice:{seed}").shuffle(order)
+    return order[:limit] if limit else order
+
+
+def slice_fingerprint(records: list[dict]) -> str:
+    return hashlib.sha256("\n".join(r["note_id"] for r in records).encode()).hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """How :func:`evaluate_records` runs the extraction path and scores it."""
+
+    adapter: str | None = None  # adapter folder on every request; None = the engine's default, "" = the base model
+    max_tokens: int | None = None  # answer budget per prompt; None = the task's max_tokens
+    guided_decoding: str = "grounded"  # udfs.answer.answer_guide mode
+    chunk_overlap_chars: int = 200
+    lineage: dict | None = None  # lineage of the assembled rows (model, adapter and their hashes)
+    batch_size: int = 64  # requests per generate call
+    resamples: int = 1000  # bootstrap resamples of the confidence intervals (0 = none)
+    seed: int = 0  # bootstrap seed
+    progress: bool = True  # a progress line per generate call
+
+
+@dataclass
+class EvalTally:
+    """What an evaluation produced besides the scores: prompts, tokens, errors, parser counts and wall time."""
+
+    prompts: int = 0
+    parse_failures: int = 0
+    engine_errors: int = 0
+    truncated: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    warnings: int = 0
+    ungrounded: int = 0
+    dropped_relations: int = 0
+    error_types: Counter = field(default_factory=Counter)
+
+    def add_note(self, outputs: list, assembled) -> None:
+        """Count one note's engine results and its ``assemble_note`` result."""
+        for o in outputs:
+            self.prompt_tokens += int(getattr(o, "prompt_tokens", 0) or 0)
+            self.output_tokens += int(getattr(o, "output_tokens", 0) or 0)
+            if getattr(o, "finish_reason", None) == "length":
+                self.truncated += 1
+        self.warnings += assembled.warnings
+        self.ungrounded += assembled.ungrounded
+        self.dropped_relations += assembled.dropped_relations
+        for e in assembled.errors:
+            if e.get("stage") == "parse":
+                self.parse_failures += 1
+            else:
+                self.engine_errors += 1
+            self.error_types[str(e.get("error_type"))] += 1
+
+    def scores(self, notes: int) -> dict[str, Any]:
+        """The score keys that come from the tally: error rates and types, parser counts, throughput."""
+        wall = self.wall_s
+        return {
+            "invalid_output_rate": round(self.parse_failures / self.prompts, 4) if self.prompts else None,
+            "engine_error_rate": round(self.engine_errors / self.prompts, 4) if self.prompts else None,
+            "error_types": dict(self.error_types),
+            "parser": {"warnings": self.warnings, "ungrounded_mentions": self.ungrounded,
+                       "dropped_relations": self.dropped_relations},
+            "throughput": {
+                "prompts": self.prompts, "notes": notes, "wall_s": round(wall, 1),
+                "prompts_per_s": round(self.prompts / wall, 3) if wall else None,
+                "notes_per_s": round(notes / wall, 3) if wall else None,
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "output_tokens_per_s": round(self.output_tokens / wall, 2) if wall else None,
+                "truncated_outputs": self.truncated,
+            },
+        }
+
+
+def evaluate_records(task: Task, records: list[dict], generate: GenerateFn,
+                     options: EvalOptions = EvalOptions()) -> dict[str, Any]:
+    """Chunk -> prompt -> generate -> assemble -> score for ``records`` (gold JSONL rows): the scores of
+    :func:`.metrics.score_notes` plus the tally's (:meth:`EvalTally.scores`)."""
+    from notelake.udfs.chunking import chunk_text
+
+    chunked = [chunk_text(r["text"], task.max_chunk_chars, options.chunk_overlap_chars) for r in records]
+    requests = eval_requests(task, chunked, options)
+    tally = EvalTally(prompts=len(requests))
+    results, tally.wall_s = generate_in_batches(task.name, requests, generate, options)
+    lineage = eval_lineage(task, options.lineage)
+    pairs = []
+    outputs = iter(results)
+    for record, chunks in zip(records, chunked):
+        note_outputs = [next(outputs) for _ in chunks]
+        predicted, assembled = assemble_outputs(task, record, chunks, note_outputs, lineage)
+        tally.add_note(note_outputs, assembled)
+        pairs.append((predicted, gold_items(task, record)))
+    scores = score_notes(task, pairs, resamples=options.resamples, seed=options.seed)
+    scores.update(tally.scores(len(records)))
+    return scores
+
+
+def eval_requests(task: Task, chunked: list[list], options: EvalOptions) -> list:
+    """One generation request per chunk, id ``<record index>:<chunk index>``, as the job prompts it."""
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.answer import answer_guide
+    from notelake.udfs.prompts import build_messages
+
+    max_tokens = options.max_tokens or task.max_tokens
+    requests = []
+    for k, chunks in enumerate(chunked):
+        for c in chunks:
+            kwargs = dict(request_id=f"{k}:{c.index}", messages=build_messages(task, c.text),
+                          guide=answer_guide(task, c.text, options.guided_decoding), max_tokens=max_tokens)
+            if options.adapter is not None:
+                kwargs["adapter"] = options.adapter
+            requests.append(GenerationRequest(**kwargs))
+    return requests
+
+
+def generate_in_batches(label: str, requests: list, generate: GenerateFn, options: EvalOptions) -> tuple[list, float]:
+    """``generate`` over ``requests`` in calls of ``options.batch_size``: (results in request order, wall s)."""
+    results: list = []
+    t0 = time.time()
+    for b in range(0, len(requests), options.batch_size):
+        results += list(generate(requests[b:b + options.batch_size]))
+        if options.progress:
+            done = len(results)
+            el = time.time() - t0
+            out_tok = sum(int(getattr(r, "output_tokens", 0) or 0) for r in results)
+            eta = el / done * (len(requests) - done)
+            print(f"[eval {label}] {done}/{len(requests)} prompts | {out_tok / el:.1f} out tok/s | "
+                  f"elapsed {el:.0f}s | ETA {eta:.0f}s", flush=True)
+    if len(results) != len(requests):
+        raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} prompts")
+    return results, time.time() - t0
+
+
+def eval_lineage(task: Task, given: dict | None) -> dict[str, Any]:
+    """Lineage of the assembled rows: an evaluation run's id and the task's prompt version, then ``given``."""
+    from notelake.udfs.prompts import prompt_version
+
+    return {
+        "run_id": f"eval-{uuid.uuid4().hex[:12]}", "model": "eval", "model_sha256": None,
+        "adapter": None, "adapter_sha256": None, "prompt_version": prompt_version(task), "fingerprint": "eval",
+        "extracted_at": datetime.now(timezone.utc), **(given or {}),
+    }
+
+
+def assemble_outputs(task: Task, record: dict, chunks: list, outputs: list, lineage: dict) -> tuple[NoteItems, Any]:
+    """One note's engine results parsed and grounded by ``assemble_note``: (predicted items, its result)."""
+    from notelake.udfs.assemble import assemble_note
+
+    truncated = [getattr(o, "finish_reason", None) == "length" for o in outputs]
+    assembled = assemble_note(note_id=record["note_id"], text=record["text"], task=task, chunks=chunks,
+                              outputs=[o.text for o in outputs], output_errors=[o.error for o in outputs],
+                              truncated=truncated, lineage=lineage)
+    return predicted_items(record["note_id"], assembled.concepts, assembled.relations), assembled
