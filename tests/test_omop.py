@@ -251,12 +251,15 @@ def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):
     assert (again.buckets_visited, again.notes_published) == (0, 0)
     assert {t: wh.version(t) for t in versions} == versions
 
-    # N1 re-extracted: its drug mention unchanged, the effect now "renal failure"; N2 deleted; N6 re-linked to 0
+    # N1 re-extracted (and linked): its drug mention unchanged, the effect now "renal failure"; N2 deleted; N6's
+    # mentions re-linked to concept 0
     n1 = NOTES[0]
     mentions = [n1[4][0], (EFFECT, "renal failure", "present", AKI, None)]
     wh.replace_notes("concepts", schemas.rows_to_table(_concept_rows("N1", 1, n1[2], 0, mentions, run_id="run-2"),
                                                        schemas.concepts_schema(PASSTHROUGH)), TASK, ["N1"], {0})
-    wh.delete_notes(TASK, {"N2": 1}, tables=("concepts", "relations"))
+    write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(_link_rows("N1", 0, mentions), schema=_LINK_SCHEMA),
+                    mode="overwrite", predicate=f"task = '{TASK}' AND note_bucket = 0 AND note_id = 'N1'")
+    wh.delete_notes(TASK, {"N2": 1}, tables=("concepts", "relations", "concept_links"))
     relinked = [{**r, "omop_concept_id": 0, "domain_id": None, "match_type": "none"} for r in _link_rows("N6", 1, NOTES[5][4])]
     write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(relinked, schema=_LINK_SCHEMA), mode="overwrite",
                     predicate=f"task = '{TASK}' AND note_bucket = 1 AND note_id = 'N6'")
@@ -279,3 +282,30 @@ def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):
     assert state == NOTE_NAMES - {"N2"}
     assert len(table(wh, "errors")) == 1  # N10 is not republished: its error is not repeated
     assert publish_omop(spark, wh, omop_settings, [TASK]).notes_published == 0
+
+
+def test_cli_publishes_and_refuses_derived_rows_without_the_nlp_type_concept(spark, tmp_path, capsys):
+    from notelake.jobs.omop import main
+
+    build_warehouse(tmp_path / "warehouse")
+    conf = tmp_path / "omop.yaml"
+    conf.write_text(f"omop:\n  domain_tables: true\n  vocabulary: {tmp_path / 'no-vocabulary'}\n", encoding="utf-8")
+    assert main(["--output", str(tmp_path / "warehouse"), "--conf", str(conf), "--task", TASK]) == 2
+    conf.write_text("omop:\n  domain_tables: false\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["--output", str(tmp_path / "warehouse"), "--conf", str(conf), "--task", TASK]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (stats["notes_published"], stats["drug_exposure_rows"]) == (10, 0)
+    assert DeltaTable(str(tmp_path / "warehouse" / "note_nlp")).to_pyarrow_table().num_rows == 14
+
+
+def test_omop_note_ids_from_a_column_report_a_value_that_is_no_integer(omop_settings):
+    from notelake.jobs import omop as stage
+
+    settings = omop_settings.with_overrides(omop={"note_id_column": "omop_note_id"})
+    ctx = stage._Publish(settings, "p1", "fp", None, "unused", {})
+    live = pa.table({"note_id": ["A", "B", "C"], "note_bucket": pa.array([0, 0, 1], pa.int32())})
+    mentions = pa.table({"note_id": ["A", "B", "C"], "note_id_value": ["42", " 7 ", "x7"]})
+    errors: list[dict] = []
+    assert stage._omop_note_ids(None, ctx, TASK, live, mentions, errors) == {"A": 42, "B": 7}
+    assert [(e["note_id"], e["error_type"]) for e in errors] == [("C", "omop_note_id_invalid")]
