@@ -649,7 +649,7 @@ def run(settings: Settings, output: str, tasks: list[str], spark=None) -> OmopSt
 
 def main(argv: list[str] | None = None) -> int:
     """``notelake omop``: exit 0 when published, 2 for a configuration or input to fix, 3 when another run holds
-    the output, 4 when a table cannot be written."""
+    the output, 4 when a table cannot be written, 5 for any other failure (logged as one line without note text)."""
     p = argparse.ArgumentParser(prog="notelake omop", description="publish the concepts as OMOP CDM v5.4 tables "
                                                                   "(note_nlp, note_nlp_relation, derived rows)")
     p.add_argument("--output", required=True, help="warehouse written by the extract job")
@@ -676,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
     except OutputWriteError as exc:
         log.error("%s", exc)
         return 4
+    except Exception as exc:  # noqa: BLE001 - one PHI-safe line: a Spark error may quote a mention
+        from notelake.jobs.extract import describe_failure
+
+        log.error("omop publish failed: %s", describe_failure(exc))
+        return 5
     print(json.dumps({k: v for k, v in asdict(stats).items() if k != "fingerprint"}, sort_keys=True))
     return 0
 
