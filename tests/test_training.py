@@ -131,6 +131,26 @@ def test_chunked_examples_and_fingerprint(toy, tmp_path, base_model_path):
     assert not val and stats["toy_ade"].examples_train == len(train)
 
 
+def test_label_perturbation_mixes_in_defined_label_sets(toy, tmp_path, base_model_path):
+    from transformers import AutoTokenizer
+
+    from notelake.models.training.config import LabelPerturbation
+
+    tok = AutoTokenizer.from_pretrained(base_model_path)
+    plain, _, _ = build_datasets(_cfg(toy, tmp_path, validation_fraction=0.0), tok)
+    mixed, _, stats = build_datasets(_cfg(toy, tmp_path, validation_fraction=0.0, label_perturbation=LabelPerturbation(
+        fraction=0.5, keep_prob=1.0, rename_prob=1.0, code_prob=1.0)), tok)
+    perturbed = [e for e in mixed if e.id.endswith("~z")]
+    assert 0 < len(perturbed) < len(mixed) and stats["toy_ade"].examples_perturbed == len(perturbed)
+    by_id = {e.id: e for e in plain}
+    for example in mixed:  # the other windows are exactly the unperturbed examples
+        if example not in perturbed:
+            assert example == by_id[example.id]
+    rendered = tok.decode(perturbed[0].input_ids)
+    assert "a drug name" in rendered and "an effect of the drug" in rendered  # definitions in the prompt
+    answer = tok.decode([t for t in perturbed[0].labels if t != -100])
+    assert "Drug:" not in answer and "Effect:" not in answer  # every label renamed to a neutral code
+
 def test_lora_few_steps_writes_adapter_with_manifest(toy, tmp_path, base_model_path):
     from notelake.models.adapters import load_adapter
     from notelake.models.base_model import model_sha256

@@ -28,6 +28,30 @@ def _repo_path(p: Path) -> Path:
     return p if p.is_absolute() else (REPO_ROOT / p)
 
 
+class LabelPerturbation(BaseModel):
+    """Examples whose prompt carries a perturbed label set with definitions (udfs/perturb.py): a model that only
+    ever saw its tasks' fixed label names answers ``none`` to a new task file; these examples can only be answered
+    by reading the definitions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(0.3, ge=0, le=1, description="share of training windows (chosen per window, seeded) "
+                                                         "prompted with a perturbed, defined label set instead of "
+                                                         "the task's own prompt")
+    keep_prob: float = Field(0.6, gt=0, le=1, description="each label (event anchors excepted) stays in the set "
+                                                          "with this probability")
+    max_labels: int = Field(12, ge=1, description="labels per perturbed prompt at most (bounds its length)")
+    rename_prob: float = Field(0.5, ge=0, le=1, description="a kept label is renamed with this probability")
+    code_prob: float = Field(0.5, ge=0, le=1, description="a renamed label becomes a neutral code (else another "
+                                                          "spelling of its name)")
+
+    def spec(self):
+        from notelake.udfs.perturb import PerturbSpec
+
+        return PerturbSpec(keep_prob=self.keep_prob, max_labels=self.max_labels, rename_prob=self.rename_prob,
+                           code_prob=self.code_prob)
+
+
 class TrainConfig(BaseModel):
     """One training run. Loaded from conf/train/*.yaml; unknown keys are an error."""
 
@@ -100,6 +124,9 @@ class TrainConfig(BaseModel):
     output_dir: Path = Field(..., description="adapter folder written at the end (weights + config + manifest)")
     checkpoint_dir: Path | None = Field(None, description="resumable checkpoints (default .notelake/checkpoints/<name>)")
     resume: bool = Field(True, description="resume from the last checkpoint in checkpoint_dir when present")
+    label_perturbation: LabelPerturbation | None = Field(
+        None, description="generate: mix in examples prompted with perturbed, defined label sets (zero-shot transfer "
+                          "to new task files); null = every example uses its task's own prompt")
 
     @field_validator("tasks")
     @classmethod

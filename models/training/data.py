@@ -19,7 +19,7 @@ from pathlib import Path
 
 from notelake.conf.settings import ConfigError
 from notelake.conf.task import Task, load_task
-from notelake.models.training.config import TrainConfig
+from notelake.models.training.config import LabelPerturbation, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -76,22 +76,41 @@ def encode_example(tokenizer, task: Task, text: str, answer: dict) -> tuple[list
     return full, labels
 
 
-def note_examples(tokenizer, task: Task, record: dict, overlap_chars: int) -> list[tuple[str, list[int], list[int]]]:
-    """(example id, input_ids, labels) for one gold note: the whole text, or one per chunk when it is long."""
-    from notelake.udfs.answer import gold_answer
-
+def note_windows(task: Task, record: dict, overlap_chars: int) -> list[tuple[int, str, tuple[int, int] | None]]:
+    """(chunk index, text, window) of each prompt a gold note gives: the whole text, or its chunks when it is long
+    (window None = the whole text)."""
     text = record["text"]
     if len(text) <= task.max_chunk_chars:
-        ids, labels = encode_example(tokenizer, task, text, gold_answer(task, record))
-        return [(f"{task.name}:{record['note_id']}#0", ids, labels)]
+        return [(0, text, None)]
     from notelake.udfs.chunking import chunk_text
 
+    return [(c.index, c.text, (c.start, c.end)) for c in chunk_text(text, task.max_chunk_chars,
+                                                                    overlap_chars=overlap_chars)]
+
+
+def note_examples(tokenizer, task: Task, record: dict, overlap_chars: int,
+                  perturbation: LabelPerturbation | None = None,
+                  seed: int = 0) -> list[tuple[str, list[int], list[int]]]:
+    """(example id, input_ids, labels) for one gold note, one per window. With ``perturbation`` a seeded share of
+    the windows is prompted with a perturbed, defined label set (their ids end in ``~z``)."""
+    from notelake.udfs.answer import gold_answer
+    from notelake.udfs.perturb import perturb_example
+
     out = []
-    for chunk in chunk_text(text, task.max_chunk_chars, overlap_chars=overlap_chars):
-        answer = gold_answer(task, record, window=(chunk.start, chunk.end))
-        ids, labels = encode_example(tokenizer, task, chunk.text, answer)
-        out.append((f"{task.name}:{record['note_id']}#{chunk.index}", ids, labels))
+    for index, text, window in note_windows(task, record, overlap_chars):
+        ex_id = f"{task.name}:{record['note_id']}#{index}"
+        example_task, example_record = task, record
+        rng = random.Random(f"perturb:{seed}:{ex_id}")
+        if perturbation is not None and rng.random() < perturbation.fraction:
+            example_task, example_record = perturb_example(task, record, rng, perturbation.spec(), window)
+            ex_id += PERTURBED_SUFFIX
+        ids, labels = encode_example(tokenizer, example_task, text, gold_answer(example_task, example_record, window))
+        out.append((ex_id, ids, labels))
     return out
+
+
+#: ends the id of an example prompted with a perturbed label set
+PERTURBED_SUFFIX = "~z"
 
 
 @dataclass
@@ -103,6 +122,7 @@ class DataStats:
     dropped_too_long: int = 0
     tokens_train: int = 0  # sum of example lengths (one epoch)
     answer_tokens_train: int = 0
+    examples_perturbed: int = 0  # training examples prompted with a perturbed label set
 
 
 def build_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict[str, DataStats]]:
@@ -121,7 +141,8 @@ def build_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exa
         def build(notes: list[dict], cap: int | None) -> list[Example]:
             exs: list[Example] = []
             for rec in notes:
-                for ex_id, ids, labels in note_examples(tokenizer, task, rec, cfg.chunk_overlap_chars):
+                for ex_id, ids, labels in note_examples(tokenizer, task, rec, cfg.chunk_overlap_chars,
+                                                        cfg.label_perturbation, cfg.seed):
                     if len(ids) > cfg.max_length:
                         st.dropped_too_long += 1
                         continue
@@ -133,6 +154,7 @@ def build_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Exa
         tr = build(train_notes, cfg.max_examples)
         va = build(val_notes, cfg.max_validation_examples) if cfg.max_validation_examples else []
         st.examples_train, st.examples_val = len(tr), len(va)
+        st.examples_perturbed = sum(e.id.endswith(PERTURBED_SUFFIX) for e in tr)
         st.tokens_train = sum(e.n_tokens for e in tr)
         st.answer_tokens_train = sum(sum(1 for t in e.labels if t != -100) for e in tr)
         stats[task_name] = st
