@@ -81,7 +81,7 @@ def run(args) -> dict:
     t0 = time.monotonic()
     if args.plain:
         outputs = iter(generate([Window(k, task, c) for k, chunks in enumerate(chunked) for c in chunks]))
-        notes = [NoteWindows(list(c), [next(outputs) for _ in c], [False] * len(c)) for c in chunked]
+        notes = [NoteWindows(list(c), [next(outputs) for _ in c]) for c in chunked]
     else:
         notes = extract_windows([task] * len(records), chunked, generate)
     wall_s = time.monotonic() - t0
@@ -97,7 +97,7 @@ def run(args) -> dict:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": {k: desc.get(k) for k in ("backend", "dtype", "guided_decoding", "model_sha256", "versions")},
         "adapter": str(settings.engine.adapter), "merged": settings.engine.merge_adapter,
-        "windows": n_windows, "no_prose": sum(n.no_prose for n in notes),
+        "windows": n_windows, "no_prose": sum(n.no_prose for n in notes), "split": sum(n.split for n in notes),
         "cut_first_pass": first["cut"], "cut_first_pass_rate": round(first["cut"] / max(1, n_windows), 4),
         "reextraction_calls": calls[1:],
         "output_tokens": sum(c["output_tokens"] for c in calls),
@@ -106,12 +106,10 @@ def run(args) -> dict:
         "output_tokens_per_s": round(sum(c["output_tokens"] for c in calls) / wall_s, 1),
     }
     report["scores"] = _score(task, records, notes, cut_final=not args.plain)
-    if not args.plain:  # the same answers, the cut windows' own lines left out (only their pieces)
-        report["scores_without_cut_windows_lines"] = _score(task, records, notes, cut_final=True, drop_split=True)
     return report
 
 
-def _score(task, records: list[dict], notes: list, *, cut_final: bool, drop_split: bool = False) -> dict:
+def _score(task, records: list[dict], notes: list, *, cut_final: bool) -> dict:
     """Assemble every note as the job does and score it as ``notelake evaluate`` does; failures and cut windows."""
     from notelake.models.evaluation import gold_items, predicted_items, score_notes
     from notelake.udfs.assemble import assemble_note
@@ -121,13 +119,8 @@ def _score(task, records: list[dict], notes: list, *, cut_final: bool, drop_spli
                "extracted_at": datetime.now(timezone.utc)}
     pairs, failed, error_types, cut, warnings = [], 0, Counter(), 0, 0
     for rec, note in zip(records, notes):
-        inputs = note.assemble_inputs()
-        if drop_split:
-            keep = [k for k, split in enumerate(note.split) if not split]
-            inputs = {name: [values[k] for k in keep] if isinstance(values, list) else values
-                      for name, values in inputs.items()}
         res = assemble_note(note_id=rec["note_id"], text=rec["text"], task=task, lineage=lineage,
-                            **{**inputs, "cut_final": cut_final})
+                            **{**note.assemble_inputs(), "cut_final": cut_final})
         failed += bool(res.errors)
         error_types.update(str(e["error_type"]) for e in res.errors)
         cut += res.truncated_chunks
@@ -141,9 +134,9 @@ def _score(task, records: list[dict], notes: list, *, cut_final: bool, drop_spli
 
 
 def _keep_outputs(path: str, records: list[dict], notes: list) -> None:
-    rows = [{"note_id": rec["note_id"], "start": c.start, "end": c.end, "split": split,
-             "finish_reason": o.finish_reason, "output_tokens": o.output_tokens, "text": o.text}
-            for rec, note in zip(records, notes) for c, o, split in zip(note.chunks, note.outputs, note.split)]
+    rows = [{"note_id": rec["note_id"], "start": c.start, "end": c.end, "finish_reason": o.finish_reason,
+             "output_tokens": o.output_tokens, "text": o.text}
+            for rec, note in zip(records, notes) for c, o in zip(note.chunks, note.outputs)]
     Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 

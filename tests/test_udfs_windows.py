@@ -63,7 +63,7 @@ def test_cut_windows_are_extracted_again_in_pieces_with_exact_offsets(phee):
     model = ScriptedModel(runs_away_over=70)
     (note,) = extract_windows([phee], chunked, model)
     assert len(model.calls) >= 2 and len(model.calls) <= 4  # the first pass, then rounds of pieces
-    assert any(note.split) and all(not s for s, o in zip(note.split, note.outputs) if o.finish_reason == "stop")
+    assert note.split >= 2 and all(o.finish_reason == "stop" for o in note.outputs)  # pieces replaced cut windows
     assert [c.index for c in note.chunks] == list(range(len(note.chunks)))
     assert all(text[c.start:c.end] == c.text for c in note.chunks)  # exact over emoji, accents, Cyrillic
     assert all(len(c.text) <= 70 for c, o in zip(note.chunks, note.outputs) if o.finish_reason == "stop")
@@ -99,8 +99,8 @@ def test_recursion_is_bounded_and_a_window_cut_at_the_smallest_size_keeps_its_co
     model = ScriptedModel(runs_away_over=0, complete_lines_before_loop=True)  # every answer runs away
     (note,) = extract_windows([phee], [chunk_text(text, 400, 100)], model, max_rounds=2)
     assert len(model.calls) == 3  # the first pass and two rounds, no more
-    smallest = [c for c, s in zip(note.chunks, note.split) if not s]
-    assert smallest and all(o.finish_reason == "length" for o in note.outputs)
+    assert note.split >= 2 and note.split + len(note.chunks) == sum(map(len, model.calls))  # split, or answered
+    assert all(o.finish_reason == "length" for o in note.outputs)  # cut at the smallest size, kept as they are
     res = assemble(phee, "n3", text, note)
     assert res.errors == [] and res.truncated_chunks == len(note.chunks)
     assert {c["text"] for c in res.concepts} == {"Aspirin", "warfarin"}  # each cut answer's complete lines

@@ -247,11 +247,15 @@ def line_items_bound(task: Task) -> int:
 
 
 def answer_lines_bound(task: Task, text: str) -> int | None:
-    """Most lines an answer over ``text`` may hold: the task's lines per 100 characters times the text's length
-    (at least one); None when the task sets no density."""
+    """Most lines an answer over ``text`` may hold: one more than the task's lines per 100 characters times the
+    text's length (a short sentence may hold two events); None when the task sets no density."""
     if task.max_lines_per_100_chars is None:
         return None
-    return max(1, math.ceil(task.max_lines_per_100_chars * len(text) / 100))
+    return _lines_allowed(round(100 * task.max_lines_per_100_chars), len(text))
+
+
+def _lines_allowed(hundredths: int, chars: int) -> int:
+    return 1 + -(-hundredths * chars // 10_000)  # 1 + ceil(density x chars / 100), in integers
 
 
 def grammar_signature(task: Task) -> dict[str, Any]:
@@ -334,14 +338,16 @@ def _quantile(values: list[int], q: float) -> int:
 
 def learn_bounds(task: Task, records: Iterable[dict], quantile: float = 0.999,
                  windows: Callable[[str], Iterable[tuple[int, int]]] | None = None) -> dict[str, Any]:
-    """The answer grammar's bounds for ``task`` from gold records (shared/data JSONL format), each the ``quantile``
-    of its measure: per concept label, its mentions' length in word/punctuation tokens; over the gold answers of the
-    ``windows`` of each record ((start, end) pairs, the job's chunks; default the whole text), the items per line
-    and the lines per 100 characters of the window (rounded up to 0.01). A label with no mention in ``records`` is
-    left out (it gets ``MAX_MENTION_TOKENS``)."""
+    """The answer grammar's bounds for ``task`` from gold records (shared/data JSONL format). Per concept label, the
+    ``quantile`` of its mentions' length in word/punctuation tokens; over the gold answers of the ``windows`` of each
+    record ((start, end) pairs, the job's chunks; default the whole text), the ``quantile`` of the items per line,
+    and the fewest lines per 100 characters (in steps of 0.01) at which the answers would lose at most a share
+    ``1 - quantile`` of their lines (a share of lines, not of windows: a model that loops instead of stopping fills
+    every window to its bound, so the bound is set as low as the answers allow). A label with no mention in
+    ``records`` is left out (it gets ``MAX_MENTION_TOKENS``)."""
     lengths: dict[str, list[int]] = {}
     items: list[int] = []
-    density: list[float] = []
+    answers: list[tuple[int, int]] = []  # (window characters, answer lines)
     for record in records:
         for concept in record["concepts"]:
             if concept["label"] in task.concepts:
@@ -350,10 +356,25 @@ def learn_bounds(task: Task, records: Iterable[dict], quantile: float = 0.999,
             answer = gold_answer(task, record, (start, end))
             lines = [] if answer == NONE else answer.splitlines()
             items += [line.count(ITEM_SEP) + 1 for line in lines]
-            density.append(100 * len(lines) / max(1, end - start))
+            answers.append((max(1, end - start), len(lines)))
     if not items:
         raise ValueError(f"no gold answer line for task {task.name!r}: are these records of its corpus?")
     return {"max_mention_tokens": {label: _quantile(lengths[label], quantile) for label in task.concepts
                                    if label in lengths},
             "max_line_items": _quantile(items, quantile),
-            "max_lines_per_100_chars": math.ceil(100 * _quantile(density, quantile)) / 100}
+            "max_lines_per_100_chars": _lines_density(answers, 1 - quantile)}
+
+
+def _lines_density(answers: list[tuple[int, int]], lost_share: float) -> float:
+    """The fewest lines per 100 characters (a multiple of 0.01) at which ``answers`` ((window characters, lines)
+    pairs) lose at most ``lost_share`` of their lines to ``answer_lines_bound``."""
+    budget = lost_share * sum(lines for _, lines in answers)
+
+    def lost(hundredths: int) -> int:
+        return sum(max(0, lines - _lines_allowed(hundredths, chars)) for chars, lines in answers)
+
+    lo, hi = 1, max(-(-10_000 * lines // chars) for chars, lines in answers) or 1  # hi loses nothing
+    while lo < hi:  # lost() only falls as the density rises
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if lost(mid) <= budget else (mid + 1, hi)
+    return lo / 100

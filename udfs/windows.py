@@ -3,12 +3,14 @@
 * A window without prose (:func:`udfs.chunking.prose_pieces`: whitespace from a template, a separator line, a run
   of one character, an embedded base64 or RTF blob) gets the empty answer with no model call; a window with prose
   beside such a blob is sent as its prose only.
-* A window whose answer was cut at ``max_tokens`` keeps what its answer holds before the cut (its complete lines
-  and items up to the loop that ran it out of budget: udfs/parsing.py) and is extracted again in smaller pieces
+* A window whose answer was cut at ``max_tokens`` is extracted again in smaller pieces
   (:func:`udfs.chunking.split_chunk`: about half its length, overlapping, exact offsets into the note), each
-  piece again when it is cut too, down to pieces shorter than ``2 * min_window_chars`` or ``max_rounds`` rounds.
-  Decoding is greedy: the same request would be cut the same way again, a smaller window is a different request
-  that can succeed. A cut answer with nothing complete gives its window no answer and a parser warning
+  piece again when it is cut too, down to pieces shorter than ``2 * min_window_chars`` or ``max_rounds`` rounds;
+  the pieces' answers replace the cut one (keeping the cut answer's lines beside them measured 0.001 to 0.005
+  lower F1 on PHEE and MACCROBAT dev: the lines before a loop hold the loop's first, wrong, lines). Decoding is
+  greedy: the same request would be cut the same way again, a smaller window is a different request that can
+  succeed. An answer still cut at the smallest size keeps its complete lines and items up to its loop
+  (udfs/parsing.py); one with nothing complete gives its window no answer and a parser warning
   (``assemble_note(..., cut_final=True)``), never a failed note.
 
 :func:`extract_windows` does this for a whole batch: one ``generate`` call for its first pass and one per round of
@@ -61,8 +63,8 @@ class NoteWindows:
 
     chunks: list[Chunk] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
-    split: list[bool] = field(default_factory=list)  # per chunk: its answer was cut and it was extracted in pieces
     no_prose: int = 0  # windows answered without a model call (no prose in them)
+    split: int = 0  # windows whose cut answer was replaced by their pieces' answers
 
     def assemble_inputs(self) -> dict[str, Any]:
         """The keyword arguments of ``udfs.assemble.assemble_note`` that describe this note's windows."""
@@ -93,7 +95,7 @@ def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], g
     if len(tasks) != len(chunked):
         raise ValueError(f"{len(tasks)} tasks but {len(chunked)} notes")
     notes = [NoteWindows() for _ in chunked]
-    done: list[list[tuple[Chunk, Any, bool]]] = [[] for _ in chunked]  # (window, its answer, split in pieces)
+    done: list[list[tuple[Chunk, Any]]] = [[] for _ in chunked]  # (window, its answer)
     pending = _with_prose([Window(k, tasks[k], c) for k, chunks in enumerate(chunked) for c in chunks], notes, done)
     for round_no in range(max_rounds + 1):
         if not pending:
@@ -103,22 +105,22 @@ def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], g
             raise ValueError(f"generate returned {len(results)} results for {len(pending)} windows")
         pieces: list[Window] = []
         for window, result in zip(pending, results):
-            split = split_chunk(window.chunk, min_window_chars) if round_no < max_rounds else []
-            cut = result.finish_reason == "length" and bool(split)
-            done[window.note].append((window.chunk, result, cut))
-            if cut:
+            cut = result.finish_reason == "length" and round_no < max_rounds
+            split = split_chunk(window.chunk, min_window_chars) if cut else []
+            if split:
+                notes[window.note].split += 1
                 pieces += [Window(window.note, window.task, piece) for piece in split]
+            else:
+                done[window.note].append((window.chunk, result))
         pending = _with_prose(pieces, notes, done)
     for note, answered in zip(notes, done):
-        answered.sort(key=lambda item: (item[0].start, -item[0].end))  # a window before its pieces
-        note.chunks = [Chunk(i, c.start, c.end, c.text) for i, (c, _, _) in enumerate(answered)]
-        note.outputs = [result for _, result, _ in answered]
-        note.split = [cut for _, _, cut in answered]
+        answered.sort(key=lambda item: (item[0].start, item[0].end))
+        note.chunks = [Chunk(i, c.start, c.end, c.text) for i, (c, _) in enumerate(answered)]
+        note.outputs = [result for _, result in answered]
     return notes
 
 
-def _with_prose(windows: list[Window], notes: list[NoteWindows], done: list[list[tuple[Chunk, Any, bool]]]
-                ) -> list[Window]:
+def _with_prose(windows: list[Window], notes: list[NoteWindows], done: list[list[tuple[Chunk, Any]]]) -> list[Window]:
     """The windows to send: each window's prose (itself, or its parts beside a blob); a window without any is
     answered (empty) in ``done`` right away."""
     send = []
@@ -126,6 +128,6 @@ def _with_prose(windows: list[Window], notes: list[NoteWindows], done: list[list
         pieces = prose_pieces(window.chunk)
         if not pieces:
             notes[window.note].no_prose += 1
-            done[window.note].append((window.chunk, NoProseAnswer(), False))
+            done[window.note].append((window.chunk, NoProseAnswer()))
         send += [Window(window.note, window.task, piece) for piece in pieces]
     return send
