@@ -97,9 +97,10 @@ class Task(BaseModel):
                                 "its references), learned from training data (`notelake bounds`); null: "
                                 "udfs.answer.MAX_LINE_ITEMS")
     max_lines_per_100_chars: float | None = Field(
-        None, gt=0, description="most answer lines per 100 characters of a window (its answer holds at most this "
-                                "times its length / 100 lines, at least one), learned from training data (`notelake "
-                                "bounds`); null: no bound")
+        None, gt=0, description="answer lines per 100 characters of a window: an answer holds at most one line more "
+                                "than this times the window's length / 100, learned from training data (`notelake "
+                                "bounds`: the fewest that loses at most 0.1 % of the training answers' lines); null: "
+                                "no bound")
     normalization: dict[str, LabelNormalization] = Field(
         default_factory=dict, description="concept label -> its OMOP target (domains, vocabularies, classes); a "
                                           "label not named here is left unlinked (concept 0, match_type "
