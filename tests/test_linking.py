@@ -177,7 +177,7 @@ def test_incremental_relink_and_removal(spark, env):
     assert not {m for m in set(sys.modules) - modules if m.startswith(("notelake.models", "vllm", "ray"))}
 
     # note N1 re-extracted: its concepts rows replaced by one new row; the old link rows go, the new row is linked
-    new = concept_rows([("N1", "Drug", "warfarin sodium")])
+    new = concept_rows([("N1", "Drug", "warfarine")])
     new[0]["concept_id"] = "replacement-row"
     warehouse.replace_notes("concepts", schemas.rows_to_table(new, schemas.concepts_schema()), "linktest", ["N1"],
                             {note_bucket("N1", BUCKETS)})
