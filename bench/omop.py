@@ -42,7 +42,8 @@ def synthetic_tables(notes: int, per_note: int, buckets: int, seed: int = 0) -> 
     columns = {
         "note_id": note_ids, "concept_id": concept_ids, "task": pa.array(["phee"] * n), "note_bucket": bucket,
         "label": pa.array([TARGETS[t][2] for t in target]), "text": pa.array([f"mention {t}" for t in target]),
-        "start": pa.array(start), "end": pa.array(start + 9), "spans": pa.nulls(n, schemas.concepts_schema().field("spans").type),
+        "start": pa.array(start), "end": pa.array(start + 9),
+        "spans": pa.nulls(n, schemas.concepts_schema().field("spans").type),
         "assertion": pa.array([ASSERTIONS[i] for i in rng.integers(0, len(ASSERTIONS), n)]),
         "grounded": pa.array([True] * n), "grounding_method": pa.array(["exact"] * n),
         "grounding_score": pa.array([1.0] * n), "chunk_index": pa.array([0] * n, pa.int32()),
@@ -75,7 +76,8 @@ def _relink(wh, fraction: float) -> int:
     part = links.filter(pc.is_in(links["note_id"], chosen))
     part = part.set_column(part.schema.get_field_index("omop_concept_id"), "omop_concept_id",
                            pa.array([2000003006] * part.num_rows, pa.int32()))
-    part = part.set_column(part.schema.get_field_index("domain_id"), "domain_id", pa.array(["Condition"] * part.num_rows))
+    part = part.set_column(part.schema.get_field_index("domain_id"), "domain_id",
+                           pa.array(["Condition"] * part.num_rows))
     ids = ", ".join(f"'{n}'" for n in chosen.to_pylist())
     write_deltalake(wh.path("concept_links"), part, mode="overwrite", predicate=f"note_id IN ({ids})")
     return len(chosen)

@@ -295,8 +295,9 @@ def _changes_frame(spark, warehouse: Warehouse, mentions, ctx: _Publish, task: s
     signature = F.concat_ws("|", *[F.coalesce(F.col(c).cast("string"), F.lit("~")) for c in (
         "concept_id", "run_id", "assertion", "grounded", "extracted_at", "omop_concept_id", "source_concept_id",
         "domain_id", "match_type", "person_value", "note_date", "note_id_value")])
-    keys = None if mentions is None else mentions.groupBy("note_id", "note_bucket").agg(F.sha2(F.concat_ws(
-        "\n", F.lit(ctx.fingerprint), F.array_join(F.array_sort(F.collect_list(signature)), "\n")), 256).alias("note_key"))
+    sorted_signatures = F.array_join(F.array_sort(F.collect_list(signature)), "\n")
+    keys = None if mentions is None else mentions.groupBy("note_id", "note_bucket").agg(
+        F.sha2(F.concat_ws("\n", F.lit(ctx.fingerprint), sorted_signatures), 256).alias("note_key"))
     state = _source_frame(spark, warehouse, "omop_state", task, buckets)
     if state is not None:
         state = state.select("note_id", F.col("note_bucket").alias("old_bucket"), F.col("note_key").alias("old_key"),
@@ -442,7 +443,8 @@ def _write(warehouse: Warehouse, table: str, data: pa.Table, predicate: str | No
     ``data`` (delta-rs replaceWhere: the data is checked against the predicate), or append when there is none."""
     from deltalake import write_deltalake
 
-    partitions = _PARTITIONS if "task" in data.schema.names else (["note_bucket"] if table == "note_crosswalk" else None)
+    partitions = (_PARTITIONS if "task" in data.schema.names
+                  else ["note_bucket"] if table == "note_crosswalk" else None)
 
     def action() -> None:
         common = dict(commit_properties=warehouse._commit_properties(f"omop_{table}"),
@@ -592,7 +594,8 @@ def _derived(ctx: _Publish, task: str, mentions: pa.Table, nlp_ids: pa.Array, no
     return out
 
 
-def _state_rows(ctx: _Publish, task: str, live: pa.Table, note_ids: dict[str, int], rows: dict[str, pa.Table]) -> pa.Table:
+def _state_rows(ctx: _Publish, task: str, live: pa.Table, note_ids: dict[str, int],
+                rows: dict[str, pa.Table]) -> pa.Table:
     """``omop_state`` rows of the pass's notes still in the concepts table (published or invalid)."""
     def per_note(table: pa.Table) -> dict[int, int]:
         if not table.num_rows:

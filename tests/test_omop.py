@@ -60,7 +60,8 @@ def _concept_rows(note, person, day, bucket, mentions, run_id="run-1"):
     for k, (label, text, assertion, *_rest) in enumerate(mentions):
         rows.append({
             "note_id": note, "concept_id": f"{note}-{k}-{text}", "task": TASK, "note_bucket": bucket, "label": label,
-            "text": text, "start": start, "end": start + len(text), "spans": [{"start": start, "end": start + len(text)}],
+            "text": text, "start": start, "end": start + len(text),
+            "spans": [{"start": start, "end": start + len(text)}],
             "assertion": assertion, "grounded": True, "grounding_method": "exact", "grounding_score": 1.0,
             "chunk_index": 0, "run_id": run_id, "model": "smollm2-135m-instruct", "adapter": "notelake-mt",
             "adapter_sha256": "ab" * 32, "prompt_version": "v2", "fingerprint": "fp", "text_sha256": "t",
@@ -80,18 +81,11 @@ def _link_rows(note, bucket, mentions):
             for k, (label, text, _assertion, concept, source) in enumerate(mentions)]
 
 
-_LINK_SCHEMA = pa.schema([
-    ("concept_id", pa.string()), ("note_id", pa.string()), ("task", pa.string()), ("note_bucket", pa.int32()),
-    ("label", pa.string()), ("omop_concept_id", pa.int32()), ("source_concept_id", pa.int32()),
-    ("vocabulary_id", pa.string()), ("domain_id", pa.string()), ("match_type", pa.string()),
-    ("match_score", pa.float64()), ("link_fingerprint", pa.string()), ("vocabulary_version", pa.string()),
-    ("linked_at", schemas.TIMESTAMP)])
-
-
 def _relation_rows(note, bucket, mentions, relations):
     return [{"note_id": note, "relation_id": f"{note}-r{h}{t}", "task": TASK, "note_bucket": bucket,
              "label": "adverse_effect", "head_concept_id": f"{note}-{h}-{mentions[h][1]}",
-             "tail_concept_id": f"{note}-{t}-{mentions[t][1]}", "head_label": mentions[h][0], "head_text": mentions[h][1],
+             "tail_concept_id": f"{note}-{t}-{mentions[t][1]}", "head_label": mentions[h][0],
+             "head_text": mentions[h][1],
              "tail_label": mentions[t][0], "tail_text": mentions[t][1], "chunk_index": 0, "run_id": "run-1",
              "model": "smollm2-135m-instruct", "adapter": "notelake-mt", "adapter_sha256": "ab" * 32,
              "prompt_version": "v2", "fingerprint": "fp", "text_sha256": "t", "extracted_at": RUN_AT,
@@ -105,7 +99,7 @@ def build_warehouse(root: Path):
     relations = [r for n in NOTES for r in _relation_rows(n[0], n[3], n[4], n[5])]
     wh.append("relations", schemas.rows_to_table(relations, schemas.relations_schema(PASSTHROUGH)))
     links = [r for n in NOTES for r in _link_rows(n[0], n[3], n[4])]
-    write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(links, schema=_LINK_SCHEMA),
+    write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(links, schema=schemas.CONCEPT_LINKS_SCHEMA),
                     partition_by=["task", "note_bucket"])
     load_athena(str(DEMO_VOCABULARY), str(root / "vocabulary"))
     return wh
@@ -233,12 +227,14 @@ def test_drug_class_adverse_effects_query(published):
     rows = run_duckdb(wh.root, query_text("drug_class_adverse_effects")).to_pylist()
     assert rows == [
         {"drug_class": "Anticoagulants", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1, "drugs": 1},
-        {"drug_class": "Antithrombotic agents", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1, "drugs": 1},
+        {"drug_class": "Antithrombotic agents", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1,
+         "drugs": 1},
         {"drug_class": "Nonsteroidal anti-inflammatory drugs", "adverse_effect": "Acute kidney injury", "notes": 1,
          "drugs": 1},
         {"drug_class": "Nonsteroidal anti-inflammatory drugs", "adverse_effect": "Gastrointestinal haemorrhage",
          "notes": 1, "drugs": 1},
-        {"drug_class": "Vitamin K antagonists", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1, "drugs": 1}]
+        {"drug_class": "Vitamin K antagonists", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1,
+         "drugs": 1}]
 
 
 def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):
@@ -257,12 +253,14 @@ def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):
     mentions = [n1[4][0], (EFFECT, "renal failure", "present", AKI, None)]
     wh.replace_notes("concepts", schemas.rows_to_table(_concept_rows("N1", 1, n1[2], 0, mentions, run_id="run-2"),
                                                        schemas.concepts_schema(PASSTHROUGH)), TASK, ["N1"], {0})
-    write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(_link_rows("N1", 0, mentions), schema=_LINK_SCHEMA),
-                    mode="overwrite", predicate=f"task = '{TASK}' AND note_bucket = 0 AND note_id = 'N1'")
+    links = pa.Table.from_pylist(_link_rows("N1", 0, mentions), schema=schemas.CONCEPT_LINKS_SCHEMA)
+    write_deltalake(wh.path("concept_links"), links, mode="overwrite",
+                    predicate=f"task = '{TASK}' AND note_bucket = 0 AND note_id = 'N1'")
     wh.delete_notes(TASK, {"N2": 1}, tables=("concepts", "relations", "concept_links"))
-    relinked = [{**r, "omop_concept_id": 0, "domain_id": None, "match_type": "none"} for r in _link_rows("N6", 1, NOTES[5][4])]
-    write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(relinked, schema=_LINK_SCHEMA), mode="overwrite",
-                    predicate=f"task = '{TASK}' AND note_bucket = 1 AND note_id = 'N6'")
+    relinked = [{**r, "omop_concept_id": 0, "domain_id": None, "match_type": "none"}
+                for r in _link_rows("N6", 1, NOTES[5][4])]
+    write_deltalake(wh.path("concept_links"), pa.Table.from_pylist(relinked, schema=schemas.CONCEPT_LINKS_SCHEMA),
+                    mode="overwrite", predicate=f"task = '{TASK}' AND note_bucket = 1 AND note_id = 'N6'")
     stats = publish_omop(spark, wh, omop_settings, [TASK])
     assert (stats.notes_published, stats.notes_removed, stats.buckets_visited) == (2, 1, 2)
 
