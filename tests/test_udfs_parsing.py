@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from notelake.conf.task import Task, load_task
+from notelake.udfs.answer import line_items_bound
 from notelake.udfs.parsing import (
     PARSER_VERSION,
     ParsedAnswer,
@@ -107,6 +108,20 @@ def test_a_cut_line_loses_its_repeated_items(phee):
     assert parsed.warnings[-1].startswith("output cut at max_tokens: line 1: 2 item(s)")
     repeated = "ADE_trigger: caused | Drug: PHT | Drug: PHT\nDrug: x"
     assert [c.text for c in parse_answer(repeated, phee).concepts] == ["caused", "PHT", "PHT", "x"]  # complete: kept
+
+
+def test_a_line_ended_by_the_item_bound_loses_its_repeated_items(phee):
+    n = line_items_bound(phee)
+    drugs = [f"Drug: d{k}" for k in range(3)]
+    runaway = " | ".join(["ADE_trigger: caused", *(drugs * n)][:n])  # the grammar ended it at n items
+    parsed = parse_answer(runaway, phee)
+    assert [c.text for c in parsed.concepts] == ["caused", "d0", "d1", "d2"]
+    assert parsed.warnings == [f"line ran into its item bound: line 1: {n - 4} item(s) from its first repeated item "
+                               "on dropped"]
+    shorter = " | ".join(["ADE_trigger: caused", *(drugs * n)][:n - 1])  # the model ended it: kept as written
+    assert len(parse_answer(shorter, phee).concepts) == n - 1
+    twice = " | ".join(["ADE_trigger: caused", "Drug: d0", "Drug: d0", *(f"Effect: e{k}" for k in range(n - 3))])
+    assert len(parse_answer(twice, phee).concepts) == n  # a drug named twice in its sentence is no loop
 
 
 def test_a_cut_answer_loses_its_loop(maccrobat):

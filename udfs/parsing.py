@@ -7,7 +7,8 @@ task label names only, never the raw output or note text (PHI).
 An answer cut at ``max_tokens`` loses its last (partial) item and the loop that ran it out of budget: from the
 first line that repeats an earlier one, the rest; in a line, from the first item that repeats an earlier item of
 that line, the rest of the line (greedy decoding that runs out of budget is looping: measured on PHEE and
-MACCROBAT dev).
+MACCROBAT dev). A line that reached the task's item bound (``udfs.answer.line_items_bound``: the grammar ended it)
+with an item in it three times loses its repeated items the same way, cut or not.
 
 A concept is returned with the index of its event's anchor (arguments are grounded next to their anchor); a
 relation's tail is a concept index, or, for a reference item, the mention text to resolve against the answer's
@@ -17,10 +18,11 @@ grounded concepts (udfs/assemble.py).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from notelake.conf.task import Task
-from notelake.udfs.answer import ASSERTIONS, ITEM_SEP, NONE, reference_relations
+from notelake.udfs.answer import ASSERTIONS, ITEM_SEP, NONE, line_items_bound, reference_relations
 
 #: Version of the parsing rules and of what happens to a window around them (udfs/windows.py: no model call for a
 #: window without prose, a cut window extracted again in pieces): part of the extraction fingerprint.
@@ -28,6 +30,7 @@ PARSER_VERSION = "p3"
 
 ERROR_TYPES = ("empty_output", "not_text", "no_answer_lines", "truncated_output")
 
+_SEP = ITEM_SEP.strip()
 _ITEM = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_-]*)\s*(?:\(\s*([A-Za-z]+)\s*\))?\s*:\s*(.*?)\s*$", re.DOTALL)
 
 
@@ -92,7 +95,7 @@ class _Builder:
             self.relations.append(ParsedRelation(label, head, tail))
 
     def line(self, line_no: int, raw_line: str) -> None:
-        items = [_parse_item(part) for part in raw_line.split(ITEM_SEP.strip())]
+        items = [_parse_item(part) for part in raw_line.split(_SEP)]
         if items[0] is None or items[0][0] not in self.task.concepts:
             self.warnings.append(f"line {line_no}: no concept label at its start, dropped")
             return
@@ -142,10 +145,9 @@ def _cut_loop(lines: list[tuple[int, str]], warnings: list[str]) -> list[tuple[i
     A small model that runs out of budget is repeating itself (measured on PHEE and MACCROBAT dev): from the first
     line equal to an earlier one on, the rest is the loop; within a line, from the first item equal to an earlier
     item of the line on."""
-    sep = ITEM_SEP.strip()
     *complete, (last_no, last) = lines
-    kept = last.split(sep)[:-1]
-    lines = [*complete, (last_no, sep.join(kept))] if kept else complete
+    kept = last.split(_SEP)[:-1]
+    lines = [*complete, (last_no, _SEP.join(kept))] if kept else complete
     warnings.append("output cut at max_tokens: its last item dropped")
     seen: set[str] = set()
     for k, (_, line) in enumerate(lines):
@@ -155,15 +157,28 @@ def _cut_loop(lines: list[tuple[int, str]], warnings: list[str]) -> list[tuple[i
             lines = lines[:k]
             break
         seen.add(line)
-    out = []
-    for line_no, line in lines:
-        items = [item.strip() for item in line.split(sep)]
-        first_repeat = next((k for k, item in enumerate(items) if item in items[:k]), len(items))
-        if first_repeat < len(items):
-            warnings.append(f"output cut at max_tokens: line {line_no}: {len(items) - first_repeat} item(s) from "
-                            "its first repeated item on dropped")
-        out.append((line_no, ITEM_SEP.join(items[:first_repeat])))
-    return out
+    return [(n, _until_repeat(n, line, warnings, "output cut at max_tokens")) for n, line in lines]
+
+
+def _end_runaway_line(line_no: int, line: str, bound: int, warnings: list[str]) -> str:
+    """A line that reached the grammar's item bound was ended by the grammar, not by the model. When one of its items
+    stands there a third time it was looping (PHEE dev: events that repeat their arguments; in the gold answers of
+    PHEE train and dev one line in 3,989 holds an item three times, 48 hold one twice): its repeated items go as a
+    cut line's do."""
+    items = [item.strip() for item in line.split(_SEP)]
+    if len(items) < bound or max(Counter(items).values()) < 3:
+        return line
+    return _until_repeat(line_no, line, warnings, "line ran into its item bound")
+
+
+def _until_repeat(line_no: int, line: str, warnings: list[str], why: str) -> str:
+    """``line`` up to its first item equal to an earlier item of the line."""
+    items = [item.strip() for item in line.split(_SEP)]
+    first_repeat = next((k for k, item in enumerate(items) if item in items[:k]), len(items))
+    if first_repeat < len(items):
+        warnings.append(f"{why}: line {line_no}: {len(items) - first_repeat} item(s) from its first repeated item on "
+                        "dropped")
+    return ITEM_SEP.join(items[:first_repeat])
 
 
 def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFailure:
@@ -178,6 +193,7 @@ def _parse(raw: object, task: Task, truncated: bool) -> ParsedAnswer | ParseFail
     lines = [(n, line.strip()) for n, line in enumerate(raw.splitlines(), start=1) if line.strip()]
     lines = [(n, line) for n, line in lines if not line.startswith("```")]
     builder = _Builder(task)
+    lines = [(n, _end_runaway_line(n, line, line_items_bound(task), builder.warnings)) for n, line in lines]
     if truncated:
         lines = _cut_loop(lines, builder.warnings)
         if not lines:
