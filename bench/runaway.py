@@ -12,7 +12,9 @@ without prose, a cut window extracted again in smaller pieces), as the job does.
 ``--out``: counts, rates and scores only, never note or output text.
 
 ``--keep-outputs FILE`` also writes every window's raw answer (JSONL) for inspection: model output copies note
-text, so on clinical notes that file holds PHI: keep it local, never commit or share it.
+text, so on clinical notes that file holds PHI: keep it local, never commit or share it. ``--rescore FILE`` scores
+such a file again with the parser and assembler of this checkout, without an engine (greedy answers do not change
+when only parsing does): ``... --rescore runs/runaway/phee.answers.jsonl --out runs/runaway/phee-rescored``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="windows per engine call (the job's ray.batch_size)")
     p.add_argument("--keep-outputs", default=None, metavar="FILE",
                    help="write every window's raw answer here (holds note text: local inspection only)")
+    p.add_argument("--rescore", default=None, metavar="FILE",
+                   help="no engine: score the answers of a --keep-outputs file with this checkout's parsing")
     p.add_argument("--out", required=True)
     return p
 
@@ -152,9 +156,45 @@ def _f1(row: dict | None) -> dict | None:
                                      "n_pred": row["n_pred"], "n_gold": row["n_gold"]}
 
 
+def rescore(args) -> dict:
+    """The scores of the answers kept by an earlier run (``--keep-outputs``), parsed and assembled again."""
+    from notelake.conf.task import load_task
+    from notelake.models.evaluation import read_gold, select_slice
+    from notelake.udfs.chunking import Chunk
+    from notelake.udfs.windows import NoteWindows
+
+    task = load_task(args.task)
+    records = select_slice(read_gold(args.gold), args.limit, args.seed)
+    kept: dict[str, list[dict]] = {}
+    with open(args.rescore, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            kept.setdefault(row["note_id"], []).append(row)
+    notes = []
+    for rec in records:
+        rows = kept.get(rec["note_id"], [])
+        notes.append(NoteWindows(
+            [Chunk(i, r["start"], r["end"], rec["text"][r["start"]:r["end"]]) for i, r in enumerate(rows)],
+            [_KeptAnswer(r["text"], r["finish_reason"], r["output_tokens"]) for r in rows]))
+    return {"task": task.name, "gold": args.gold, "notes": len(records), "rescored": args.rescore,
+            "command": "python -m bench.runaway " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "windows": sum(len(n.chunks) for n in notes),
+            "output_tokens": sum(o.output_tokens for n in notes for o in n.outputs),
+            "scores": _score(task, records, notes, cut_final=not args.plain)}
+
+
+class _KeptAnswer:
+    """An answer read back from a --keep-outputs file, shaped like an engine result."""
+
+    error = spans = relations = None
+
+    def __init__(self, text: str, finish_reason: str, output_tokens: int):
+        self.text, self.finish_reason, self.output_tokens = text, finish_reason, output_tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run(args)
+    report = rescore(args) if args.rescore else run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
