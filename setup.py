@@ -26,12 +26,13 @@ setup(
     version="0.5.0",
     description="Distributed batch extraction of clinical concepts and relations into Delta tables",
     python_requires=">=3.11",
-    packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES],
+    packages=["notelake"] + [f"notelake.{name}" for name in SUBPACKAGES] + ["notelake.jobs.extraction"],
     package_dir={"notelake": "notelake", **{f"notelake.{k}": v for k, v in SUBPACKAGES.items()}},
     package_data={
         "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml", "train/exp/*.yaml"],
         "notelake.models": ["adapters/*/*", "taggers/*/*", "baselines/*.json"],
         "notelake.jobs": ["sql/*.sql"],
+        "notelake.jobs.extraction": ["log4j2.properties"],  # Spark's JVM log levels for the job
     },
     include_package_data=True,
     # The base install runs `notelake sql` over the output tables (DuckDB, Polars) without Spark or an engine.

@@ -45,9 +45,9 @@ ONE_BATCH_AT_A_TIME = {"ray": {"batches_ahead": 0}}
 def bench_settings(args, **overrides):
     """``--conf`` with the bench's answer budget and task; base model unless ``engine={"adapter": ...}``. The
     engine is the one the job starts for these settings (no LoRA support without an adapter to serve,
-    jobs.extract.job_engine_settings) unless the row sets ``enable_lora`` itself (adapters served per request)."""
+    jobs.extraction.identity.job_engine_settings) unless the row sets ``enable_lora`` itself (adapters served per request)."""
     from notelake.conf import load_settings
-    from notelake.jobs.extract import job_engine_settings
+    from notelake.jobs.extraction.identity import job_engine_settings
 
     engine = {"adapter": None, "max_tokens": args.max_tokens, **overrides.pop("engine", {})}
     # The bench measures speed: answers cut at a small --max-tokens are failed notes, not a failed run.
@@ -354,8 +354,8 @@ def timed_bare_on_job_engine(name: str, pool, task, texts: list[str], max_tokens
 
 
 def timed_job(name: str, settings, spark, source: str, output: str, pool=None, task=None, **extra) -> dict:
-    """One ``jobs.extract.run`` on a warm Spark, Ray and engine; counts and tokens from its ``runs`` row."""
-    from notelake.jobs.extract import run
+    """One ``jobs.extraction.job.run`` on a warm Spark, Ray and engine; counts and tokens from its ``runs`` row."""
+    from notelake.jobs.extraction.job import run
 
     first_token_s = None
     if pool is not None:  # same cache state as the bare passes: shared prefix only
@@ -399,7 +399,7 @@ def project_functions(profiler, top: int = 20) -> list[dict]:
 def timed_job_without_spark(name: str, settings, notes, output: str, pool, task) -> dict:
     """The job's executor path without Spark: ``extract_batches`` (chunk, prompt, EnginePool.generate, parse,
     ground, stage; ``ray.batches_ahead`` sent ahead) on Arrow batches of ``spark.arrow_batch_size`` notes, in
-    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates
+    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``commit_round`` to Delta. Isolates
     what Spark adds to the job."""
     import shutil
     import uuid
@@ -407,8 +407,9 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
 
     import pyarrow as pa
 
-    from notelake.jobs.extract import describe_extraction, load_round
-    from notelake.jobs.stage import SUMMARY_SCHEMA, RunContext, extract_batches
+    from notelake.jobs.extraction.commit import commit_round
+    from notelake.jobs.extraction.identity import describe_extraction
+    from notelake.jobs.extraction.stage import OUTCOME_SCHEMA, StageContext, extract_batches
     from notelake.jobs.warehouse import open_warehouse
     from notelake.udfs.hashing import note_bucket, sha256_text
 
@@ -417,16 +418,13 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
     passthrough = ("patient_id", "note_date", "note_type")
     with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
-        ident = describe_extraction(settings, task)
         run_id = f"bench-nospark-{uuid.uuid4().hex[:8]}"
-        lineage = {"run_id": run_id, **{k: ident[k] for k in ("model", "adapter", "adapter_sha256", "prompt_version",
-                                                               "fingerprint")}}
+        lineage = describe_extraction(settings, task).lineage(run_id)
         warehouse = open_warehouse(output, {"notelake.run_id": run_id})
         buckets = warehouse.note_buckets(settings.job.note_buckets)
         staging = Path(output) / "_staging" / run_id
-        ctx = RunContext(run_id=run_id, task_defs={task.name: task.model_dump(mode="json")},
-                         settings=settings.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
-                         passthrough=passthrough, lineages={task.name: lineage})
+        ctx = StageContext(settings=settings, tasks={task.name: task}, lineages={task.name: lineage},
+                           staging_dir=str(staging), passthrough=passthrough)
         n = notes.num_rows
         hashed = notes.append_column("text_sha256", pa.array([sha256_text(t) for t in notes["text"].to_pylist()])) \
             .append_column("note_bucket", pa.array([note_bucket(i, buckets) for i in notes["note_id"].to_pylist()],
@@ -440,14 +438,14 @@ def timed_job_without_spark(name: str, settings, notes, output: str, pool, task)
         with ThreadPoolExecutor(partitions) as threads:
             streams = threads.map(lambda p: [b for _, b in extract_batches(batches[p::partitions], ctx, lambda: pool,
                                                                              f"driver-p{p}")], range(partitions))
-            summaries = pa.Table.from_batches([b for stream in streams for b in stream], SUMMARY_SCHEMA)
-        load_round(warehouse, str(staging), summaries.to_pylist(), hashed.select(list(passthrough)).schema)
+            outcomes = pa.Table.from_batches([b for stream in streams for b in stream], OUTCOME_SCHEMA)
+        commit_round(warehouse, str(staging), outcomes.to_pylist(), hashed.select(list(passthrough)).schema)
         shutil.rmtree(staging, ignore_errors=True)
         wall = time.monotonic() - t0
-    status = summaries["status"].to_pylist()
+    status = outcomes["status"].to_pylist()
     log.info("%s: %d notes in %.1f s", name, len(status), wall)
-    return row(name, notes=len(status), wall_s=wall, tokens_in=sum(summaries["tokens_in"].to_pylist()),
-               tokens_out=sum(summaries["tokens_out"].to_pylist()), usage=mem,
+    return row(name, notes=len(status), wall_s=wall, tokens_in=sum(outcomes["tokens_in"].to_pylist()),
+               tokens_out=sum(outcomes["tokens_out"].to_pylist()), usage=mem,
                succeeded=status.count("succeeded"), failed=status.count("failed"), skipped=0,
                first_token_s=first_token_s,
                batching={"batch_size": settings.ray.batch_size, "max_in_flight": settings.ray.max_in_flight,
@@ -472,7 +470,8 @@ def _start_engine_pool(settings, task) -> tuple:
 def _start_job_stack(settings, task, work: Path):
     """Spark, Ray and the engine pool, each timed (row 7's fixed costs), the first-token probe, then one job run
     on 4 other notes: it starts Spark's Python workers and their Ray connections, which every later run reuses."""
-    from notelake.jobs.extract import run, start_spark
+    from notelake.jobs.extraction.job import run
+    from notelake.jobs.extraction.session import start_spark
 
     with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
@@ -652,7 +651,7 @@ def row_nightly(args) -> dict:
     """#13's nightly sequence on --scaling[0] notes (REPLAY engine, --propagate-deletes): night 1 full, night 2
     unchanged, night 3 with 1 % of the notes edited, 0.1 % deleted, 10 bad rows and one changed patient_id. Each
     night's exit code and the exact counts of its runs row."""
-    from notelake.jobs.extract import run
+    from notelake.jobs.extraction.job import run
 
     work = Path(args.work)
     settings, spark, pool, fixed = _replay_stack(args, work, propagate_deletes=True)
