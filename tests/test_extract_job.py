@@ -7,6 +7,8 @@ engine actor serve every test here.
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pyarrow as pa
 import pytest
@@ -14,15 +16,16 @@ from deltalake import DeltaTable
 from jobkit import (assert_no_duplicates, job_settings, offsets_exact, sample_notes, sorted_rows, table, write_conf,
                     write_notes)
 
-from notelake.jobs import cohort
 from notelake.conf.task import load_task
+from notelake.jobs import cohort
+from notelake.jobs.cohort import query_text, run_duckdb, run_spark
 from notelake.jobs.extraction import job
 from notelake.jobs.extraction.cli import parse_duration
 from notelake.jobs.extraction.identity import job_engine_settings
-from notelake.jobs.extraction.plan import PlanRules, chunks_col, classify_rejected, plan_actions, select_notes, summarize_plan
+from notelake.jobs.extraction.plan import (PlanRules, chunks_col, classify_rejected, plan_actions, select_notes,
+                                           summarize_plan)
 from notelake.jobs.extraction.read import InputError, read_input
-from notelake.jobs.extraction.report import ExitCode
-from notelake.jobs.cohort import query_text, run_duckdb, run_spark
+from notelake.jobs.extraction.report import ExitCode, Progress, TaskCounts
 from notelake.jobs.warehouse import read_delta_arrow
 from notelake.udfs import schemas
 
@@ -245,6 +248,22 @@ def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, en
         for name in ("concepts", "relations", "ledger"):
             assert gone not in table(out, name)["note_id"].to_pylist(), name
     assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted([notes[0]["note_id"], notes[2]["note_id"]])
+
+
+def test_first_progress_line_follows_the_engines_first_answer(engine_pool, caplog):
+    """The first progress line does not wait for job.progress_interval_s: it comes once the engines have answered
+    a prompt (then one per interval)."""
+    from notelake.models.engine import GenerationRequest
+
+    request = GenerationRequest("p1", [{"role": "user", "content": "Say hello."}], max_tokens=8)
+    with caplog.at_level(logging.INFO, logger="notelake.extract"):
+        with Progress(engine_pool, interval_s=600, notes=1, prompts=1, counts=[TaskCounts(selected=1)]):
+            assert engine_pool.generate([request])[0].error is None
+            deadline = time.monotonic() + 30
+            while "progress:" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) == 1 and "0/1 notes committed, 1/~1 prompts" in lines[0]
 
 
 def test_parse_duration():

@@ -2,21 +2,23 @@
 unless ``--verbose``.
 
 Spark's and Ray's level follows the Python logger ``pyspark`` (:func:`configure_logging` sets it; a process that
-never calls it, such as a test, gets WARN). Spark's JVM is reached three ways:
+never calls it, such as a test, gets WARN). At WARN, Spark's JVM logs through ``log4j2.properties`` beside this
+module, reached two ways:
 
 * a session this job starts (``python -m notelake.jobs.extract``, ``notelake extract``, tests, benchmarks): the
-  JVM is launched with ``spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=<log4j2.properties beside this
-  module>``, so even its start-up is quiet. A ``spark.driver.extraJavaOptions`` in the settings' ``spark.extra``
-  replaces it: Spark's start-up lines then show, and the level applies once the session exists;
-* under ``spark-submit`` the JVM already runs with Spark's own configuration when Python starts: the root level is
-  set through the py4j gateway (log4j2's ``Configurator``) before the SparkContext is created, so the context's
-  start-up lines are not printed. What spark-submit prints before it starts Python follows its own options:
-  ``spark-submit --driver-java-options -Dlog4j2.configurationFile=file:<that file> jobs/extract.py ...`` quiets
-  those too;
-* executors: in local mode they run in the driver's JVM; on a cluster they write to their own logs (YARN, the
-  standalone workers' folders), which the cluster's log4j2 configuration governs.
+  JVM is launched with ``spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=<that file>``, so even its
+  start-up is quiet. A ``spark.driver.extraJavaOptions`` in the settings' ``spark.extra`` replaces it (Spark's
+  start-up lines then show, and WARN applies once the session exists);
+* under ``spark-submit`` the JVM already runs when Python starts. If it runs on Spark's default log profile, the
+  job points log4j2 at its file through the py4j gateway before the SparkContext is created (the context re-reads
+  the profile it finds when it starts, so a level set now would not last); a log4j2 configuration of the
+  cluster's own is kept and only its root level is set to WARN once the session exists. The lines spark-submit
+  prints before it starts Python follow its own options: ``spark-submit --driver-java-options
+  -Dlog4j2.configurationFile=file:<that file> jobs/extract.py ...`` quiets those too.
 
-Ray's driver logger is set again after Ray starts (``ray.init`` sets it to the engine pool's WARNING).
+Executors run in the driver's JVM in local mode; on a cluster they write to their own logs (YARN containers, the
+standalone workers' folders) under the cluster's configuration. Ray's driver logger is set again once Ray is up
+(``ray.init`` sets its own level).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ
     if submitted:
         SparkContext._ensure_initialized()
-        _set_jvm_level(SparkContext._jvm, level)
+        if level == "WARN":
+            _use_job_log_profile(SparkContext._jvm)
     conf = SparkConf()
     builder = SparkSession.builder.appName(app_name)
     if not conf.contains("spark.master"):
@@ -103,7 +106,10 @@ def _spark_defaults(settings: Settings, quiet_jvm: bool) -> dict[str, str]:
     return defaults
 
 
-def _set_jvm_level(jvm, level: str) -> None:
-    """Set the root level of a running JVM's log4j2 (what ``SparkContext.setLogLevel`` does, before a context)."""
-    log4j = jvm.org.apache.logging.log4j
-    log4j.core.config.Configurator.setRootLevel(log4j.Level.toLevel(level))
+def _use_job_log_profile(jvm) -> None:
+    """Point a running JVM's log4j2 at the job's file when it is on Spark's default profile (which Spark loads from
+    its own jar when no configuration was given); a configuration of the cluster's own is left alone."""
+    context = jvm.org.apache.logging.log4j.LogManager.getContext(False)
+    location = context.getConfigLocation()
+    if location is None or "org/apache/spark/log4j2" in location.toString():
+        context.setConfigLocation(jvm.java.net.URI(LOG4J2_PROPERTIES.as_uri()))
