@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("notelake.extract")
 
 #: how often the progress thread asks the engines for their counters until they have answered a first prompt
-FIRST_ANSWER_POLL_S = 1.0
+FIRST_ANSWER_POLL_S = 0.5
 
 
 class ExitCode(IntEnum):
