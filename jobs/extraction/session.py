@@ -2,19 +2,18 @@
 unless ``--verbose``.
 
 Spark's and Ray's level follows the Python logger ``pyspark`` (:func:`configure_logging` sets it; a process that
-never calls it, such as a test, gets WARN). At WARN, Spark's JVM logs through ``log4j2.properties`` beside this
-module, reached two ways:
+never calls it, such as a test, gets WARN). At WARN:
 
-* a session this job starts (``python -m notelake.jobs.extract``, ``notelake extract``, tests, benchmarks): the
-  JVM is launched with ``spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=<that file>``, so even its
-  start-up is quiet. A ``spark.driver.extraJavaOptions`` in the settings' ``spark.extra`` replaces it (Spark's
-  start-up lines then show, and WARN applies once the session exists);
-* under ``spark-submit`` the JVM already runs when Python starts. If it runs on Spark's default log profile, the
-  job points log4j2 at its file through the py4j gateway before the SparkContext is created (the context re-reads
-  the profile it finds when it starts, so a level set now would not last); a log4j2 configuration of the
-  cluster's own is kept and only its root level is set to WARN once the session exists. The lines spark-submit
-  prints before it starts Python follow its own options: ``spark-submit --driver-java-options
-  -Dlog4j2.configurationFile=file:<that file> jobs/extract.py ...`` quiets those too.
+* the session is started with ``spark.log.level=WARN``, which Spark applies as its SparkContext starts (under
+  ``spark-submit`` too, whose JVM is already running when Python starts). The three lines naming Spark's, the OS's
+  and Java's versions come before it; a ``--conf spark.log.level=...`` of spark-submit wins;
+* a session this job starts itself (``python -m notelake.jobs.extract``, ``notelake extract``, tests, benchmarks)
+  also launches its JVM with ``spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=<log4j2.properties beside
+  this module>``, so not even its start-up prints at INFO. A ``spark.driver.extraJavaOptions`` in the settings'
+  ``spark.extra`` replaces that option. Under spark-submit, ``--driver-java-options
+  -Dlog4j2.configurationFile=file:<that file>`` does the same for the lines spark-submit prints before Python
+  starts (setting the file from Python comes too late: the SparkContext reloads Spark's default profile as it
+  starts).
 
 Executors run in the driver's JVM in local mode; on a cluster they write to their own logs (YARN containers, the
 standalone workers' folders) under the cluster's configuration. Ray's driver logger is set again once Ray is up
@@ -74,13 +73,11 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ
     if submitted:
         SparkContext._ensure_initialized()
-        if level == "WARN":
-            _use_job_log_profile(SparkContext._jvm)
     conf = SparkConf()
     builder = SparkSession.builder.appName(app_name)
     if not conf.contains("spark.master"):
         builder = builder.master(settings.spark.master)
-    for key, value in {**_spark_defaults(settings, quiet_jvm=not submitted and level == "WARN"),
+    for key, value in {**_spark_defaults(settings, quiet=level == "WARN", launches_jvm=not submitted),
                        **settings.spark.extra}.items():
         if not conf.contains(key):
             builder = builder.config(key, value)
@@ -89,7 +86,7 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
     return spark
 
 
-def _spark_defaults(settings: Settings, quiet_jvm: bool) -> dict[str, str]:
+def _spark_defaults(settings: Settings, quiet: bool, launches_jvm: bool) -> dict[str, str]:
     defaults = {
         "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(settings.spark.arrow_batch_size),
@@ -101,15 +98,8 @@ def _spark_defaults(settings: Settings, quiet_jvm: bool) -> dict[str, str]:
         # files Spark itself writes (staged rejections and rounds, local dirs) get the same restrictive umask
         "spark.hadoop.fs.permissions.umask-mode": settings.job.umask[-3:],
     }
-    if quiet_jvm:  # read when the JVM starts, before Spark logs its first line
-        defaults["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={LOG4J2_PROPERTIES.as_uri()}"
+    if quiet:
+        defaults["spark.log.level"] = "WARN"
+        if launches_jvm:  # read when the JVM starts, before Spark logs its first line
+            defaults["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={LOG4J2_PROPERTIES.as_uri()}"
     return defaults
-
-
-def _use_job_log_profile(jvm) -> None:
-    """Point a running JVM's log4j2 at the job's file when it is on Spark's default profile (which Spark loads from
-    its own jar when no configuration was given); a configuration of the cluster's own is left alone."""
-    context = jvm.org.apache.logging.log4j.LogManager.getContext(False)
-    location = context.getConfigLocation()
-    if location is None or "org/apache/spark/log4j2" in location.toString():
-        context.setConfigLocation(jvm.java.net.URI(LOG4J2_PROPERTIES.as_uri()))
