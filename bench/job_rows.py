@@ -1,4 +1,4 @@
-"""Benchmark rows that time the job (``jobs.extract.run``) on a warm Spark, Ray and engine pool: the job end to
+"""Benchmark rows that time the job (``jobs.extraction.job.run``) on a warm Spark, Ray and engine pool: the job end to
 end paired with bare vLLM on its own engine (row 2), its batches one at a time, without Spark, the incremental
 rerun (row 5), corpus scaling (row 6), the fixed costs (row 7), and two tasks in one pass against two runs."""
 
@@ -110,9 +110,9 @@ def batching(settings) -> dict:
 
 def timed_job(name: str, stack: JobStack, settings, source: str, output: str, *, probe: bool = True,
               **extra) -> dict:
-    """One ``jobs.extract.run`` on the stack's warm Spark, Ray and engine, after a first-token probe when
+    """One ``jobs.extraction.job.run`` on the stack's warm Spark, Ray and engine, after a first-token probe when
     ``probe``; counts and tokens from its ``runs`` row, ``extra`` joins the row."""
-    from notelake.jobs.extract import run
+    from notelake.jobs.extraction.job import run
 
     first_token_s = _first_token(stack) if probe else None  # same cache state as the bare passes: shared prefix only
     stack.spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(settings.spark.arrow_batch_size))
@@ -151,7 +151,7 @@ def project_functions(profiler, top: int = 20) -> list[dict]:
 def timed_job_without_spark(name: str, stack: JobStack, settings, notes, output: str) -> dict:
     """The job's executor path without Spark: ``extract_batches`` (chunk, prompt, EnginePool.generate, parse,
     ground, stage; ``ray.batches_ahead`` sent ahead) on Arrow batches of ``spark.arrow_batch_size`` notes, in
-    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``load_round`` to Delta. Isolates
+    ``num_actors x max_in_flight`` threads (the job's Spark partitions), then ``commit_round`` to Delta. Isolates
     what Spark adds to the job."""
     import shutil
     import uuid
@@ -159,8 +159,9 @@ def timed_job_without_spark(name: str, stack: JobStack, settings, notes, output:
 
     import pyarrow as pa
 
-    from notelake.jobs.extract import describe_extraction, load_round
-    from notelake.jobs.stage import SUMMARY_SCHEMA, RunContext, extract_batches
+    from notelake.jobs.extraction.commit import commit_round
+    from notelake.jobs.extraction.identity import describe_extraction
+    from notelake.jobs.extraction.stage import OUTCOME_SCHEMA, StageContext, extract_batches
     from notelake.jobs.warehouse import open_warehouse
     from notelake.udfs.hashing import note_bucket, sha256_text
 
@@ -169,16 +170,13 @@ def timed_job_without_spark(name: str, stack: JobStack, settings, notes, output:
     passthrough = ("patient_id", "note_date", "note_type")
     with ProcessTreeUsage() as mem:
         t0 = time.monotonic()
-        ident = describe_extraction(settings, task)
         run_id = f"bench-nospark-{uuid.uuid4().hex[:8]}"
-        lineage = {"run_id": run_id, **{k: ident[k] for k in ("model", "adapter", "adapter_sha256", "prompt_version",
-                                                               "fingerprint")}}
+        lineage = describe_extraction(settings, task).lineage(run_id)
         warehouse = open_warehouse(output, {"notelake.run_id": run_id})
         buckets = warehouse.note_buckets(settings.job.note_buckets)
         staging = Path(output) / "_staging" / run_id
-        ctx = RunContext(run_id=run_id, task_defs={task.name: task.model_dump(mode="json")},
-                         settings=settings.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
-                         passthrough=passthrough, lineages={task.name: lineage})
+        ctx = StageContext(settings=settings, tasks={task.name: task}, lineages={task.name: lineage},
+                           staging_dir=str(staging), passthrough=passthrough)
         n = notes.num_rows
         hashed = notes.append_column("text_sha256", pa.array([sha256_text(t) for t in notes["text"].to_pylist()])) \
             .append_column("note_bucket", pa.array([note_bucket(i, buckets) for i in notes["note_id"].to_pylist()],
@@ -192,14 +190,14 @@ def timed_job_without_spark(name: str, stack: JobStack, settings, notes, output:
         with ThreadPoolExecutor(partitions) as threads:
             streams = threads.map(lambda p: [b for _, b in extract_batches(batches[p::partitions], ctx, lambda: pool,
                                                                              f"driver-p{p}")], range(partitions))
-            summaries = pa.Table.from_batches([b for stream in streams for b in stream], SUMMARY_SCHEMA)
-        load_round(warehouse, str(staging), summaries.to_pylist(), hashed.select(list(passthrough)).schema)
+            outcomes = pa.Table.from_batches([b for stream in streams for b in stream], OUTCOME_SCHEMA)
+        commit_round(warehouse, str(staging), outcomes.to_pylist(), hashed.select(list(passthrough)).schema)
         shutil.rmtree(staging, ignore_errors=True)
         wall = time.monotonic() - t0
-    status = summaries["status"].to_pylist()
+    status = outcomes["status"].to_pylist()
     log.info("%s: %d notes in %.1f s", name, len(status), wall)
-    return row(name, notes=len(status), wall_s=wall, tokens_in=sum(summaries["tokens_in"].to_pylist()),
-               tokens_out=sum(summaries["tokens_out"].to_pylist()), usage=mem,
+    return row(name, notes=len(status), wall_s=wall, tokens_in=sum(outcomes["tokens_in"].to_pylist()),
+               tokens_out=sum(outcomes["tokens_out"].to_pylist()), usage=mem,
                succeeded=status.count("succeeded"), failed=status.count("failed"), skipped=0,
                first_token_s=first_token_s, batching=batching(settings))
 
@@ -223,7 +221,7 @@ def start_engine_pool(settings, task) -> JobStack:
 def start_job_stack(settings, task, work: Path) -> JobStack:
     """Spark, Ray and the engine pool, each timed (row 7's fixed costs), the first-token probe, then one job run
     on 4 other notes: it starts Spark's Python workers and their Ray connections, which every later run reuses."""
-    from notelake.jobs.extract import run, start_spark
+    from notelake.jobs.extraction.job import run, start_spark
 
     with ProcessTreeUsage() as mem:
         t0 = time.monotonic()

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from notelake.conf import load_settings
     from notelake.conf.task import load_task
-    from notelake.jobs.extract import start_spark
+    from notelake.jobs.extraction.session import start_spark
     from notelake.jobs.linking import LINKER_VERSION
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

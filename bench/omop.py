@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from deltalake import write_deltalake
 
     from notelake.conf import load_settings
-    from notelake.jobs.extract import start_spark
+    from notelake.jobs.extraction.session import start_spark
     from notelake.jobs.omop import publish_omop
     from notelake.jobs.vocab import load_athena
     from notelake.jobs.warehouse import open_warehouse

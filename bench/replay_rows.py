@@ -104,7 +104,7 @@ def row_nightly(args) -> dict:
     """The nightly sequence on --scaling[0] notes (REPLAY engine, --propagate-deletes): night 1 full, night 2
     unchanged, night 3 with 1 % of the notes edited, 0.1 % deleted, 10 bad rows and one changed patient_id. Each
     night's exit code and the exact counts of its runs row."""
-    from notelake.jobs.extract import run
+    from notelake.jobs.extraction.job import run
 
     work = Path(args.work)
     settings, stack = _replay_stack(args, work, propagate_deletes=True)

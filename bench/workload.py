@@ -21,9 +21,9 @@ WARMUP_SEED = 10_000  # the 4 notes every engine runs once before its timed pass
 def bench_settings(args, **overrides):
     """``--conf`` with the bench's answer budget and task; base model unless ``engine={"adapter": ...}``. The
     engine is the one the job starts for these settings (no LoRA support without an adapter to serve,
-    jobs.extract.job_engine_settings) unless the row sets ``enable_lora`` itself (adapters served per request)."""
+    jobs.extraction.identity.job_engine_settings) unless the row sets ``enable_lora`` itself (adapters served per request)."""
     from notelake.conf import load_settings
-    from notelake.jobs.extract import job_engine_settings
+    from notelake.jobs.extraction.identity import job_engine_settings
 
     engine = {"adapter": None, "max_tokens": args.max_tokens, **overrides.pop("engine", {})}
     # The bench measures speed: answers cut at a small --max-tokens are failed notes, not a failed run.

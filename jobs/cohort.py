@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "spark":
             from pyspark.errors import AnalysisException  # parse errors too: ParseException is one
 
-            from notelake.jobs.extract import start_spark
+            from notelake.jobs.extraction.session import start_spark
 
             spark = start_spark(settings, app_name="notelake-sql")
             try:

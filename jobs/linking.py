@@ -602,7 +602,7 @@ def run(settings: Settings, output: str, spark=None) -> LinkStats:
             warehouse = open_warehouse(out, {"notelake.operation": "link", "notelake.linker": LINKER_VERSION},
                                        storage.settings_options(settings))
             if spark is None:
-                from notelake.jobs.extract import start_spark
+                from notelake.jobs.extraction.session import start_spark
 
                 spark = start_spark(settings, app_name="notelake-link")
             return link_concepts(spark, warehouse, settings, tasks)
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 4
     except Exception as exc:  # noqa: BLE001 - one PHI-safe line: a Spark error may quote a mention
-        from notelake.jobs.extract import describe_failure
+        from notelake.jobs.extraction.cli import describe_failure
 
         log.error("link failed: %s", describe_failure(exc))
         return 5

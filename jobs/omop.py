@@ -320,7 +320,7 @@ def _stage_pass(spark, warehouse: Warehouse, ctx: _Publish, task: str, buckets: 
     tables read back (changes, mentions, relations), empty ones for what there is not."""
     from pyspark.sql import functions as F
 
-    from notelake.jobs.stage import stage_frame
+    from notelake.jobs.extraction.staging import stage_frame
 
     where = storage.join(ctx.staging, f"{task}-{buckets[0]}")
     umask = ctx.settings.job.umask
@@ -644,7 +644,7 @@ def run(settings: Settings, output: str, tasks: list[str], spark=None) -> OmopSt
             warehouse = open_warehouse(out, {"notelake.operation": "omop", "notelake.omop_stage": OMOP_STAGE_VERSION},
                                        opts, fence=lock.check)
             if spark is None:
-                from notelake.jobs.extract import start_spark
+                from notelake.jobs.extraction.session import start_spark
 
                 spark = start_spark(settings, app_name="notelake-omop")
             return publish_omop(spark, warehouse, settings, tasks)
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 4
     except Exception as exc:  # noqa: BLE001 - one PHI-safe line: a Spark error may quote a mention
-        from notelake.jobs.extract import describe_failure
+        from notelake.jobs.extraction.cli import describe_failure
 
         log.error("omop publish failed: %s", describe_failure(exc))
         return 5

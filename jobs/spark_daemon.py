@@ -2,11 +2,11 @@
 
 Spark forks the executors' Python workers (the job's ``mapInArrow`` tasks) from a daemon, ``python -m
 <spark.python.daemon.module> <worker module>``; a fresh worker then imports what its task needs (pyarrow, pandas,
-pydantic, the job's stage: ~0.6 s of CPU each). Spark ends workers idle for a minute, so a run pays that again for
-each worker it starts: staging a round took 0.78-0.98 s with new workers from Spark's daemon and at most 0.37 s from
-this one (docs/benchmarks.md, session 21). :func:`start_spark <notelake.jobs.extract.start_spark>` sets this module
-as ``spark.python.daemon.module``; forked workers inherit the imports. (The planners of Python data sources fork
-from pyspark's own daemon whatever the setting.)
+pydantic, the job's stage). Spark ends workers idle for a minute, so a run pays those imports again for each worker
+it starts; workers forked from this daemon inherit them (what that saves per round: docs/benchmarks.md).
+:func:`start_spark <notelake.jobs.extraction.session.start_spark>` sets this module as
+``spark.python.daemon.module``. (The planners of Python data sources fork from pyspark's own daemon whatever the
+setting.)
 
 Fork safety: pyspark's own daemon imports nothing before it forks, because numpy's BLAS and pyarrow's jemalloc start
 threads when loaded, and a fork copies only the forking thread. Both are asked not to (one BLAS thread, no jemalloc
@@ -22,10 +22,10 @@ import importlib
 import os
 import sys
 
-#: what the job's workers import (the stage brings storage, conf and pyarrow; the rest it imports inside functions);
-#: pyspark's worker module (argv[1]) is added per daemon
-PRELOAD = ("notelake.jobs.stage", "notelake.udfs.assemble", "notelake.udfs.answer", "notelake.udfs.prompts",
-           "notelake.udfs.chunking", "notelake.models.engine")
+#: what the job's workers import (the stage brings staging, commit, storage, conf and pyarrow; the rest it imports
+#: inside functions); pyspark's worker module (argv[1]) is added per daemon
+PRELOAD = ("notelake.jobs.extraction.stage", "notelake.udfs.assemble", "notelake.udfs.answer",
+           "notelake.udfs.prompts", "notelake.udfs.chunking", "notelake.models.engine")
 
 
 def threads() -> int:

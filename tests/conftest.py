@@ -114,7 +114,7 @@ def tiny_adapter(base_model_path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def spark(settings):
-    from notelake.jobs.extract import start_spark
+    from notelake.jobs.extraction.session import start_spark
 
     # local[2,2]: a failed task is retried once, as on a cluster (tests/test_nightly.py loses a task attempt)
     session = start_spark(settings.with_overrides(

@@ -7,6 +7,8 @@ engine actor serve every test here.
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pyarrow as pa
 import pytest
@@ -14,9 +16,16 @@ from deltalake import DeltaTable
 from jobkit import (assert_no_duplicates, job_settings, offsets_exact, sample_notes, sorted_rows, table, write_conf,
                     write_notes)
 
+from notelake.conf.task import load_task
 from notelake.jobs import cohort
-from notelake.jobs import extract as job
 from notelake.jobs.cohort import query_text, run_duckdb, run_spark
+from notelake.jobs.extraction import job
+from notelake.jobs.extraction.cli import parse_duration
+from notelake.jobs.extraction.identity import job_engine_settings
+from notelake.jobs.extraction.plan import (PlanRules, chunks_col, classify_rejected, plan_actions, select_notes,
+                                           summarize_plan)
+from notelake.jobs.extraction.read import InputError, read_input
+from notelake.jobs.extraction.report import ExitCode, Progress, TaskCounts
 from notelake.jobs.warehouse import read_delta_arrow
 from notelake.udfs import schemas
 
@@ -25,12 +34,12 @@ def test_job_engine_enables_lora_only_for_an_unmerged_adapter(settings, tiny_ada
     """The job never sends a per-request adapter: without one of its own to serve, its engine starts without LoRA
     (vLLM would run its LoRA kernels on every base-model request)."""
     lora_on = settings.with_overrides(engine={"enable_lora": True})
-    base = job.job_engine_settings(lora_on)
+    base = job_engine_settings(lora_on)
     assert base.engine.enable_lora is False and base.engine.adapter is None
     with_adapter = lora_on.with_overrides(engine={"adapter": str(tiny_adapter), "merge_adapter": False})
-    assert job.job_engine_settings(with_adapter) == with_adapter
+    assert job_engine_settings(with_adapter) == with_adapter
     replay = lora_on.with_overrides(engine={"backend": "replay"})
-    assert job.job_engine_settings(replay) == replay
+    assert job_engine_settings(replay) == replay
 
 
 def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings, capsys):
@@ -39,7 +48,7 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings,
     out = tmp_path / "warehouse"
     cfg = job_settings(settings)
 
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
 
     concepts, relations, runs = table(out, "concepts"), table(out, "relations"), table(out, "runs")
     passthrough = pa.schema([("patient_id", pa.string()), ("note_date", pa.string()), ("note_type", pa.string())])
@@ -48,7 +57,7 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings,
     assert concepts.num_rows > 0, "the model extracted nothing from 4 drug-safety notes"
     texts = {n["note_id"]: n["text"] for n in notes}
     for row in concepts.to_pylist():
-        assert row["task"] == "phee" and row["label"] in job.load_task("phee").concepts
+        assert row["task"] == "phee" and row["label"] in load_task("phee").concepts
         if row["grounded"]:
             assert offsets_exact(row, texts[row["note_id"]])
         else:
@@ -64,7 +73,7 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings,
     # Rerun over the unchanged corpus: nothing selected, no generation, identical tables.
     versions = {t: DeltaTable(str(out / t)).version() for t in ("concepts", "relations", "ledger")}
     before = sorted_rows(concepts, "concept_id")
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     rerun = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert (rerun["selected"], rerun["skipped"], rerun["tokens_in"], rerun["tokens_out"]) == (0, 4, 0, 0)
     assert {t: DeltaTable(str(out / t)).version() for t in versions} == versions
@@ -74,7 +83,7 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings,
     edited = [dict(n) for n in notes]
     edited[0]["text"] = "A 61-year-old woman developed angioedema after starting enalapril for hypertension."
     write_notes(tmp_path / "notes", edited)
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     after = table(out, "concepts").to_pylist()
     old_sha = {r["text_sha256"] for r in concepts.to_pylist() if r["note_id"] == notes[0]["note_id"]}
     assert not [r for r in after if r["note_id"] == notes[0]["note_id"] and r["text_sha256"] in old_sha]
@@ -128,7 +137,7 @@ def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings
     src = write_notes(tmp_path / "notes", rows)
     out = tmp_path / "warehouse"
     cfg = job_settings(settings, max_error_rate=0.5).with_overrides(input={"max_text_chars": 100_000})
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_ERROR_RATE  # 9 of 11 rows are bad
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.ERROR_RATE  # 9 of 11 rows are bad
 
     errors = table(out, "errors").to_pylist()
     by_note = sorted((e["note_id"], e["error_type"]) for e in errors if e["stage"] == "input")
@@ -148,14 +157,14 @@ def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings
 
 def test_missing_column_is_a_clear_error_before_work(tmp_path, spark, settings):
     src = write_notes(tmp_path / "notes", [{"id": "n1", "body": "Aspirin."}])
-    with pytest.raises(job.InputError, match=r"lacks column\(s\) \['note_id', 'text'\]"):
-        job.extract(spark, settings, src)
+    with pytest.raises(InputError, match=r"lacks column\(s\) \['note_id', 'text'\]"):
+        read_input(spark, settings, src)
 
 
 def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
     notes = sample_notes(4) + [{**sample_notes(1)[0], "note_id": "dup"}, {**sample_notes(1)[0], "note_id": "dup"},
                                {**sample_notes(1)[0], "note_id": "blank", "text": "  \n "}]
-    checked = job.extract(spark, settings, write_notes(tmp_path / "notes", notes))
+    checked = read_input(spark, settings, write_notes(tmp_path / "notes", notes))
     valid, rejected = checked.valid, checked.rejected
     shas = dict(sorted((r["note_id"], r["text_sha256"]) for r in valid.select("note_id", "text_sha256").collect()))
     ids = sorted(shas)
@@ -166,19 +175,19 @@ def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
          (ids[2], 1, shas[ids[2]], "fp", None, "failed", 2, True)],
         "note_id string, l_note_bucket int, l_text_sha256 string, l_fingerprint string, "
         "l_passthrough_sha256 string, l_status string, l_attempts int, l_has_output boolean")
-    planned = job.plan(valid, state, "fp", 2, 8, ()).persist()
+    planned = plan_actions(valid, state, "fp", (), PlanRules(buckets=8, max_attempts=2)).persist()
     got = {r["note_id"]: (r["action"], r["attempt"], r["has_output"], r["in_ledger"]) for r in planned.collect()}
     assert got == {ids[0]: ("unchanged", 1, True, True), ids[1]: ("retry", 2, False, True),
                    ids[2]: ("given_up", 2, True, True), ids[3]: ("extract", 1, False, False)}
-    marked = job.classify_rejected(rejected, state, None, 8)
-    task = job.load_task("phee")
-    summary = job.summarize_input(planned, marked, job.chunks_col(task, 0))
+    marked = classify_rejected(rejected, state, None, 8)
+    task = load_task("phee")
+    summary = summarize_plan(planned, marked, chunks_col(task, 0))
     assert (summary.valid, summary.new, summary.rejected, summary.stale) == (4, 2, 3, 0)
     lengths = {r["note_id"]: r["text_chars"] for r in valid.collect()}  # one prompt per started max_chunk_chars
     assert summary.prompts == sum(-(-lengths[i] // task.max_chunk_chars) for i in (ids[1], ids[3]))
     assert summary.prompts_of(1) == round(summary.prompts / 2)
     assert summary.actions == {"extract": 1, "retry": 1, "given_up": 1, "refresh": 0, "unchanged": 1}
-    assert [r["note_id"] for r in job.select(planned, limit=1).collect()] == [min(ids[1], ids[3])]
+    assert [r["note_id"] for r in select_notes(planned, limit=1).collect()] == [min(ids[1], ids[3])]
     assert {r["note_bucket"] for r in planned.collect()} <= set(range(8))
     from notelake.udfs.hashing import note_bucket
     assert all(r["note_bucket"] == note_bucket(r["note_id"], 8) for r in planned.collect())
@@ -198,25 +207,25 @@ def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path,
     src = write_notes(tmp_path / "notes", notes[:3])
 
     # Stopped by max_runtime after the first of three rounds: the watermark must not move past unread rows.
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     first = table(out, "runs").to_pylist()[0]
     done = first["succeeded"] + first["failed"]
     assert first["selected"] == 3 and done < 3 and first["watermark"] is None
 
     # Unlimited: the rest is extracted and the watermark moves to the latest updated_at read.
     cfg = cfg.with_overrides(job={"max_runtime_s": None})
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     second = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert (second["selected"], second["skipped"], second["watermark"]) == (3 - done, done, at(3))
 
     # A new note (updated later) and an edit stamped before the watermark: only rows after it are read.
     edited = {**notes[0], "text": notes[0]["text"] + " Dose reduced."}
     src = write_notes(tmp_path / "notes", [edited, notes[1], notes[2], notes[3]])
-    assert job.run(cfg, src, str(out), spark=spark, dry_run=True) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark, dry_run=True) == ExitCode.OK
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (plan["selected"], plan["unchanged"], plan["updated_after"]) == (1, 0, at(3).isoformat())
     assert plan["estimated_seconds"] > 0  # from the last run's notes/s
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     third = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert (third["selected"], third["skipped"], third["watermark"]) == (1, 0, at(4))
     assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
@@ -227,13 +236,13 @@ def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, en
     notes = sample_notes(3)
     out = tmp_path / "warehouse"
     cfg = job_settings(settings, propagate_deletes=True)
-    assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
     gone = notes[1]["note_id"]
     assert gone in table(out, "ledger")["note_id"].to_pylist()
 
     src = write_notes(tmp_path / "notes", [notes[0], notes[2]])
     for expected_deleted in (1, 0):  # the rerun finds nothing more to delete
-        assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+        assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
         run = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
         assert (run["deleted"], run["selected"]) == (expected_deleted, 0)
         for name in ("concepts", "relations", "ledger"):
@@ -241,17 +250,33 @@ def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, en
     assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted([notes[0]["note_id"], notes[2]["note_id"]])
 
 
+def test_first_progress_line_follows_the_engines_first_answer(engine_pool, caplog):
+    """The first progress line does not wait for job.progress_interval_s: it comes once the engines have answered
+    a prompt (then one per interval)."""
+    from notelake.models.engine import GenerationRequest
+
+    request = GenerationRequest("p1", [{"role": "user", "content": "Say hello."}], max_tokens=8)
+    with caplog.at_level(logging.INFO, logger="notelake.extract"):
+        with Progress(engine_pool, interval_s=600, notes=1, prompts=1, counts=[TaskCounts(selected=1)]):
+            assert engine_pool.generate([request])[0].error is None
+            deadline = time.monotonic() + 30
+            while "progress:" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) == 1 and "0/1 notes committed, 1/~1 prompts" in lines[0]
+
+
 def test_parse_duration():
-    assert [job.parse_duration(t) for t in ("90m", "6h", "45s", "3600")] == [5400, 21600, 45, 3600]
+    assert [parse_duration(t) for t in ("90m", "6h", "45s", "3600")] == [5400, 21600, 45, 3600]
     for bad in ("", "soon", "-5m", "0"):
         with pytest.raises(Exception, match="duration"):
-            job.parse_duration(bad)
+            parse_duration(bad)
 
 
 def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
     src = write_notes(tmp_path / "notes", sample_notes(3))
     out = tmp_path / "warehouse"
-    assert job.run(job_settings(settings), src, str(out), spark=spark, dry_run=True) == job.EXIT_OK
+    assert job.run(job_settings(settings), src, str(out), spark=spark, dry_run=True) == ExitCode.OK
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (plan["selected"], plan["estimated_prompts"]) == (3, 3)
     assert read_delta_arrow(out / "concepts") is None
@@ -264,10 +289,10 @@ def test_several_tasks_in_one_pass(tmp_path, spark, engine_pool, settings):
     ids = sorted(n["note_id"] for n in notes)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
-    assert job.run(job_settings(settings), src, str(out), spark=spark) == job.EXIT_OK  # phee alone first
+    assert job.run(job_settings(settings), src, str(out), spark=spark) == ExitCode.OK  # phee alone first
 
     both = job_settings(settings, task="phee,maccrobat")
-    assert job.run(both, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(both, src, str(out), spark=spark) == ExitCode.OK
     runs = sorted(table(out, "runs").to_pylist(), key=lambda r: (r["started_at"], r["task"]))
     pass_runs = {r["task"]: r for r in runs[1:]}
     assert sorted(pass_runs) == ["maccrobat", "phee"]
@@ -283,7 +308,7 @@ def test_several_tasks_in_one_pass(tmp_path, spark, engine_pool, settings):
         [("phee", i) for i in ids] + [("maccrobat", i) for i in ids])
     assert {r["run_id"] for r in ledger if r["task"] == "maccrobat"} == {mac["run_id"]}
     assert {r["run_id"] for r in ledger if r["task"] == "phee"} == {runs[0]["run_id"]}
-    labels = {name: set(job.load_task(name).concepts) for name in ("phee", "maccrobat")}
+    labels = {name: set(load_task(name).concepts) for name in ("phee", "maccrobat")}
     texts = {n["note_id"]: n["text"] for n in notes}
     concepts = table(out, "concepts").to_pylist()
     for row in concepts:
@@ -295,7 +320,7 @@ def test_several_tasks_in_one_pass(tmp_path, spark, engine_pool, settings):
 
     # Both tasks in one pass on a new output: the same per-task rows and runs.
     fresh = tmp_path / "fresh"
-    assert job.run(both, src, str(fresh), spark=spark) == job.EXIT_OK
+    assert job.run(both, src, str(fresh), spark=spark) == ExitCode.OK
     fresh_runs = table(fresh, "runs").to_pylist()
     assert sorted((r["task"], r["selected"], r["status"]) for r in fresh_runs) == [
         ("maccrobat", 3, "succeeded"), ("phee", 3, "succeeded")]
@@ -304,7 +329,7 @@ def test_several_tasks_in_one_pass(tmp_path, spark, engine_pool, settings):
         [("phee", i) for i in ids] + [("maccrobat", i) for i in ids])
 
     versions = {t: DeltaTable(str(fresh / t)).version() for t in ("concepts", "relations", "ledger")}
-    assert job.run(both, src, str(fresh), spark=spark) == job.EXIT_OK
+    assert job.run(both, src, str(fresh), spark=spark) == ExitCode.OK
     latest = sorted(table(fresh, "runs").to_pylist(), key=lambda r: r["started_at"])[-2:]
     assert [(r["selected"], r["tokens_out"]) for r in latest] == [(0, 0), (0, 0)]
     assert {t: DeltaTable(str(fresh / t)).version() for t in versions} == versions
@@ -319,7 +344,7 @@ def test_new_task_yaml_runs_zero_shot(tmp_path, spark, engine_pool, settings):
     src = write_notes(tmp_path / "notes", sample_notes(2))
     out = tmp_path / "warehouse"
     cfg = job_settings(settings, task=str(task_yaml))
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     assert set(table(out, "ledger")["task"].to_pylist()) == {"drugsafety"}
     concepts = table(out, "concepts")
     assert set(concepts["label"].to_pylist()) <= {"drug", "reaction"}
@@ -354,7 +379,7 @@ def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, en
     proc.wait(timeout=60)
     assert 1 <= committed < len(notes), f"expected a kill mid-run, ledger had {committed} notes"
 
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     runs = sorted(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert runs[0]["status"] == "abandoned"  # the killed run never finished; the next one marked it
     assert not list((out / "_staging").glob("*"))  # and removed what it had staged

@@ -12,7 +12,8 @@ import pytest
 from jobkit import write_conf
 
 from notelake.conf import ConfigError
-from notelake.jobs import extract as job
+from notelake.jobs.extraction import cli, job
+from notelake.jobs.extraction.report import ExitCode
 from notelake.jobs.guards import LOCK_FILE, LockedError, RunLock, resolve_output, restrictive_umask
 
 HOLD_LOCK = """
@@ -42,7 +43,7 @@ def test_second_run_fails_cleanly_while_another_holds_the_output(tmp_path, setti
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing read or written
 
         conf = write_conf(tmp_path / "conf.yaml", settings)
-        assert job.main(["--conf", conf, "--input", str(tmp_path / "notes"), "--output", str(out)]) == job.EXIT_LOCKED
+        assert cli.main(["--conf", conf, "--input", str(tmp_path / "notes"), "--output", str(out)]) == ExitCode.LOCKED
     finally:
         holder.kill()
         holder.wait()
@@ -100,8 +101,8 @@ def test_failure_line_withholds_the_message_unless_log_phi():
     try:
         raise ValueError("note text: CANARY-7731 patient took warfarin")
     except ValueError as exc:
-        safe = job.describe_failure(exc)
-        debug = job.describe_failure(exc, with_message=True)
+        safe = cli.describe_failure(exc)
+        debug = cli.describe_failure(exc, with_message=True)
     assert "ValueError at test_guards.py:" in safe and "CANARY-7731" not in safe
     assert "CANARY-7731" in debug
 

@@ -16,7 +16,7 @@ import yaml
 from jobkit import job_settings, sample_notes, write_notes
 from s3server import BUCKET, s3_server
 
-from notelake.jobs import extract as job
+from notelake.jobs.extraction.report import ExitCode
 from notelake.jobs import storage
 from notelake.jobs.warehouse import read_delta_arrow
 
@@ -73,10 +73,10 @@ def test_two_jobs_on_one_s3_output_lose_and_duplicate_nothing(tmp_path, replay):
             refused = start_job(conf, src, output, tmp_path / "refused.log")
             waiting = start_job(patient, src, output, tmp_path / "waiting.log")
             procs += [refused, waiting]
-            assert refused.wait(timeout=300) == job.EXIT_LOCKED, (tmp_path / "refused.log").read_text()[-3000:]
+            assert refused.wait(timeout=300) == ExitCode.LOCKED, (tmp_path / "refused.log").read_text()[-3000:]
             first.send_signal(signal.SIGCONT)
-            assert first.wait(timeout=600) == job.EXIT_OK, (tmp_path / "first.log").read_text()[-3000:]
-            assert waiting.wait(timeout=600) == job.EXIT_OK, (tmp_path / "waiting.log").read_text()[-3000:]
+            assert first.wait(timeout=600) == ExitCode.OK, (tmp_path / "first.log").read_text()[-3000:]
+            assert waiting.wait(timeout=600) == ExitCode.OK, (tmp_path / "waiting.log").read_text()[-3000:]
         finally:
             for proc in procs:
                 if proc.poll() is None:

@@ -10,8 +10,12 @@ import json
 import pytest
 from jobkit import assert_no_duplicates, job_settings, rows, sample_notes, table, write_notes
 
-from notelake.jobs import extract as job
-from notelake.jobs.stage import FAILPOINT
+from notelake.conf.task import load_task
+from notelake.jobs.extraction import job
+from notelake.jobs.extraction.identity import describe_extraction
+from notelake.jobs.extraction.report import ExitCode
+from notelake.jobs.extraction.stage import FAILPOINT
+from notelake.jobs.warehouse import OutputLayoutError
 
 # Enough tokens that the tokenizer cannot fit 1 000 characters of it in a 1 024-token context: generation
 # refuses the chunk (prompt_too_long), so the note fails, deterministically, without touching the engine code.
@@ -51,14 +55,14 @@ def test_persistent_bad_rows_are_recorded_once_and_do_not_fail_later_nights(tmp_
     out = tmp_path / "warehouse"
     cfg = replay.with_overrides(job={"max_error_rate": 0.3}, input={"max_text_chars": 4000})
     src = write_notes(tmp_path / "notes", good + bad_rows())
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_ERROR_RATE  # night 1: 7 of 19 rows are new rejects (0.37)
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.ERROR_RATE  # night 1: 7 of 19 rows are new rejects (0.37)
     assert len(rows(out, "errors")) == 7
 
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # night 2: nothing new
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK  # night 2: nothing new
     edited = [dict(n) for n in good]
     edited[3]["text"] += " The dose was halved."
     src = write_notes(tmp_path / "notes", edited + bad_rows())
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # night 3: one edit, same bad rows
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK  # night 3: one edit, same bad rows
     nights = runs_of(out)
     assert [(r["status"], r["selected"], r["rejected"]) for r in nights] == [
         ("failed", 12, 7), ("succeeded", 0, 0), ("succeeded", 1, 0)]
@@ -73,14 +77,14 @@ def test_failed_notes_are_retried_then_given_up_and_keep_their_rows(tmp_path, sp
     out = tmp_path / "warehouse"
     cfg = replay.with_overrides(job={"max_attempts": 2})
     src = write_notes(tmp_path / "notes", notes)
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     good_rows = concepts_of(out, notes[0]["note_id"])
     assert good_rows
 
     broken = [{**notes[0], "text": UNPROMPTABLE}, *notes[1:]]
     src = write_notes(tmp_path / "notes", broken)
     for night in range(3):
-        assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+        assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
         assert concepts_of(out, notes[0]["note_id"]) == good_rows  # replaced only by a successful extraction
     nights = runs_of(out)[1:]
     assert [(r["selected"], r["retried"], r["failed"], r["given_up"]) for r in nights] == [
@@ -91,7 +95,7 @@ def test_failed_notes_are_retried_then_given_up_and_keep_their_rows(tmp_path, sp
     assert attempts == [1, 2]
 
     fixed = [{**notes[0], "text": notes[0]["text"] + " Resolved."}, *notes[1:]]
-    assert job.run(cfg, write_notes(tmp_path / "notes", fixed), str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, write_notes(tmp_path / "notes", fixed), str(out), spark=spark) == ExitCode.OK
     new_rows = concepts_of(out, notes[0]["note_id"])
     assert new_rows and new_rows != good_rows
     assert_no_duplicates(out)
@@ -106,7 +110,7 @@ def test_text_a_b_a_and_a_note_turned_bad_leave_no_stale_rows(tmp_path, spark, r
 
     def night(text_of_first: str | None) -> None:
         data = [{**notes[0], "text": text_of_first}, *notes[1:]]
-        assert job.run(replay, write_notes(tmp_path / "notes", data), str(out), spark=spark) == job.EXIT_OK
+        assert job.run(replay, write_notes(tmp_path / "notes", data), str(out), spark=spark) == ExitCode.OK
 
     night(a)
     rows_a = concepts_of(out, first)
@@ -126,9 +130,9 @@ def test_text_a_b_a_and_a_note_turned_bad_leave_no_stale_rows(tmp_path, spark, r
 def test_changed_passthrough_columns_are_refreshed_without_the_model(tmp_path, spark, replay):
     notes = sample_notes(3)
     out = tmp_path / "warehouse"
-    assert job.run(replay, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == job.EXIT_OK
+    assert job.run(replay, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
     merged = [{**notes[0], "patient_id": "P-MERGED"}, *notes[1:]]  # an MRN merge
-    assert job.run(replay, write_notes(tmp_path / "notes", merged), str(out), spark=spark) == job.EXIT_OK
+    assert job.run(replay, write_notes(tmp_path / "notes", merged), str(out), spark=spark) == ExitCode.OK
     last = runs_of(out)[-1]
     assert (last["selected"], last["refreshed"], last["tokens_out"]) == (0, 1, 0)
     for name in ("concepts", "relations"):
@@ -136,23 +140,23 @@ def test_changed_passthrough_columns_are_refreshed_without_the_model(tmp_path, s
         assert got in ({"P-MERGED"}, set()), name
     assert {r["patient_id"] for r in table(out, "concepts").to_pylist() if r["note_id"] == notes[1]["note_id"]} \
         == {notes[1]["patient_id"]}
-    assert job.run(replay, write_notes(tmp_path / "notes", merged), str(out), spark=spark) == job.EXIT_OK
+    assert job.run(replay, write_notes(tmp_path / "notes", merged), str(out), spark=spark) == ExitCode.OK
     assert runs_of(out)[-1]["refreshed"] == 0
 
 
 def test_engine_backend_is_part_of_the_fingerprint(settings, replay):
-    task = job.load_task("phee")
-    assert job.describe_extraction(settings, task)["fingerprint"] != \
-        job.describe_extraction(replay, task)["fingerprint"]
+    task = load_task("phee")
+    assert describe_extraction(settings, task).fingerprint != \
+        describe_extraction(replay, task).fingerprint
 
 
 def test_vllm_args_that_change_answers_are_part_of_the_fingerprint(settings):
     """Scheduling arguments keep every note's ledger key (no re-extraction for tuning); an argument that changes
     what the model computes (quantization, the KV cache's dtype) re-selects every note."""
-    task = job.load_task("phee")
+    task = load_task("phee")
 
     def fp(**vllm_args):
-        return job.describe_extraction(settings.with_overrides(engine={"vllm_args": vllm_args}), task)["fingerprint"]
+        return describe_extraction(settings.with_overrides(engine={"vllm_args": vllm_args}), task).fingerprint
 
     plain = fp()
     assert fp(max_num_batched_tokens=512, async_scheduling=True,
@@ -167,11 +171,11 @@ def test_a_task_attempt_lost_after_staging_duplicates_and_loses_nothing(tmp_path
     notes = sample_notes(12)
     cfg = replay.with_overrides(spark={"arrow_batch_size": 3})
     src = write_notes(tmp_path / "notes", notes)
-    assert job.run(cfg, src, str(tmp_path / "reference"), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(tmp_path / "reference"), spark=spark) == ExitCode.OK
     spark.sparkContext.setLocalProperty(FAILPOINT, "exit_after_first_staged_batch")
     try:
         with caplog.at_level("WARNING", logger="notelake.extract"):
-            assert job.run(cfg, src, str(tmp_path / "faulted"), spark=spark) == job.EXIT_OK
+            assert job.run(cfg, src, str(tmp_path / "faulted"), spark=spark) == ExitCode.OK
     finally:
         spark.sparkContext.setLocalProperty(FAILPOINT, None)
     assert "ignored 2 staged file(s)" in caplog.text  # the lost attempt's concepts and ledger files
@@ -190,7 +194,7 @@ def test_output_of_an_older_release_is_refused_with_a_clear_error(tmp_path, spar
     out = tmp_path / "warehouse"
     write_deltalake(str(out / "ledger"), pa.table({"note_id": ["n1"], "task": ["phee"]}))
     src = write_notes(tmp_path / "notes", sample_notes(1))
-    with pytest.raises(job.OutputLayoutError, match="older notelake"):
+    with pytest.raises(OutputLayoutError, match="older notelake"):
         job.run(replay, src, str(out), spark=spark)
 
 
@@ -200,7 +204,7 @@ def test_dry_run_reports_the_nightly_plan(tmp_path, spark, replay, capsys):
     assert job.run(replay, write_notes(tmp_path / "notes", notes + bad_rows()[:1]), str(out), spark=spark) == 0
     changed = [{**notes[0], "text": "Changed."}, {**notes[1], "patient_id": "P-NEW"}, *notes[2:]]
     src = write_notes(tmp_path / "notes", changed + bad_rows()[:2])
-    assert job.run(replay, src, str(out), spark=spark, dry_run=True) == job.EXIT_OK
+    assert job.run(replay, src, str(out), spark=spark, dry_run=True) == ExitCode.OK
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {k: plan[k] for k in ("selected", "unchanged", "to_refresh", "rejected_new", "rejected_known")} == \
         {"selected": 1, "unchanged": 2, "to_refresh": 1, "rejected_new": 1, "rejected_known": 1}
@@ -230,7 +234,7 @@ def test_driver_killed_between_row_and_ledger_commits_leaves_no_duplicates(tmp_p
     orphaned = {r["note_id"] for r in table(out, "concepts").to_pylist()} - acked
     assert 0 < len(acked) < len(notes) and orphaned  # round 1 committed; round 2's rows landed, not its ledger
 
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     runs = runs_of(out)
     assert runs[0]["status"] == "abandoned"
     assert (runs[-1]["status"], runs[-1]["selected"]) == ("succeeded", len(notes) - len(acked))

@@ -24,7 +24,9 @@ from jobkit import (assert_no_duplicates, job_settings, offsets_exact, rows, sam
                     write_notes)
 
 from notelake.conf.task import load_task
-from notelake.jobs import extract as job
+from notelake.jobs.extraction import cli, job
+from notelake.jobs.extraction.read import read_input
+from notelake.jobs.extraction.report import ExitCode
 from notelake.jobs.warehouse import OutputWriteError, read_delta_arrow
 from notelake.udfs.chunking import chunk_text
 
@@ -47,7 +49,7 @@ def test_control_characters_and_prompt_injection_are_processed_normally(tmp_path
     ]
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
-    assert job.run(job_settings(settings), src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(job_settings(settings), src, str(out), spark=spark) == ExitCode.OK
 
     assert sorted(table(out, "ledger")["note_id"].to_pylist()) == ["ctrl", "inject", "plain"]
     concepts = table(out, "concepts")
@@ -65,7 +67,7 @@ def test_invalid_utf8_and_wrong_types_are_rejected_per_row(tmp_path, spark, sett
     pq.write_table(pa.table({"note_id": pa.array([1, 2, 3], pa.int64()),
                              "text": pa.array([b"Aspirin 81 mg daily.", b"Warfarin \xff\xfe\xc3(", None], pa.binary())}),
                    binary)
-    checked = job.extract(spark, settings, str(binary))
+    checked = read_input(spark, settings, str(binary))
     valid, rejected = checked.valid, checked.rejected
     assert [r["note_id"] for r in valid.collect()] == ["1"]  # integer ids are read as strings
     reasons = {r["note_id"]: (r["error_type"], r["message"]) for r in rejected.collect()}
@@ -73,7 +75,7 @@ def test_invalid_utf8_and_wrong_types_are_rejected_per_row(tmp_path, spark, sett
 
     numeric = tmp_path / "numeric.parquet"
     pq.write_table(pa.table({"note_id": ["a", "b"], "text": pa.array([5, None], pa.int64())}), numeric)
-    checked = job.extract(spark, settings, str(numeric))
+    checked = read_input(spark, settings, str(numeric))
     valid, rejected = checked.valid, checked.rejected
     assert valid.count() == 0
     assert sorted((r["note_id"], r["error_type"]) for r in rejected.collect()) == [("a", "non_string_text"),
@@ -92,7 +94,7 @@ def test_note_fifty_times_the_context_is_chunked_with_exact_offsets(tmp_path, sp
     src = write_notes(tmp_path / "notes", [{"note_id": "long", "text": text}, *sample_notes(1)])
     out = tmp_path / "warehouse"
     cfg = job_settings(settings, task=str(task_yaml)).with_overrides(input={"max_text_chars": 1_000_000})
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
 
     ledger = {r["note_id"]: r for r in table(out, "ledger").to_pylist()}
     expected_chunks = len(chunk_text(text, 6000, settings.job.chunk_overlap_chars))
@@ -112,7 +114,7 @@ def test_truncated_model_output_becomes_error_rows_and_exit_code(tmp_path, spark
     out = tmp_path / "warehouse"
     # 3 tokens cannot hold one complete "Label: mention" line: every note fails at the parse stage.
     cfg = job_settings(settings, max_error_rate=0.5).with_overrides(engine={"max_tokens": 3})
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_ERROR_RATE
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.ERROR_RATE
 
     errors = table(out, "errors").to_pylist()
     assert sorted(e["note_id"] for e in errors) == sorted(n["note_id"] for n in notes)
@@ -127,7 +129,7 @@ def test_unguided_output_not_in_answer_format_becomes_error_rows(tmp_path, spark
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
     cfg = job_settings(settings).with_overrides(engine={"guided_decoding": "off", "max_tokens": 24})
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # max_error_rate 1.0 here
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK  # max_error_rate 1.0 here
     ledger = table(out, "ledger").to_pylist()
     assert sorted(r["note_id"] for r in ledger) == sorted(n["note_id"] for n in notes)
     errors = rows(out, "errors")
@@ -163,7 +165,7 @@ def test_write_failure_mid_commit_keeps_ledger_and_rerun_completes(tmp_path, spa
     src = write_notes(tmp_path / "notes", notes[:2])
     out = tmp_path / "warehouse"
     cfg = job_settings(settings)
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     write_notes(tmp_path / "notes", notes)  # two new notes arrive
 
     with read_only(out / "ledger" / "_delta_log"):  # concepts commit, then the ledger commit fails
@@ -171,11 +173,11 @@ def test_write_failure_mid_commit_keeps_ledger_and_rerun_completes(tmp_path, spa
             job.run(cfg, src, str(out), spark=spark)
         assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes[:2])
         conf = write_conf(tmp_path / "conf.yaml", cfg)
-        assert job.main(["--conf", conf, "--input", src, "--output", str(out)]) == job.EXIT_WRITE_FAILED
+        assert cli.main(["--conf", conf, "--input", src, "--output", str(out)]) == ExitCode.WRITE_FAILED
     failed_runs = [r for r in table(out, "runs").to_pylist() if r["status"] == "failed"]
     assert len(failed_runs) == 2
 
-    assert job.run(cfg, src, str(out), spark=spark) == job.EXIT_OK  # the rerun redoes the two new notes
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK  # the rerun redoes the two new notes
     assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
     last = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert (last["status"], last["selected"], last["skipped"]) == ("succeeded", 2, 2)
@@ -188,7 +190,7 @@ def test_engine_actor_killed_mid_batch_loses_and_duplicates_nothing(tmp_path, sp
     src = write_notes(tmp_path / "notes", notes)
     cfg = job_settings(settings, round_notes=3)
     reference, faulted = tmp_path / "reference", tmp_path / "faulted"
-    assert job.run(cfg, src, str(reference), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(reference), spark=spark) == ExitCode.OK
 
     killed: list[int] = []
 
@@ -206,7 +208,7 @@ def test_engine_actor_killed_mid_batch_loses_and_duplicates_nothing(tmp_path, sp
 
     killer = threading.Thread(target=kill_during_second_round)
     killer.start()
-    assert job.run(cfg, src, str(faulted), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(faulted), spark=spark) == ExitCode.OK
     killer.join()
     assert killed, "the engine actor was never killed"
     assert engine_pool.pids()[0] != killed[0]  # Ray restarted the actor and retried the batch in flight
@@ -245,7 +247,7 @@ def test_no_note_text_in_logs_errors_or_progress(tmp_path, engine_pool, settings
     proc = subprocess.run([sys.executable, "-m", "notelake.jobs.extract", "--conf", conf, "--input", src,
                            "--output", str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == job.EXIT_ERROR_RATE, proc.stderr[-2000:]
+    assert proc.returncode == ExitCode.ERROR_RATE, proc.stderr[-2000:]
     assert "round 1/1" in proc.stderr  # progress lines were produced (and checked below)
 
     leaks = []

@@ -15,7 +15,7 @@ def test_preloading_starts_no_thread():
     preload off at run time; this test says so first)."""
     out = subprocess.run(
         [sys.executable, "-c", "import sys; from notelake.jobs import spark_daemon as d; d.preload('pyspark.worker'); "
-         "print(d.threads(), 'notelake.jobs.stage' in sys.modules, 'pyspark.worker' in sys.modules, "
+         "print(d.threads(), 'notelake.jobs.extraction.stage' in sys.modules, 'pyspark.worker' in sys.modules, "
          "'ray' in sys.modules)"],
         capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "True", "True", "False"]
@@ -52,4 +52,4 @@ def test_daemon_with_a_thread_replaces_itself_with_sparks_plain_daemon():
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    assert "no preload (RuntimeError: 2 threads after importing notelake.jobs.stage" in err.decode()
+    assert "no preload (RuntimeError: 2 threads after importing notelake.jobs.extraction.stage" in err.decode()

@@ -1,4 +1,4 @@
-"""The executor side of the job (jobs/stage.py) on the REPLAY engine: batches are sent ahead of parsing, and the
+"""The executor side of the job (jobs/extraction/stage.py) on the REPLAY engine: batches are sent ahead of parsing, and the
 deadline stops new batches but finishes those already sent. No Spark or Ray: the stage is plain Python."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from notelake.conf import EngineConfig
 from notelake.conf.task import load_task
-from notelake.jobs.extract import describe_extraction
-from notelake.jobs.stage import RunContext, extract_batches
+from notelake.jobs.extraction.identity import describe_extraction
+from notelake.jobs.extraction.stage import StageContext, extract_batches
 from notelake.models.engine import make_engine
 from notelake.udfs.hashing import sha256_text
 
@@ -32,15 +32,12 @@ def engine(base_model_path):
     return make_engine(EngineConfig(backend="replay", max_num_seqs=4))
 
 
-def context(settings, staging, ahead: int, deadline: float | None = None) -> RunContext:
+def context(settings, staging, ahead: int, deadline: float | None = None) -> StageContext:
     task = load_task("phee")
     cfg = settings.with_overrides(engine={"backend": "replay"}, ray={"batches_ahead": ahead})
-    ident = describe_extraction(cfg, task)
-    lineage = {"run_id": "r1", **{k: ident[k] for k in ("model", "adapter", "adapter_sha256", "prompt_version",
-                                                       "fingerprint")}}
-    return RunContext(run_id="r1", task_defs={task.name: task.model_dump(mode="json")},
-                      settings=cfg.model_dump(mode="json"), gcs_address=None, staging_dir=str(staging),
-                      passthrough=(), lineages={task.name: lineage}, deadline=deadline)
+    lineage = describe_extraction(cfg, task).lineage("r1")
+    return StageContext(settings=cfg, tasks={task.name: task}, lineages={task.name: lineage},
+                        staging_dir=str(staging), passthrough=(), deadline=deadline)
 
 
 def note_batches(events: list, pause_before: int | None = None):
@@ -71,13 +68,13 @@ def expected_order(n_batches: int, ahead: int) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("ahead", [0, 1, 2])
 def test_batches_are_sent_before_the_one_in_front_is_parsed(tmp_path, settings, engine, ahead):
     events: list = []
-    summaries = []
-    for seq, summary in extract_batches(note_batches(events), context(settings, tmp_path, ahead), lambda: engine):
+    outcomes = []
+    for seq, outcome in extract_batches(note_batches(events), context(settings, tmp_path, ahead), lambda: engine):
         events.append(("parsed", seq))
-        summaries.append(summary)
+        outcomes.append(outcome)
     n_batches = len(TEXTS) // BATCH
     assert events == expected_order(n_batches, ahead)
-    rows = pa.Table.from_batches(summaries).to_pylist()
+    rows = pa.Table.from_batches(outcomes).to_pylist()
     assert [r["note_id"] for r in rows] == [f"n{i}" for i in range(len(TEXTS))]  # every note once, in order
     assert sum(r["n_concepts"] for r in rows) > 0
     staged = pq.read_table(tmp_path / "ledger").to_pylist()
@@ -87,8 +84,8 @@ def test_batches_are_sent_before_the_one_in_front_is_parsed(tmp_path, settings, 
 def test_after_the_deadline_batches_already_sent_are_finished_and_no_new_one_is_sent(tmp_path, settings, engine):
     events: list = []
     ctx = context(settings, tmp_path, ahead=1, deadline=time.time() + 1.5)
-    summaries = [s for _, s in extract_batches(note_batches(events, pause_before=2), ctx, lambda: engine)]
-    rows = pa.Table.from_batches(summaries).to_pylist()
+    outcomes = [s for _, s in extract_batches(note_batches(events, pause_before=2), ctx, lambda: engine)]
+    rows = pa.Table.from_batches(outcomes).to_pylist()
     # batches 0 and 1 went out before the deadline; batch 2 was read after it and never sent
     assert [r["note_id"] for r in rows] == ["n0", "n1", "n2", "n3"]
     assert sorted(r["note_id"] for r in pq.read_table(tmp_path / "ledger").to_pylist()) == ["n0", "n1", "n2", "n3"]

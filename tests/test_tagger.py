@@ -78,7 +78,8 @@ def test_job_runs_the_tagger_backend(toy, toy_tagger, tmp_path, spark, settings)
     """engine.backend: tagger in the nightly job: same Delta rows, spans from the tokenizer's offsets."""
     from jobkit import offsets_exact, table, write_notes
 
-    from notelake.jobs import extract as job
+    from notelake.jobs.extraction import job
+    from notelake.jobs.extraction.report import ExitCode
 
     folder, _ = toy_tagger
     notes = [{"note_id": f"n{i}", "text": text, "patient_id": "p", "note_date": "2026-01-01", "note_type": "x"}
@@ -86,7 +87,7 @@ def test_job_runs_the_tagger_backend(toy, toy_tagger, tmp_path, spark, settings)
     src = write_notes(tmp_path / "notes", notes)
     cfg = settings.with_overrides(engine={"backend": "tagger", "adapter": str(folder)},
                                   job={"task": str(toy / "toy_tags.yaml"), "max_error_rate": 0.0})
-    assert job.run(cfg, src, str(tmp_path / "wh"), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(tmp_path / "wh"), spark=spark) == ExitCode.OK
     run = table(tmp_path / "wh", "runs").to_pylist()[0]
     assert (run["status"], run["succeeded"], run["adapter"]) == ("succeeded", 3, "tagger")
     concepts = table(tmp_path / "wh", "concepts").to_pylist()
@@ -246,7 +247,10 @@ def test_job_writes_tagger_concepts_and_pair_relations(toy_pairs, toy_pair_tagge
     from jobkit import table, write_notes
 
     from notelake.conf.settings import Settings
-    from notelake.jobs import extract as job
+    from notelake.conf.task import load_task
+    from notelake.jobs.extraction import job
+    from notelake.jobs.extraction.identity import describe_extraction
+    from notelake.jobs.extraction.report import ExitCode
 
     root, _ = toy_pairs
     notes = [{"note_id": f"n{i}", "text": text, "patient_id": "p", "note_date": "2026-01-01", "note_type": "x"}
@@ -256,7 +260,7 @@ def test_job_writes_tagger_concepts_and_pair_relations(toy_pairs, toy_pair_tagge
     tagger_only = settings.with_overrides(engine={"backend": "tagger", "adapter": str(toy_pair_tagger)},
                                           job={"task": task, "max_error_rate": 0.0})
     cfg = tagger_only.with_overrides(engine={"pairs": str(root / "pairs")})
-    assert job.run(cfg, src, str(tmp_path / "wh"), spark=spark) == job.EXIT_OK
+    assert job.run(cfg, src, str(tmp_path / "wh"), spark=spark) == ExitCode.OK
     concepts = {c["concept_id"]: c for c in table(tmp_path / "wh", "concepts").to_pylist()}
     relations = table(tmp_path / "wh", "relations").to_pylist()
     assert relations and all(r["label"] == "caused" for r in relations)
@@ -267,8 +271,8 @@ def test_job_writes_tagger_concepts_and_pair_relations(toy_pairs, toy_pair_tagge
             r["head_text"], r["tail_text"])
     found = {(r["note_id"], r["head_text"], r["tail_text"]) for r in relations}
     assert found == {(f"n{i}", drug, caused) for i, (_, drug, caused, _) in enumerate(PAIR_SENTENCES[:3])}
-    assert job.describe_extraction(cfg, job.load_task(task))["fingerprint"] != \
-        job.describe_extraction(tagger_only, job.load_task(task))["fingerprint"]
+    assert describe_extraction(cfg, load_task(task)).fingerprint != \
+        describe_extraction(tagger_only, load_task(task)).fingerprint
     with pytest.raises(ValueError, match="engine.backend must be tagger"):
         Settings.model_validate({**settings.model_dump(), "engine": {**settings.engine.model_dump(),
                                                                      "pairs": str(root / "pairs")}})

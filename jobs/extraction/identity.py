@@ -1,0 +1,117 @@
+"""What extracts a task's notes: the model, the adapter, the prompt version, and the extraction fingerprint that
+keys the ledger (a note is extracted again when its text or this fingerprint changes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from notelake.conf import ConfigError, Settings
+from notelake.conf.task import Task
+from notelake.udfs.hashing import fingerprint as extraction_fingerprint
+from notelake.udfs.parsing import PARSER_VERSION
+from notelake.udfs.prompts import prompt_version
+
+log = logging.getLogger("notelake.extract")
+
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[2] / "models" / "adapters" / "notelake-mt"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The lineage columns every output row of a task's run carries (``run_id`` is the task's run)."""
+
+    run_id: str
+    model: str
+    adapter: str | None
+    adapter_sha256: str | None
+    prompt_version: str
+    fingerprint: str
+
+    def columns(self) -> dict:
+        """The columns by name (the row assembler's ``lineage``)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ExtractionIdentity:
+    """The model and adapter a task runs on, its prompt version, and the extraction fingerprint over all that
+    changes an answer (weights, prompt, sampling, chunking, parser, backend)."""
+
+    model: str
+    model_sha256: str
+    adapter: str | None
+    adapter_sha256: str | None
+    prompt_version: str
+    fingerprint: str
+
+    def lineage(self, run_id: str) -> Lineage:
+        """The lineage of run ``run_id`` under this identity."""
+        return Lineage(run_id=run_id, model=self.model, adapter=self.adapter, adapter_sha256=self.adapter_sha256,
+                       prompt_version=self.prompt_version, fingerprint=self.fingerprint)
+
+
+def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
+    """The identity ``task`` is extracted under with ``settings``; raises ConfigError (no model, a tagger without
+    its head) and the adapters' errors (wrong base model, wrong task)."""
+    from notelake.models.adapters import load_adapter, load_head
+    from notelake.models.base_model import model_sha256, resolve_model
+
+    try:
+        model_path = resolve_model(settings.engine.model)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"engine.model: {exc}") from None
+    base_sha = model_sha256(model_path)
+    pairs = None
+    if settings.engine.backend == "tagger":
+        if not settings.engine.adapter:
+            raise ConfigError("engine.backend tagger needs engine.adapter: a tagger folder (objective: tag)")
+        adapter = load_head(settings.engine.adapter, base_sha, task.name)
+        if settings.engine.pairs:
+            pairs = load_head(settings.engine.pairs, base_sha, task.name, kind="pairs")
+    else:
+        adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
+    if adapter is None and not task.define_labels:
+        warn_trained_task_without_adapter(task)
+    version = prompt_version(task)
+    sampling = {"temperature": settings.engine.temperature, "max_tokens": settings.engine.max_tokens or task.max_tokens,
+                "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
+    if pairs is not None:  # the relations' classifier (absent otherwise: fingerprints without one are unchanged)
+        sampling["pairs_sha256"] = pairs.sha256
+    if settings.engine.backend == "vllm" and settings.engine.answer_args:  # e.g. quantization (absent: unchanged)
+        sampling["vllm_args"] = settings.engine.answer_args
+    chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars)}
+    adapter_sha = adapter.sha256 if adapter else None
+    return ExtractionIdentity(
+        model=settings.engine.model, model_sha256=base_sha, adapter=adapter.name if adapter else None,
+        adapter_sha256=adapter_sha, prompt_version=version,
+        fingerprint=extraction_fingerprint(base_sha, adapter_sha, version, sampling, chunking, PARSER_VERSION,
+                                           settings.engine.backend))
+
+
+def warn_trained_task_without_adapter(task: Task) -> None:
+    """A trained task's prompt has no label definitions: without its adapter the base model cannot do it."""
+    try:
+        shipped = json.loads((SHIPPED_ADAPTER / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        shipped = {}
+    scores = (shipped.get("dev_scores") or {}).get(task.name) or {}
+    expected = f" (the shipped adapter scores {scores['cce_lenient_f1']:.2f} lenient F1 on {task.name} dev)" \
+        if "cce_lenient_f1" in scores else ""
+    log.warning("task %s was trained into an adapter (define_labels: false) but engine.adapter is not set: the base "
+                "model runs it zero-shot without label definitions and extracts next to nothing%s. Set "
+                "engine.adapter: models/adapters/notelake-mt", task.name, expected)
+
+
+def job_engine_settings(settings: Settings) -> Settings:
+    """The engine the job needs. Every prompt of a job goes to the engine's own adapter (``engine.adapter``), never
+    to a per-request one, so an engine with no adapter to serve is started without LoRA support: vLLM runs its
+    LoRA kernels on every request of a LoRA-enabled engine, base-model requests included (the cost is measured in
+    docs/benchmarks.md). A merged adapter already runs without LoRA (models/engine.py)."""
+    engine = settings.engine
+    if engine.backend == "vllm" and engine.enable_lora and not engine.adapter:
+        return settings.with_overrides(engine={"enable_lora": False})
+    return settings

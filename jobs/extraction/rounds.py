@@ -1,0 +1,109 @@
+"""Extract a pass's selection round by round: each round's notes go through the executors (:mod:`.stage`) and
+its rows are committed (:mod:`.commit`) before the next round starts, so a failure or a ``--max-runtime`` stop
+loses at most one round's work and a round's commits touch only its buckets' files."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import pyarrow as pa
+
+from notelake.jobs import storage
+from notelake.jobs.extraction.commit import commit_round
+from notelake.jobs.extraction.plan import Pass, TaskPlan
+from notelake.jobs.extraction.report import Progress
+from notelake.jobs.extraction.session import restore_ray_level
+from notelake.jobs.extraction.stage import StageContext, transform
+from notelake.jobs.extraction.staging import stage_frame
+
+log = logging.getLogger("notelake.extract")
+
+
+def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
+    """(selected with a ``_round`` column, number of rounds). A round holds whole buckets when there are fewer
+    rounds than buckets, else a slice of one bucket: either way its commits touch only its buckets' files."""
+    from pyspark.sql import functions as F
+
+    n_rounds = max(1, math.ceil(n_selected / round_notes))
+    if n_rounds <= buckets:
+        return selected.withColumn("_round", F.pmod(F.col("note_bucket"), F.lit(n_rounds))), n_rounds
+    per_bucket = math.ceil(n_rounds / buckets)
+    slice_ = F.pmod(F.xxhash64("note_id"), F.lit(per_bucket))
+    return selected.withColumn("_round", F.col("note_bucket") * per_bucket + slice_), buckets * per_bucket
+
+
+def stage_rounds(selected, n_selected: int, p: Pass, ctx: StageContext) -> tuple[str, list[int]]:
+    """Write the selection to the pass's staging folder partitioned by round, once: each round then reads its own
+    partition instead of rescanning the selection. Returns (the folder, the rounds' indexes in order)."""
+    with_rounds, _ = assign_rounds(selected, n_selected, p.settings.job.round_notes, p.buckets)
+    rounds_dir = storage.join(ctx.staging_dir, "selected")
+    stage_frame(with_rounds, rounds_dir, ctx.storage_options, p.settings.job.umask, partition_by="_round")
+    rounds = sorted(int(name.split("=", 1)[1]) for name in storage.list_dirs(rounds_dir, ctx.storage_options)
+                    if name.startswith("_round="))
+    return rounds_dir, rounds
+
+
+def extract_rounds(p: Pass, ctx: StageContext, selected, plans: list[TaskPlan]) -> bool:
+    """Extract and commit ``selected`` (the notes of every task in ``plans``, a ``task`` column each) round by
+    round; False when ``job.max_runtime_s`` stopped it early. A round holds the notes of every task: their prompts
+    share the engines, their rows are committed task by task."""
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    from notelake.models.actor import EnginePool, ensure_ray
+
+    settings = p.settings
+    t0 = time.monotonic()
+    limit_s = settings.job.max_runtime_s
+    # --max-runtime: executors submit no new batch after the deadline; what finished is committed
+    deadline = time.time() + limit_s if limit_s is not None else None
+    gcs_address = ensure_ray(settings.ray)
+    restore_ray_level()
+    pool = EnginePool.get_or_create(settings)
+    pool.ready(progress_s=settings.job.progress_interval_s)
+    ctx = dataclasses.replace(ctx, gcs_address=gcs_address, deadline=deadline)
+    passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in ctx.passthrough])
+    n_selected = sum(plan.selected for plan in plans)
+    rounds_dir, rounds = stage_rounds(selected, n_selected, p, ctx)
+    done = 0
+    with Progress(pool, settings.job.progress_interval_s, n_selected, sum(plan.prompts for plan in plans),
+                  [plan.counts for plan in plans]):
+        for k, round_index in enumerate(rounds):
+            if deadline is not None and time.time() > deadline:
+                log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
+                            limit_s, k, len(rounds), n_selected - done)
+                return False
+            done += extract_round(p, ctx, storage.join(rounds_dir, f"_round={round_index}"), round_index,
+                                  passthrough_schema, plans)
+            elapsed = time.monotonic() - t0
+            rate = done / elapsed if elapsed else 0.0
+            eta = (n_selected - done) / rate if rate else float("nan")
+            log.info("round %d/%d: %d/%d notes, %.2f notes/s, %.1f output tok/s, %d failed, commit %.1fs, ETA %.0fs",
+                     k + 1, len(rounds), done, n_selected, rate,
+                     sum(plan.counts.tokens_out for plan in plans) / max(elapsed, 1e-9),
+                     sum(plan.counts.failed for plan in plans), plans[0].counts.rounds[-1]["commit_s"], eta)
+    return done == n_selected
+
+
+def extract_round(p: Pass, ctx: StageContext, notes_dir: str, round_index: int, passthrough_schema: pa.Schema,
+                  plans: list[TaskPlan]) -> int:
+    """Extract the round staged in ``notes_dir`` and commit it; returns the notes it extracted (fewer after the
+    deadline). Each task's counts gain the round's outcomes and figures."""
+    t_round = time.monotonic()
+    staging = storage.join(ctx.staging_dir, f"round-{round_index:05d}")
+    notes = storage.read_parquet(p.spark, notes_dir, ctx.storage_options)
+    outcomes = [r.asDict() for r in transform(notes, dataclasses.replace(ctx, staging_dir=staging),
+                                              p.settings.ray.num_actors * p.settings.ray.max_in_flight).collect()]
+    t_commit = time.monotonic()
+    commit_round(p.warehouse, staging, outcomes, passthrough_schema, ctx.storage_options)
+    commit_s = time.monotonic() - t_commit
+    storage.delete_tree(staging, ctx.storage_options)
+    seconds = round(time.monotonic() - t_round, 2)
+    for plan in plans:
+        mine = [r for r in outcomes if r["task"] == plan.name]
+        plan.counts.add(mine)
+        plan.counts.rounds.append({"round": len(plan.counts.rounds) + 1, "notes": len(mine), "seconds": seconds,
+                                   "commit_s": round(commit_s, 2)})
+    return len(outcomes)
