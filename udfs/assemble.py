@@ -68,7 +68,7 @@ def _resolve_reference(concepts: list, groundings: list, head: int, mention: str
     return None
 
 
-def assemble_note(
+def assemble_note(  # keyword-only, one argument per per-window input a backend produces (reason for their number)
     *,
     note_id: str,
     text: str,
@@ -97,132 +97,130 @@ def assemble_note(
     so an answer still cut before any complete line gives this window no answer and a warning, not an error row:
     the same request would be cut again.
     """
-    if len(outputs) != len(chunks):
-        raise ValueError(f"{len(chunks)} chunks but {len(outputs)} outputs")
-    if output_errors is not None and len(output_errors) != len(chunks):
-        raise ValueError(f"{len(chunks)} chunks but {len(output_errors)} output errors")
-    lineage_cols = _lineage_columns(lineage, text)
+    n = len(chunks)
+    for name, values in (("outputs", outputs), ("output errors", output_errors), ("truncated", truncated),
+                         ("tagged", tagged), ("tag relations", tag_relations)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{n} chunks but {len(values)} {name}")
     extra = dict(passthrough or {})
     clash = sorted(set(extra) & (_ROW_COLUMNS | set(LINEAGE_COLUMNS)))
     if clash:
         raise ValueError(f"passthrough columns {clash} collide with output columns")
-    run_id, text_sha = lineage_cols["run_id"], lineage_cols["text_sha256"]
-    result = NoteResult(n_chunks=len(chunks))
-
-    def fail(chunk_index: int, stage: str, error_type: str, message: str) -> None:
-        result.errors.append(
-            error_row(
-                run_id=run_id, task=task.name, stage=stage, error_type=error_type, message=message,
-                note_id=note_id, chunk_index=chunk_index, text_sha256=text_sha,
-                attempt=int(lineage.get("attempt", 1)), created_at=lineage_cols["extracted_at"],
-            )
-        )
-
-    # merged concepts: key -> record; key = ("g", label, spans) grounded, ("u", label, text) ungrounded
-    merged: dict[tuple, dict[str, Any]] = {}
-    # relations before id assignment: (label, head key, tail key) -> chunk index
-    pending_relations: dict[tuple[str, tuple, tuple], int] = {}
-
+    merger = _NoteMerger(note_id, text, task, lineage, n)
     for pos, (chunk, raw) in enumerate(zip(chunks, outputs)):
-        i = chunk.index
         engine_error = output_errors[pos] if output_errors is not None else None
         if engine_error is not None:
-            fail(i, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
-            continue
-        if tagged is not None and tagged[pos] is not None:
-            tag_keys = []
-            for label, start, end in tagged[pos]:
-                spans = ((start + chunk.start, end + chunk.start),)
-                tag_keys.append(("g", label, spans))
-                merged.setdefault(tag_keys[-1], {
-                    "label": label, "text": text[spans[0][0]:spans[0][1]], "spans": spans, "assertion": "present",
-                    "method": "tagger", "score": 1.0, "chunk_index": i})
-            relations = tag_relations[pos] if tag_relations is not None else None
-            for label, h, t in relations or ():
-                head, tail = tag_keys[h], tag_keys[t]
-                if head == tail or not task.allows(label, head[1], tail[1]):
-                    result.dropped_relations += 1
-                    continue
-                pending_relations.setdefault((label, head, tail), i)
-            continue
-        cut = bool(truncated[pos]) if truncated is not None else False
-        result.truncated_chunks += cut
-        parsed = parse_answer(raw, task, truncated=cut)
-        if isinstance(parsed, ParseFailure) and cut_final and parsed.error_type == "truncated_output":
-            result.warnings += 1
-            continue
+            merger.fail(chunk.index, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
+        elif tagged is not None and tagged[pos] is not None:
+            merger.add_tagged(chunk, tagged[pos], tag_relations[pos] if tag_relations is not None else None)
+        else:
+            merger.add_answer(chunk, raw, bool(truncated[pos]) if truncated is not None else False,
+                              fuzzy=fuzzy, cut_final=cut_final)
+    return merger.rows(note_bucket, extra)
+
+
+class _NoteMerger:
+    """One note's concepts and relations merged across its windows (module docstring), then its rows."""
+
+    def __init__(self, note_id: str, text: str, task: Task, lineage: dict, n_chunks: int):
+        self.note_id, self.text, self.task, self.lineage = note_id, text, task, lineage
+        self.lineage_cols = _lineage_columns(lineage, text)
+        self.result = NoteResult(n_chunks=n_chunks)
+        # key -> record; key = ("g", label, spans) grounded, ("u", label, text) ungrounded
+        self.merged: dict[tuple, dict[str, Any]] = {}
+        # relations before id assignment: (label, head key, tail key) -> chunk index
+        self.pending_relations: dict[tuple[str, tuple, tuple], int] = {}
+
+    def fail(self, chunk_index: int, stage: str, error_type: str, message: str) -> None:
+        cols = self.lineage_cols
+        self.result.errors.append(error_row(
+            run_id=cols["run_id"], task=self.task.name, stage=stage, error_type=error_type, message=message,
+            note_id=self.note_id, chunk_index=chunk_index, text_sha256=cols["text_sha256"],
+            attempt=int(self.lineage.get("attempt", 1)), created_at=cols["extracted_at"]))
+
+    def _relate(self, label: str, head: tuple, tail: tuple, chunk_index: int) -> None:
+        self.pending_relations.setdefault((label, head, tail), chunk_index)
+
+    def add_tagged(self, chunk: Chunk, tagged: tuple, relations: tuple | None) -> None:
+        """A tagger's spans (grounded by construction) and its pair classifier's relations."""
+        keys = []
+        for label, start, end in tagged:
+            spans = ((start + chunk.start, end + chunk.start),)
+            keys.append(("g", label, spans))
+            self.merged.setdefault(keys[-1], {
+                "label": label, "text": self.text[spans[0][0]:spans[0][1]], "spans": spans, "assertion": "present",
+                "method": "tagger", "score": 1.0, "chunk_index": chunk.index})
+        for label, h, t in relations or ():
+            head, tail = keys[h], keys[t]
+            if head == tail or not self.task.allows(label, head[1], tail[1]):
+                self.result.dropped_relations += 1
+                continue
+            self._relate(label, head, tail, chunk.index)
+
+    def add_answer(self, chunk: Chunk, raw: str | None, cut: bool, *, fuzzy: bool, cut_final: bool) -> None:
+        """A generated answer: parsed, its mentions grounded in the window, its relations mapped onto them."""
+        self.result.truncated_chunks += cut
+        parsed = parse_answer(raw, self.task, truncated=cut)
         if isinstance(parsed, ParseFailure):
-            fail(i, "parse", parsed.error_type, parsed.message)
-            continue
-        result.warnings += len(parsed.warnings)
-        groundings = ground_mentions(
-            chunk.text, [(c.label, c.text, c.anchor) for c in parsed.concepts], fuzzy=fuzzy
-        )
-        keys: list[tuple] = []
-        for concept, g in zip(parsed.concepts, groundings):
-            result.ungrounded += g.spans is None
-            if g.spans is not None:
-                spans = tuple((s + chunk.start, e + chunk.start) for s, e in g.spans)
-                key: tuple = ("g", concept.label, spans)
-                mention = " ".join(text[s:e] for s, e in spans)
+            if cut_final and parsed.error_type == "truncated_output":
+                self.result.warnings += 1
             else:
-                spans = None
-                key = ("u", concept.label, concept.text)
-                mention = concept.text
-            keys.append(key)
-            if key not in merged:  # chunks are visited in order: the first sighting has the lowest index
-                merged[key] = {
-                    "label": concept.label, "text": mention, "spans": spans, "assertion": concept.assertion,
-                    "method": g.method, "score": g.score, "chunk_index": i,
-                }
+                self.fail(chunk.index, "parse", parsed.error_type, parsed.message)
+            return
+        self.result.warnings += len(parsed.warnings)
+        groundings = ground_mentions(chunk.text, [(c.label, c.text, c.anchor) for c in parsed.concepts], fuzzy=fuzzy)
+        keys = [self._add_mention(chunk, concept, g) for concept, g in zip(parsed.concepts, groundings)]
         for rel in parsed.relations:
             tail_index = rel.tail if isinstance(rel.tail, int) else _resolve_reference(
                 parsed.concepts, groundings, rel.head, rel.tail)
-            if tail_index is None or not task.allows(
+            if tail_index is None or not self.task.allows(
                     rel.label, parsed.concepts[rel.head].label, parsed.concepts[tail_index].label):
-                result.dropped_relations += 1
+                self.result.dropped_relations += 1
                 continue
             head, tail = keys[rel.head], keys[tail_index]
-            if head == tail:
-                continue  # two mentions merged into one concept: no self-loop
-            pending_relations.setdefault((rel.label, head, tail), i)
+            if head != tail:  # two mentions merged into one concept: no self-loop
+                self._relate(rel.label, head, tail, chunk.index)
 
-    # concept rows, with an ordinal among rows sharing (label, start, end, text)
-    ordinals: dict[tuple, int] = {}
-    id_of: dict[tuple, str] = {}
-    ordered = sorted(
-        merged.items(),
-        key=lambda kv: (kv[1]["spans"] is None, kv[1]["spans"] or (), kv[1]["chunk_index"], kv[1]["label"], kv[1]["text"]),
-    )
-    for key, rec in ordered:
-        spans = rec["spans"]
-        start, end = (spans[0][0], spans[-1][1]) if spans else (None, None)
-        ident = (rec["label"], start, end, rec["text"])
-        ordinal = ordinals.get(ident, 0)
-        ordinals[ident] = ordinal + 1
-        cid = concept_id(note_id, task.name, rec["label"], start, end, rec["text"], ordinal)
-        id_of[key] = cid
-        result.concepts.append(
-            {
-                "note_id": note_id, "concept_id": cid, "task": task.name, "note_bucket": note_bucket,
-                "label": rec["label"],
-                "text": rec["text"], "start": start, "end": end,
-                "spans": [{"start": s, "end": e} for s, e in spans] if spans else None,
-                "assertion": rec["assertion"], "grounded": spans is not None,
-                "grounding_method": rec["method"], "grounding_score": float(rec["score"]),
-                "chunk_index": rec["chunk_index"], **lineage_cols, **extra,
-            }
-        )
+    def _add_mention(self, chunk: Chunk, concept, grounding) -> tuple:
+        self.result.ungrounded += grounding.spans is None
+        if grounding.spans is not None:
+            spans = tuple((s + chunk.start, e + chunk.start) for s, e in grounding.spans)
+            key: tuple = ("g", concept.label, spans)
+            mention = " ".join(self.text[s:e] for s, e in spans)
+        else:
+            spans, key, mention = None, ("u", concept.label, concept.text), concept.text
+        if key not in self.merged:  # chunks are visited in order: the first sighting has the lowest index
+            self.merged[key] = {"label": concept.label, "text": mention, "spans": spans,
+                                "assertion": concept.assertion, "method": grounding.method,
+                                "score": grounding.score, "chunk_index": chunk.index}
+        return key
 
-    for (label, head, tail), chunk_index in pending_relations.items():
-        head_id, tail_id = id_of[head], id_of[tail]
-        result.relations.append(
-            {
-                "note_id": note_id, "relation_id": relation_id(note_id, task.name, label, head_id, tail_id),
-                "task": task.name, "note_bucket": note_bucket, "label": label, "head_concept_id": head_id, "tail_concept_id": tail_id,
-                "head_label": merged[head]["label"], "head_text": merged[head]["text"],
-                "tail_label": merged[tail]["label"], "tail_text": merged[tail]["text"],
-                "chunk_index": chunk_index, **lineage_cols, **extra,
-            }
-        )
-    return result
+    def rows(self, note_bucket: int | None, extra: dict) -> NoteResult:
+        """The note's concept rows (an ordinal among rows sharing label, offsets and text) and relation rows."""
+        ordinals: dict[tuple, int] = {}
+        id_of: dict[tuple, str] = {}
+        common = {"note_id": self.note_id, "task": self.task.name, "note_bucket": note_bucket}
+        ordered = sorted(self.merged.items(), key=lambda kv: (kv[1]["spans"] is None, kv[1]["spans"] or (),
+                                                              kv[1]["chunk_index"], kv[1]["label"], kv[1]["text"]))
+        for key, rec in ordered:
+            spans = rec["spans"]
+            start, end = (spans[0][0], spans[-1][1]) if spans else (None, None)
+            ident = (rec["label"], start, end, rec["text"])
+            ordinals[ident] = ordinals.get(ident, 0) + 1
+            id_of[key] = concept_id(self.note_id, self.task.name, rec["label"], start, end, rec["text"],
+                                    ordinals[ident] - 1)
+            self.result.concepts.append({
+                **common, "concept_id": id_of[key], "label": rec["label"], "text": rec["text"],
+                "start": start, "end": end, "spans": [{"start": s, "end": e} for s, e in spans] if spans else None,
+                "assertion": rec["assertion"], "grounded": spans is not None, "grounding_method": rec["method"],
+                "grounding_score": float(rec["score"]), "chunk_index": rec["chunk_index"],
+                **self.lineage_cols, **extra})
+        for (label, head, tail), chunk_index in self.pending_relations.items():
+            head_id, tail_id = id_of[head], id_of[tail]
+            self.result.relations.append({
+                **common, "relation_id": relation_id(self.note_id, self.task.name, label, head_id, tail_id),
+                "label": label, "head_concept_id": head_id, "tail_concept_id": tail_id,
+                "head_label": self.merged[head]["label"], "head_text": self.merged[head]["text"],
+                "tail_label": self.merged[tail]["label"], "tail_text": self.merged[tail]["text"],
+                "chunk_index": chunk_index, **self.lineage_cols, **extra})
+        return self.result
