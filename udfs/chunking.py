@@ -49,7 +49,7 @@ def _first_in(bounds: list[int], lo: int, hi: int) -> int | None:
     return None
 
 
-def chunk_text(
+def chunk_text(  # ~70 lines: the cut rule (a closure) reads the text's boundaries the loop computes once
     text: str,
     max_chars: int,
     overlap_chars: int = 200,

@@ -273,7 +273,7 @@ def _fuzzy_candidates(index: _TextIndex, mention: str, min_score: float) -> list
     return scored
 
 
-def _ground_one(
+def _ground_one(  # the search state of one note's mentions, threaded through each call
     index: _TextIndex,
     mention: str,
     used: set[Spans],

@@ -31,6 +31,7 @@ def _short_hash(value: Any) -> str:
     return hashlib.sha256(_canonical(value).encode("ascii")).hexdigest()[:ID_HEX_CHARS]
 
 
+# one parameter per field of the row's identity (the hash input)
 def concept_id(note_id: str, task: str, label: str, start: int | None, end: int | None, text: str, ordinal: int) -> str:
     """Id of one concept row: hash of (note_id, task, label, start, end, text, ordinal); start/end may be None."""
     return _short_hash([note_id, task, label, start, end, text, ordinal])
@@ -47,7 +48,7 @@ def note_bucket(note_id: str, buckets: int) -> int:
     return int(hashlib.sha256(_utf8(note_id)).hexdigest()[:8], 16) % buckets
 
 
-def fingerprint(
+def fingerprint(  # one parameter per input that changes answers (the hash input)
     model_sha256: str,
     adapter_sha256: str | None,
     prompt_version: str,

@@ -191,7 +191,7 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def error_row(
+def error_row(  # keyword-only, one per column of the errors table
     *,
     run_id: str,
     task: str,
