@@ -91,7 +91,7 @@ class LinkStats:
     passes: int = 0
     seconds: float = 0.0
     by_match_type: dict[str, int] = field(default_factory=dict)
-    skipped: str | None = None  # why nothing was linked (no vocabulary, linking disabled)
+    skipped: str | None = None  # why nothing was linked (no vocabulary)
 
 
 @dataclass(frozen=True)
@@ -460,9 +460,9 @@ def _commit(run: _Run, task: str, buckets: list[int], rows: pa.Table) -> None:
     data = data.append_column("linked_at", pa.array([run.linked_at] * rows.num_rows, schemas.TIMESTAMP))
     keep = pc.invert(gone)
     new = data.filter(keep).cast(schemas.CONCEPT_LINKS_SCHEMA)
-    properties = warehouse._commit_properties("link")
+    properties = warehouse.commit_properties("link")
     if warehouse.version(LINKS_TABLE) is None:
-        warehouse._with_retries(LINKS_TABLE, lambda: write_deltalake(
+        warehouse.with_retries(LINKS_TABLE, lambda: write_deltalake(
             path, new, mode="append", partition_by=_PARTITIONS, commit_properties=properties,
             storage_options=warehouse.storage_options))
         return
@@ -470,7 +470,7 @@ def _commit(run: _Run, task: str, buckets: list[int], rows: pa.Table) -> None:
                                   names=[*schemas.CONCEPT_LINKS_SCHEMA.names, "_gone"])
     columns = {name: f"s.{name}" for name in schemas.CONCEPT_LINKS_SCHEMA.names}
     predicate = f"t.task = s.task AND t.concept_id = s.concept_id AND {_scope(task, buckets, alias='t')}"
-    warehouse._with_retries(LINKS_TABLE, lambda: (
+    warehouse.with_retries(LINKS_TABLE, lambda: (
         DeltaTable(path, storage_options=warehouse.storage_options)
         .merge(source, predicate=predicate, source_alias="s", target_alias="t", commit_properties=properties)
         .when_matched_delete(predicate="s._gone")
@@ -512,8 +512,6 @@ def link_concepts(spark, warehouse, settings: Settings, tasks: list[Task]) -> Li
     run lock. A missing vocabulary skips linking with one warning (a ConfigError when one was configured)."""
     started = time.monotonic()
     omop, opts = settings.omop, dict(warehouse.storage_options)
-    if not omop.enabled:
-        return LinkStats(skipped="omop.enabled is false")
     root = omop.vocabulary or storage.join(warehouse.root, "vocabulary")
     vocabulary = open_vocabulary(root, opts)
     if vocabulary is None:
@@ -609,34 +607,20 @@ def run(settings: Settings, output: str, spark=None) -> LinkStats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("notelake").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    """``notelake link``: exit codes as in the module docstring; the stats as one JSON line."""
     from notelake.conf import load_settings
-    from notelake.jobs.guards import LockedError
-    from notelake.jobs.warehouse import OutputWriteError
+    from notelake.jobs.cli_common import configure_command_logging, run_command
 
-    try:
-        settings = load_settings(args.conf)
-        settings = settings.with_overrides(job={"task": args.task} if args.task else {},
-                                           omop={"vocabulary": args.vocabulary} if args.vocabulary else {})
-        stats = run(settings, args.output)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    except LockedError as exc:
-        log.error("%s", exc)
-        return 3
-    except OutputWriteError as exc:
-        log.error("%s", exc)
-        return 4
-    except Exception as exc:  # noqa: BLE001 - one PHI-safe line: a Spark error may quote a mention
-        from notelake.jobs.extraction.cli import describe_failure
+    configure_command_logging()
+    args = build_parser().parse_args(argv)
 
-        log.error("link failed: %s", describe_failure(exc))
-        return 5
-    print(json.dumps(dataclasses.asdict(stats), sort_keys=True))
-    return 0
+    def link() -> dict:
+        settings = load_settings(args.conf).with_overrides(
+            job={"task": args.task} if args.task else {},
+            omop={"vocabulary": args.vocabulary} if args.vocabulary else {})
+        return dataclasses.asdict(run(settings, args.output))
+
+    return run_command("link", link)
 
 
 if __name__ == "__main__":

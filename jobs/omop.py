@@ -447,7 +447,7 @@ def _write(warehouse: Warehouse, table: str, data: pa.Table, predicate: str | No
                   else ["note_bucket"] if table == "note_crosswalk" else None)
 
     def action() -> None:
-        common = dict(commit_properties=warehouse._commit_properties(f"omop_{table}"),
+        common = dict(commit_properties=warehouse.commit_properties(f"omop_{table}"),
                       storage_options=warehouse.storage_options or None)
         if warehouse.version(table) is None:
             write_deltalake(warehouse.path(table), data, mode="append", partition_by=partitions, **common)
@@ -457,7 +457,7 @@ def _write(warehouse: Warehouse, table: str, data: pa.Table, predicate: str | No
         else:
             write_deltalake(warehouse.path(table), data, mode="overwrite", predicate=predicate, **common)
 
-    warehouse._with_retries(table, action)
+    warehouse.with_retries(table, action)
 
 
 def _read_scope(warehouse: Warehouse, table: str, columns: list[str], condition) -> pa.Table | None:
@@ -659,33 +659,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conf", default=None, help="settings YAML (omop section; default conf/local.yaml)")
     p.add_argument("--task", default=None, help="task(s), comma-separated (default: job.task of the settings)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("notelake").setLevel(logging.INFO)
-
     from notelake.conf import load_settings
-    from notelake.conf.settings import ConfigError
-    from notelake.jobs.guards import LockedError
-    from notelake.jobs.warehouse import OutputWriteError
+    from notelake.jobs.cli_common import configure_command_logging, run_command
 
-    try:
+    configure_command_logging()
+
+    def publish() -> dict:
         settings = load_settings(args.conf)
         stats = run(settings, args.output, (args.task or settings.job.task).split(","))
-    except (ConfigError, OmopError) as exc:
-        log.error("%s", exc)
-        return 2
-    except LockedError as exc:
-        log.error("%s", exc)
-        return 3
-    except OutputWriteError as exc:
-        log.error("%s", exc)
-        return 4
-    except Exception as exc:  # noqa: BLE001 - one PHI-safe line: a Spark error may quote a mention
-        from notelake.jobs.extraction.cli import describe_failure
+        return {k: v for k, v in asdict(stats).items() if k != "fingerprint"}
 
-        log.error("omop publish failed: %s", describe_failure(exc))
-        return 5
-    print(json.dumps({k: v for k, v in asdict(stats).items() if k != "fingerprint"}, sort_keys=True))
-    return 0
+    return run_command("omop publish", publish, usage_errors=(OmopError,))
 
 
 if __name__ == "__main__":

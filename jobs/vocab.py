@@ -258,8 +258,10 @@ def load_athena(athena_dir: str, root: str, *, quoting: Quoting = ATHENA_QUOTING
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("notelake").setLevel(logging.INFO)
+    """``notelake vocab load``: exit codes as in the module docstring; the release and row counts as one JSON line."""
+    from notelake.jobs.cli_common import configure_command_logging
+
+    configure_command_logging()
     p = argparse.ArgumentParser(prog="notelake vocab", description="OMOP vocabulary tables for concept linking")
     sub = p.add_subparsers(dest="command", required=True)
     load = sub.add_parser("load", help="load an Athena export (tab-separated files) into Delta tables")
@@ -272,21 +274,17 @@ def main(argv: list[str] | None = None) -> int:
                            "quotes, as a CSV tool re-exports them)")
     load.add_argument("--conf", default=None, help="settings YAML whose storage.options reach an object store")
     args = p.parse_args(argv)
-    from notelake.conf import ConfigError, load_settings
-    from notelake.jobs.warehouse import OutputWriteError
+    from notelake.conf import load_settings
+    from notelake.jobs.cli_common import run_command
 
-    try:
+    def load() -> dict:
         opts = storage.settings_options(load_settings(args.conf))
         root = vocabulary_root(args.output, args.vocabulary)
         manifest = _load_reporting_write_errors(args.athena, root, args.quoting, opts)
-    except (ConfigError, VocabularyFileError) as exc:
-        log.error("%s", exc)  # vocabulary files hold no PHI: names and values may be quoted
-        return 2
-    except OutputWriteError as exc:
-        log.error("%s", exc)
-        return 4
-    print(json.dumps({"vocabulary": root, "release": manifest["release"], "rows": manifest["rows"]}))
-    return 0
+        return {"vocabulary": root, "release": manifest["release"], "rows": manifest["rows"]}
+
+    # vocabulary files hold no PHI: a VocabularyFileError names the file, line and value
+    return run_command("vocab load", load, usage_errors=(VocabularyFileError,))
 
 
 def _load_reporting_write_errors(athena_dir: str, root: str, quoting: Quoting, opts: dict[str, str]) -> dict:

@@ -149,7 +149,8 @@ class Warehouse:
     def versions(self) -> dict[str, int | None]:
         return {t: self.version(t) for t in TABLES}
 
-    def _commit_properties(self, operation: str):
+    def commit_properties(self, operation: str):
+        """A commit's properties: the warehouse's metadata (run, model, ...) and ``operation``, with its retries."""
         from deltalake import CommitProperties
 
         return CommitProperties(
@@ -157,7 +158,7 @@ class Warehouse:
             max_commit_retries=_COMMIT_RETRIES,
         )
 
-    def _with_retries(self, what: str, action):
+    def with_retries(self, what: str, action):
         """Run a commit, retrying optimistic-concurrency conflicts with backoff (another writer committed).
 
         Any other failure (read-only or full disk, permissions) becomes :class:`OutputWriteError` naming the table;
@@ -188,11 +189,11 @@ class Warehouse:
             if self.version(table) is not None:
                 return False
             write_deltalake(self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table),
-                            commit_properties=self._commit_properties(operation),
+                            commit_properties=self.commit_properties(operation),
                             storage_options=self.storage_options)
             return True
 
-        return self._with_retries(table, create)
+        return self.with_retries(table, create)
 
     def replace_notes(self, table: str, data: pa.Table, task: str, note_ids: list[str], buckets: set[int]) -> None:
         """Replace all rows of ``note_ids`` (of ``task``, in ``buckets``) with ``data`` in one commit; only the
@@ -201,9 +202,9 @@ class Warehouse:
 
         if not note_ids or self._create_or_append(table, data, "replace_notes"):
             return
-        self._with_retries(table, lambda: write_deltalake(
+        self.with_retries(table, lambda: write_deltalake(
             self.path(table), data, mode="overwrite", predicate=note_scope(task, buckets, note_ids), schema_mode="merge",
-            commit_properties=self._commit_properties("replace_notes"), storage_options=self.storage_options))
+            commit_properties=self.commit_properties("replace_notes"), storage_options=self.storage_options))
 
     def upsert(self, table: str, data: pa.Table, key: str = "run_id") -> None:
         """MERGE on ``key`` (the small runs table)."""
@@ -211,11 +212,11 @@ class Warehouse:
 
         if not data.num_rows or self._create_or_append(table, data, "upsert"):
             return
-        self._with_retries(table, lambda: (
+        self.with_retries(table, lambda: (
             DeltaTable(self.path(table), storage_options=self.storage_options)
             # merge_schema: a table written by an older release gains the columns added since (all nullable)
             .merge(data, predicate=f"t.{key} = s.{key}", source_alias="s", target_alias="t", merge_schema=True,
-                   commit_properties=self._commit_properties("upsert"))
+                   commit_properties=self.commit_properties("upsert"))
             .when_matched_update_all().when_not_matched_insert_all().execute()))
 
     def update_columns(self, table: str, data: pa.Table, task: str, buckets: set[int], columns: list[str]) -> None:
@@ -226,11 +227,11 @@ class Warehouse:
         if not data.num_rows or self.version(table) is None:
             return
         predicate = f"t.note_id = s.note_id AND {note_scope(task, buckets, alias='t')}"
-        self._with_retries(table, lambda: (
+        self.with_retries(table, lambda: (
             DeltaTable(self.path(table), storage_options=self.storage_options)
             # merge_schema: a column new to the table is added (without it delta-rs drops the values silently)
             .merge(data, predicate=predicate, source_alias="s", target_alias="t", merge_schema=True,
-                   commit_properties=self._commit_properties("update_columns"))
+                   commit_properties=self.commit_properties("update_columns"))
             .when_matched_update({c: f"s.{c}" for c in columns}).execute()))
 
     def append(self, table: str, data: pa.Table) -> None:
@@ -240,9 +241,9 @@ class Warehouse:
             return
         from deltalake import write_deltalake
 
-        self._with_retries(table, lambda: write_deltalake(
+        self.with_retries(table, lambda: write_deltalake(
             self.path(table), data, mode="append", partition_by=_PARTITIONS.get(table), schema_mode="merge",
-            commit_properties=self._commit_properties("append"), storage_options=self.storage_options,
+            commit_properties=self.commit_properties("append"), storage_options=self.storage_options,
         ))
 
     def delete_notes(self, task: str, notes: dict[str, int], tables: tuple[str, ...] = NOTE_TABLES) -> None:
@@ -254,8 +255,8 @@ class Warehouse:
         for buckets, ids in _delete_batches(notes):
             scope = note_scope(task, buckets, ids)
             for table in present:
-                self._with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
-                                                          self._commit_properties("delete_notes")))
+                self.with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
+                                                          self.commit_properties("delete_notes")))
 
     def commit_round(self, staged: dict[str, pa.Table], task: str, replaced: list[str], first: list[str],
                      ledger_known: list[str], buckets: set[int]) -> None:
@@ -372,8 +373,8 @@ class Warehouse:
             for table in ("concepts", "relations"):
                 if self.version(table) is not None:
                     scope = f"{note_scope(task, set(notes.values()), sorted(notes))} AND {runs_in}"
-                    self._with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
-                                                              self._commit_properties("repair")))
+                    self.with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
+                                                              self.commit_properties("repair")))
         return sum(len(n) for n in orphans.values())
 
 

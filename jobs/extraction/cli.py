@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import traceback
 from pathlib import Path
 
 from notelake.conf import ConfigError, Settings, load_settings
+from notelake.jobs.cli_common import describe_failure
 from notelake.jobs.extraction.job import run
 from notelake.jobs.extraction.read import InputError
 from notelake.jobs.extraction.report import ExitCode
@@ -93,11 +93,3 @@ def main(argv: list[str] | None = None) -> int:
         log.error("run failed: %s", describe_failure(exc, with_message=bool(settings and settings.job.log_phi)))
         return ExitCode.FAILED
 
-
-def describe_failure(exc: BaseException, with_message: bool = False) -> str:
-    """The exception type and where it was raised; its message (which may quote note text) only on request."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
-    if with_message:
-        return f"{type(exc).__name__}{where}\n" + "".join(traceback.format_exception(exc))
-    return f"{type(exc).__name__}{where} (message withheld: may contain PHI; set job.log_phi to see it)"
