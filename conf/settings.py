@@ -193,6 +193,9 @@ class JobConfig(_Strict):
         return self.task.split(",")
 
 
+    lease_ttl_s: float = Field(120, gt=0, description="object-store outputs: the run's lease on --output expires this "
+                                                      "long after its last renewal (renewed every quarter of it); a "
+                                                      "killed run keeps the next one out this long at most")
 class StorageConfig(_Strict):
     """Object-store access for input, output and staging URIs (s3://, gs://, abfss://, file://, plain paths)."""
 
@@ -201,7 +204,8 @@ class StorageConfig(_Strict):
                                           "keys missing here are taken from the environment. Never logged")
     staging: str | None = Field(
         None, description="where executors stage rows before a round commits (a location every executor and the "
-                          "driver reach); null = <output>/_staging")
+                          "driver reach); null = <output>/_staging. Outputs sharing it stage under their own "
+                          "subfolder (<staging>/<output's last path part>-<hash of its URI>)")
 
     def revealed_options(self) -> dict[str, str]:
         """The configured options in clear (for the storage clients only: never log or persist them)."""

@@ -16,8 +16,9 @@
     Delta table's log): a dead holder blocks the output until its lease expires (``ttl_s``), and a run whose lease
     was taken over is fenced off the output tables (:meth:`OutputLease.check` before each commit).
 
-  Both give the same interface: a context manager with ``check()`` (the commit fence; a no-op for the flock,
-  which cannot be lost) and ``taken_over`` (the lease record of a run that died holding it, else None).
+  Both give the same interface: a context manager with ``holder`` (the run's pass id), ``check()`` (the commit
+  fence; a no-op for the flock, which cannot be lost) and ``taken_over`` (the lease record of a run that died
+  holding it, else None).
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ class RunLock:
 
     taken_over = None  # a flock dies with its holder: there is never an expired one to take over
 
-    def __init__(self, output: Path, timeout_s: float = 0.0, poll_s: float = 0.5):
+    def __init__(self, output: Path, timeout_s: float = 0.0, poll_s: float = 0.5, holder: str = ""):
         self.path = Path(output) / LOCK_FILE
+        self.holder = holder  # the run's pass id (as OutputLease.holder)
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self._fh = None
@@ -119,6 +121,6 @@ def output_lock(output: str, holder: str, timeout_s: float = 0.0, storage_option
     from notelake.jobs.lease import DEFAULT_TTL_S, OutputLease
 
     if mode == "auto" and storage.is_local(output):
-        return RunLock(Path(output), timeout_s)
+        return RunLock(Path(output), timeout_s, holder=holder)
     return OutputLease(output, holder, timeout_s=timeout_s, ttl_s=ttl_s or DEFAULT_TTL_S,
                        storage_options=storage_options)

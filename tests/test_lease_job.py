@@ -48,8 +48,6 @@ def start_job(conf: str, src: str, output: str, log_path) -> subprocess.Popen:
                                  "--output", output], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.xfail(strict=True, reason="jobs/extract.run takes no lock on an object-store output until "
-                                       "guards.output_lock is wired into the job (then remove this marker)")
 def test_two_jobs_on_one_s3_output_lose_and_duplicate_nothing(tmp_path, replay):
     notes = sample_notes(8)
     src = write_notes(tmp_path / "notes", notes)

@@ -32,31 +32,40 @@ log = logging.getLogger("notelake.extract")
 def run(settings: Settings, source: str, output: str, *, limit: int | None = None, full_refresh: bool = False,
         dry_run: bool = False, spark=None) -> int:  # the CLI's flags by name; spark: a session to reuse
     """Run the job once on ``source`` into ``output``; returns the exit code (:class:`ExitCode`). Raises
-    InputError, ConfigError, LockedError, OutputWriteError and the engine's and adapters' errors."""
-    from notelake.jobs.guards import RunLock, resolve_output, restrictive_umask
+    InputError, ConfigError, LockedError (LeaseLostError: the run lost its lease and stopped before its next
+    commit), OutputWriteError and the engine's and adapters' errors.
+
+    Every run that writes holds the output's lock for its whole length (:func:`notelake.jobs.guards.output_lock`:
+    a flock on a local output, a heartbeat lease on an object store), taken before Spark starts; another run
+    waits ``job.lock_timeout_s`` for it, then raises LockedError. A dry run writes nothing and takes no lock."""
+    from notelake.jobs.guards import output_lock, resolve_output, restrictive_umask
 
     settings = job_engine_settings(settings)
     out = resolve_output(output, settings.job.output_root)
     if settings.job.log_phi:
         log.warning("job.log_phi is on: failure tracebacks may quote note text; use for debugging only")
+    options = PassOptions(limit, full_refresh, dry_run)
     with restrictive_umask(settings.job.umask):
-        lock = contextlib.nullcontext()
-        if not dry_run and storage.is_local(out):
-            lock = RunLock(Path(out), settings.job.lock_timeout_s)
-        elif not dry_run:
-            log.info("output on an object store: no run lock (the scheduler must not start two runs on one output)")
-        with lock:
-            return run_pass(settings, source, out, PassOptions(limit, full_refresh, dry_run), spark)
+        if dry_run:
+            return run_pass(settings, source, out, options, spark)
+        with output_lock(out, new_pass_id(), settings.job.lock_timeout_s, storage.settings_options(settings),
+                         ttl_s=settings.job.lease_ttl_s) as lock:
+            return run_pass(settings, source, out, options, spark, lock)
 
 
-def run_pass(settings: Settings, source: str, output: str, options: PassOptions, spark=None) -> int:
-    """One pass under the run lock: plan every task on one read of the input, then print the dry-run report or
-    extract and commit. Returns the exit code."""
+def new_pass_id() -> str:
+    """A pass's id: its start time (sortable) and a random suffix."""
+    return f"{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def run_pass(settings: Settings, source: str, output: str, options: PassOptions, spark=None, lock=None) -> int:
+    """One pass holding ``lock`` (the output lock, whose holder is the pass id; None for a dry run): plan every
+    task on one read of the input, then print the dry-run report or extract and commit. Returns the exit code."""
     from notelake.jobs.warehouse import read_snapshot_spark
 
     tasks = [load_task(name) for name in settings.job.tasks]
     identities = {task.name: describe_extraction(settings, task) for task in tasks}  # before Spark: fail fast
-    p = open_pass(settings, output, options, spark, identities)
+    p = open_pass(settings, output, options, spark, identities, lock)
     plans = [start_plan(p, task, identities[task.name], p.pass_id if len(tasks) == 1 else f"{p.pass_id}-{task.name}")
              for task in tasks]
     checked = read_input(p.spark, settings, source, *input_window(plans, settings.job.max_attempts))
@@ -85,13 +94,14 @@ def run_pass(settings: Settings, source: str, output: str, options: PassOptions,
 
 
 def open_pass(settings: Settings, output: str, options: PassOptions, spark,
-              identities: dict[str, ExtractionIdentity]) -> Pass:
-    """Start the pass: Spark, the output's warehouse (its commits tagged with the pass), its note buckets, and,
-    unless a dry run, the clean-up after runs that died (under the run lock, whatever is staged or ``running``
-    belongs to a dead run)."""
+              identities: dict[str, ExtractionIdentity], lock=None) -> Pass:
+    """Start the pass: Spark, the output's warehouse (its commits tagged with the pass and fenced by ``lock``),
+    its note buckets, its staging root (this output's own, also under a shared ``storage.staging``), and, holding
+    ``lock`` (not a dry run), the clean-up after the runs that died on this output: every other run on it has
+    ended or lost its lock, so whatever it left staged or ``running`` is a dead run's."""
     from notelake.jobs.warehouse import open_warehouse
 
-    pass_id = f"{utc_now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    pass_id = lock.holder if lock is not None else new_pass_id()
     started, commit_sha = utc_now(), git_sha()
     spark = spark or start_spark(settings)
     first = next(iter(identities.values()))
@@ -99,12 +109,14 @@ def open_pass(settings: Settings, output: str, options: PassOptions, spark,
         "notelake.run_id": pass_id, "notelake.git_sha": commit_sha or "", "notelake.model": first.model,
         "notelake.adapter": first.adapter or "",
         "notelake.prompt_version": ",".join(identity.prompt_version for identity in identities.values()),
-    }, storage.settings_options(settings))
+    }, storage.settings_options(settings), fence=None if lock is None else lock.check)
     p = Pass(pass_id=pass_id, settings=settings, options=options, spark=spark, warehouse=warehouse,
              buckets=warehouse.note_buckets(settings.job.note_buckets, create=not options.dry_run),
-             staging_root=settings.storage.staging or storage.join(warehouse.root, "_staging"), started=started,
-             git_sha=commit_sha)
-    if not options.dry_run:
+             staging_root=warehouse.staging_root(settings.storage.staging), started=started, git_sha=commit_sha)
+    if lock is not None:
+        if lock.taken_over is not None:
+            log.warning("run %s held the lease on this output and let it expire (died or stalled): recovering it",
+                        lock.taken_over.holder)
         abandoned, repaired = warehouse.recover(p.staging_root)
         if abandoned:
             log.warning("marked %d run(s) left running by a dead process as abandoned: %s", len(abandoned),
