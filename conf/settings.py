@@ -168,6 +168,9 @@ class JobConfig(_Strict):
                                                                   "(077: files 0600, folders 0700: PHI)")
     lock_timeout_s: float = Field(0, ge=0, description="wait this long for another run on the same --output to "
                                                        "finish, then exit 3 (0 = fail at once)")
+    lease_ttl_s: float = Field(120, gt=0, description="object-store outputs: the run's lease on --output expires this "
+                                                      "long after its last renewal (renewed every quarter of it); a "
+                                                      "killed run keeps the next one out this long at most")
     propagate_deletes: bool = Field(
         False, description="remove the output rows of notes no longer in the input (one extra scan of the id "
                            "column). Only for a full note table: never with an input that holds changed rows only")
@@ -193,9 +196,6 @@ class JobConfig(_Strict):
         return self.task.split(",")
 
 
-    lease_ttl_s: float = Field(120, gt=0, description="object-store outputs: the run's lease on --output expires this "
-                                                      "long after its last renewal (renewed every quarter of it); a "
-                                                      "killed run keeps the next one out this long at most")
 class StorageConfig(_Strict):
     """Object-store access for input, output and staging URIs (s3://, gs://, abfss://, file://, plain paths)."""
 
