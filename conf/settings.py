@@ -215,8 +215,15 @@ class StorageConfig(_Strict):
 class OmopConfig(_Strict):
     """Concept normalization to the site's OMOP vocabulary and the OMOP CDM output (jobs/linking.py)."""
 
-    enabled: bool = Field(True, description="link concepts to the vocabulary when one is present (a missing "
-                                            "vocabulary skips linking with one warning); false = never link")
+    link: Literal["auto", "on", "off"] = Field(
+        "auto", description="the extraction job links the pass's concepts after its rounds (jobs/linking.py): "
+                            "auto = when a vocabulary is at <output>/vocabulary, else skipped; on = always; no "
+                            "vocabulary under on, or none where omop.vocabulary says: exit 2 with the extraction "
+                            "committed. off = never (`notelake link` links on request whatever this says)")
+    publish: Literal["auto", "on", "off"] = Field(
+        "auto", description="the extraction job then publishes the OMOP tables (jobs/omop.py: note_nlp, "
+                            "note_nlp_relation, derived rows): auto = when it linked in the same run; on = always "
+                            "(mentions without a link get concept 0); off = never (`notelake omop` on request)")
     vocabulary: str | None = Field(None, description="where the vocabulary's Delta tables are (concept, "
                                                      "concept_synonym, concept_relationship, concept_ancestor, "
                                                      "vocabulary): a path or URI; null = <output>/vocabulary "

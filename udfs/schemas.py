@@ -182,6 +182,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("refreshed", pa.int64(), nullable=True),    # notes whose pass-through columns were updated
         pa.field("stale_removed", pa.int64(), nullable=True),  # rejected notes whose earlier rows were removed
         pa.field("rounds_json", pa.string(), nullable=True),  # per round: notes, seconds, commit seconds
+        pa.field("omop_json", pa.string(), nullable=True),  # the pass's link and OMOP publish stats (counts, ids)
     ]
 )
 RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")

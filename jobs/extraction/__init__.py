@@ -7,6 +7,7 @@
 ``stage``     the executors' side (``mapInArrow``): Arrow batches -> engines -> parsed, grounded rows
 ``staging``   files staged before a commit, named per Spark task attempt (exactly one copy read back)
 ``commit``    the Delta writes of a round, of rejections, deletes and refreshes; the ledger-row builder
+``publish``   after the rounds: the concepts linked to the OMOP vocabulary and published as OMOP tables
 ``report``    run records (the ``runs`` table), counts, progress lines, the dry-run report, the exit code
 ``identity``  the model and adapter a task runs on and the extraction fingerprint
 ``session``   the Spark session and the log levels (``log4j2.properties``)

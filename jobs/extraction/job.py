@@ -18,6 +18,7 @@ from notelake.jobs.extraction.commit import commit_planned_changes
 from notelake.jobs.extraction.identity import ExtractionIdentity, describe_extraction, job_engine_settings
 from notelake.jobs.extraction.plan import (Pass, PassOptions, TaskPlan, input_window, plan_task, select_notes,
                                            start_plan)
+from notelake.jobs.extraction.publish import link_and_publish
 from notelake.jobs.extraction.read import read_input, read_note_ids
 from notelake.jobs.extraction.report import (ExitCode, RunRecord, dry_run_report, end_runs, log_plan,
                                              write_records)
@@ -129,7 +130,8 @@ def open_pass(settings: Settings, output: str, options: PassOptions, spark,
 
 def extract_and_commit(p: Pass, ctx: StageContext, plans: list[TaskPlan], valid) -> int:
     """Record the runs, commit rejections, deletes and refreshes, extract every task's selection in shared rounds
-    (its text joined back from ``valid``), and end the runs. Returns the exit code."""
+    (its text joined back from ``valid``), link and publish the tasks' concepts (omop.link, omop.publish), and
+    end the runs. Returns the exit code: the extraction's, or the link or publish stage's failure (higher)."""
     from pyspark.sql import DataFrame
     from pyspark.sql import functions as F
 
@@ -155,9 +157,12 @@ def extract_and_commit(p: Pass, ctx: StageContext, plans: list[TaskPlan], valid)
         raise
     finally:
         storage.delete_tree(ctx.staging_dir, ctx.storage_options)  # note-derived PHI: never left behind
+    omop = link_and_publish(p, [plan.task for plan in plans])  # its failure keeps the committed extraction
     code = end_runs(plans, finished, json.dumps(p.warehouse.versions()), p.settings.job.max_error_rate)
+    for record in records:
+        record.omop_json = omop.to_json()
     write_records(p.warehouse, records)
-    return code
+    return max(code, omop.code)
 
 
 def git_sha() -> str | None:

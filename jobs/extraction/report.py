@@ -96,6 +96,7 @@ class RunRecord:
     watermark: datetime | None = None  # the input.updated_at_column high-water mark this run read up to
     table_versions_json: str = "{}"
     rounds_json: str | None = None
+    omop_json: str | None = None  # the pass's link and OMOP publish stats (jobs/extraction/publish.py)
     counts: TaskCounts = field(default_factory=TaskCounts)
 
     @classmethod
