@@ -28,12 +28,15 @@ install: $(BIN)/.installed
 base-model: install
 	$(BIN)/notelake models fetch-base
 
+# The job links the concepts to the vocabulary loaded beside them and publishes note_nlp (omop.link/publish: auto).
 demo: base-model
 	$(BIN)/notelake sample-table --out $(OUT)/notes
+	$(BIN)/notelake vocab load --athena data/vocab/demo --output $(OUT)/warehouse
 	$(BIN)/spark-submit --master 'local[2]' jobs/extract.py --conf conf/local.yaml \
 		--input $(OUT)/notes --output $(OUT)/warehouse --task phee
 	$(BIN)/notelake sql --output $(OUT)/warehouse --query concept_counts
 	$(BIN)/notelake sql --output $(OUT)/warehouse --query drug_adverse_effects
+	$(BIN)/notelake sql --output $(OUT)/warehouse --query drug_class_adverse_effects
 
 test: base-model
 	$(BIN)/python -m pytest
