@@ -42,7 +42,6 @@ there; 3 another run holds the output's lock; 4 the link table could not be writ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -52,7 +51,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
@@ -586,19 +584,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(settings: Settings, output: str, spark=None) -> LinkStats:
-    """Link ``settings.job.tasks`` in ``output`` under the output's run lock; raises ConfigError, LockedError,
-    OutputWriteError."""
+    """Link ``settings.job.tasks`` in ``output`` holding the output's lock (its fence checked before every
+    commit); raises ConfigError, LockedError, OutputWriteError."""
     from notelake.conf.task import load_task
-    from notelake.jobs.guards import RunLock, resolve_output, restrictive_umask
+    from notelake.jobs.guards import output_lock, resolve_output, restrictive_umask
     from notelake.jobs.warehouse import open_warehouse
 
     tasks = [load_task(name) for name in settings.job.tasks]
     out = resolve_output(output, settings.job.output_root)
+    opts = storage.settings_options(settings)
     with restrictive_umask(settings.job.umask):
-        lock = RunLock(Path(out), settings.job.lock_timeout_s) if storage.is_local(out) else contextlib.nullcontext()
-        with lock:
+        with output_lock(out, f"link-{uuid.uuid4().hex}", settings.job.lock_timeout_s, opts,
+                         ttl_s=settings.job.lease_ttl_s) as lock:
             warehouse = open_warehouse(out, {"notelake.operation": "link", "notelake.linker": LINKER_VERSION},
-                                       storage.settings_options(settings))
+                                       opts, fence=lock.check)
             if spark is None:
                 from notelake.jobs.extraction.session import start_spark
 

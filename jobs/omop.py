@@ -640,7 +640,8 @@ def run(settings: Settings, output: str, tasks: list[str], spark=None) -> OmopSt
     out = resolve_output(output, settings.job.output_root)
     opts = storage.settings_options(settings)
     with restrictive_umask(settings.job.umask):
-        with output_lock(out, f"omop-{uuid.uuid4().hex}", settings.job.lock_timeout_s, opts) as lock:
+        with output_lock(out, f"omop-{uuid.uuid4().hex}", settings.job.lock_timeout_s, opts,
+                         ttl_s=settings.job.lease_ttl_s) as lock:
             warehouse = open_warehouse(out, {"notelake.operation": "omop", "notelake.omop_stage": OMOP_STAGE_VERSION},
                                        opts, fence=lock.check)
             if spark is None:

@@ -8,6 +8,8 @@
                          the base model) shared by every test that needs vLLM.
 * ``lora_pool``       -- the same engine with LoRA enabled, for per-request adapters (module-scoped).
 * ``tiny_adapter``    -- a tiny LoRA adapter (PEFT, r=8, random init) with its manifest, in a tmp folder.
+* ``replay``          -- the job's settings (task phee, any error rate) on the REPLAY engine, whose actor lives for
+                         the module that uses it (data-plane tests: made-up answers grounded in the text).
 * ``spark``           -- one local Spark session (driver maxResultSize 1m: note text must never reach the driver).
 """
 
@@ -110,6 +112,19 @@ def make_tiny_adapter(base_model_path: Path, out: Path, *, name: str = "tiny-tes
 @pytest.fixture(scope="session")
 def tiny_adapter(base_model_path, tmp_path_factory) -> Path:
     return make_tiny_adapter(base_model_path, tmp_path_factory.mktemp("adapters") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def replay(settings, ray_address, base_model_path):
+    from jobkit import job_settings
+
+    from notelake.models.actor import EnginePool
+
+    cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024})
+    pool = EnginePool.get_or_create(cfg)
+    pool.ready()
+    yield cfg
+    pool.shutdown()
 
 
 @pytest.fixture(scope="session")

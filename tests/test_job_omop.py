@@ -1,32 +1,20 @@
 """The nightly job links and publishes its concepts in the same run (jobs/extraction/publish.py), on the real local
-stack (Spark, Ray, deltalake) with the REPLAY engine and the shipped demo vocabulary: data plane only (REPLAY's
-mentions are words of the note under made-up labels, so some link and most do not)."""
+stack (Spark, Ray, deltalake) with the REPLAY engine (conftest ``replay``) and the shipped demo vocabulary: data
+plane only (REPLAY's mentions are words of the note under made-up labels, so some link and most do not)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 from deltalake import DeltaTable
-from jobkit import job_settings, rows, sample_notes, write_notes
+from jobkit import rows, sample_notes, write_notes
 
 from notelake.jobs.extraction import job
 from notelake.jobs.extraction.report import ExitCode
 from notelake.jobs.vocab import load_athena, vocabulary_root
 
 DEMO_VOCABULARY = Path(__file__).resolve().parents[1] / "data" / "vocab" / "demo"
-
-
-@pytest.fixture(scope="module")
-def replay(settings, ray_address, base_model_path):
-    from notelake.models.actor import EnginePool
-
-    cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024})
-    pool = EnginePool.get_or_create(cfg)
-    pool.ready()
-    yield cfg
-    pool.shutdown()
 
 
 def last_run(out: Path) -> dict:
