@@ -160,6 +160,10 @@ class JobConfig(_Strict):
                                 "concept's offsets; combined = negation from ConText, speculation and hypothesis "
                                 "from the model. ConText judges only the task's assertion_labels "
                                 "(models/assertion.py)")
+    warn_no_concept_share: float | None = Field(
+        0.5, ge=0, le=1, description="warn (log line and the runs row's warnings_json) when at least this share of "
+                                     "a run's succeeded notes got no concept: a label set the model does not "
+                                     "answer fails silently otherwise; null = never")
     log_phi: bool = Field(False, description="debug only: full tracebacks (which may quote note text) in logs; "
                                              "warns at start. Off: logs carry ids, counts, types and rates only")
     output_root: str | None = Field(None, description="when set, --output must resolve (symlinks followed) inside "

@@ -131,7 +131,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     scores = evaluate_records(task, records, generate, EvalOptions(
         adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
         guided_decoding=args.guided, chunk_overlap_chars=overlap,
-        batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
+        batch_size=args.batch_size, resamples=args.resamples, seed=args.seed, assertion=settings.job.assertion,
         lineage={"model": model_name, "model_sha256": model_sha,
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
     ))
@@ -156,7 +156,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
         "engine": {"backend": engine_desc.get("backend"), "dtype": engine_desc.get("dtype"),
                    "greedy": True, "guided_decoding": args.guided, "max_tokens": max_tokens,
                    "chunk_overlap_chars": overlap, "max_chunk_chars": task.max_chunk_chars,
-                   "versions": engine_desc.get("versions")},
+                   "assertion": settings.job.assertion, "versions": engine_desc.get("versions")},
         "machine": {"cpus": os.cpu_count(), "gpu": _gpu_name()},
         "command": "python -m notelake.jobs.evaluate " + " ".join(shlex.quote(a) for a in (args._argv or [])),
         "scores": scores,

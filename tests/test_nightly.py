@@ -17,9 +17,10 @@ from notelake.jobs.extraction.report import ExitCode
 from notelake.jobs.extraction.stage import FAILPOINT
 from notelake.jobs.warehouse import OutputLayoutError
 
-# Enough tokens that the tokenizer cannot fit 1 000 characters of it in a 1 024-token context: generation
-# refuses the chunk (prompt_too_long), so the note fails, deterministically, without touching the engine code.
-UNPROMPTABLE = "鑫" * 900
+# Enough tokens that the tokenizer cannot fit 1 000 characters of it in a 1 024-token context (2 400 tokens):
+# generation refuses the chunk (prompt_too_long), so the note fails, deterministically, without touching the engine
+# code. Words of four characters, not one run of 900 (a window without prose, answered without a model call).
+UNPROMPTABLE = " ".join(["鑫淼焱垚"] * 200)
 
 
 @pytest.fixture(scope="module")

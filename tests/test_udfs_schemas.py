@@ -54,7 +54,8 @@ def test_errors_ledger_runs_round_trip():
            "adapter_sha256": None, "prompt_version": "p", "git_sha": None, "config_json": "{}", "table_versions_json": "{}",
            "started_at": now, "ended_at": now, "selected": 1, "succeeded": 1, "failed": 0, "skipped": 0, "rejected": 0,
            "tokens_in": 10, "tokens_out": 5, "deleted": 0, "watermark": None, "retried": 0, "given_up": 0,
-           "refreshed": 0, "stale_removed": 0, "rounds_json": None, "omop_json": None}
+           "refreshed": 0, "stale_removed": 0, "rounds_json": None, "omop_json": None,
+           "no_concept": 0, "windows_no_prose": 0, "windows_split": 0, "warnings_json": None}
     assert rows_to_table([run], RUNS_SCHEMA).column("ended_at").type == UTC_US
 
 

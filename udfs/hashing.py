@@ -56,24 +56,27 @@ def fingerprint(  # one parameter per input that changes answers (the hash input
     chunking: dict,
     parser_version: str,
     backend: str,
+    assertion: dict | None = None,
 ) -> str:
     """Extraction fingerprint: what the output of a note depends on besides its text (32 hex chars).
 
-    A change of model, adapter, prompt, sampling, chunking, parser or engine backend (rows written by the
-    ``replay`` or ``hf`` engine are never taken for vLLM's) changes it, so the ledger re-selects every note;
-    anything else (cluster size, batch size, ...) does not.
+    A change of model, adapter, prompt, sampling, chunking, parser, engine backend (rows written by the
+    ``replay`` or ``hf`` engine are never taken for vLLM's) or of who sets the concepts' assertions (``assertion``,
+    None: the extractor's markers as they came) changes it, so the ledger re-selects every note; anything else
+    (cluster size, batch size, ...) does not.
     """
-    return _short_hash(
-        {
-            "backend": backend,
-            "model_sha256": model_sha256,
-            "adapter_sha256": adapter_sha256,
-            "prompt_version": prompt_version,
-            "sampling": sampling,
-            "chunking": chunking,
-            "parser_version": parser_version,
-        }
-    )
+    identity = {
+        "backend": backend,
+        "model_sha256": model_sha256,
+        "adapter_sha256": adapter_sha256,
+        "prompt_version": prompt_version,
+        "sampling": sampling,
+        "chunking": chunking,
+        "parser_version": parser_version,
+    }
+    if assertion is not None:  # absent: fingerprints of the extractor's own markers keep their value
+        identity["assertion"] = assertion
+    return _short_hash(identity)
 
 
 def link_fingerprint(linker: dict, target: dict | None, vocabulary_versions: dict[str, str | None]) -> str:

@@ -183,6 +183,10 @@ RUNS_SCHEMA = pa.schema(
         pa.field("stale_removed", pa.int64(), nullable=True),  # rejected notes whose earlier rows were removed
         pa.field("rounds_json", pa.string(), nullable=True),  # per round: notes, seconds, commit seconds
         pa.field("omop_json", pa.string(), nullable=True),  # the pass's link and OMOP publish stats (counts, ids)
+        pa.field("no_concept", pa.int64(), nullable=True),        # succeeded notes that got no concept
+        pa.field("windows_no_prose", pa.int64(), nullable=True),  # windows answered without a model call
+        pa.field("windows_split", pa.int64(), nullable=True),     # cut windows extracted again in smaller pieces
+        pa.field("warnings_json", pa.string(), nullable=True),    # what the run warned of (JSON list), else null
     ]
 )
 RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")

@@ -11,9 +11,17 @@ from pathlib import Path
 
 from notelake.conf import ConfigError, Settings
 from notelake.conf.task import Task
+from notelake.models.assertion import assertion_fingerprint
 from notelake.udfs.hashing import fingerprint as extraction_fingerprint
 from notelake.udfs.parsing import PARSER_VERSION
 from notelake.udfs.prompts import prompt_version
+from notelake.udfs.windows import MAX_SPLIT_ROUNDS, MIN_WINDOW_CHARS
+
+#: How the job's windows are answered (udfs/windows.py): no model call for a window without prose, a cut window
+#: extracted again in pieces down to ``min_window_chars``, at most ``max_split_rounds`` rounds. A change of these
+#: rules changes answers: bump ``recovery`` or change a bound.
+WINDOW_RECOVERY = {"recovery": "prose-split-1", "min_window_chars": MIN_WINDOW_CHARS,
+                   "max_split_rounds": MAX_SPLIT_ROUNDS}
 
 log = logging.getLogger("notelake.extract")
 
@@ -39,7 +47,7 @@ class Lineage:
 @dataclass(frozen=True)
 class ExtractionIdentity:
     """The model and adapter a task runs on, its prompt version, and the extraction fingerprint over all that
-    changes an answer (weights, prompt, sampling, chunking, parser, backend)."""
+    changes an answer (weights, prompt, sampling, chunking and window recovery, parser, backend, assertion method)."""
 
     model: str
     model_sha256: str
@@ -83,13 +91,15 @@ def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
         sampling["pairs_sha256"] = pairs.sha256
     if settings.engine.backend == "vllm" and settings.engine.answer_args:  # e.g. quantization (absent: unchanged)
         sampling["vllm_args"] = settings.engine.answer_args
-    chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars)}
+    chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars),
+                "windows": WINDOW_RECOVERY}
     adapter_sha = adapter.sha256 if adapter else None
     return ExtractionIdentity(
         model=settings.engine.model, model_sha256=base_sha, adapter=adapter.name if adapter else None,
         adapter_sha256=adapter_sha, prompt_version=version,
         fingerprint=extraction_fingerprint(base_sha, adapter_sha, version, sampling, chunking, PARSER_VERSION,
-                                           settings.engine.backend))
+                                           settings.engine.backend,
+                                           assertion_fingerprint(settings.job.assertion, task.assertion_labels)))
 
 
 def warn_trained_task_without_adapter(task: Task) -> None:

@@ -158,7 +158,8 @@ def extract_and_commit(p: Pass, ctx: StageContext, plans: list[TaskPlan], valid)
     finally:
         storage.delete_tree(ctx.staging_dir, ctx.storage_options)  # note-derived PHI: never left behind
     omop = link_and_publish(p, [plan.task for plan in plans])  # its failure keeps the committed extraction
-    code = end_runs(plans, finished, json.dumps(p.warehouse.versions()), p.settings.job.max_error_rate)
+    code = end_runs(plans, finished, json.dumps(p.warehouse.versions()), p.settings.job.max_error_rate,
+                    p.settings.job.warn_no_concept_share)
     for record in records:
         record.omop_json = omop.to_json()
     write_records(p.warehouse, records)

@@ -53,14 +53,25 @@ class TaskCounts:
     given_up: int = 0
     refreshed: int = 0
     stale_removed: int = 0
+    no_concept: int = 0  # succeeded notes that got no concept
+    windows_no_prose: int = 0  # windows answered without a model call (no prose in them)
+    windows_split: int = 0  # windows whose cut answer was replaced by the answers of smaller pieces
     rounds: list[dict] = field(default_factory=list)  # per round: notes, seconds, commit seconds
 
     def add(self, outcomes: list[dict]) -> None:
         """Count the note outcomes of a round (the stage's rows for this task)."""
         self.succeeded += sum(1 for r in outcomes if r["status"] == "succeeded")
         self.failed += sum(1 for r in outcomes if r["status"] == "failed")
+        self.no_concept += sum(1 for r in outcomes if r["status"] == "succeeded" and not r["n_concepts"])
         self.tokens_in += sum(r["tokens_in"] for r in outcomes)
         self.tokens_out += sum(r["tokens_out"] for r in outcomes)
+        self.windows_no_prose += sum(r["n_no_prose"] for r in outcomes)
+        self.windows_split += sum(r["n_split"] for r in outcomes)
+
+    @property
+    def no_concept_share(self) -> float:
+        """Succeeded notes that got no concept, over the notes this run succeeded on."""
+        return self.no_concept / self.succeeded if self.succeeded else 0.0
 
     @property
     def error_rate(self) -> float:
@@ -97,6 +108,7 @@ class RunRecord:
     table_versions_json: str = "{}"
     rounds_json: str | None = None
     omop_json: str | None = None  # the pass's link and OMOP publish stats (jobs/extraction/publish.py)
+    warnings_json: str | None = None  # what the run warned of (e.g. no_concept_share), a JSON list; None = nothing
     counts: TaskCounts = field(default_factory=TaskCounts)
 
     @classmethod
@@ -175,11 +187,13 @@ def dry_run_report(plan: TaskPlan, max_tokens: int | None) -> dict:
             "estimated_seconds": estimate_seconds(plan.history, plan.selected)}
 
 
-def end_runs(plans: list[TaskPlan], finished: bool, table_versions_json: str, max_error_rate: float) -> ExitCode:
+def end_runs(plans: list[TaskPlan], finished: bool, table_versions_json: str, max_error_rate: float,
+             warn_no_concept_share: float | None) -> ExitCode:
     """The exit decision, once the rounds ran: each task's run ends failed when its error rate passed
     ``max_error_rate``, else succeeded, with its counts, rounds and watermark (:meth:`TaskPlan.next_watermark`;
-    ``finished``: no ``--max-runtime`` stop). Logs a result line per task. Returns ERROR_RATE when a task failed,
-    else OK."""
+    ``finished``: no ``--max-runtime`` stop). Logs a result line per task, and a warning (also in the run's
+    ``warnings_json``) when at least ``warn_no_concept_share`` of its succeeded notes got no concept (None: never).
+    Returns ERROR_RATE when a task failed, else OK."""
     code = ExitCode.OK
     for plan in plans:
         counts, record = plan.counts, plan.record
@@ -187,15 +201,30 @@ def end_runs(plans: list[TaskPlan], finished: bool, table_versions_json: str, ma
         record.end("failed" if failed else "succeeded", counts)
         record.watermark = plan.next_watermark(finished)
         record.rounds_json, record.table_versions_json = json.dumps(counts.rounds), table_versions_json
-        log.info("run %s %s: %d succeeded, %d failed (%d given up before), %d newly rejected, %d refreshed, "
-                 "%d stale removed, error rate %.3f (max %.3f)", plan.run_id, record.status, counts.succeeded,
+        log.info("run %s %s: %d succeeded (%d with no concept), %d failed (%d given up before), %d newly rejected, "
+                 "%d refreshed, %d stale removed, error rate %.3f (max %.3f); %d windows without prose, %d windows "
+                 "split after a cut answer", plan.run_id, record.status, counts.succeeded, counts.no_concept,
                  counts.failed, counts.given_up, counts.rejected, counts.refreshed, counts.stale_removed,
-                 counts.error_rate, max_error_rate)
+                 counts.error_rate, max_error_rate, counts.windows_no_prose, counts.windows_split)
+        record.warnings_json = warn_no_concepts(plan, warn_no_concept_share)
         if failed:
             log.error("task %s: error rate %.3f exceeds job.max_error_rate %.3f", plan.name, counts.error_rate,
                       max_error_rate)
             code = ExitCode.ERROR_RATE
     return code
+
+
+def warn_no_concepts(plan: TaskPlan, share: float | None) -> str | None:
+    """Warn when at least ``share`` of the notes ``plan``'s run succeeded on got no concept (a label set the model
+    does not answer, an adapter that answers "none" to everything): the run's ``warnings_json``, None without."""
+    counts = plan.counts
+    if share is None or not counts.succeeded or counts.no_concept_share < share:
+        return None
+    log.warning("run %s task=%s: %d of %d succeeded notes (%.0f %%) got no concept (job.warn_no_concept_share "
+                "%.2f): check the task's labels and the engine's adapter", plan.run_id, plan.name, counts.no_concept,
+                counts.succeeded, 100 * counts.no_concept_share, share)
+    return json.dumps([{"warning": "no_concept_share", "notes": counts.succeeded, "no_concept": counts.no_concept,
+                        "share": round(counts.no_concept_share, 4), "threshold": share}])
 
 
 class Progress:

@@ -9,17 +9,26 @@ Idempotent under Spark retries: every staged file is named after the Spark task 
 outcome row carries that ``attempt_tag``; the driver commits only the files of the attempts whose results Spark
 kept (:mod:`.staging`).
 
+Each batch's windows go through :func:`udfs.windows.extract_windows` (no model call for a window without prose, a
+cut window extracted again in smaller pieces), each note is assembled from its windows, and its concepts' assertions
+are set by ``job.assertion`` (:func:`models.assertion.assign_assertions`).
+
 The rows of a note whose extraction failed (a chunk's generation or parse failed) are not staged: its previous
-rows stay until a later attempt succeeds; its error rows and ledger row are.
+rows stay until a later attempt succeeds; its error rows and ledger row are. An exception while one note is
+prepared, extracted, assembled or asserted fails that note alone (:func:`note_exception_row`: its type and where it
+was raised, never its message unless ``job.log_phi``): the other notes of the batch land, and the Spark task does
+not fail over one note.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -31,13 +40,14 @@ from notelake.jobs.extraction.commit import ledger_row
 from notelake.jobs.extraction.identity import Lineage
 from notelake.jobs.extraction.staging import attempt_tag, staged_file_name
 from notelake.udfs import schemas
+from notelake.udfs.assemble import NoteResult
 
 #: one row per note a batch extracted: what the driver needs to commit the round and count it
 OUTCOME_SCHEMA = pa.schema([
     ("note_id", pa.string()), ("task", pa.string()), ("status", pa.string()), ("attempt_tag", pa.string()),
     ("note_bucket", pa.int32()), ("has_output_before", pa.bool_()), ("in_ledger", pa.bool_()),
     ("n_chunks", pa.int32()), ("n_concepts", pa.int32()), ("n_relations", pa.int32()), ("n_errors", pa.int32()),
-    ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
+    ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("n_no_prose", pa.int32()), ("n_split", pa.int32()),
 ])
 _DDL_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.bool_(): "boolean"}
 OUTCOME_DDL = ", ".join(f"{f.name} {_DDL_TYPES[f.type]}" for f in OUTCOME_SCHEMA)
@@ -63,6 +73,8 @@ class StageContext:
 
 
 _POOLS: dict = {}
+#: the checkout whose code runs (error rows name code locations relative to it)
+_CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _executor_pool(ctx: StageContext):
@@ -83,67 +95,189 @@ def _write_staged(ctx: StageContext, table: str, rows: list[dict], schema: pa.Sc
 
 @dataclass
 class PreparedBatch:
-    """One Arrow batch of notes, chunked and turned into engine requests (one per chunk, in note order)."""
+    """One Arrow batch of notes, chunked (``chunked[k]``: note k's windows; empty for a note that failed) and, once
+    extracted, each note's windows and answers (``windows[k]``, None for a note that failed). ``failures``: note
+    index -> (step, exception) of the notes that raised."""
 
     notes: list[dict]
     chunked: list[list]
-    requests: list
+    failures: dict[int, tuple[str, Exception]] = field(default_factory=dict)
+    windows: list = field(default_factory=list)
 
 
 def prepare_batch(batch: pa.RecordBatch, ctx: StageContext) -> PreparedBatch:
-    """Chunk the notes of one batch (each row names its ``task``) and build one request per chunk."""
-    from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_guide
+    """Chunk the notes of one batch (each row names its ``task``); a note whose chunking raises is failed alone."""
     from notelake.udfs.chunking import chunk_text
-    from notelake.udfs.prompts import build_messages
 
-    engine, overlap = ctx.settings.engine, ctx.settings.job.chunk_overlap_chars
-    notes = batch.to_pylist()
-    chunked = [chunk_text(n["text"], ctx.tasks[n["task"]].max_chunk_chars, ctx.tasks[n["task"]].overlap(overlap))
-               for n in notes]
-    requests = []
-    for i, (note, chunks) in enumerate(zip(notes, chunked)):
+    overlap = ctx.settings.job.chunk_overlap_chars
+    prepared = PreparedBatch(batch.to_pylist(), [])
+    for k, note in enumerate(prepared.notes):
         task = ctx.tasks[note["task"]]
-        requests += [GenerationRequest(request_id=f"{i}:{c.index}", messages=build_messages(task, c.text),
-                                       guide=answer_guide(task, c.text, engine.guided_decoding), text=c.text,
-                                       max_tokens=engine.max_tokens or task.max_tokens) for c in chunks]
-    return PreparedBatch(notes, chunked, requests)
+        try:
+            prepared.chunked.append(chunk_text(note["text"], task.max_chunk_chars, task.overlap(overlap)))
+        except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
+            prepared.chunked.append([])
+            prepared.failures[k] = ("prepare", exc)
+    return prepared
 
 
-def finish_batch(prepared: PreparedBatch, outputs: list, ctx: StageContext, batch_schema: pa.Schema,
-                 tag: str = "driver", seq: int = 0) -> pa.RecordBatch:
-    """Parse and ground the engine's ``outputs`` (one per request, in order), stage the rows as attempt ``tag``'s
-    ``seq``-th files and return the notes' outcomes (:data:`OUTCOME_SCHEMA`)."""
+def extract_prepared(prepared: PreparedBatch, generate_requests: Callable[[list], list],
+                     ctx: StageContext) -> PreparedBatch:
+    """Every note's windows and answers (``prepared.windows``) through ``udfs.windows.extract_windows``: one
+    ``generate_requests`` call (the engine pool's) for the batch's first pass and one per round of re-extraction.
+    A note whose windows raise outside the engine is failed alone: the batch is then extracted note by note to
+    find it (a rare, slower path). An exception of ``generate_requests`` propagates: the engines' fault."""
+    from notelake.udfs.windows import extract_windows
+
+    generate = _WindowRequests(prepared, generate_requests, ctx)
+    live = [k for k in range(len(prepared.notes)) if k not in prepared.failures]
+    try:
+        found = extract_windows([ctx.tasks[prepared.notes[k]["task"]] for k in live],
+                                [prepared.chunked[k] for k in live], generate.over(live))
+    except Exception:  # noqa: BLE001 - one note's fault, unless the engines raised
+        if generate.engine_raised:
+            raise
+        found = []
+        for k in live:
+            try:
+                found += extract_windows([ctx.tasks[prepared.notes[k]["task"]]], [prepared.chunked[k]],
+                                         generate.over([k]))
+            except Exception as exc:  # noqa: BLE001
+                if generate.engine_raised:
+                    raise
+                prepared.failures.setdefault(k, ("extract", exc))
+                found.append(None)
+    prepared.windows = [None] * len(prepared.notes)
+    for k, note_windows in zip(live, found):
+        if k not in prepared.failures:
+            prepared.windows[k] = note_windows
+    return prepared
+
+
+class _WindowRequests:
+    """``extract_windows``'s ``generate`` over the engine pool: each window's request built under its note's guard
+    (a note whose request raises is failed and its windows answered by an error, never sent)."""
+
+    def __init__(self, prepared: PreparedBatch, generate_requests: Callable[[list], list], ctx: StageContext):
+        self.prepared, self.generate_requests = prepared, generate_requests
+        self.guided, self.max_tokens = ctx.settings.engine.guided_decoding, ctx.settings.engine.max_tokens
+        self.engine_raised = False
+
+    def over(self, notes: list[int]) -> Callable[[list], list]:
+        """``generate`` for ``extract_windows`` called on the notes ``notes`` (batch indexes) in that order."""
+        return lambda windows: self.generate([(notes[w.note], w) for w in windows])
+
+    def generate(self, windows: list) -> list:
+        from notelake.models.engine import GenerationRequest, error_result
+        from notelake.udfs.windows import request_fields
+
+        requests: list = []
+        for note, window in windows:
+            try:
+                requests.append(GenerationRequest(**request_fields(window, self.guided, self.max_tokens)))
+            except Exception as exc:  # noqa: BLE001 - one note's fault
+                self.prepared.failures.setdefault(note, ("prepare", exc))
+                requests.append(None)
+        sent = [r for r in requests if r is not None]
+        try:
+            answers = iter(self.generate_requests(sent) if sent else [])
+        except BaseException:
+            self.engine_raised = True
+            raise
+        return [next(answers) if r is not None else error_result("unsent", "note failed") for r in requests]
+
+
+def note_exception_row(ctx: StageContext, note: dict, step: str, exc: Exception) -> dict:
+    """The error row of a note that raised in ``step``: stage ``step``, error_type ``exception``, a message naming
+    the exception's type and where it was raised (file:line, function; the innermost notelake frame beside it);
+    the exception's own message only with ``job.log_phi`` (it may quote note text)."""
+    from notelake.udfs.schemas import error_row
+
+    message = f"{type(exc).__name__} at {exception_location(exc)}"
+    if ctx.settings.job.log_phi:
+        message += f": {exc}"
+    return error_row(run_id=ctx.lineages[note["task"]].run_id, task=note["task"], stage=step, error_type="exception",
+                     message=message[:1000], note_id=note["note_id"], text_sha256=note["text_sha256"],
+                     attempt=int(note["attempt"]))
+
+
+def exception_location(exc: BaseException) -> str:
+    """Where ``exc`` was raised, ``path:line (function)`` (paths relative to this checkout, or to site-packages),
+    and the innermost frame of this project's code that led there when that is another frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    ours = [f for f in frames if _is_ours(Path(f.filename).resolve())]
+    raised = _frame_location(frames[-1])
+    return raised if not ours or ours[-1] is frames[-1] else f"{raised}, from {_frame_location(ours[-1])}"
+
+
+def _is_ours(path: Path) -> bool:
+    return path.is_relative_to(_CODE_ROOT) and not any(part.endswith("-packages") for part in path.parts)
+
+
+def _frame_location(frame: traceback.FrameSummary) -> str:
+    path = Path(frame.filename).resolve()
+    if _is_ours(path):
+        shown = path.relative_to(_CODE_ROOT).as_posix()
+    else:  # a library's frame from its package folder on (no user or host paths), else the file's name
+        shown = path.as_posix().rsplit("-packages/", 1)[1] if "-packages/" in path.as_posix() else path.name
+    return f"{shown}:{frame.lineno} ({frame.name})"
+
+
+def assemble_one(prepared: PreparedBatch, k: int, ctx: StageContext) -> NoteResult:
+    """Note ``k``'s rows from its windows' answers (their assertions the extractor's markers)."""
     from notelake.udfs.assemble import assemble_note
     from notelake.udfs.schemas import utc_now
 
-    results = iter(outputs)
+    note, windows = prepared.notes[k], prepared.windows[k]
+    task, lineage = ctx.tasks[note["task"]], ctx.lineages[note["task"]]
+    return assemble_note(
+        note_id=note["note_id"], text=note["text"], task=task, **windows.assemble_inputs(),
+        lineage={**lineage.columns(), "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
+                 "attempt": note["attempt"]},
+        passthrough={c: note[c] for c in ctx.passthrough}, note_bucket=note["note_bucket"],
+    )
+
+
+def finish_batch(prepared: PreparedBatch, ctx: StageContext, batch_schema: pa.Schema, tag: str = "driver",
+                 seq: int = 0) -> pa.RecordBatch:
+    """Assemble the extracted notes of ``prepared`` (:func:`extract_prepared`), stage their rows as attempt
+    ``tag``'s ``seq``-th files and return the notes' outcomes (:data:`OUTCOME_SCHEMA`)."""
+    from notelake.models.assertion import assign_assertions
+    from notelake.udfs.schemas import utc_now
+
     staged: dict[str, list[dict]] = {"concepts": [], "relations": [], "errors": [], "ledger": []}
     outcomes = []
-    for note, chunks in zip(prepared.notes, prepared.chunked):
-        outs = [next(results) for _ in chunks]
-        task, lineage = ctx.tasks[note["task"]], ctx.lineages[note["task"]]
-        result = assemble_note(
-            note_id=note["note_id"], text=note["text"], task=task, chunks=chunks,
-            outputs=[o.text for o in outs], output_errors=[o.error for o in outs],
-            truncated=[o.finish_reason == "length" for o in outs], tagged=[o.spans for o in outs],
-            tag_relations=[o.relations for o in outs],
-            lineage={**lineage.columns(), "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
-                     "attempt": note["attempt"]},
-            passthrough={c: note[c] for c in ctx.passthrough}, note_bucket=note["note_bucket"],
-        )
+    for k, note in enumerate(prepared.notes):
+        windows = prepared.windows[k]
+        if k not in prepared.failures:
+            step = "assemble"
+            try:
+                result = assemble_one(prepared, k, ctx)
+                step = "assertion"
+                result.concepts = assign_assertions(note["text"], result.concepts, ctx.settings.job.assertion,
+                                                    ctx.tasks[note["task"]].assertion_labels)
+            except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
+                prepared.failures[k] = (step, exc)
+        if k in prepared.failures:
+            result = NoteResult(n_chunks=len(prepared.chunked[k]),
+                                errors=[note_exception_row(ctx, note, *prepared.failures[k])])
         status = "failed" if result.errors else "succeeded"
         if status == "succeeded":  # a failed note keeps its previous rows until an attempt succeeds
             staged["concepts"] += result.concepts
             staged["relations"] += result.relations
         staged["errors"] += result.errors
-        staged["ledger"].append(ledger_row(lineage, task.name, note, status, result, utc_now()))
+        staged["ledger"].append(ledger_row(ctx.lineages[note["task"]], note["task"], note, status, result, utc_now()))
+        outs = windows.outputs if windows is not None else []
         outcomes.append({
-            "note_id": note["note_id"], "task": task.name, "status": status, "attempt_tag": tag,
+            "note_id": note["note_id"], "task": note["task"], "status": status, "attempt_tag": tag,
             "note_bucket": note["note_bucket"], "has_output_before": bool(note["has_output"]),
-            "in_ledger": bool(note["in_ledger"]), "n_chunks": len(chunks), "n_concepts": len(result.concepts),
+            "in_ledger": bool(note["in_ledger"]), "n_chunks": result.n_chunks, "n_concepts": len(result.concepts),
             "n_relations": len(result.relations), "n_errors": len(result.errors),
             "tokens_in": sum(o.prompt_tokens for o in outs), "tokens_out": sum(o.output_tokens for o in outs),
+            "n_no_prose": windows.no_prose if windows is not None else 0,
+            "n_split": windows.split if windows is not None else 0,
         })
     passthrough_schema = pa.schema([batch_schema.field(c) for c in ctx.passthrough])
     table_schemas = {"concepts": schemas.concepts_schema(passthrough_schema),
@@ -162,13 +296,13 @@ def extract_batches(batches: Iterable[pa.RecordBatch], ctx: StageContext, pool_f
     decoding while this process parses, grounds and stages, instead of draining at every batch boundary. After
     ``ctx.deadline`` no new batch is sent; those already sent are finished and staged."""
     ahead = ctx.settings.ray.batches_ahead
-    pending: deque = deque()  # (seq, schema, prepared, future of the engine outputs)
+    pending: deque = deque()  # (seq, schema, future of the extracted batch)
     threads = ThreadPoolExecutor(max_workers=ahead + 1, thread_name_prefix="notelake-generate")
     pool = None
 
     def finish_front() -> tuple[int, pa.RecordBatch]:
-        seq, schema, prepared, outputs = pending.popleft()
-        return seq, finish_batch(prepared, outputs.result(), ctx, schema, tag, seq)
+        seq, schema, extracted = pending.popleft()
+        return seq, finish_batch(extracted.result(), ctx, schema, tag, seq)
 
     try:
         for seq, batch in enumerate(batches):
@@ -178,7 +312,7 @@ def extract_batches(batches: Iterable[pa.RecordBatch], ctx: StageContext, pool_f
                 continue
             pool = pool or pool_factory()
             prepared = prepare_batch(batch, ctx)
-            pending.append((seq, batch.schema, prepared, threads.submit(pool.generate, prepared.requests)))
+            pending.append((seq, batch.schema, threads.submit(extract_prepared, prepared, pool.generate, ctx)))
             while len(pending) > ahead:
                 yield finish_front()
         while pending:

@@ -1,9 +1,12 @@
 """Running an evaluation: the real extraction path on a gold JSONL slice, scored by :mod:`.metrics`.
 
-Path (the same functions the nightly job uses): ``udfs.chunking.chunk_text`` -> ``udfs.prompts.build_messages``
--> an engine's ``generate`` (``models.engine``, guided decoding by ``udfs.answer.answer_guide``) ->
-``udfs.assemble.assemble_note`` (parse + ground). Besides the scores: invalid-output rate (parse failures /
-prompts), engine-error rate and throughput (prompts/s, output tokens/s).
+Path (the same functions the nightly job uses): ``udfs.chunking.chunk_text`` -> ``udfs.windows.extract_windows``
+(no model call for a window without prose, a cut window extracted again in smaller pieces; prompts by
+``udfs.prompts.build_messages``, guided decoding by ``udfs.answer.answer_guide``) -> an engine's ``generate``
+(``models.engine``) -> ``udfs.assemble.assemble_note`` (parse + ground) -> ``models.assertion.assign_assertions``
+(``EvalOptions.assertion``, the job's ``job.assertion``). Besides the scores: invalid-output rate (parse failures /
+prompts), engine-error rate, the windows answered without a model call or split, and throughput (prompts/s, output
+tokens/s).
 
 Never logs or reports note text or model output text: only ids, labels, offsets and counts.
 """
@@ -61,6 +64,7 @@ class EvalOptions:
     resamples: int = 1000  # bootstrap resamples of the confidence intervals (0 = none)
     seed: int = 0  # bootstrap seed
     progress: bool = True  # a progress line per generate call
+    assertion: str = "combined"  # who sets the concepts' assertions (job.assertion: model, context, combined)
 
 
 @dataclass
@@ -77,11 +81,15 @@ class EvalTally:
     warnings: int = 0
     ungrounded: int = 0
     dropped_relations: int = 0
+    windows_no_prose: int = 0
+    windows_split: int = 0
     error_types: Counter = field(default_factory=Counter)
 
-    def add_note(self, outputs: list, assembled) -> None:
-        """Count one note's engine results and its ``assemble_note`` result."""
-        for o in outputs:
+    def add_note(self, windows, assembled) -> None:
+        """Count one note's windows and answers (``udfs.windows.NoteWindows``) and its ``assemble_note`` result."""
+        self.windows_no_prose += windows.no_prose
+        self.windows_split += windows.split
+        for o in windows.outputs:
             self.prompt_tokens += int(getattr(o, "prompt_tokens", 0) or 0)
             self.output_tokens += int(getattr(o, "output_tokens", 0) or 0)
             if getattr(o, "finish_reason", None) == "length":
@@ -103,6 +111,7 @@ class EvalTally:
             "invalid_output_rate": round(self.parse_failures / self.prompts, 4) if self.prompts else None,
             "engine_error_rate": round(self.engine_errors / self.prompts, 4) if self.prompts else None,
             "error_types": dict(self.error_types),
+            "windows": {"no_prose": self.windows_no_prose, "split": self.windows_split},
             "parser": {"warnings": self.warnings, "ungrounded_mentions": self.ungrounded,
                        "dropped_relations": self.dropped_relations},
             "throughput": {
@@ -118,43 +127,41 @@ class EvalTally:
 
 def evaluate_records(task: Task, records: list[dict], generate: GenerateFn,
                      options: EvalOptions = EvalOptions()) -> dict[str, Any]:
-    """Chunk -> prompt -> generate -> assemble -> score for ``records`` (gold JSONL rows): the scores of
-    :func:`.metrics.score_notes` plus the tally's (:meth:`EvalTally.scores`)."""
+    """Chunk -> windows -> prompt -> generate -> assemble -> assert -> score for ``records`` (gold JSONL rows): the
+    scores of :func:`.metrics.score_notes` plus the tally's (:meth:`EvalTally.scores`)."""
     from notelake.udfs.chunking import chunk_text
+    from notelake.udfs.windows import extract_windows
 
     chunked = [chunk_text(r["text"], task.max_chunk_chars, options.chunk_overlap_chars) for r in records]
-    requests = eval_requests(task, chunked, options)
-    tally = EvalTally(prompts=len(requests))
-    results, tally.wall_s = generate_in_batches(task.name, requests, generate, options)
+    tally = EvalTally()
+
+    def generate_windows(windows: list) -> list:
+        requests = window_requests(windows, options)
+        tally.prompts += len(requests)
+        results, seconds = generate_in_batches(task.name, requests, generate, options)
+        tally.wall_s += seconds
+        return results
+
+    notes = extract_windows([task] * len(records), chunked, generate_windows)
     lineage = eval_lineage(task, options.lineage)
     pairs = []
-    outputs = iter(results)
-    for record, chunks in zip(records, chunked):
-        note_outputs = [next(outputs) for _ in chunks]
-        predicted, assembled = assemble_outputs(task, record, chunks, note_outputs, lineage)
-        tally.add_note(note_outputs, assembled)
+    for record, windows in zip(records, notes):
+        predicted, assembled = assemble_outputs(task, record, windows, lineage, options.assertion)
+        tally.add_note(windows, assembled)
         pairs.append((predicted, gold_items(task, record)))
     scores = score_notes(task, pairs, resamples=options.resamples, seed=options.seed)
     scores.update(tally.scores(len(records)))
     return scores
 
 
-def eval_requests(task: Task, chunked: list[list], options: EvalOptions) -> list:
-    """One generation request per chunk, id ``<record index>:<chunk index>``, as the job prompts it."""
+def window_requests(windows: list, options: EvalOptions) -> list:
+    """The job's generation request of each window (``udfs.windows.request_fields``), with ``options.adapter``."""
     from notelake.models.engine import GenerationRequest
-    from notelake.udfs.answer import answer_guide
-    from notelake.udfs.prompts import build_messages
+    from notelake.udfs.windows import request_fields
 
-    max_tokens = options.max_tokens or task.max_tokens
-    requests = []
-    for k, chunks in enumerate(chunked):
-        for c in chunks:
-            kwargs = dict(request_id=f"{k}:{c.index}", messages=build_messages(task, c.text),
-                          guide=answer_guide(task, c.text, options.guided_decoding), max_tokens=max_tokens)
-            if options.adapter is not None:
-                kwargs["adapter"] = options.adapter
-            requests.append(GenerationRequest(**kwargs))
-    return requests
+    adapter = {} if options.adapter is None else {"adapter": options.adapter}
+    return [GenerationRequest(**request_fields(w, options.guided_decoding, options.max_tokens), **adapter)
+            for w in windows]
 
 
 def generate_in_batches(label: str, requests: list, generate: GenerateFn, options: EvalOptions) -> tuple[list, float]:
@@ -186,12 +193,14 @@ def eval_lineage(task: Task, given: dict | None) -> dict[str, Any]:
     }
 
 
-def assemble_outputs(task: Task, record: dict, chunks: list, outputs: list, lineage: dict) -> tuple[NoteItems, Any]:
-    """One note's engine results parsed and grounded by ``assemble_note``: (predicted items, its result)."""
+def assemble_outputs(task: Task, record: dict, windows, lineage: dict,
+                     assertion: str = "combined") -> tuple[NoteItems, Any]:
+    """One note's windows and answers (``udfs.windows.NoteWindows``) parsed and grounded by ``assemble_note``, its
+    concepts' assertions set by ``assertion`` (as the job sets them): (predicted items, its result)."""
+    from notelake.models.assertion import assign_assertions
     from notelake.udfs.assemble import assemble_note
 
-    truncated = [getattr(o, "finish_reason", None) == "length" for o in outputs]
-    assembled = assemble_note(note_id=record["note_id"], text=record["text"], task=task, chunks=chunks,
-                              outputs=[o.text for o in outputs], output_errors=[o.error for o in outputs],
-                              truncated=truncated, lineage=lineage)
+    assembled = assemble_note(note_id=record["note_id"], text=record["text"], task=task, lineage=lineage,
+                              **windows.assemble_inputs())
+    assembled.concepts = assign_assertions(record["text"], assembled.concepts, assertion, task.assertion_labels)
     return predicted_items(record["note_id"], assembled.concepts, assembled.relations), assembled
