@@ -137,9 +137,30 @@ class InputConfig(_Strict):
         description="copied onto every output row when present in the input",
     )
     updated_at_column: str | None = Field(
-        None, description="watermark column (timestamp or date): a run reads only rows updated after the last "
-                          "successful run's high-water mark for the same task and fingerprint; null = every row")
+        None, description="watermark column (timestamp or date) of input.watermark column: a run reads the rows "
+                          "updated at or after the last complete run's high-water mark (for the same task and "
+                          "fingerprint) less input.watermark_lookback_s, and rows without one; the mark is the "
+                          "latest value read, at most the run's start. A date column re-reads the mark's whole "
+                          "day. null = every row")
+    watermark: Literal["column", "delta_version"] = Field(
+        "column", description="what tells a run which rows changed: column = input.updated_at_column; "
+                              "delta_version = the Delta input's table version (no column): an unmoved version "
+                              "reads nothing but retries, a moved one reads the notes its change data feed names "
+                              "(when delta.enableChangeDataFeed was on since the last complete run's version), "
+                              "else every note, the ledger skipping the unchanged")
+    watermark_lookback_s: float = Field(
+        86400, ge=0, description="input.watermark column: seconds re-read below the high-water mark, for rows "
+                                 "committed after a run with an earlier updated_at (CDC lag, long upstream "
+                                 "transactions, event-time stamps); a row committed later than this after its "
+                                 "updated_at can be missed. Re-read notes that did not change cost no model call")
     max_text_chars: int = Field(200_000, ge=1, description="longer notes are rejected to the errors table")
+
+    @model_validator(mode="after")
+    def _one_watermark(self) -> "InputConfig":
+        if self.watermark == "delta_version" and self.updated_at_column:
+            raise ValueError("input.watermark delta_version selects changed rows by the table's version: unset "
+                             "input.updated_at_column (or set input.watermark: column)")
+        return self
 
 
 class JobConfig(_Strict):

@@ -218,16 +218,17 @@ def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path,
     second = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
     assert (second["selected"], second["skipped"], second["watermark"]) == (3 - done, done, at(3))
 
-    # A new note (updated later) and an edit stamped before the watermark: only rows after it are read.
+    # A new note (updated later) and an edit stamped before the watermark less the lookback (one day): rows from
+    # there on are read; the two re-read unchanged ones cost nothing, the edit stamped earlier is not read.
     edited = {**notes[0], "text": notes[0]["text"] + " Dose reduced."}
     src = write_notes(tmp_path / "notes", [edited, notes[1], notes[2], notes[3]])
     assert job.run(cfg, src, str(out), spark=spark, dry_run=True) == ExitCode.OK
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (plan["selected"], plan["unchanged"], plan["updated_after"]) == (1, 0, at(3).isoformat())
+    assert (plan["selected"], plan["unchanged"], plan["updated_after"]) == (1, 2, at(3).isoformat())
     assert plan["estimated_seconds"] > 0  # from the last run's notes/s
     assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
     third = max(table(out, "runs").to_pylist(), key=lambda r: r["started_at"])
-    assert (third["selected"], third["skipped"], third["watermark"]) == (1, 0, at(4))
+    assert (third["selected"], third["skipped"], third["watermark"]) == (1, 2, at(4))
     assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
     assert_no_duplicates(out)
 

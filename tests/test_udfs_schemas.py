@@ -55,7 +55,8 @@ def test_errors_ledger_runs_round_trip():
            "started_at": now, "ended_at": now, "selected": 1, "succeeded": 1, "failed": 0, "skipped": 0, "rejected": 0,
            "tokens_in": 10, "tokens_out": 5, "deleted": 0, "watermark": None, "retried": 0, "given_up": 0,
            "refreshed": 0, "stale_removed": 0, "rounds_json": None, "omop_json": None,
-           "no_concept": 0, "windows_no_prose": 0, "windows_split": 0, "warnings_json": None}
+           "no_concept": 0, "windows_no_prose": 0, "windows_split": 0, "warnings_json": None,
+           "source_version": None}
     assert rows_to_table([run], RUNS_SCHEMA).column("ended_at").type == UTC_US
 
 

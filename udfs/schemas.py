@@ -187,6 +187,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("windows_no_prose", pa.int64(), nullable=True),  # windows answered without a model call
         pa.field("windows_split", pa.int64(), nullable=True),     # cut windows extracted again in smaller pieces
         pa.field("warnings_json", pa.string(), nullable=True),    # what the run warned of (JSON list), else null
+        pa.field("source_version", pa.int64(), nullable=True),    # the Delta input's version read (delta_version)
     ]
 )
 RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")

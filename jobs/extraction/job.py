@@ -69,7 +69,7 @@ def run_pass(settings: Settings, source: str, output: str, options: PassOptions,
     p = open_pass(settings, output, options, spark, identities, lock)
     plans = [start_plan(p, task, identities[task.name], p.pass_id if len(tasks) == 1 else f"{p.pass_id}-{task.name}")
              for task in tasks]
-    checked = read_input(p.spark, settings, source, *input_window(plans, settings.job.max_attempts))
+    checked = read_input(p.spark, settings, source, input_window(plans, settings.job.max_attempts))
     checked.rows.persist()
     errors = read_snapshot_spark(p.spark, p.warehouse.path("errors"), p.warehouse.storage_options)
     present = read_note_ids(p.spark, settings, source).persist() if settings.job.propagate_deletes else None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from notelake.conf import Settings
 from notelake.conf.task import Task
 from notelake.jobs.extraction.identity import ExtractionIdentity, Lineage
-from notelake.jobs.extraction.read import WATERMARK, CheckedInput
+from notelake.jobs.extraction.read import WATERMARK, CheckedInput, ReadWindow
 from notelake.jobs.extraction.report import RunRecord, TaskCounts, succeeded_runs
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class PlanSummary:
     rejected: int  # rejected rows not recorded before (the error rate counts these)
     rejected_known: int  # rejected rows recorded on an earlier run (no new error row)
     stale: int  # rejected notes that still have rows from an earlier extraction
-    watermark: datetime | None = None  # the latest updated_at read (input.updated_at_column)
+    watermark: datetime | None = None  # the latest updated_at read (input.updated_at_column), at most the run's start
     prompts: int = 0  # chunks (prompts) of the notes to extract (new and retried), from their lengths
 
     @property
@@ -87,8 +87,10 @@ class TaskPlan:
     identity: ExtractionIdentity
     run_id: str
     history: list[RunRecord]  # succeeded runs under this fingerprint, oldest first
-    since: datetime | None  # the watermark this run reads after (input.updated_at_column)
+    since: datetime | None  # the watermark this run reads from, less the lookback (input.watermark column)
     state: object  # the task's ledger rows (Spark), None before its first run
+    since_version: int | None = None  # the input version the last complete run read (input.watermark delta_version)
+    read_version: int | None = None  # the input version this run read (input.watermark delta_version)
     planned: object = None  # valid notes with their action (Spark, persisted)
     rejected: object = None  # rejected rows, classified (Spark, persisted)
     summary: PlanSummary | None = None
@@ -119,17 +121,34 @@ class TaskPlan:
         return self.state.where((F.col("l_status") == "failed") & (F.col("l_attempts") < max_attempts)
                                 & (F.col("l_fingerprint") == self.identity.fingerprint)).select("note_id")
 
+    def complete(self, finished: bool) -> bool:
+        """Every selected note was extracted: no ``--limit`` cut and (``finished``) no ``--max-runtime`` stop."""
+        return finished and self.selected == self.summary.new
+
     def next_watermark(self, finished: bool) -> datetime | None:
-        """The watermark this run records. It moves past what was read only when every selected note was extracted
-        (no ``--limit`` cut; ``finished``: no ``--max-runtime`` stop): otherwise the next run reads the same window
-        again, and the ledger skips what is done."""
-        complete = finished and self.selected == self.summary.new
-        return (self.summary.watermark or self.since) if complete else self.since
+        """The watermark this run records: the latest updated_at read, at most the run's start (a row stamped in
+        the future cannot move the mark past rows committed after this run), never below the one it read from. It
+        moves only when the run is :meth:`complete`: otherwise the next run reads the same window again, and the
+        ledger skips what is done."""
+        if not self.complete(finished):
+            return self.since
+        return max((mark for mark in (self.summary.watermark, self.since) if mark), default=None)
+
+    def next_source_version(self, finished: bool) -> int | None:
+        """The input version this run records (input.watermark delta_version): the one it read when it is
+        :meth:`complete`, else the one it read from."""
+        return self.read_version if self.complete(finished) and self.read_version is not None else self.since_version
 
 
 def last_watermark(history: list[RunRecord]) -> datetime | None:
     """The latest watermark a succeeded run recorded (None: read the whole input)."""
     return max((record.watermark for record in history if record.watermark), default=None)
+
+
+def last_source_version(history: list[RunRecord]) -> int | None:
+    """The input version the latest succeeded run recorded (None: read the whole input). The latest, not the
+    largest: a replaced input table starts its versions again."""
+    return next((record.source_version for record in reversed(history) if record.source_version is not None), None)
 
 
 def ledger_state(spark, warehouse: Warehouse, task: str):
@@ -241,10 +260,10 @@ def chunks_col(task: Task, overlap: int):
     return F.greatest(F.lit(1), F.ceil((F.col("text_chars") - overlap) / stride))
 
 
-def summarize_plan(planned, rejected, chunks) -> PlanSummary:
+def summarize_plan(planned, rejected, chunks, cap: datetime | None = None) -> PlanSummary:
     """Note counts per action, rejection counts and the new notes' prompts in one Spark action (each separate
-    count would re-read the input and re-run the duplicate-id shuffle). ``chunks``: :func:`chunks_col`. Nothing but
-    counts reaches the driver."""
+    count would re-read the input and re-run the duplicate-id shuffle). ``chunks``: :func:`chunks_col`; ``cap``:
+    the latest watermark to report (the run's start). Nothing but counts reaches the driver."""
     from pyspark.sql import functions as F
 
     def updated_at(frame):
@@ -262,11 +281,14 @@ def summarize_plan(planned, rejected, chunks) -> PlanSummary:
                                                         F.sum("prompts").alias("prompts")).collect()
     counts = {r["kind"]: int(r["n"]) for r in totals}
     latest = max((r["latest"] for r in totals if r["latest"] is not None and r["kind"] != "stale"), default=None)
+    # naive, in the session time zone: UTC (start_spark)
+    latest = latest.replace(tzinfo=timezone.utc) if latest else None
+    if latest and cap:
+        latest = min(latest, cap)
     actions = {k: counts.get(k, 0) for k in ACTIONS}
     return PlanSummary(valid=sum(actions.values()), actions=actions, rejected=counts.get("rejected", 0),
                        rejected_known=counts.get("rejected_known", 0), stale=counts.get("stale", 0),
-                       # naive, in the session time zone: UTC (start_spark)
-                       watermark=latest.replace(tzinfo=timezone.utc) if latest else None,
+                       watermark=latest,
                        prompts=sum(int(r["prompts"] or 0) for r in totals if r["kind"] in ("extract", "retry")))
 
 
@@ -280,24 +302,30 @@ def source_deletes(present, state) -> dict[str, int]:
 
 def start_plan(p: Pass, task: Task, identity: ExtractionIdentity, run_id: str) -> TaskPlan:
     """A task's plan before the input is read: its run's history under this fingerprint, the watermark it reads
-    after (none on ``--full-refresh`` or without ``input.updated_at_column``) and its ledger state."""
+    from (none on ``--full-refresh``, or without ``input.updated_at_column`` or ``input.watermark:
+    delta_version``) and its ledger state."""
     history = succeeded_runs(p.warehouse, task.name, identity.fingerprint)
-    watermarked = p.settings.input.updated_at_column and not p.options.full_refresh
+    cfg, incremental = p.settings.input, not p.options.full_refresh
     return TaskPlan(task=task, identity=identity, run_id=run_id, history=history,
-                    since=last_watermark(history) if watermarked else None,
-                    state=ledger_state(p.spark, p.warehouse, task.name))
+                    since=last_watermark(history) if incremental and cfg.updated_at_column else None,
+                    since_version=last_source_version(history) if incremental and cfg.watermark == "delta_version"
+                    else None, state=ledger_state(p.spark, p.warehouse, task.name))
 
 
-def input_window(plans: list[TaskPlan], max_attempts: int):
-    """(since, retry) for one read of the input serving every task: from the oldest of their watermarks, with the
+def input_window(plans: list[TaskPlan], max_attempts: int) -> ReadWindow:
+    """One read of the input serving every task: from the oldest of their watermarks (or input versions), with the
     notes any of them retries (a task that saw a row already finds it unchanged in its ledger)."""
     from functools import reduce
 
     from pyspark.sql import DataFrame
 
-    since = None if any(plan.since is None for plan in plans) else min(plan.since for plan in plans)
+    def oldest(marks: list):
+        return None if any(mark is None for mark in marks) else min(marks)
+
     retries = [ids for ids in (plan.retry_ids(max_attempts) for plan in plans) if ids is not None]
-    return since, reduce(DataFrame.unionByName, retries).distinct() if retries else None
+    return ReadWindow(since=oldest([plan.since for plan in plans]),
+                      since_version=oldest([plan.since_version for plan in plans]),
+                      retry=reduce(DataFrame.unionByName, retries).distinct() if retries else None)
 
 
 def plan_task(plan: TaskPlan, checked: CheckedInput, errors, present, p: Pass) -> None:
@@ -315,7 +343,9 @@ def plan_task(plan: TaskPlan, checked: CheckedInput, errors, present, p: Pass) -
     input_errors = None if errors is None else errors.where((F.col("stage") == "input") & (F.col("task") == plan.name))
     plan.rejected = classify_rejected(checked.rejected, plan.state, input_errors, p.buckets).persist()
     plan.summary = summary = summarize_plan(plan.planned, plan.rejected,
-                                            chunks_col(plan.task, plan.task.overlap(job.chunk_overlap_chars)))
+                                            chunks_col(plan.task, plan.task.overlap(job.chunk_overlap_chars)),
+                                            cap=p.started)
+    plan.read_version = checked.version
     limit = p.options.limit
     plan.selected = summary.new if limit is None else min(limit, summary.new)
     plan.gone = source_deletes(present, plan.state) if present is not None else {}

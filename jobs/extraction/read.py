@@ -2,20 +2,26 @@
 
 The table is Delta (its current snapshot), Parquet, JSONL or a catalog table; its columns are checked before any
 work starts (:class:`InputError`), the text is hashed on the executors (Spark ``sha2``) and nothing is collected on
-the driver. With ``input.updated_at_column`` only the rows updated after a watermark are read, plus the notes a
-task retries.
+the driver. A :class:`ReadWindow` cuts the read to the rows that may have changed since the last complete run
+(``input.updated_at_column`` at or after its high-water mark less a lookback, or, with ``input.watermark:
+delta_version``, the notes the Delta input's change data feed names), plus the notes a task retries.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from notelake.conf import InputConfig, Settings
 from notelake.jobs import storage
 
 WATERMARK = "source_updated_at"  # input.updated_at_column as a timestamp, carried to the watermark aggregate
+#: the change data feed's row kinds that leave a note in the table as it is now
+CHANGED_ROWS = ("insert", "update_postimage")
+
+log = logging.getLogger("notelake.extract")
 
 
 class InputError(ValueError):
@@ -36,9 +42,9 @@ def _detect_format(spark, source: str, fmt: str, opts: dict[str, str]) -> str:
     raise InputError(f"input {source!r} is neither a path nor a catalog table")
 
 
-def read_notes(spark, source: str, settings: Settings):
-    """Read the note table as a Spark DataFrame (Delta through its current snapshot). On an object store the
-    ``notelake_table`` data source reads Delta and Parquet (Spark has no object-store connector here)."""
+def read_notes(spark, source: str, settings: Settings, version: int | None = None):
+    """Read the note table as a Spark DataFrame (Delta through its current snapshot, or ``version``). On an object
+    store the ``notelake_table`` data source reads Delta and Parquet (Spark has no object-store connector here)."""
     from notelake.jobs.warehouse import read_snapshot_spark
 
     opts = storage.settings_options(settings)
@@ -51,7 +57,7 @@ def read_notes(spark, source: str, settings: Settings):
     if fmt == "jsonl":
         return spark.read.json(source)
     if fmt == "delta":
-        notes = read_snapshot_spark(spark, source, opts)
+        notes = read_snapshot_spark(spark, source, opts, version=version)
         if notes is None:
             raise InputError(f"{source} is not a Delta table")
         return notes
@@ -68,6 +74,15 @@ def read_note_ids(spark, settings: Settings, source: str):
 
 
 @dataclass(frozen=True)
+class ReadWindow:
+    """Which rows one read of the input takes; the default, every row."""
+
+    since: datetime | None = None  # input.watermark column: the high-water mark (the lookback is taken off here)
+    since_version: int | None = None  # input.watermark delta_version: the input version the last complete run read
+    retry: object = None  # note_id DataFrame (Spark): failed notes to attempt again, wherever the window is
+
+
+@dataclass(frozen=True)
 class CheckedInput:
     """The note table read and checked once: every row with its ``error_type`` (null when valid). Persist
     ``rows`` and both views read that one copy: the input is scanned, deduplicated and hashed once."""
@@ -75,6 +90,7 @@ class CheckedInput:
     rows: object  # Spark DataFrame
     passthrough: tuple[str, ...]
     tail: tuple[str, ...]  # (WATERMARK,) with input.updated_at_column
+    version: int | None = None  # the Delta input's version read (input.watermark delta_version)
 
     @property
     def valid(self):
@@ -93,18 +109,19 @@ class CheckedInput:
             "note_id", "text_sha256", "error_type", "message", *self.tail)
 
 
-def read_input(spark, settings: Settings, source: str, since: datetime | None = None, retry=None) -> CheckedInput:
-    """Read and check the note table (lazily: nothing runs until an action).
+def read_input(spark, settings: Settings, source: str, window: ReadWindow = ReadWindow()) -> CheckedInput:
+    """Read and check the note table (lazily: nothing runs until an action), cut to ``window``.
 
     Valid notes: note_id, text, text_sha256, text_chars, passthrough...; rejected rows: note_id, text_sha256,
-    error_type, message; both also carry ``source_updated_at`` with ``input.updated_at_column``. ``since``: only
-    rows updated after it (and rows whose updated_at is null: they cannot be placed before the watermark), plus the
-    notes of ``retry`` (a note_id DataFrame: failed notes to attempt again, wherever the watermark is).
+    error_type, message; both also carry ``source_updated_at`` with ``input.updated_at_column``. Rows whose
+    updated_at is null are always read (they cannot be placed before a watermark). With ``input.watermark:
+    delta_version`` the input is read at one version, returned as ``version``.
     """
     from pyspark.sql import functions as F
 
     cfg = settings.input
-    df = read_notes(spark, source, settings)
+    version = input_version(spark, source, settings) if cfg.watermark == "delta_version" else None
+    df = read_notes(spark, source, settings, version)
     missing = [c for c in (cfg.note_id_column, cfg.text_column) if c not in df.columns]
     if missing:
         raise InputError(f"input {source} lacks column(s) {missing}; it has {df.columns} "
@@ -112,8 +129,10 @@ def read_input(spark, settings: Settings, source: str, since: datetime | None = 
     passthrough = tuple(c for c in cfg.passthrough_columns if c in df.columns)
     watermark = []
     if cfg.updated_at_column:
-        df = _updated_after(df, cfg, since, retry)
+        df = _updated_since(df, cfg, window.since, window.retry)
         watermark = [F.col(cfg.updated_at_column).cast("timestamp").alias(WATERMARK)]
+    elif version is not None:
+        df = _changed_since(df, cfg, _ChangeFeed(spark, source, storage.settings_options(settings)), version, window)
     text_type = df.schema[cfg.text_column].dataType
     text, type_error = _text_as_string(text_type, F.col(cfg.text_column))
     notes = df.select(F.col(cfg.note_id_column).cast("string").alias("note_id"), text.alias("text"),
@@ -123,24 +142,107 @@ def read_input(spark, settings: Settings, source: str, since: datetime | None = 
     messages = rejection_messages(cfg, text_type.simpleString())
     message = F.create_map(*[F.lit(x) for kv in messages.items() for x in kv])[F.col("error_type")]
     return CheckedInput(rows=checked.withColumn("message", message).drop("type_error"), passthrough=passthrough,
-                        tail=(WATERMARK,) if watermark else ())
+                        tail=(WATERMARK,) if watermark else (), version=version)
 
 
-def _updated_after(df, cfg: InputConfig, since: datetime | None, retry):
-    """``df`` cut to the rows updated after ``since`` (or with no update time) and the notes of ``retry``."""
+def input_version(spark, source: str, settings: Settings) -> int:
+    """The Delta input's current version (``input.watermark: delta_version``); InputError for any other input."""
+    from deltalake import DeltaTable
+
+    opts = storage.settings_options(settings)
+    if _detect_format(spark, source, settings.input.format, opts) != "delta":
+        raise InputError(f"input.watermark delta_version needs a Delta input; {source} is not one (set "
+                         "input.watermark: column)")
+    return DeltaTable(source, storage_options=opts).version()
+
+
+def _updated_since(df, cfg: InputConfig, since: datetime | None, retry):
+    """``df`` cut to the rows updated at or after ``since`` less ``input.watermark_lookback_s`` (a date column:
+    from that day on), the rows with no update time, and the notes of ``retry``. At or after, not after: a row
+    stamped with the mark itself may have been committed after the run that set it."""
     from pyspark.sql import functions as F
+    from pyspark.sql.types import DateType
 
     if cfg.updated_at_column not in df.columns:
         raise InputError(f"input lacks the watermark column {cfg.updated_at_column!r}")
     if since is None:
         return df
-    updated = F.col(cfg.updated_at_column).cast("timestamp")
-    keep = updated.isNull() | (updated > F.lit(since))
+    start = since - timedelta(seconds=cfg.watermark_lookback_s)
+    column = F.col(cfg.updated_at_column)
+    if isinstance(df.schema[cfg.updated_at_column].dataType, DateType):
+        # a date says nothing about the hour: every note of the mark's day may have been edited after the run
+        keep = column.isNull() | (column >= F.lit(start.date()))
+    else:
+        updated = column.cast("timestamp")
+        keep = updated.isNull() | (updated >= F.lit(start))
     if retry is not None:
         flagged = retry.select(F.col("note_id").alias("_retry_id"), F.lit(True).alias("_retry"))
         df = df.join(flagged, F.col(cfg.note_id_column).cast("string") == F.col("_retry_id"), "left")
         keep = keep | F.col("_retry").isNotNull()
     return df.where(keep)
+
+
+@dataclass(frozen=True)
+class _ChangeFeed:
+    """A Delta input's change data feed, read with delta-rs (note ids only)."""
+
+    spark: object
+    source: str
+    opts: dict[str, str]
+
+    def changed_ids(self, since: int, version: int, id_column: str):
+        """The ids (Spark, ``note_id``) of the notes inserted or updated after version ``since`` up to
+        ``version``, or None when the feed cannot say: it was off at either version (a commit made while it was
+        off has no change files) or is unreadable (log or change files vacuumed)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        from deltalake import DeltaTable
+        from deltalake.exceptions import DeltaError
+
+        try:
+            if not all(_feed_enabled(DeltaTable(self.source, version=v, storage_options=self.opts))
+                       for v in (since, version)):
+                log.info("input change data feed off between versions %d and %d: reading every note (the ledger "
+                         "skips the unchanged)", since, version)
+                return None
+            reader = DeltaTable(self.source, storage_options=self.opts).load_cdf(
+                starting_version=since + 1, ending_version=version, columns=[id_column, "_change_type"])
+            changes = pa.table(pa.RecordBatchReader.from_stream(reader))
+        except (DeltaError, OSError, ValueError) as exc:
+            log.warning("input change data feed unreadable between versions %d and %d (%s): reading every note",
+                        since, version, type(exc).__name__)
+            return None
+        kept = changes.filter(pc.is_in(changes["_change_type"], pa.array(CHANGED_ROWS)))
+        ids = pa.table({"note_id": pc.cast(kept[id_column], pa.string())})
+        log.info("input change data feed: %d changed note row(s) between versions %d and %d", ids.num_rows, since,
+                 version)
+        return self.spark.createDataFrame(ids) if ids.num_rows else self.spark.createDataFrame([], "note_id string")
+
+
+def _feed_enabled(table) -> bool:
+    return table.metadata().configuration.get("delta.enableChangeDataFeed", "").lower() == "true"
+
+
+def _changed_since(df, cfg: InputConfig, feed: _ChangeFeed, version: int, window: ReadWindow):
+    """``df`` (the input at ``version``) cut to the notes changed since ``window.since_version`` and those of
+    ``window.retry``: only the retries when the version did not move; every row on a first run, when the version
+    went back (the table was replaced) or when the change data feed cannot say."""
+    from functools import reduce
+
+    from pyspark.sql import DataFrame
+    from pyspark.sql import functions as F
+
+    since = window.since_version
+    if since is None or since > version:
+        return df
+    changed = feed.changed_ids(since, version, cfg.note_id_column) if since < version else None
+    if since < version and changed is None:
+        return df
+    wanted = [ids.select("note_id") for ids in (changed, window.retry) if ids is not None]
+    if not wanted:
+        return df.where(F.lit(False))
+    ids = reduce(DataFrame.unionByName, wanted).distinct().withColumnRenamed("note_id", "_wanted_id")
+    return df.join(ids, F.col(cfg.note_id_column).cast("string") == F.col("_wanted_id"), "left_semi")
 
 
 def _text_as_string(text_type, raw_text):

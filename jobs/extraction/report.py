@@ -105,6 +105,7 @@ class RunRecord:
     status: str = "running"
     ended_at: datetime | None = None
     watermark: datetime | None = None  # the input.updated_at_column high-water mark this run read up to
+    source_version: int | None = None  # the Delta input's version this run read up to (input.watermark delta_version)
     table_versions_json: str = "{}"
     rounds_json: str | None = None
     omop_json: str | None = None  # the pass's link and OMOP publish stats (jobs/extraction/publish.py)
@@ -199,7 +200,7 @@ def end_runs(plans: list[TaskPlan], finished: bool, table_versions_json: str, ma
         counts, record = plan.counts, plan.record
         failed = counts.error_rate > max_error_rate
         record.end("failed" if failed else "succeeded", counts)
-        record.watermark = plan.next_watermark(finished)
+        record.watermark, record.source_version = plan.next_watermark(finished), plan.next_source_version(finished)
         record.rounds_json, record.table_versions_json = json.dumps(counts.rounds), table_versions_json
         log.info("run %s %s: %d succeeded (%d with no concept), %d failed (%d given up before), %d newly rejected, "
                  "%d refreshed, %d stale removed, error rate %.3f (max %.3f); %d windows without prose, %d windows "
