@@ -5,7 +5,9 @@ text, and ground in the text).
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 
 import pytest
 from jobkit import assert_no_duplicates, job_settings, rows, sample_notes, table, write_notes
@@ -244,62 +246,34 @@ def test_driver_killed_between_row_and_ledger_commits_leaves_no_duplicates(tmp_p
     assert {r["note_id"] for r in table(out, "concepts").to_pylist()} == {n["note_id"] for n in notes}
 
 
-def night_of(out) -> dict:
-    """The latest run's row."""
-    return runs_of(out)[-1]
-
-
-def test_a_date_watermark_rereads_its_day_so_a_same_day_edit_is_picked_up(tmp_path, spark, replay):
-    """input.updated_at_column is a date: the night's run reads notes dated today and stores today; a note edited
-    later today is also dated today and must be read by the next night (no lookback: the day itself is re-read)."""
-    from datetime import date
-
-    today = date(2026, 11, 5)
-    notes = [{**n, "updated_on": today if i < 2 else date(2026, 11, 4)} for i, n in enumerate(sample_notes(3))]
+def test_one_note_that_raises_fails_alone_and_a_run_of_notes_without_concepts_says_so(tmp_path, spark, replay,
+                                                                                        caplog):
+    """A note the input admits whose assertion step raises on the executor (ConText's tokenizer refuses a text over
+    spaCy's 1 000 000 characters) fails alone: a failed ledger row and an errors row naming the exception's type
+    and place, no text; the others land, a base64 blob between prose costing no model call. Most notes getting no
+    concept (vital signs only: REPLAY finds no word in them) is a warning in the log and the runs row."""
+    blob = base64.encodebytes(random.Random(1).randbytes(750_000)).decode()
+    huge = {"note_id": "huge", "text": f"Patient denies nausea after heparin.\n{blob}\nHeparin was stopped."}
+    vitals = [{"note_id": f"vitals-{k}", "text": f"BP {110 + k}/70, HR {60 + k}, T 37.{k}."} for k in range(4)]
+    base = {"patient_id": "P1", "note_date": "2026-02-01", "note_type": "x"}
+    notes = sample_notes(2) + [{**base, **n} for n in [huge, *vitals]]
     out = tmp_path / "warehouse"
-    cfg = replay.with_overrides(input={"updated_at_column": "updated_on", "watermark_lookback_s": 0})
-    assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
-    assert night_of(out)["watermark"].date() == today
-    before = concepts_of(out, notes[1]["note_id"])
+    cfg = replay.with_overrides(job={"task": "maccrobat"}, input={"max_text_chars": 1_100_000})
+    with caplog.at_level("WARNING", logger="notelake.extract"):
+        assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
 
-    edited = [notes[0], {**notes[1], "text": "A 52-year-old man developed angioedema after lisinopril."}, notes[2]]
-    assert edited[1]["updated_on"] == today  # the same day as the stored watermark
-    src = write_notes(tmp_path / "notes", edited)
-    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
-    night = night_of(out)
-    # the day's notes are read again; the unchanged one costs no model call
-    assert (night["selected"], night["succeeded"] + night["failed"], night["skipped"]) == (1, 1, 1)
-    assert concepts_of(out, notes[1]["note_id"]) != before
-    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
-    night = night_of(out)
-    assert (night["selected"], night["skipped"], night["tokens_in"], night["tokens_out"]) == (0, 2, 0, 0)
-    assert_no_duplicates(out)
-
-
-def test_a_late_row_older_than_the_watermark_is_read_within_the_lookback(tmp_path, spark, replay):
-    """Timestamps: a row committed after the night's run with an updated_at below the stored watermark (CDC lag)
-    is read the next night when it lags by less than input.watermark_lookback_s; a row stamped in the future
-    cannot carry the watermark past the run's start."""
-    from datetime import datetime, timedelta, timezone
-
-    mark = datetime(2026, 11, 5, 1, 30, tzinfo=timezone.utc)
-    notes = sample_notes(4)
-    first = [{**notes[0], "updated_at": mark - timedelta(hours=5)}, {**notes[1], "updated_at": mark}]
-    out = tmp_path / "warehouse"
-    cfg = replay.with_overrides(input={"updated_at_column": "updated_at", "watermark_lookback_s": 6 * 3600})
-    assert job.run(cfg, write_notes(tmp_path / "notes", first), str(out), spark=spark) == ExitCode.OK
-    assert night_of(out)["watermark"] == mark
-
-    late = {**notes[2], "updated_at": mark - timedelta(hours=2)}  # stamped before the mark, committed after it
-    src = write_notes(tmp_path / "notes", [*first, late])
-    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
-    night = night_of(out)
-    assert (night["selected"], night["skipped"], night["tokens_out"] > 0) == (1, 2, True)
-    assert night["watermark"] == mark
-    assert late["note_id"] in table(out, "ledger")["note_id"].to_pylist()
-
-    future = {**notes[3], "updated_at": datetime(2099, 1, 1, tzinfo=timezone.utc)}  # a clock gone wrong upstream
-    assert job.run(cfg, write_notes(tmp_path / "notes", [*first, late, future]), str(out), spark=spark) == 0
-    night = night_of(out)
-    assert night["selected"] == 1 and night["watermark"] == night["started_at"]
-    assert_no_duplicates(out)
+    ledger = {r["note_id"]: r["status"] for r in table(out, "ledger").to_pylist()}
+    assert ledger == {n["note_id"]: "failed" if n is notes[2] else "succeeded" for n in notes}
+    (error,) = rows(out, "errors")
+    assert (error["note_id"], error["stage"], error["error_type"]) == ("huge", "assertion", "exception")
+    assert error["message"].startswith("ValueError at spacy/") and "models/assertion.py" in error["message"]
+    assert "heparin" not in error["message"].lower()
+    concepts = table(out, "concepts").to_pylist()
+    assert {c["note_id"] for c in concepts} == {n["note_id"] for n in notes[:2]}
+    (run,) = table(out, "runs").to_pylist()
+    assert (run["succeeded"], run["failed"], run["no_concept"]) == (6, 1, 4)
+    assert run["windows_no_prose"] > 1000  # the blob's windows: answered without a model call
+    (warning,) = json.loads(run["warnings_json"])
+    assert (warning["warning"], warning["no_concept"], warning["notes"]) == ("no_concept_share", 4, 6)
+    assert any("4 of 6 succeeded notes" in r.getMessage() and "got no concept" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")

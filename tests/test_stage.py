@@ -3,6 +3,8 @@ deadline stops new batches but finishes those already sent. No Spark or Ray: the
 
 from __future__ import annotations
 
+import base64
+import random
 import time
 
 import pyarrow as pa
@@ -32,8 +34,8 @@ def engine(base_model_path):
     return make_engine(EngineConfig(backend="replay", max_num_seqs=4))
 
 
-def context(settings, staging, ahead: int, deadline: float | None = None) -> StageContext:
-    task = load_task("phee")
+def context(settings, staging, ahead: int, deadline: float | None = None, task: str = "phee") -> StageContext:
+    task = load_task(task)
     cfg = settings.with_overrides(engine={"backend": "replay"}, ray={"batches_ahead": ahead})
     lineage = describe_extraction(cfg, task).lineage("r1")
     return StageContext(settings=cfg, tasks={task.name: task}, lineages={task.name: lineage},
@@ -89,3 +91,65 @@ def test_after_the_deadline_batches_already_sent_are_finished_and_no_new_one_is_
     # batches 0 and 1 went out before the deadline; batch 2 was read after it and never sent
     assert [r["note_id"] for r in rows] == ["n0", "n1", "n2", "n3"]
     assert sorted(r["note_id"] for r in pq.read_table(tmp_path / "ledger").to_pylist()) == ["n0", "n1", "n2", "n3"]
+
+
+# An image pasted into a note as MIME base64 (76-character lines, 57 bytes each): no prose, no model call.
+BLOB = base64.encodebytes(random.Random(7).randbytes(57 * 53)).decode()
+NEGATED = "Patient denies nausea after heparin."
+# Longer than spaCy's max_length (1 000 000 characters), which ConText's tokenizer refuses: a note the input
+# admits (input.max_text_chars raised) whose assertion step raises, on this note only.
+HUGE = NEGATED + "\n" + base64.encodebytes(random.Random(8).randbytes(750_000)).decode() + "\nHeparin was stopped."
+
+
+def blob_note(prose_before: str = "Patient developed a rash after amoxicillin.",
+              prose_after: str = "The rash resolved after amoxicillin was stopped.") -> tuple[str, tuple[int, int]]:
+    """Prose, an embedded base64 blob, prose; and the blob's extent."""
+    start = len(prose_before) + 1
+    return f"{prose_before}\n{BLOB}{prose_after}", (start, start + len(BLOB))
+
+
+def one_batch(texts: list[str], task: str) -> pa.RecordBatch:
+    n = len(texts)
+    return pa.record_batch({
+        "note_id": [f"n{i}" for i in range(n)], "text": texts, "text_sha256": [sha256_text(t) for t in texts],
+        "note_bucket": pa.array([0] * n, pa.int32()), "passthrough_sha256": pa.nulls(n, pa.string()),
+        "attempt": pa.array([1] * n, pa.int32()), "task": [task] * n, "has_output": [False] * n,
+        "in_ledger": [False] * n,
+    })
+
+
+def staged(folder, table: str) -> list[dict]:
+    return pq.read_table(folder / table).to_pylist() if (folder / table).exists() else []
+
+
+def test_a_blob_note_negated_concepts_and_a_note_that_raises_in_one_batch(tmp_path, settings, engine):
+    """One batch: a negated finding (REPLAY answers carry no assertion marker: the model says present), a note with
+    a base64 blob between its prose, and a note whose assertion step raises. The first gets ConText's ``negated``,
+    the second its prose's concepts with no model call for the blob, the third fails alone."""
+    text, (blob_start, blob_end) = blob_note()
+    for method in ("combined", "model"):
+        out = tmp_path / method
+        ctx = context(settings.with_overrides(job={"assertion": method}), out, ahead=1, task="maccrobat")
+        outcomes = [o for _, o in extract_batches([one_batch([NEGATED, text, HUGE], "maccrobat")], ctx,
+                                                  lambda: engine)]
+        rows = {r["note_id"]: r for r in pa.Table.from_batches(outcomes).to_pylist()}
+        concepts = staged(out, "concepts")
+        nausea = next(c for c in concepts if c["note_id"] == "n0" and c["text"] == "nausea")
+        assert nausea["assertion"] == ("negated" if method == "combined" else "present")
+        assert (rows["n1"]["status"], rows["n1"]["n_errors"]) == ("succeeded", 0)
+        assert rows["n1"]["n_no_prose"] >= 1
+        found = [c for c in concepts if c["note_id"] == "n1"]
+        assert {c["start"] < blob_start for c in found} == {True, False}  # concepts on both sides of the blob
+        assert all(c["end"] <= blob_start or c["start"] >= blob_end for c in found)
+        assert all(text[c["start"]:c["end"]] == c["text"] for c in found)
+        if method == "model":  # ConText never runs: the huge note succeeds
+            assert rows["n2"]["status"] == "succeeded"
+            continue
+        assert [rows[n]["status"] for n in ("n0", "n1", "n2")] == ["succeeded", "succeeded", "failed"]
+        (error,) = staged(out, "errors")
+        assert (error["note_id"], error["stage"], error["error_type"]) == ("n2", "assertion", "exception")
+        assert error["message"].startswith("ValueError at spacy/") and "models/assertion.py" in error["message"]
+        assert "max_length" not in error["message"] and "heparin" not in error["message"].lower()
+        ledger = {r["note_id"]: r["status"] for r in staged(out, "ledger")}
+        assert ledger == {"n0": "succeeded", "n1": "succeeded", "n2": "failed"}
+        assert not [c for c in concepts if c["note_id"] == "n2"]
