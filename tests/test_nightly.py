@@ -246,6 +246,67 @@ def test_driver_killed_between_row_and_ledger_commits_leaves_no_duplicates(tmp_p
     assert {r["note_id"] for r in table(out, "concepts").to_pylist()} == {n["note_id"] for n in notes}
 
 
+def night_of(out) -> dict:
+    """The latest run's row."""
+    return runs_of(out)[-1]
+
+
+def test_a_date_watermark_rereads_its_day_so_a_same_day_edit_is_picked_up(tmp_path, spark, replay):
+    """input.updated_at_column is a date: the night's run reads notes dated today and stores today; a note edited
+    later today is also dated today and must be read by the next night (no lookback: the day itself is re-read)."""
+    from datetime import date
+
+    today = date(2026, 11, 5)
+    notes = [{**n, "updated_on": today if i < 2 else date(2026, 11, 4)} for i, n in enumerate(sample_notes(3))]
+    out = tmp_path / "warehouse"
+    cfg = replay.with_overrides(input={"updated_at_column": "updated_on", "watermark_lookback_s": 0})
+    assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
+    assert night_of(out)["watermark"].date() == today
+    before = concepts_of(out, notes[1]["note_id"])
+
+    edited = [notes[0], {**notes[1], "text": "A 52-year-old man developed angioedema after lisinopril."}, notes[2]]
+    assert edited[1]["updated_on"] == today  # the same day as the stored watermark
+    src = write_notes(tmp_path / "notes", edited)
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
+    night = night_of(out)
+    # the day's notes are read again; the unchanged one costs no model call
+    assert (night["selected"], night["succeeded"] + night["failed"], night["skipped"]) == (1, 1, 1)
+    assert concepts_of(out, notes[1]["note_id"]) != before
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
+    night = night_of(out)
+    assert (night["selected"], night["skipped"], night["tokens_in"], night["tokens_out"]) == (0, 2, 0, 0)
+    assert_no_duplicates(out)
+
+
+def test_a_late_row_older_than_the_watermark_is_read_within_the_lookback(tmp_path, spark, replay):
+    """Timestamps: a row committed after the night's run with an updated_at below the stored watermark (CDC lag)
+    is read the next night when it lags by less than input.watermark_lookback_s; a row stamped in the future
+    cannot carry the watermark past the run's start."""
+    from datetime import datetime, timedelta, timezone
+
+    mark = datetime(2026, 11, 5, 1, 30, tzinfo=timezone.utc)
+    notes = sample_notes(4)
+    first = [{**notes[0], "updated_at": mark - timedelta(hours=5)}, {**notes[1], "updated_at": mark}]
+    out = tmp_path / "warehouse"
+    cfg = replay.with_overrides(input={"updated_at_column": "updated_at", "watermark_lookback_s": 6 * 3600})
+    assert job.run(cfg, write_notes(tmp_path / "notes", first), str(out), spark=spark) == ExitCode.OK
+    assert night_of(out)["watermark"] == mark
+
+    late = {**notes[2], "updated_at": mark - timedelta(hours=2)}  # stamped before the mark, committed after it
+    src = write_notes(tmp_path / "notes", [*first, late])
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
+    night = night_of(out)
+    assert (night["selected"], night["skipped"], night["tokens_out"] > 0) == (1, 2, True)
+    assert night["watermark"] == mark
+    assert late["note_id"] in table(out, "ledger")["note_id"].to_pylist()
+
+    future = {**notes[3], "updated_at": datetime(2099, 1, 1, tzinfo=timezone.utc)}  # a clock gone wrong upstream
+    assert job.run(cfg, write_notes(tmp_path / "notes", [*first, late, future]), str(out), spark=spark) == 0
+    night = night_of(out)
+    assert night["selected"] == 1 and night["watermark"] == night["started_at"]
+    assert_no_duplicates(out)
+
+
 def test_one_note_that_raises_fails_alone_and_a_run_of_notes_without_concepts_says_so(tmp_path, spark, replay,
                                                                                         caplog):
     """A note the input admits whose assertion step raises on the executor (ConText's tokenizer refuses a text over
