@@ -42,14 +42,19 @@ def context(settings, staging, ahead: int, deadline: float | None = None, task: 
                         staging_dir=str(staging), passthrough=(), deadline=deadline)
 
 
-def note_batches(events: list, pause_before: int | None = None):
-    n = len(TEXTS)
-    notes = pa.table({
-        "note_id": [f"n{i}" for i in range(n)], "text": TEXTS, "text_sha256": [sha256_text(t) for t in TEXTS],
+def one_batch(texts: list[str], task: str) -> pa.RecordBatch:
+    """Notes ``n0``, ``n1``, ... of ``task``, new to the output, as the stage receives them."""
+    n = len(texts)
+    return pa.record_batch({
+        "note_id": [f"n{i}" for i in range(n)], "text": texts, "text_sha256": [sha256_text(t) for t in texts],
         "note_bucket": pa.array([0] * n, pa.int32()), "passthrough_sha256": pa.nulls(n, pa.string()),
-        "attempt": pa.array([1] * n, pa.int32()), "task": ["phee"] * n, "has_output": [False] * n,
+        "attempt": pa.array([1] * n, pa.int32()), "task": [task] * n, "has_output": [False] * n,
         "in_ledger": [False] * n,
     })
+
+
+def note_batches(events: list, pause_before: int | None = None):
+    notes = pa.Table.from_batches([one_batch(TEXTS, "phee")])
     for k, batch in enumerate(notes.to_batches(max_chunksize=BATCH)):
         if k == pause_before:
             time.sleep(3)
@@ -106,16 +111,6 @@ def blob_note(prose_before: str = "Patient developed a rash after amoxicillin.",
     """Prose, an embedded base64 blob, prose; and the blob's extent."""
     start = len(prose_before) + 1
     return f"{prose_before}\n{BLOB}{prose_after}", (start, start + len(BLOB))
-
-
-def one_batch(texts: list[str], task: str) -> pa.RecordBatch:
-    n = len(texts)
-    return pa.record_batch({
-        "note_id": [f"n{i}" for i in range(n)], "text": texts, "text_sha256": [sha256_text(t) for t in texts],
-        "note_bucket": pa.array([0] * n, pa.int32()), "passthrough_sha256": pa.nulls(n, pa.string()),
-        "attempt": pa.array([1] * n, pa.int32()), "task": [task] * n, "has_output": [False] * n,
-        "in_ledger": [False] * n,
-    })
 
 
 def staged(folder, table: str) -> list[dict]:
