@@ -226,3 +226,25 @@ def test_rescore_prefix_matches_scoring_the_prefix():
     direct = score_notes(task, notes[:4], resamples=200, seed=3)
     assert pre["n_notes"] == 4
     assert pre["cce_lenient"] == direct["cce"]["lenient"] and pre["cce_strict"] == direct["cce"]["strict"]
+
+
+def test_evaluation_extracts_through_windows_and_sets_assertions_as_the_job_does(base_model_path):
+    """``evaluate_records`` answers windows as the job does (an embedded base64 blob: no model call) and sets the
+    concepts' assertions by the job's method: a finding the text negates, which the REPLAY engine's answer leaves
+    present, scores as negated under ``combined`` and as present under ``model``."""
+    import base64
+    import random
+
+    from notelake.conf import EngineConfig
+    from notelake.models.engine import make_engine
+    from notelake.models.evaluation import EvalOptions, evaluate_records
+
+    engine = make_engine(EngineConfig(backend="replay", max_num_seqs=4))
+    blob = base64.encodebytes(random.Random(3).randbytes(57 * 20)).decode()
+    record = {"note_id": "n", "text": f"Patient denies nausea after heparin.\n{blob}", "relations": [],
+              "concepts": [{"id": "T1", "label": "Activity", "spans": [[15, 21]], "attributes": {"Negated": True}}]}
+    for method, agree in (("combined", 1), ("model", 0)):
+        scores = evaluate_records(load_task("maccrobat"), [record], engine.generate,
+                                  EvalOptions(assertion=method, resamples=0, progress=False))
+        assert scores["windows"]["no_prose"] >= 1
+        assert scores["assertion_accuracy"] == agree
