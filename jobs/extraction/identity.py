@@ -64,7 +64,8 @@ class ExtractionIdentity:
 
 def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
     """The identity ``task`` is extracted under with ``settings``; raises ConfigError (no model, a tagger without
-    its head) and the adapters' errors (wrong base model, wrong task)."""
+    its head, job.assertion context or combined without medSpaCy) and the adapters' errors (wrong base model, wrong
+    task)."""
     from notelake.models.adapters import load_adapter, load_head
     from notelake.models.base_model import model_sha256, resolve_model
 
@@ -94,12 +95,16 @@ def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
     chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars),
                 "windows": WINDOW_RECOVERY}
     adapter_sha = adapter.sha256 if adapter else None
+    assertion = assertion_fingerprint(settings.job.assertion, task.assertion_labels)
+    if assertion is not None and assertion["medspacy"] is None:  # else every note would fail on the executors
+        raise ConfigError(f"job.assertion {settings.job.assertion} needs medSpaCy (ConText): `make install`, or "
+                          "pip install 'notelake[assertion]' then pip install --no-deps medspacy==1.3.1; or set "
+                          "job.assertion: model")
     return ExtractionIdentity(
         model=settings.engine.model, model_sha256=base_sha, adapter=adapter.name if adapter else None,
         adapter_sha256=adapter_sha, prompt_version=version,
         fingerprint=extraction_fingerprint(base_sha, adapter_sha, version, sampling, chunking, PARSER_VERSION,
-                                           settings.engine.backend,
-                                           assertion_fingerprint(settings.job.assertion, task.assertion_labels)))
+                                           settings.engine.backend, assertion))
 
 
 def warn_trained_task_without_adapter(task: Task) -> None:

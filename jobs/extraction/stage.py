@@ -258,6 +258,8 @@ def finish_batch(prepared: PreparedBatch, ctx: StageContext, batch_schema: pa.Sc
                 step = "assertion"
                 result.concepts = assign_assertions(note["text"], result.concepts, ctx.settings.job.assertion,
                                                     ctx.tasks[note["task"]].assertion_labels)
+            except ImportError:  # the executor's environment, not the note: fail the task, charge no note
+                raise
             except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
                 prepared.failures[k] = (step, exc)
         if k in prepared.failures:
