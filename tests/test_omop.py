@@ -225,16 +225,15 @@ def test_drug_class_adverse_effects_query(published):
 
     wh, _ = published
     rows = run_duckdb(wh.root, query_text("drug_class_adverse_effects")).to_pylist()
-    assert rows == [
-        {"drug_class": "Anticoagulants", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1, "drugs": 1},
-        {"drug_class": "Antithrombotic agents", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1,
-         "drugs": 1},
-        {"drug_class": "Nonsteroidal anti-inflammatory drugs", "adverse_effect": "Acute kidney injury", "notes": 1,
-         "drugs": 1},
-        {"drug_class": "Nonsteroidal anti-inflammatory drugs", "adverse_effect": "Gastrointestinal haemorrhage",
-         "notes": 1, "drugs": 1},
-        {"drug_class": "Vitamin K antagonists", "adverse_effect": "Gastrointestinal haemorrhage", "notes": 1,
-         "drugs": 1}]
+    nsaids, antithrombotic, anticoagulants, vka = 2000002001, 2000002012, 2000002013, 2000002014
+    gi_haemorrhage, aki = 2000003002, 2000003004
+    assert [(r["drug_class_id"], r["adverse_effect_id"], r["notes"], r["drugs"]) for r in rows] == [
+        (anticoagulants, gi_haemorrhage, 1, 1), (antithrombotic, gi_haemorrhage, 1, 1), (nsaids, aki, 1, 1),
+        (nsaids, gi_haemorrhage, 1, 1), (vka, gi_haemorrhage, 1, 1)]
+    names = {r[f"{c}_id"]: r[c] for r in rows for c in ("drug_class", "adverse_effect")}
+    assert names == {anticoagulants: "Anticoagulants", antithrombotic: "Antithrombotic agents",
+                     nsaids: "Nonsteroidal anti-inflammatory drugs", vka: "Vitamin K antagonists",
+                     gi_haemorrhage: "Gastrointestinal haemorrhage", aki: "Acute kidney injury"}
 
 
 def test_publish_is_incremental_and_keeps_ids(spark, omop_settings, tmp_path):

@@ -1,7 +1,9 @@
 -- Drug class -> adverse effect, by concept: each adverse_effect relation whose drug and effect mentions are linked
 -- to standard concepts, the drug rolled up to every classification concept above it (concept_ancestor,
 -- standard_concept 'C', e.g. an ATC class), the effect asserted present (note_nlp.term_exists = 'Y').
-SELECT drug_class.concept_name AS drug_class,
+SELECT drug_class.concept_id AS drug_class_id,
+       drug_class.concept_name AS drug_class,
+       effect.concept_id AS adverse_effect_id,
        effect.concept_name AS adverse_effect,
        count(DISTINCT r.note_id) AS notes,
        count(DISTINCT d.note_nlp_concept_id) AS drugs
@@ -17,5 +19,5 @@ WHERE r.relationship = 'adverse_effect'
   AND e.note_nlp_concept_id <> 0
   AND drug_class.standard_concept = 'C'
   AND drug_class.invalid_reason IS NULL
-GROUP BY drug_class.concept_name, effect.concept_name
+GROUP BY drug_class.concept_id, drug_class.concept_name, effect.concept_id, effect.concept_name
 ORDER BY notes DESC, drug_class, adverse_effect
