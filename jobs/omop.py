@@ -3,6 +3,8 @@ NLP-derived ``drug_exposure`` / ``condition_occurrence`` (shapes and mappings: u
 
     notelake omop --output <warehouse> [--conf conf/local.yaml] [--task phee,maccrobat]
 
+(also :func:`publish_omop`, which the extraction job calls after linking, as ``omop.publish`` says).
+
 Incremental. Each publish records the Delta versions of its sources (concepts, relations, concept_links) per task
 in ``omop_publish``; the next one lists only the data files added or removed since then (Delta log, no rows read)
 and visits only those note buckets. There, Spark computes each note's key (a hash of its concept rows' lineage,
