@@ -28,7 +28,9 @@ def bench_settings(args, **overrides):
     engine = {"adapter": None, "max_tokens": args.max_tokens, **overrides.pop("engine", {})}
     # The bench measures speed: answers cut at a small --max-tokens are failed notes, not a failed run.
     job = {"task": TASK, "max_error_rate": 1.0, **overrides.pop("job", {})}
-    settings = load_settings(REPO / args.conf).with_overrides(engine=engine, job=job, **overrides)
+    # the rows' job runs share the engine actors the bench loaded once (the engine's start is a row of its own)
+    ray = {"engine_scope": "cluster", **overrides.pop("ray", {})}
+    settings = load_settings(REPO / args.conf).with_overrides(engine=engine, job=job, ray=ray, **overrides)
     return settings if "enable_lora" in engine else job_engine_settings(settings)
 
 

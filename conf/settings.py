@@ -108,6 +108,23 @@ class RayConfig(_Strict):
     batches_ahead: int = Field(1, ge=0, description="Arrow batches a Spark partition sends to the engines before it "
                                                     "parses the one in front (0 = one batch at a time): the engines "
                                                     "keep decoding across batch boundaries")
+    call_timeout_s: float = Field(
+        600, gt=0, description="an engine call is given up as engine_timeout when its actor has finished no request "
+                               "for this long while the call waited (a hung or stopped engine; a busy one that "
+                               "keeps finishing requests is waited for). The actor is then restarted and the call "
+                               "sent again (ray.call_retries); never a hang")
+    call_retries: int = Field(2, ge=0, description="times a batch is sent again after an engine fault (actor lost, "
+                                                   "engine step error, timeout), to another actor when there is one. "
+                                                   "A note whose batch still fails is left for the next run: an "
+                                                   "engine fault never counts as the note's attempt")
+    restart_after_failures: int = Field(3, ge=1, description="an engine actor whose engine fails this many calls in "
+                                                             "a row restarts itself (Ray restarts it at most "
+                                                             "ray.max_restarts times)")
+    engine_scope: Literal["pass", "cluster"] = Field(
+        "pass", description="who owns the job's engine actors: pass = each pass starts its own (named after the "
+                            "pass) and stops them when it ends, so two jobs on one Ray cluster never share or kill "
+                            "each other's; cluster = actors named after the engine config only, created detached "
+                            "(they outlive every driver) and shared on purpose by every job with that config")
 
     @field_validator("address")
     @classmethod
@@ -168,8 +185,19 @@ class JobConfig(_Strict):
                                           "comma-separated (phee,maccrobat), run in one pass: the input is read "
                                           "and hashed once and every task's prompts share the engines")
     round_notes: int = Field(2000, ge=1, description="notes extracted and committed per round (bounds memory, limits rework)")
-    max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run when (newly failed + newly rejected) / "
-                                                                "(selected + newly rejected) exceeds this")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="fail the run (exit 1) when (newly failed + newly "
+                                                                "rejected) / (notes attempted for the first time + "
+                                                                "newly rejected) exceeds this, from "
+                                                                "job.min_errors_for_rate such errors; retries of known "
+                                                                "failures are reported apart and not counted")
+    min_errors_for_rate: int = Field(5, ge=1, description="the error-rate brakes (job.max_error_rate, "
+                                                          "job.max_engine_error_rate) need at least this many errors "
+                                                          "of their kind: a few failing notes on a quiet night do not "
+                                                          "fail the run")
+    max_engine_error_rate: float = Field(
+        0.1, ge=0, le=1, description="stop the run after the round in which notes left for the next run by engine "
+                                     "faults / notes sent to the engines passes this (from job.min_errors_for_rate "
+                                     "such notes): exit 6, what succeeded is committed")
     max_attempts: int = Field(3, ge=1, description="extraction attempts per note text and fingerprint; a note that "
                                                    "failed this often is reported as given up, not retried")
     note_buckets: int = Field(64, ge=1, le=4096, description="hash buckets of note ids partitioning the output "
@@ -200,8 +228,12 @@ class JobConfig(_Strict):
         False, description="remove the output rows of notes no longer in the input (one extra scan of the id "
                            "column). Only for a full note table: never with an input that holds changed rows only")
     max_runtime_s: float | None = Field(None, gt=0, description="submit no new work after this many seconds (a "
-                                                                "backfill in nightly slices): what finished is "
-                                                                "committed, the rest waits for the next run")
+                                                                "backfill in nightly slices), and stop waiting for "
+                                                                "the engines then: what finished is committed, the "
+                                                                "rest waits for the next run")
+    stop_grace_s: float = Field(120, gt=0, description="job.max_runtime_s as a hard limit: a round still running "
+                                                       "this long after it is cancelled, uncommitted (exit 7); "
+                                                       "earlier rounds stay committed")
     progress_interval_s: float = Field(30, gt=0, description="a progress line (notes, prompts/s, output tok/s, "
                                                              "failures, ETA) every this many seconds")
 

@@ -258,6 +258,17 @@ class Warehouse:
                 self.with_retries(table, lambda: _delete(self.path(table), scope, self.storage_options,
                                                           self.commit_properties("delete_notes")))
 
+    def reset_attempts(self, task: str, notes: dict[str, int]) -> None:
+        """Set the ledger's ``attempts`` to 0 on the failed rows of the notes ``{note_id: note_bucket}`` of
+        ``task`` (given-up notes selected again, ``--retry-given-up``), bucket by bucket like :meth:`delete_notes`."""
+        from deltalake import DeltaTable
+
+        for buckets, ids in _delete_batches(notes):
+            predicate = f"{note_scope(task, buckets, ids)} AND status = 'failed'"
+            self._with_retries("ledger", lambda: DeltaTable(self.path("ledger"), storage_options=self.storage_options)
+                               .update(updates={"attempts": "0"}, predicate=predicate,
+                                       commit_properties=self._commit_properties("reset_attempts")))
+
     def commit_round(self, staged: dict[str, pa.Table], task: str, replaced: list[str], first: list[str],
                      ledger_known: list[str], buckets: set[int]) -> None:
         """Commit one round: concepts and relations of ``replaced`` notes replaced, those of ``first`` (no rows

@@ -7,17 +7,24 @@
   per-item problems -- they come back as ``GenerationResult.error``. Its live counters (``counts``: requests,
   output tokens, errors; summed over the actors by :meth:`EnginePool.counts` for progress lines) advance as each
   request finishes, not when a whole call returns.
-* :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>-<i>`` (per-request
-  fields -- ``max_tokens``, ``guided_decoding`` -- left out)
-  (``get_if_exists``), so every process using the same engine config shares the same actors. ``generate``
-  splits requests into batches, keeps up to ``max_in_flight`` batches queued per actor, returns results in
-  input order and turns a dead actor into per-item ``engine_unavailable`` errors.
+* :class:`EnginePool` names its actors ``notelake-engine-<hash of the engine config, 8 hex>[-<owner>]-<i>``
+  (per-request fields -- ``max_tokens``, ``guided_decoding`` -- left out; ``owner``: the pass that started them,
+  so two jobs on one Ray cluster never share actors by accident) (``get_if_exists``): every process of one owner
+  and engine config finds the same actors. ``generate`` splits requests into batches, keeps up to
+  ``max_in_flight`` batches queued per actor and returns results in input order. Engine faults (an actor lost, an
+  engine step error, no request finished for ``ray.call_timeout_s``) are sent again (``ray.call_retries``, to
+  another actor when there is one), a stalled actor is restarted, and what still fails comes back as per-item
+  errors of an engine-fault category (``models.engine.ENGINE_FAULTS``): never an exception, never a hang. Past the
+  pool's ``deadline`` (the run's wall-clock limit) nothing is waited for: the rest is ``deadline_passed``.
+* An actor whose engine fails ``ray.restart_after_failures`` calls in a row exits, and Ray restarts it
+  (``ray.max_restarts``); its calls in flight are retried there by Ray (``ray.max_task_retries``).
 
 Nothing here logs prompt, note or output text: ids, counts and timings only.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -25,18 +32,24 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from notelake.conf.settings import EngineConfig, RayConfig, Settings
-from notelake.models.engine import GenerationRequest, GenerationResult, error_result
+from notelake.models.engine import (DEADLINE, ENGINE_FAULTS, GenerationRequest, GenerationResult, engine_fault,
+                                    error_result)
 
 log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "notelake-engine"
 ENGINE_UNAVAILABLE = "engine_unavailable"
 READY_TIMEOUT_S = float(os.environ.get("NOTELAKE_ENGINE_READY_TIMEOUT_S", "900"))
+#: how long a stalled call's actor gets to answer a progress probe before it counts as hung
+PROBE_TIMEOUT_S = 10.0
+#: the actors' concurrency group for pings, counters and descriptions: answered while every generate thread is busy
+CONTROL = "control"
 
 
 # ============================================================================================== Ray
@@ -64,16 +77,17 @@ def engine_config_hash(cfg: EngineConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
-def actor_names(settings: Settings) -> list[str]:
-    h = engine_config_hash(settings.engine)
-    return [f"{ACTOR_PREFIX}-{h}-{i}" for i in range(settings.ray.num_actors)]
+def actor_names(settings: Settings, owner: str | None = None) -> list[str]:
+    """The engine actors' names: by engine config, and by ``owner`` (a pass id) when given."""
+    scope = engine_config_hash(settings.engine) + (f"-{owner}" if owner else "")
+    return [f"{ACTOR_PREFIX}-{scope}-{i}" for i in range(settings.ray.num_actors)]
 
 
 # ============================================================================================== actor
 class EngineActor:
     """One engine in one Ray worker process. Wrapped with ``ray.remote`` by :func:`remote_engine_actor`."""
 
-    def __init__(self, engine_cfg: dict):
+    def __init__(self, engine_cfg: dict, restart_after_failures: int = 3):
         from notelake.models.engine import make_engine
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,6 +95,8 @@ class EngineActor:
         self.cfg = EngineConfig.model_validate(engine_cfg)
         self.engine = make_engine(self.cfg)
         self._counts = ProgressCounts()
+        self.restart_after_failures = restart_after_failures
+        self._failed_calls = 0  # calls in a row whose every result was an engine fault
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         call = CallProgress(self._counts)
@@ -92,22 +108,45 @@ class EngineActor:
         if len(results) != len(requests):
             results = [error_result(r.request_id, "engine_error: result count mismatch") for r in requests]
         call.close(results)
+        self._check_health(results)
         return results
 
+    def _check_health(self, results: list[GenerationResult]) -> None:
+        """Exit after ``restart_after_failures`` calls in a row that failed as a whole: an engine that fails every
+        step (dead engine loop, a device that keeps running out of memory) is restarted by Ray, and the calls in
+        flight are retried on the new one (``max_task_retries``)."""
+        failed = bool(results) and all(engine_fault(r.error) in ENGINE_FAULTS for r in results)
+        with self._counts.lock:
+            self._failed_calls = self._failed_calls + 1 if failed else 0
+            restart = self._failed_calls >= self.restart_after_failures
+        if restart:
+            log.error("engine failed %d calls in a row: the actor exits to be restarted", self._failed_calls)
+            os._exit(1)  # an exit Ray did not ask for: it restarts the actor (ray.max_restarts)
+
+    @ray.method(concurrency_group=CONTROL)
     def counts(self) -> dict[str, int]:
         """Requests answered, output tokens and per-item errors since the actor started, counted as each request
         finishes (live progress)."""
         return self._counts.snapshot()
 
+    @ray.method(concurrency_group=CONTROL)
+    def idle_seconds(self) -> float:
+        """Seconds since the engine last finished a request (since the actor started, before its first)."""
+        return self._counts.idle_seconds()
+
+    @ray.method(concurrency_group=CONTROL)
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)
 
+    @ray.method(concurrency_group=CONTROL)
     def describe(self) -> dict:
         return self.engine.describe()
 
+    @ray.method(concurrency_group=CONTROL)
     def ping(self) -> bool:
         return True
 
+    @ray.method(concurrency_group=CONTROL)
     def pid(self) -> int:
         return os.getpid()
 
@@ -130,9 +169,11 @@ class ProgressCounts:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._counts = {"requests": 0, "output_tokens": 0, "errors": 0}
+        self._last_finished = time.monotonic()
 
     def add(self, result: GenerationResult) -> None:
         """Count one result; the caller holds :attr:`lock`."""
+        self._last_finished = time.monotonic()
         self._counts["requests"] += 1
         self._counts["output_tokens"] += result.output_tokens
         self._counts["errors"] += 1 if result.error else 0
@@ -140,6 +181,10 @@ class ProgressCounts:
     def snapshot(self) -> dict[str, int]:
         with self.lock:
             return dict(self._counts)
+
+    def idle_seconds(self) -> float:
+        with self.lock:
+            return time.monotonic() - self._last_finished
 
 
 class CallProgress:
@@ -172,10 +217,10 @@ _REMOTE_CLS = None
 
 
 def remote_engine_actor():
-    """``ray.remote(EngineActor)``, created on first use."""
+    """``ray.remote(EngineActor)`` with its :data:`CONTROL` concurrency group, created on first use."""
     global _REMOTE_CLS
     if _REMOTE_CLS is None:
-        _REMOTE_CLS = ray.remote(EngineActor)
+        _REMOTE_CLS = ray.remote(concurrency_groups={CONTROL: 2})(EngineActor)
     return _REMOTE_CLS
 
 
@@ -206,48 +251,55 @@ class CounterTotals:
 
 
 class EnginePool:
-    """Handles to the named engine actors of one engine config."""
+    """Handles to the named engine actors of one engine config (and owner). ``deadline`` (epoch seconds, None = no
+    limit): :meth:`generate` waits for nothing past it (:meth:`with_deadline`)."""
 
     def __init__(self, actors: list, names: list[str], settings: Settings):
         self.actors = actors
         self.names = names
         self.settings = settings
+        self.deadline: float | None = None
         self._dead: set[int] = set()
         self._totals = CounterTotals()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def get_or_create(cls, settings: Settings) -> "EnginePool":
-        """Create the pool's actors (or get them when they exist). Returns at once; :meth:`ready` waits for load."""
+    def get_or_create(cls, settings: Settings, owner: str | None = None, detached: bool = False) -> "EnginePool":
+        """Create the pool's actors (or get them when they exist). Returns at once; :meth:`ready` waits for load.
+        ``owner`` (a pass id) names actors that only its own processes use; ``detached`` actors outlive the
+        process that created them (shared on purpose, ``ray.engine_scope: cluster``), others die with it."""
         ensure_ray(settings.ray)
         rc = settings.ray
         remote = remote_engine_actor()
-        names = actor_names(settings)
+        names = actor_names(settings, owner)
         actors = []
         for name in names:
             actors.append(remote.options(
-                name=name, namespace=rc.namespace, get_if_exists=True,
+                name=name, namespace=rc.namespace, get_if_exists=True, lifetime="detached" if detached else None,
                 max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
                 # with tensor parallelism vLLM starts one Ray worker per GPU itself: the actor holds none
                 num_cpus=rc.num_cpus_per_actor,
                 num_gpus=rc.num_gpus_per_actor if settings.engine.tensor_parallel_size == 1 else 0,
                 # every running generate call feeds the one engine loop (continuous batching across calls): a
-                # thread per call a partition keeps in flight, and one for counts/ping/describe. Calls beyond it
-                # wait in Ray's queue while the engine is already full.
-                max_concurrency=rc.max_in_flight * (rc.batches_ahead + 1) + 1,
+                # thread per call a partition keeps in flight. Calls beyond it wait in Ray's queue while the engine
+                # is already full; pings and counters have their own threads.
+                max_concurrency=rc.max_in_flight * (rc.batches_ahead + 1),
                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-            ).remote(settings.engine.model_dump(mode="json")))
+            ).remote(settings.engine.model_dump(mode="json"), rc.restart_after_failures))
         log.info("engine pool: %d actor(s) %s", len(actors), names[0].rsplit("-", 1)[0])
         return cls(actors, names, settings)
 
     @classmethod
-    def connect(cls, gcs_address: str, settings: Settings, timeout_s: float = 60.0) -> "EnginePool":
-        """Attach to an existing pool from another process (a Spark executor's Python worker)."""
+    def connect(cls, gcs_address: str, settings: Settings, owner: str | None = None, timeout_s: float = 60.0,
+                missing_dead: bool = False) -> "EnginePool":
+        """Attach to an existing pool (of ``owner``) from another process (a Spark executor's Python worker). An
+        actor not found in ``timeout_s`` raises EngineStartError, or with ``missing_dead`` (the driver saw the pool
+        ready: a missing actor died) counts as dead: its share of the work comes back as engine faults."""
         rc = settings.ray
         if not ray.is_initialized():
             _adopt_token_auth()
             ray.init(address=gcs_address, namespace=rc.namespace, log_to_driver=False, logging_level=logging.WARNING)
-        names = actor_names(settings)
+        names = actor_names(settings, owner)
         actors, deadline = [], time.monotonic() + timeout_s
         for name in names:
             while True:
@@ -255,13 +307,26 @@ class EnginePool:
                     actors.append(ray.get_actor(name, namespace=rc.namespace))
                     break
                 except ValueError:
-                    if time.monotonic() > deadline:
-                        raise EngineStartError(
-                            f"engine actor {name} not found in namespace {rc.namespace} at {gcs_address}: "
-                            "the driver must create the pool (EnginePool.get_or_create) with the same engine config"
-                        ) from None
-                    time.sleep(0.5)
-        return cls(actors, names, settings)
+                    if time.monotonic() <= deadline:
+                        time.sleep(0.5)
+                        continue
+                    if missing_dead:
+                        log.error("engine actor %s not found: counted as dead", name)
+                        actors.append(None)
+                        break
+                    raise EngineStartError(
+                        f"engine actor {name} not found in namespace {rc.namespace} at {gcs_address}: "
+                        "the driver must create the pool (EnginePool.get_or_create) with the same engine config"
+                    ) from None
+        pool = cls(actors, names, settings)
+        pool._dead.update(i for i, actor in enumerate(actors) if actor is None)
+        return pool
+
+    def with_deadline(self, deadline: float | None) -> "EnginePool":
+        """This pool (same actors, same view of dead ones) waiting for nothing past ``deadline`` (epoch s)."""
+        view = copy.copy(self)
+        view.deadline = deadline
+        return view
 
     # ------------------------------------------------------------------ use
     def ready(self, timeout_s: float | None = None, progress_s: float = 30.0) -> "EnginePool":
@@ -297,73 +362,49 @@ class EnginePool:
         return self._totals.total()
 
     def generate(self, requests: list[GenerationRequest], batch_size: int | None = None) -> list[GenerationResult]:
-        """Results in input order; per-item errors (including ``engine_unavailable``) instead of exceptions."""
+        """Results in input order; per-item errors instead of exceptions: the request's own, or, after
+        ``ray.call_retries`` more tries, an engine fault (:data:`models.engine.ENGINE_FAULTS`); past
+        :attr:`deadline`, ``deadline_passed``."""
         if not requests:
             return []
-        rc = self.settings.ray
-        size = max(1, batch_size or rc.batch_size)
-        queue = deque((start, requests[start:start + size]) for start in range(0, len(requests), size))
-        results: list[GenerationResult | None] = [None] * len(requests)
-        in_flight = [0] * len(self.actors)
-        pending: dict[Any, tuple[int, int, list[GenerationRequest]]] = {}
+        return _Dispatch(self, requests, max(1, batch_size or self.settings.ray.batch_size)).run()
 
-        def fill(start: int, batch: list[GenerationRequest], out: list[GenerationResult]) -> None:
-            for k, r in enumerate(out):
-                results[start + k] = r
+    def stalled(self, i: int) -> bool:
+        """Whether actor ``i`` is hung: alive to Ray (not restarting) but it finished no request for
+        ``ray.call_timeout_s``, or did not answer a probe at all (a stopped or frozen process)."""
+        state = _actor_state(self.actors[i])
+        if state is not None and state != "ALIVE":
+            return False  # restarting (loading its engine) or dead: Ray reports that on the call itself
+        try:
+            idle = ray.get(self.actors[i].idle_seconds.remote(),
+                           timeout=min(PROBE_TIMEOUT_S, self.settings.ray.call_timeout_s))
+        except Exception:  # noqa: BLE001 - no answer at all: the process is stopped or frozen
+            return True
+        return idle >= self.settings.ray.call_timeout_s
 
-        def submit() -> None:
-            while queue:
-                free = [i for i in range(len(self.actors)) if i not in self._dead and in_flight[i] < rc.max_in_flight]
-                if not free:
-                    if len(self._dead) == len(self.actors):  # nobody left: fail the rest as data
-                        while queue:
-                            start, batch = queue.popleft()
-                            fill(start, batch, [error_result(r.request_id, ENGINE_UNAVAILABLE) for r in batch])
-                    return
-                i = min(free, key=lambda j: in_flight[j])
-                start, batch = queue.popleft()
-                pending[self.actors[i].generate.remote(batch)] = (i, start, batch)
-                in_flight[i] += 1
-
-        submit()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i, start, batch = pending.pop(ref)
-                in_flight[i] -= 1
-                try:
-                    out = ray.get(ref)
-                    if len(out) != len(batch):
-                        raise ValueError("result count mismatch")
-                except ray.exceptions.RayActorError as exc:
-                    if isinstance(exc, getattr(ray.exceptions, "ActorDiedError", ())):
-                        self._dead.add(i)
-                    log.error("engine actor %s unavailable (%s): %d item(s) failed", self.names[i],
-                              type(exc).__name__, len(batch))
-                    out = [error_result(r.request_id, ENGINE_UNAVAILABLE) for r in batch]
-                except Exception as exc:  # noqa: BLE001 - RayTaskError etc.: the batch fails as data
-                    log.error("engine actor %s failed a batch (%s)", self.names[i], type(exc).__name__)
-                    out = [error_result(r.request_id, f"engine_error: {type(exc).__name__}") for r in batch]
-                fill(start, batch, out)
-            submit()
-        missing = [k for k, r in enumerate(results) if r is None]
-        for k in missing:  # defensive: never return a hole
-            results[k] = error_result(requests[k].request_id, ENGINE_UNAVAILABLE)
-        return results  # type: ignore[return-value]
+    def restart(self, i: int) -> None:
+        """Kill actor ``i`` for Ray to start it again (``ray.max_restarts``); its calls in flight fail or are retried
+        by Ray."""
+        log.warning("engine actor %s finished no request in %.0f s: restarting it", self.names[i],
+                    self.settings.ray.call_timeout_s)
+        try:
+            ray.kill(self.actors[i], no_restart=False)
+        except Exception as exc:  # noqa: BLE001 - already gone: its calls report that
+            log.warning("engine actor %s could not be restarted (%s)", self.names[i], type(exc).__name__)
 
     def count_tokens(self, text: str) -> int:
-        return ray.get(self.actors[0].count_tokens.remote(text))
+        return ray.get(self.actors[0].count_tokens.remote(text), timeout=self.settings.ray.call_timeout_s)
 
     def describe(self) -> dict:
         """The first actor's engine description plus every actor's name and pid."""
-        descs = ray.get([a.describe.remote() for a in self.actors])
+        descs = ray.get([a.describe.remote() for a in self.actors], timeout=self.settings.ray.call_timeout_s)
         out = dict(descs[0])
         out.pop("pid", None)
         out["actors"] = [{"name": n, "pid": d.get("pid")} for n, d in zip(self.names, descs)]
         return out
 
     def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
+        return ray.get([a.pid.remote() for a in self.actors], timeout=self.settings.ray.call_timeout_s)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -373,6 +414,159 @@ class EnginePool:
                 pass
         self.actors = []
         self.names = []
+
+
+@dataclass
+class _Call:
+    """One batch in flight: the positions of its requests in the caller's list, the actor serving it, how many
+    times it was sent, the actors that failed it, and when it was sent or last seen progressing (monotonic)."""
+
+    actor: int
+    positions: list[int]
+    tries: int
+    failed_on: frozenset[int]
+    since: float
+
+
+class _Dispatch:
+    """One :meth:`EnginePool.generate` call: batches onto the least busy live actors (up to ``ray.max_in_flight``
+    each), engine faults sent again to another actor (``ray.call_retries``), stalled calls timed out and their
+    actor restarted, nothing waited for past the pool's deadline."""
+
+    def __init__(self, pool: EnginePool, requests: list[GenerationRequest], size: int):
+        self.pool, self.requests, self.rc = pool, requests, pool.settings.ray
+        self.results: list[GenerationResult | None] = [None] * len(requests)
+        # (positions, tries, actors that failed it)
+        self.queue: deque = deque((list(range(s, min(s + size, len(requests)))), 0, frozenset())
+                                  for s in range(0, len(requests), size))
+        self.pending: dict[Any, _Call] = {}
+        self.in_flight = [0] * len(pool.actors)
+
+    def run(self) -> list[GenerationResult]:
+        self.submit()
+        while self.pending:
+            if self.pool.deadline is not None and time.time() >= self.pool.deadline:
+                self.abandon()
+                break
+            done, _ = ray.wait(list(self.pending), num_returns=1, timeout=self.wait_s())
+            for ref in done:
+                self.collect(ref)
+            if not done:
+                self.time_out_stalled()
+            self.submit()
+        return [r if r is not None else error_result(self.requests[k].request_id, ENGINE_UNAVAILABLE)
+                for k, r in enumerate(self.results)]
+
+    def wait_s(self) -> float:
+        """Until the first pending call is due a stall check, or the deadline."""
+        due = min(c.since for c in self.pending.values()) + self.rc.call_timeout_s - time.monotonic()
+        if self.pool.deadline is not None:
+            due = min(due, self.pool.deadline - time.time())
+        return max(0.05, due)
+
+    def submit(self) -> None:
+        while self.queue:
+            if self.pool.deadline is not None and time.time() >= self.pool.deadline:
+                self.abandon()
+                return
+            live = [i for i in range(len(self.pool.actors)) if i not in self.pool._dead]
+            if not live:  # nobody left: the rest fails as the engine's fault
+                while self.queue:
+                    self.fail(self.queue.popleft()[0], ENGINE_UNAVAILABLE)
+                return
+            free = [i for i in live if self.in_flight[i] < self.rc.max_in_flight]
+            if not free:
+                return
+            positions, tries, failed_on = self.queue.popleft()
+            i = min([j for j in free if j not in failed_on] or free, key=lambda j: self.in_flight[j])
+            ref = self.pool.actors[i].generate.remote([self.requests[k] for k in positions])
+            self.pending[ref] = _Call(i, positions, tries, failed_on, time.monotonic())
+            self.in_flight[i] += 1
+
+    def take(self, ref) -> _Call:
+        call = self.pending.pop(ref)
+        self.in_flight[call.actor] -= 1
+        return call
+
+    def collect(self, ref) -> None:
+        call = self.take(ref)
+        name = self.pool.names[call.actor]
+        try:
+            out = ray.get(ref)
+            if len(out) != len(call.positions):
+                raise ValueError("result count mismatch")
+        except ray.exceptions.RayActorError as exc:
+            if isinstance(exc, getattr(ray.exceptions, "ActorDiedError", ())):
+                self.pool._dead.add(call.actor)
+            log.error("engine actor %s unavailable (%s)", name, type(exc).__name__)
+            self.retry(call, call.positions, f"{ENGINE_UNAVAILABLE}: {type(exc).__name__}")
+            return
+        except Exception as exc:  # noqa: BLE001 - RayTaskError etc.: the engine's fault, sent again
+            log.error("engine actor %s failed a batch (%s)", name, type(exc).__name__)
+            self.retry(call, call.positions, f"engine_error: {type(exc).__name__}")
+            return
+        faulted = []
+        for k, result in zip(call.positions, out):
+            if engine_fault(result.error) in ENGINE_FAULTS:
+                faulted.append(k)
+            self.results[k] = result
+        if faulted:
+            log.error("engine actor %s: %d of %d item(s) failed by the engine", name, len(faulted), len(out))
+            self.retry(call, faulted)
+
+    def retry(self, call: _Call, positions: list[int], error: str | None = None) -> None:
+        """Send ``positions`` again, avoiding the actor that failed them, or, out of tries, keep their engine-fault
+        results (``error`` for those without one)."""
+        if call.tries < self.rc.call_retries:
+            self.queue.append((positions, call.tries + 1, call.failed_on | {call.actor}))
+            return
+        log.error("%d item(s) still failed by the engines after %d tries: left for the next run", len(positions),
+                  call.tries + 1)
+        if error is not None:
+            self.fail(positions, error)
+
+    def fail(self, positions: list[int], error: str) -> None:
+        for k in positions:
+            self.results[k] = error_result(self.requests[k].request_id, error)
+
+    def time_out_stalled(self) -> None:
+        """Calls waiting ``ray.call_timeout_s``: a still-progressing actor is waited for; a stalled one is restarted
+        and its calls sent again as ``engine_timeout``."""
+        now, verdicts = time.monotonic(), {}
+        for ref, call in list(self.pending.items()):
+            if now - call.since < self.rc.call_timeout_s:
+                continue
+            if call.actor not in verdicts:
+                verdicts[call.actor] = self.pool.stalled(call.actor)
+            if not verdicts[call.actor]:
+                call.since = now
+                continue
+            self.take(ref)
+            ray.cancel(ref)  # before the restart, so that Ray does not retry it there: this pool sends it again
+            self.retry(call, call.positions, f"engine_timeout: no request finished in {self.rc.call_timeout_s:.0f} s")
+        for actor, stalled in verdicts.items():
+            if stalled:
+                self.pool.restart(actor)
+
+    def abandon(self) -> None:
+        """The deadline passed: cancel what is in flight, answer everything left with ``deadline_passed``."""
+        for ref, call in list(self.pending.items()):
+            self.take(ref)
+            ray.cancel(ref)
+            self.fail(call.positions, DEADLINE)
+        while self.queue:
+            self.fail(self.queue.popleft()[0], DEADLINE)
+        log.warning("run deadline passed: engine calls in flight abandoned")
+
+
+def _actor_state(actor) -> str | None:
+    """The actor's state in Ray's GCS (ALIVE, RESTARTING, DEAD, ...), None when it cannot be read."""
+    try:
+        from ray._private import state  # no public API reads one actor's state without the dashboard
+
+        return state.actors(actor._actor_id.hex()).get("State")
+    except Exception:  # noqa: BLE001 - a private API: without it, the progress probe alone decides
+        return None
 
 
 def _adopt_token_auth() -> None:

@@ -58,6 +58,32 @@ def error_result(request_id: str, error: str, prompt_tokens: int = 0) -> Generat
     return GenerationResult(request_id=request_id, text=None, error=error, prompt_tokens=prompt_tokens)
 
 
+#: Per-item error categories that are the engine's fault, not the request's: its actor died or could not be
+#: reached (``engine_unavailable``), it answered nothing in time (``engine_timeout``), or it failed a step
+#: (``engine_error``, e.g. an out-of-memory error). A request that met one can succeed on a healthy engine.
+ENGINE_FAULTS = ("engine_unavailable", "engine_timeout", "engine_error")
+#: The run's wall-clock limit passed before the request was answered: neither the request's nor the engine's fault.
+DEADLINE = "deadline_passed"
+#: vLLM exceptions on a single request that mean the engine itself failed (``engine_rejected: <type>``).
+_ENGINE_DEAD_TYPES = frozenset({"EngineDeadError", "EngineGenerateError", "OutOfMemoryError"})
+
+
+def error_category(error: str | None) -> str | None:
+    """The category of a per-item error string (``"<category>: <detail>"``), None for a result without error."""
+    return None if error is None else error.split(":", 1)[0].strip()
+
+
+def engine_fault(error: str | None) -> str | None:
+    """The engine-fault category of a per-item error (one of :data:`ENGINE_FAULTS`, or :data:`DEADLINE`), None when
+    the error is about the request (its prompt too long, an adapter refused, ...) or there is none."""
+    category = error_category(error)
+    if category in ENGINE_FAULTS or category == DEADLINE:
+        return category
+    if category == "engine_rejected" and error.split(":", 1)[-1].strip() in _ENGINE_DEAD_TYPES:
+        return "engine_error"
+    return None
+
+
 #: Called with each request's result as that request finishes (live progress counters).
 ResultCallback = Callable[[GenerationResult], None]
 

@@ -32,7 +32,9 @@ def write_conf(path: Path, settings) -> str:
 def job_settings(settings, **job_overrides):
     # The base model runs zero-shot here: a note whose answer fails to parse is a legitimate outcome, so these
     # tests judge the data plane (selection, replacement, lineage), not extraction quality.
-    return settings.with_overrides(job={"task": "phee", "max_error_rate": 1.0, **job_overrides})
+    # ray.engine_scope cluster: the job's passes share the session's engine actor (one model load per session)
+    return settings.with_overrides(job={"task": "phee", "max_error_rate": 1.0, **job_overrides},
+                                   ray={"engine_scope": "cluster"})
 
 
 def table(out: Path, name: str) -> pa.Table:

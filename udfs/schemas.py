@@ -188,6 +188,8 @@ RUNS_SCHEMA = pa.schema(
         pa.field("windows_split", pa.int64(), nullable=True),     # cut windows extracted again in smaller pieces
         pa.field("warnings_json", pa.string(), nullable=True),    # what the run warned of (JSON list), else null
         pa.field("source_version", pa.int64(), nullable=True),    # the Delta input's version read (delta_version)
+        pa.field("retry_failed", pa.int64(), nullable=True),   # of failed: retries of known failures (not new ones)
+        pa.field("engine_errors", pa.int64(), nullable=True),  # notes the engines failed: left for the next run
     ]
 )
 RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from notelake.conf import ConfigError, Settings, load_settings
 from notelake.jobs.cli_common import describe_failure
+from notelake.jobs.extraction.given_up import GivenUpSelection
 from notelake.jobs.extraction.job import run
 from notelake.jobs.extraction.read import InputError
 from notelake.jobs.extraction.report import ExitCode
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the output rows of notes no longer in the input (the input must be the full table)")
     p.add_argument("--full-refresh", action="store_true", help="ignore the ledger (and the watermark): reprocess all")
     p.add_argument("--dry-run", action="store_true", help="print the notes selected and an estimate; change nothing")
+    p.add_argument("--retry-given-up", type=parse_given_up, default=None, metavar="all|error_type=TYPE|ID,ID,...",
+                   help="select given-up notes again (their ledger attempts reset to 0): all of them, those whose "
+                        "last attempt failed with an error type (error_type=truncated_output), or the listed note ids")
     p.add_argument("--verbose", action="store_true", help="Spark's and Ray's INFO lines too (default: warnings)")
     return p
 
@@ -48,6 +52,14 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
     return value
+
+
+def parse_given_up(text: str) -> GivenUpSelection:
+    """``--retry-given-up``'s value as a :class:`GivenUpSelection`."""
+    try:
+        return GivenUpSelection.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = resolve_settings(args)
         return run(settings, args.input, args.output, limit=args.limit, full_refresh=args.full_refresh,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, retry_given_up=args.retry_given_up)
     except (ConfigError, InputError, OutputLayoutError, AdapterError, ModelIntegrityError, EngineStartError) as exc:
         log.error("%s", exc)  # these messages name settings, paths, models and actors: never note text
         return ExitCode.USAGE

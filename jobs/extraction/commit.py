@@ -18,6 +18,7 @@ from notelake.jobs import storage
 from notelake.jobs.extraction.identity import Lineage
 from notelake.jobs.extraction.staging import read_staged, stage_frame
 from notelake.udfs import schemas
+from notelake.jobs.extraction.faults import LEDGER_OUTCOMES
 from notelake.udfs.assemble import NoteResult
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ def commit_round(warehouse: Warehouse, staging_dir: str, outcomes: list[dict], p
             {name: rows.filter(pc.equal(rows["task"], task)) for name, rows in staged.items()}, task,
             replaced=[r["note_id"] for r in ok if r["has_output_before"]],
             first=[r["note_id"] for r in ok if not r["has_output_before"]],
-            ledger_known=[r["note_id"] for r in notes if r["in_ledger"]],
+            # a note left for the next run (engine fault, deadline) has no ledger row staged: its old one stays
+            ledger_known=[r["note_id"] for r in notes if r["in_ledger"] and r["status"] in LEDGER_OUTCOMES],
             buckets={r["note_bucket"] for r in notes})
 
 

@@ -15,6 +15,7 @@ from notelake.conf import Settings
 from notelake.conf.task import load_task
 from notelake.jobs import storage
 from notelake.jobs.extraction.commit import commit_planned_changes
+from notelake.jobs.extraction.given_up import GivenUpSelection, reset_given_up
 from notelake.jobs.extraction.identity import ExtractionIdentity, describe_extraction, job_engine_settings
 from notelake.jobs.extraction.plan import (Pass, PassOptions, TaskPlan, input_window, plan_task, select_notes,
                                            start_plan)
@@ -31,7 +32,8 @@ log = logging.getLogger("notelake.extract")
 
 
 def run(settings: Settings, source: str, output: str, *, limit: int | None = None, full_refresh: bool = False,
-        dry_run: bool = False, spark=None) -> int:  # the CLI's flags by name; spark: a session to reuse
+        dry_run: bool = False, retry_given_up: GivenUpSelection | None = None,
+        spark=None) -> int:  # the CLI's flags by name; spark: a session to reuse
     """Run the job once on ``source`` into ``output``; returns the exit code (:class:`ExitCode`). Raises
     InputError, ConfigError, LockedError (LeaseLostError: the run lost its lease and stopped before its next
     commit), OutputWriteError and the engine's and adapters' errors.
@@ -45,7 +47,7 @@ def run(settings: Settings, source: str, output: str, *, limit: int | None = Non
     out = resolve_output(output, settings.job.output_root)
     if settings.job.log_phi:
         log.warning("job.log_phi is on: failure tracebacks may quote note text; use for debugging only")
-    options = PassOptions(limit, full_refresh, dry_run)
+    options = PassOptions(limit, full_refresh, dry_run, retry_given_up)
     with restrictive_umask(settings.job.umask):
         if dry_run:
             return run_pass(settings, source, out, options, spark)
@@ -67,6 +69,9 @@ def run_pass(settings: Settings, source: str, output: str, options: PassOptions,
     tasks = [load_task(name) for name in settings.job.tasks]
     identities = {task.name: describe_extraction(settings, task) for task in tasks}  # before Spark: fail fast
     p = open_pass(settings, output, options, spark, identities, lock)
+    if options.retry_given_up is not None:  # before the ledger is read: the reset notes are planned as retries
+        reset_given_up(p.warehouse, list(identities), settings.job.max_attempts, options.retry_given_up,
+                       dry_run=options.dry_run)
     plans = [start_plan(p, task, identities[task.name], p.pass_id if len(tasks) == 1 else f"{p.pass_id}-{task.name}")
              for task in tasks]
     checked = read_input(p.spark, settings, source, input_window(plans, settings.job.max_attempts))
@@ -158,8 +163,7 @@ def extract_and_commit(p: Pass, ctx: StageContext, plans: list[TaskPlan], valid)
     finally:
         storage.delete_tree(ctx.staging_dir, ctx.storage_options)  # note-derived PHI: never left behind
     omop = link_and_publish(p, [plan.task for plan in plans])  # its failure keeps the committed extraction
-    code = end_runs(plans, finished, json.dumps(p.warehouse.versions()), p.settings.job.max_error_rate,
-                    p.settings.job.warn_no_concept_share)
+    code = end_runs(plans, finished, json.dumps(p.warehouse.versions()), p.settings.job)
     for record in records:
         record.omop_json = omop.to_json()
     write_records(p.warehouse, records)

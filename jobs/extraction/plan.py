@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from notelake.conf import Settings
 from notelake.conf.task import Task
 from notelake.jobs.extraction.identity import ExtractionIdentity, Lineage
+from notelake.jobs.extraction.given_up import GivenUpSelection
 from notelake.jobs.extraction.read import WATERMARK, CheckedInput, ReadWindow
 from notelake.jobs.extraction.report import RunRecord, TaskCounts, succeeded_runs
 
@@ -25,12 +26,13 @@ ACTIONS = ("extract", "retry", "given_up", "refresh", "unchanged")
 
 @dataclass(frozen=True)
 class PassOptions:
-    """The flags of one pass (``--limit``, ``--full-refresh``, ``--dry-run``)."""
+    """The flags of one pass (``--limit``, ``--full-refresh``, ``--dry-run``, ``--retry-given-up``)."""
 
     limit: int | None = None  # extract at most this many of the selected notes
     full_refresh: bool = False  # ignore the ledger and the watermark
     dry_run: bool = False  # plan and report; write nothing
 
+    retry_given_up: GivenUpSelection | None = None  # given-up notes whose attempts are reset before planning
 
 @dataclass(frozen=True)
 class Pass:

@@ -13,9 +13,11 @@ from datetime import datetime
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from notelake.jobs.extraction.faults import DEFERRED, ENGINE_ERROR, LEDGER_OUTCOMES
 from notelake.udfs import schemas
 
 if TYPE_CHECKING:
+    from notelake.conf.settings import JobConfig
     from notelake.jobs.extraction.identity import ExtractionIdentity
     from notelake.jobs.extraction.plan import TaskPlan
     from notelake.jobs.warehouse import Warehouse
@@ -35,6 +37,8 @@ class ExitCode(IntEnum):
     LOCKED = 3  # another run holds the output's lock
     WRITE_FAILED = 4  # an output table could not be written
     FAILED = 5  # any other failure
+    ENGINE_ERRORS = 6  # the engines failed more than job.max_engine_error_rate of the notes: the run stopped
+    TIMED_OUT = 7  # a round still running job.stop_grace_s after job.max_runtime_s was cancelled, uncommitted
 
 
 @dataclass
@@ -56,7 +60,11 @@ class TaskCounts:
     no_concept: int = 0  # succeeded notes that got no concept
     windows_no_prose: int = 0  # windows answered without a model call (no prose in them)
     windows_split: int = 0  # windows whose cut answer was replaced by the answers of smaller pieces
-    rounds: list[dict] = field(default_factory=list)  # per round: notes, seconds, commit seconds
+    retry_failed: int = 0  # of ``failed``: retries of a known failure that failed again (not new failures)
+    engine_errors: int = 0  # notes left for the next run because the engines failed them (not their attempts)
+    retry_attempted: int = field(default=0, metadata={"column": False})  # retries that got an outcome
+    deferred: int = field(default=0, metadata={"column": False})  # notes cut by the run's wall-clock limit
+    rounds: list[dict] = field(default_factory=list, metadata={"column": False})  # per round: notes, seconds, ...
 
     def add(self, outcomes: list[dict]) -> None:
         """Count the note outcomes of a round (the stage's rows for this task)."""
@@ -67,6 +75,11 @@ class TaskCounts:
         self.tokens_out += sum(r["tokens_out"] for r in outcomes)
         self.windows_no_prose += sum(r["n_no_prose"] for r in outcomes)
         self.windows_split += sum(r["n_split"] for r in outcomes)
+        self.engine_errors += sum(1 for r in outcomes if r["status"] == ENGINE_ERROR)
+        self.deferred += sum(1 for r in outcomes if r["status"] == DEFERRED)
+        retries = [r for r in outcomes if r["retry"] and r["status"] in LEDGER_OUTCOMES]
+        self.retry_attempted += len(retries)
+        self.retry_failed += sum(1 for r in retries if r["status"] == "failed")
 
     @property
     def no_concept_share(self) -> float:
@@ -74,17 +87,47 @@ class TaskCounts:
         return self.no_concept / self.succeeded if self.succeeded else 0.0
 
     @property
+    def new_errors(self) -> int:
+        """Notes that failed on their first attempt at this text and fingerprint, and newly rejected rows."""
+        return self.failed - self.retry_failed + self.rejected
+
+    @property
     def error_rate(self) -> float:
-        """What this run newly failed or rejected, over what it attempted or newly rejected."""
-        total = self.selected + self.rejected
-        return (self.failed + self.rejected) / total if total else 0.0
+        """:attr:`new_errors` over the notes attempted for the first time and the newly rejected rows: retries of
+        known failures count in neither (a quiet night that retries one known-bad note is not a failing system)."""
+        total = self.succeeded + self.failed - self.retry_attempted + self.rejected
+        return self.new_errors / total if total else 0.0
+
+    @property
+    def engine_error_rate(self) -> float:
+        """Notes the engines failed, over the notes sent to them that got an outcome."""
+        total = self.succeeded + self.failed + self.engine_errors
+        return self.engine_errors / total if total else 0.0
+
+    @property
+    def left(self) -> int:
+        """Selected notes this run did not extract (engine faults, the wall-clock limit, rounds not run)."""
+        return self.selected - self.succeeded - self.failed
 
     def columns(self) -> dict[str, int]:
         """The runs table's count columns."""
         return {name: getattr(self, name) for name in COUNT_COLUMNS}
 
 
-COUNT_COLUMNS = tuple(f.name for f in dataclasses.fields(TaskCounts) if f.name != "rounds")
+COUNT_COLUMNS = tuple(f.name for f in dataclasses.fields(TaskCounts) if f.metadata.get("column", True))
+
+
+def error_brake(errors: int, rate: float, max_rate: float, min_errors: int) -> bool:
+    """Whether an error rate stops the run: above ``max_rate`` and from at least ``min_errors`` errors."""
+    return errors >= min_errors and rate > max_rate
+
+
+def engine_brake(plans: list[TaskPlan], job) -> bool:
+    """Whether the engines failed too many of the pass's notes (``job``: the JobConfig), over every task."""
+    counts = [plan.counts for plan in plans]
+    errors = sum(c.engine_errors for c in counts)
+    sent = sum(c.succeeded + c.failed + c.engine_errors for c in counts)
+    return error_brake(errors, errors / sent if sent else 0.0, job.max_engine_error_rate, job.min_errors_for_rate)
 
 
 @dataclass
@@ -188,30 +231,43 @@ def dry_run_report(plan: TaskPlan, max_tokens: int | None) -> dict:
             "estimated_seconds": estimate_seconds(plan.history, plan.selected)}
 
 
-def end_runs(plans: list[TaskPlan], finished: bool, table_versions_json: str, max_error_rate: float,
-             warn_no_concept_share: float | None) -> ExitCode:
-    """The exit decision, once the rounds ran: each task's run ends failed when its error rate passed
-    ``max_error_rate``, else succeeded, with its counts, rounds and watermark (:meth:`TaskPlan.next_watermark`;
-    ``finished``: no ``--max-runtime`` stop). Logs a result line per task, and a warning (also in the run's
-    ``warnings_json``) when at least ``warn_no_concept_share`` of its succeeded notes got no concept (None: never).
-    Returns ERROR_RATE when a task failed, else OK."""
+def end_runs(plans: list[TaskPlan], finished: bool, table_versions_json: str, job: JobConfig) -> ExitCode:
+    """The exit decision, once the rounds ran (``job``: the JobConfig). Each task's run ends failed when its new
+    errors passed ``job.max_error_rate`` (:func:`error_brake`; retries of known failures apart), or when the
+    engines failed too many of the pass's notes (:func:`engine_brake`), else succeeded, with its counts, rounds and
+    watermark (:meth:`TaskPlan.next_watermark`; ``finished``: no ``--max-runtime`` stop; the watermark holds while
+    notes are left for the next run). Logs a result line per task, and a warning (also in the run's
+    ``warnings_json``) when at least ``job.warn_no_concept_share`` of its succeeded notes got no concept. Returns
+    TIMED_OUT when the hard wall-clock limit cancelled a round, else ENGINE_ERRORS for the engines' fault, else
+    ERROR_RATE when a task failed, else OK."""
     code = ExitCode.OK
+    engines_failed = engine_brake(plans, job)
     for plan in plans:
         counts, record = plan.counts, plan.record
-        failed = counts.error_rate > max_error_rate
-        record.end("failed" if failed else "succeeded", counts)
-        record.watermark, record.source_version = plan.next_watermark(finished), plan.next_source_version(finished)
+        failed = error_brake(counts.new_errors, counts.error_rate, job.max_error_rate, job.min_errors_for_rate)
+        record.end("failed" if failed or engines_failed else "succeeded", counts)
+        complete = finished and not counts.engine_errors and not counts.deferred
+        record.watermark, record.source_version = plan.next_watermark(complete), plan.next_source_version(complete)
         record.rounds_json, record.table_versions_json = json.dumps(counts.rounds), table_versions_json
-        log.info("run %s %s: %d succeeded (%d with no concept), %d failed (%d given up before), %d newly rejected, "
-                 "%d refreshed, %d stale removed, error rate %.3f (max %.3f); %d windows without prose, %d windows "
-                 "split after a cut answer", plan.run_id, record.status, counts.succeeded, counts.no_concept,
-                 counts.failed, counts.given_up, counts.rejected, counts.refreshed, counts.stale_removed,
-                 counts.error_rate, max_error_rate, counts.windows_no_prose, counts.windows_split)
-        record.warnings_json = warn_no_concepts(plan, warn_no_concept_share)
+        log.info("run %s %s: %d succeeded (%d with no concept), %d failed (%d new, %d retries of known failures; "
+                 "%d given up before), %d left for the next run (%d by engine faults), %d newly rejected, "
+                 "%d refreshed, %d stale removed, error rate %.3f (max %.3f), engine error rate %.3f (max %.3f); "
+                 "%d windows without prose, %d windows split after a cut answer", plan.run_id, record.status,
+                 counts.succeeded, counts.no_concept, counts.failed, counts.failed - counts.retry_failed,
+                 counts.retry_failed, counts.given_up, counts.left, counts.engine_errors, counts.rejected,
+                 counts.refreshed, counts.stale_removed, counts.error_rate, job.max_error_rate,
+                 counts.engine_error_rate, job.max_engine_error_rate, counts.windows_no_prose, counts.windows_split)
+        record.warnings_json = warn_no_concepts(plan, job.warn_no_concept_share)
         if failed:
-            log.error("task %s: error rate %.3f exceeds job.max_error_rate %.3f", plan.name, counts.error_rate,
-                      max_error_rate)
+            log.error("task %s: error rate %.3f (%d new errors) exceeds job.max_error_rate %.3f", plan.name,
+                      counts.error_rate, counts.new_errors, job.max_error_rate)
             code = ExitCode.ERROR_RATE
+    if engines_failed:
+        log.error("the engines failed %d notes (job.max_engine_error_rate %.3f): the notes wait for the next run",
+                  sum(plan.counts.engine_errors for plan in plans), job.max_engine_error_rate)
+        code = ExitCode.ENGINE_ERRORS
+    if any(r.get("cancelled") for plan in plans for r in plan.counts.rounds):
+        code = ExitCode.TIMED_OUT
     return code
 
 

@@ -37,6 +37,7 @@ from notelake.conf import Settings
 from notelake.conf.task import Task
 from notelake.jobs import storage
 from notelake.jobs.extraction.commit import ledger_row
+from notelake.jobs.extraction.faults import LEDGER_OUTCOMES, deferral, engine_error_rows
 from notelake.jobs.extraction.identity import Lineage
 from notelake.jobs.extraction.staging import attempt_tag, staged_file_name
 from notelake.udfs import schemas
@@ -48,6 +49,7 @@ OUTCOME_SCHEMA = pa.schema([
     ("note_bucket", pa.int32()), ("has_output_before", pa.bool_()), ("in_ledger", pa.bool_()),
     ("n_chunks", pa.int32()), ("n_concepts", pa.int32()), ("n_relations", pa.int32()), ("n_errors", pa.int32()),
     ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("n_no_prose", pa.int32()), ("n_split", pa.int32()),
+    ("retry", pa.bool_()),
 ])
 _DDL_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.bool_(): "boolean"}
 OUTCOME_DDL = ", ".join(f"{f.name} {_DDL_TYPES[f.type]}" for f in OUTCOME_SCHEMA)
@@ -68,7 +70,8 @@ class StageContext:
     staging_dir: str
     passthrough: tuple[str, ...]
     gcs_address: str | None = None
-    deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started after it
+    deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started, no engine waited for
+    engine_owner: str | None = None  # the pass owning the engine actors (ray.engine_scope: pass)
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials for staging: never logged
 
 
@@ -81,10 +84,12 @@ def _executor_pool(ctx: StageContext):
     """One Ray connection and actor-pool handle per Python worker process (workers are reused)."""
     from notelake.models.actor import EnginePool
 
-    key = (ctx.gcs_address, ctx.settings.engine.model_dump_json())
+    key = (ctx.gcs_address, ctx.settings.engine.model_dump_json(), ctx.engine_owner)
     if key not in _POOLS:
-        _POOLS[key] = EnginePool.connect(ctx.gcs_address, ctx.settings)
-    return _POOLS[key]
+        # the driver saw the actors ready before the round: one not found now has died (an engine fault)
+        _POOLS[key] = EnginePool.connect(ctx.gcs_address, ctx.settings, ctx.engine_owner, timeout_s=10,
+                                         missing_dead=True)
+    return _POOLS[key].with_deadline(ctx.deadline)
 
 
 def _write_staged(ctx: StageContext, table: str, rows: list[dict], schema: pa.Schema, file_name: str) -> None:
@@ -251,7 +256,11 @@ def finish_batch(prepared: PreparedBatch, ctx: StageContext, batch_schema: pa.Sc
     outcomes = []
     for k, note in enumerate(prepared.notes):
         windows = prepared.windows[k]
-        if k not in prepared.failures:
+        deferred = None if windows is None or k in prepared.failures else deferral(windows.outputs)
+        if deferred is not None:  # the engines' fault or the run's time, not the note's: left for the next run
+            result = NoteResult(n_chunks=len(windows.chunks), errors=engine_error_rows(
+                note, ctx.lineages[note["task"]].run_id, windows.chunks, windows.outputs))
+        elif k not in prepared.failures:
             step = "assemble"
             try:
                 result = assemble_one(prepared, k, ctx)
@@ -265,12 +274,14 @@ def finish_batch(prepared: PreparedBatch, ctx: StageContext, batch_schema: pa.Sc
         if k in prepared.failures:
             result = NoteResult(n_chunks=len(prepared.chunked[k]),
                                 errors=[note_exception_row(ctx, note, *prepared.failures[k])])
-        status = "failed" if result.errors else "succeeded"
+        status = deferred or ("failed" if result.errors else "succeeded")
         if status == "succeeded":  # a failed note keeps its previous rows until an attempt succeeds
             staged["concepts"] += result.concepts
             staged["relations"] += result.relations
         staged["errors"] += result.errors
-        staged["ledger"].append(ledger_row(ctx.lineages[note["task"]], note["task"], note, status, result, utc_now()))
+        if status in LEDGER_OUTCOMES:  # a note left for the next run keeps its ledger row and attempts
+            staged["ledger"].append(ledger_row(ctx.lineages[note["task"]], note["task"], note, status, result,
+                                               utc_now()))
         outs = windows.outputs if windows is not None else []
         outcomes.append({
             "note_id": note["note_id"], "task": note["task"], "status": status, "attempt_tag": tag,
@@ -279,7 +290,7 @@ def finish_batch(prepared: PreparedBatch, ctx: StageContext, batch_schema: pa.Sc
             "n_relations": len(result.relations), "n_errors": len(result.errors),
             "tokens_in": sum(o.prompt_tokens for o in outs), "tokens_out": sum(o.output_tokens for o in outs),
             "n_no_prose": windows.no_prose if windows is not None else 0,
-            "n_split": windows.split if windows is not None else 0,
+            "n_split": windows.split if windows is not None else 0, "retry": note.get("action") == "retry",
         })
     passthrough_schema = pa.schema([batch_schema.field(c) for c in ctx.passthrough])
     table_schemas = {"concepts": schemas.concepts_schema(passthrough_schema),
