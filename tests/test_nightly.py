@@ -338,3 +338,58 @@ def test_one_note_that_raises_fails_alone_and_a_run_of_notes_without_concepts_sa
     assert (warning["warning"], warning["no_concept"], warning["notes"]) == ("no_concept_share", 4, 6)
     assert any("4 of 6 succeeded notes" in r.getMessage() and "got no concept" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
+
+
+@pytest.mark.parametrize("change_feed", [True, False], ids=["change_feed", "no_change_feed"])
+def test_a_delta_version_watermark_reads_what_moved(tmp_path, spark, replay, change_feed):
+    """input.watermark delta_version: a night whose input version did not move reads no note; one that moved reads
+    the notes the change data feed names (or, without the feed, every note, the ledger skipping the unchanged)."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    notes = sample_notes(5)
+    src, out = str(tmp_path / "notes"), tmp_path / "warehouse"
+    write_deltalake(src, pa.Table.from_pylist(notes[:4]),
+                    configuration={"delta.enableChangeDataFeed": "true"} if change_feed else None)
+    cfg = replay.with_overrides(input={"watermark": "delta_version"})
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
+    assert (night_of(out)["selected"], night_of(out)["source_version"]) == (4, 0)
+
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK  # nothing committed to the input since
+    assert (night_of(out)["selected"], night_of(out)["skipped"], night_of(out)["source_version"]) == (0, 0, 0)
+
+    edited = {**notes[1], "text": notes[1]["text"] + " The dose was halved."}
+    DeltaTable(src).merge(pa.Table.from_pylist([edited, notes[4]]), "t.note_id = s.note_id", source_alias="s",
+                          target_alias="t").when_matched_update_all().when_not_matched_insert_all().execute()
+    assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
+    night = night_of(out)
+    assert (night["selected"], night["skipped"], night["source_version"]) == (2, 0 if change_feed else 3, 1)
+    assert sorted(table(out, "ledger")["note_id"].to_pylist()) == sorted(n["note_id"] for n in notes)
+    assert_no_duplicates(out)
+
+
+def test_a_failing_note_does_not_keep_stale_passthrough_values(tmp_path, spark, replay):
+    """A wrong-patient correction arrives with a text edit whose extraction fails, then is retried and given up:
+    the note's old rows carry the corrected patient_id from the first failed night on, and a later correction of
+    the given-up note reaches them too."""
+    notes = sample_notes(3)
+    out = tmp_path / "warehouse"
+    cfg = replay.with_overrides(job={"max_attempts": 2})
+    assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
+    first = notes[0]["note_id"]
+
+    def patients() -> set[str]:
+        return {r["patient_id"] for name in ("concepts", "relations") for r in rows(out, name) if r["note_id"] == first}
+
+    assert patients() == {notes[0]["patient_id"]}
+    corrected = [{**notes[0], "text": UNPROMPTABLE, "patient_id": "P-CORRECTED"}, *notes[1:]]
+    src = write_notes(tmp_path / "notes", corrected)
+    for night in range(3):  # fails, is retried and fails, is given up
+        assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK
+        assert patients() == {"P-CORRECTED"}, night
+    assert [(r["failed"], r["given_up"], r["refreshed"]) for r in runs_of(out)[1:]] == [(1, 0, 1), (1, 0, 0),
+                                                                                       (0, 1, 0)]
+    again = [{**corrected[0], "patient_id": "P-AGAIN"}, *notes[1:]]
+    assert job.run(cfg, write_notes(tmp_path / "notes", again), str(out), spark=spark) == ExitCode.OK
+    assert patients() == {"P-AGAIN"} and night_of(out)["refreshed"] == 1
+    assert_no_duplicates(out)

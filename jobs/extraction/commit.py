@@ -90,7 +90,7 @@ def commit_planned_changes(plan: TaskPlan, warehouse: Warehouse, ctx: StageConte
     if plan.gone:
         warehouse.delete_notes(plan.name, plan.gone)
         plan.counts.deleted = len(plan.gone)
-    if plan.summary.actions["refresh"]:
+    if plan.summary.passthrough_stale:
         plan.counts.refreshed = commit_refresh(plan.planned, warehouse, ctx, plan.task.name)
 
 
@@ -134,12 +134,14 @@ def commit_rejections(rejected, warehouse: Warehouse, ctx: StageContext, task: s
 
 
 def commit_refresh(planned, warehouse: Warehouse, ctx: StageContext, task: str) -> int:
-    """Update the pass-through columns (patient_id after an MRN merge, note_type, ...) on the rows of notes whose
-    text and extraction are unchanged: no model call. Returns the notes refreshed."""
+    """Update the pass-through columns (patient_id after an MRN merge, note_type, ...) on the rows of the notes
+    that have rows and whose pass-through values changed, before any extraction: no model call. Those whose text
+    and extraction are unchanged are done; a retried, given-up or re-extracted note's old rows stay true to the
+    input while its extraction fails. Returns the notes refreshed."""
     from pyspark.sql import functions as F
 
     passthrough = ctx.passthrough
-    staged = _stage_and_read(planned.where(F.col("action") == "refresh").select(
+    staged = _stage_and_read(planned.where(F.col("passthrough_stale")).select(
         "note_id", "note_bucket", "passthrough_sha256", *passthrough), ctx, f"{task}-refresh")
     if staged is None:
         return 0

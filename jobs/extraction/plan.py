@@ -68,6 +68,7 @@ class PlanSummary:
     rejected: int  # rejected rows not recorded before (the error rate counts these)
     rejected_known: int  # rejected rows recorded on an earlier run (no new error row)
     stale: int  # rejected notes that still have rows from an earlier extraction
+    passthrough_stale: int = 0  # notes whose rows carry pass-through values the input changed (whatever the action)
     watermark: datetime | None = None  # the latest updated_at read (input.updated_at_column), at most the run's start
     prompts: int = 0  # chunks (prompts) of the notes to extract (new and retried), from their lengths
 
@@ -177,6 +178,10 @@ def plan_actions(valid, state, fingerprint: str, passthrough: tuple[str, ...], r
     * ``given_up``: failed ``max_attempts`` times on this text and fingerprint (reported, not selected);
     * ``refresh``: extracted, but its pass-through columns changed (the rows are updated, the model not called);
     * ``unchanged``.
+
+    ``passthrough_stale``: the note has rows and its pass-through columns changed, whatever its action: its rows
+    are refreshed before the rounds, so a note whose extraction fails (or was given up) does not keep a corrected
+    patient_id wrong on its old rows.
     """
     from pyspark.sql import functions as F
 
@@ -184,7 +189,8 @@ def plan_actions(valid, state, fingerprint: str, passthrough: tuple[str, ...], r
         .withColumn("passthrough_sha256", passthrough_hash_col(passthrough))
     if state is None:
         return planned.select("*", F.lit("extract").alias("action"), F.lit(1).alias("attempt"),
-                              F.lit(False).alias("has_output"), F.lit(False).alias("in_ledger"))
+                              F.lit(False).alias("has_output"), F.lit(False).alias("in_ledger"),
+                              F.lit(False).alias("passthrough_stale"))
     joined = planned.join(state, "note_id", "left")
     same = (F.col("l_text_sha256") == F.col("text_sha256")) & (F.col("l_fingerprint") == F.lit(fingerprint))
     failed = same & (F.col("l_status") == "failed")
@@ -200,7 +206,9 @@ def plan_actions(valid, state, fingerprint: str, passthrough: tuple[str, ...], r
     return joined.select(
         *planned.columns, action.alias("action"), attempt.cast("int").alias("attempt"),
         F.coalesce(F.col("l_has_output"), F.lit(False)).alias("has_output"),
-        F.col("l_status").isNotNull().alias("in_ledger"))
+        F.col("l_status").isNotNull().alias("in_ledger"),
+        (F.coalesce(F.col("l_has_output"), F.lit(False))
+         & ~F.col("l_passthrough_sha256").eqNullSafe(F.col("passthrough_sha256"))).alias("passthrough_stale"))
 
 
 def note_bucket_col(buckets: int):
@@ -246,7 +254,7 @@ def select_notes(planned, limit: int | None = None):
     """Notes to extract this run (new, changed or retried); ``limit`` caps the count."""
     from pyspark.sql import functions as F
 
-    selected = planned.where(F.col("action").isin("extract", "retry")).drop(WATERMARK)
+    selected = planned.where(F.col("action").isin("extract", "retry")).drop(WATERMARK, "passthrough_stale")
     if limit is not None:
         selected = selected.orderBy("note_id").limit(limit)
     return selected
@@ -278,9 +286,10 @@ def summarize_plan(planned, rejected, chunks, cap: datetime | None = None) -> Pl
                         updated_at(rejected).alias("updated_at"), no_prompts))
     stale = rejected.where(F.col("has_output") & (F.col("note_id").isNotNull())).select("note_id").distinct() \
         .select(F.lit("stale").alias("kind"), F.lit(None).cast("timestamp").alias("updated_at"), no_prompts)
-    totals = rows.unionByName(stale).groupBy("kind").agg(F.count(F.lit(1)).alias("n"),
-                                                        F.max("updated_at").alias("latest"),
-                                                        F.sum("prompts").alias("prompts")).collect()
+    passthrough_stale = planned.where(F.col("passthrough_stale")).select(
+        F.lit("passthrough_stale").alias("kind"), F.lit(None).cast("timestamp").alias("updated_at"), no_prompts)
+    totals = rows.unionByName(stale).unionByName(passthrough_stale).groupBy("kind").agg(
+        F.count(F.lit(1)).alias("n"), F.max("updated_at").alias("latest"), F.sum("prompts").alias("prompts")).collect()
     counts = {r["kind"]: int(r["n"]) for r in totals}
     latest = max((r["latest"] for r in totals if r["latest"] is not None and r["kind"] != "stale"), default=None)
     # naive, in the session time zone: UTC (start_spark)
@@ -290,6 +299,7 @@ def summarize_plan(planned, rejected, chunks, cap: datetime | None = None) -> Pl
     actions = {k: counts.get(k, 0) for k in ACTIONS}
     return PlanSummary(valid=sum(actions.values()), actions=actions, rejected=counts.get("rejected", 0),
                        rejected_known=counts.get("rejected_known", 0), stale=counts.get("stale", 0),
+                       passthrough_stale=counts.get("passthrough_stale", 0),
                        watermark=latest,
                        prompts=sum(int(r["prompts"] or 0) for r in totals if r["kind"] in ("extract", "retry")))
 

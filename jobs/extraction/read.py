@@ -212,8 +212,9 @@ class _ChangeFeed:
             log.warning("input change data feed unreadable between versions %d and %d (%s): reading every note",
                         since, version, type(exc).__name__)
             return None
-        kept = changes.filter(pc.is_in(changes["_change_type"], pa.array(CHANGED_ROWS)))
-        ids = pa.table({"note_id": pc.cast(kept[id_column], pa.string())})
+        # delta-rs hands strings over as string_view, which is_in and take have no kernels for
+        kinds, note_ids = (pc.cast(changes[name], pa.string()) for name in ("_change_type", id_column))
+        ids = pa.table({"note_id": note_ids.filter(pc.is_in(kinds, pa.array(CHANGED_ROWS)))})
         log.info("input change data feed: %d changed note row(s) between versions %d and %d", ids.num_rows, since,
                  version)
         return self.spark.createDataFrame(ids) if ids.num_rows else self.spark.createDataFrame([], "note_id string")

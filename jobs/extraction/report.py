@@ -213,9 +213,9 @@ def log_plan(plan: TaskPlan, max_attempts: int, propagate_deletes: bool) -> None
     summary = plan.summary
     log.info("run %s task=%s: %d valid notes%s: %d selected (%d retried), %d unchanged, %d given up after %d "
              "attempts, %d to refresh; %d rows rejected (%d recorded before)%s", plan.run_id, plan.name,
-             summary.valid, f" updated after {plan.since:%Y-%m-%dT%H:%M:%S}Z" if plan.since else "", plan.selected,
+             summary.valid, f" (watermark {plan.since:%Y-%m-%dT%H:%M:%S}Z)" if plan.since else "", plan.selected,
              summary.actions["retry"], summary.actions["unchanged"], summary.actions["given_up"], max_attempts,
-             summary.actions["refresh"], summary.rejected + summary.rejected_known, summary.rejected_known,
+             summary.passthrough_stale, summary.rejected + summary.rejected_known, summary.rejected_known,
              f", {len(plan.gone)} deleted at the source" if propagate_deletes else "")
 
 
@@ -224,7 +224,7 @@ def dry_run_report(plan: TaskPlan, max_tokens: int | None) -> dict:
     summary, prompts = plan.summary, plan.prompts
     return {"run_id": plan.run_id, "task": plan.name, "selected": plan.selected, "retried": summary.actions["retry"],
             "unchanged": summary.actions["unchanged"], "given_up": summary.actions["given_up"],
-            "to_refresh": summary.actions["refresh"], "rejected_new": summary.rejected,
+            "to_refresh": summary.passthrough_stale, "rejected_new": summary.rejected,
             "rejected_known": summary.rejected_known, "stale_to_remove": summary.stale, "to_delete": len(plan.gone),
             "updated_after": plan.since.isoformat() if plan.since else None, "estimated_prompts": prompts,
             "estimated_output_tokens": prompts * (max_tokens or plan.task.max_tokens),
