@@ -265,9 +265,9 @@ class Warehouse:
 
         for buckets, ids in _delete_batches(notes):
             predicate = f"{note_scope(task, buckets, ids)} AND status = 'failed'"
-            self._with_retries("ledger", lambda: DeltaTable(self.path("ledger"), storage_options=self.storage_options)
-                               .update(updates={"attempts": "0"}, predicate=predicate,
-                                       commit_properties=self._commit_properties("reset_attempts")))
+            self.with_retries("ledger", lambda: DeltaTable(self.path("ledger"), storage_options=self.storage_options)
+                              .update(updates={"attempts": "0"}, predicate=predicate,
+                                      commit_properties=self.commit_properties("reset_attempts")))
 
     def commit_round(self, staged: dict[str, pa.Table], task: str, replaced: list[str], first: list[str],
                      ledger_known: list[str], buckets: set[int]) -> None:

@@ -28,7 +28,8 @@ from notelake.jobs.extraction.report import ExitCode
 from notelake.models.actor import ACTOR_PREFIX, engine_config_hash
 
 # too many tokens for a 1 024-token context: the engine refuses the chunk (prompt_too_long), the note's own fault
-UNPROMPTABLE = "鑫" * 900
+# (words, not one run of 900 characters: a window without prose gets the empty answer with no model call)
+UNPROMPTABLE = " ".join(["鑫淼焱垚"] * 200)
 
 
 @pytest.fixture(scope="module")
