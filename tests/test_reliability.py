@@ -113,7 +113,8 @@ def test_truncated_model_output_becomes_error_rows_and_exit_code(tmp_path, spark
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
     # 3 tokens cannot hold one complete "Label: mention" line: every note fails at the parse stage.
-    cfg = job_settings(settings, max_error_rate=0.5).with_overrides(engine={"max_tokens": 3})
+    # min_errors_for_rate 1: three failed notes are enough for the brake here
+    cfg = job_settings(settings, max_error_rate=0.5, min_errors_for_rate=1).with_overrides(engine={"max_tokens": 3})
     assert job.run(cfg, src, str(out), spark=spark) == ExitCode.ERROR_RATE
 
     errors = table(out, "errors").to_pylist()
@@ -240,7 +241,7 @@ def test_no_note_text_in_logs_errors_or_progress(tmp_path, engine_pool, settings
     out = tmp_path / "warehouse"
     # 3 output tokens: every answer is cut short, so the parse stage writes error rows about outputs that
     # quote the canaries -- their messages must not.
-    cfg = job_settings(settings, max_error_rate=0.0).with_overrides(
+    cfg = job_settings(settings, max_error_rate=0.0, min_errors_for_rate=1).with_overrides(
         engine={"max_tokens": 3}, input={"max_text_chars": 400}, ray={"address": ray_address})
     conf = write_conf(tmp_path / "conf.yaml", cfg)
     logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
