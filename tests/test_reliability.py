@@ -114,7 +114,8 @@ def test_truncated_model_output_becomes_error_rows_and_exit_code(tmp_path, spark
     out = tmp_path / "warehouse"
     # 3 tokens cannot hold one complete "Label: mention" line: every note fails at the parse stage.
     # min_errors_for_rate 1: three failed notes are enough for the brake here
-    cfg = job_settings(settings, max_error_rate=0.5, min_errors_for_rate=1).with_overrides(engine={"max_tokens": 3})
+    cfg = job_settings(settings, max_error_rate=0.5, min_errors_for_rate=1).with_overrides(
+        engine={"max_tokens": 3})
     assert job.run(cfg, src, str(out), spark=spark) == ExitCode.ERROR_RATE
 
     errors = table(out, "errors").to_pylist()
