@@ -10,7 +10,9 @@ stage, commit, report; the command line in its ``cli`` module).
 
 Exit codes: 0 success; 1 error rate above ``job.max_error_rate``; 2 bad config, flags or input table; 3 another
 run holds the output's lock; 4 an output table could not be written (the ledger is not advanced past the last
-committed round: a rerun redoes the rest); 5 any other failure.
+committed round: a rerun redoes the rest); 5 any other failure. After the rounds the job links and publishes the
+OMOP tables (omop.link, omop.publish); a failure there keeps the committed extraction and exits 2, 4 or 5 by the
+same rules (jobs/extraction/publish.py), the next run completing it.
 """
 
 from __future__ import annotations
