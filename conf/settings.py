@@ -145,13 +145,19 @@ class SparkConfig(_Strict):
     extra: dict[str, str] = Field(default_factory=dict, description="extra spark.* settings")
 
 
+#: input.passthrough_columns when unset: each copied when the input has it, silently skipped when it does not
+DEFAULT_PASSTHROUGH = ("patient_id", "note_date", "note_type")
+
+
 class InputConfig(_Strict):
     format: Literal["auto", "delta", "parquet", "table", "jsonl"] = Field("auto", description="how --input is read")
     note_id_column: str = Field("note_id", description="column holding the note id")
     text_column: str = Field("text", description="column holding the note text")
-    passthrough_columns: list[str] = Field(
-        default_factory=lambda: ["patient_id", "note_date", "note_type"],
-        description="copied onto every output row when present in the input",
+    passthrough_columns: list[str] | None = Field(
+        None, description="input columns copied onto every output row; each one named must be in the input (else "
+                          "exit 2 naming it), and one added later becomes a new column of the output tables (older "
+                          "rows null until refreshed). null = the optional defaults patient_id, note_date, "
+                          "note_type, each copied when the input has it",
     )
     updated_at_column: str | None = Field(
         None, description="watermark column (timestamp or date) of input.watermark column: a run reads the rows "
@@ -227,6 +233,11 @@ class JobConfig(_Strict):
     propagate_deletes: bool = Field(
         False, description="remove the output rows of notes no longer in the input (one extra scan of the id "
                            "column). Only for a full note table: never with an input that holds changed rows only")
+    max_delete_fraction: float = Field(
+        0.2, ge=0, le=1, description="--propagate-deletes brake: a run that would delete more than this fraction of "
+                                     "a task's ledger notes stops before writing anything (exit 2, the count "
+                                     "printed); an empty input never deletes. Raise it for one run to confirm a "
+                                     "real mass deletion")
     max_runtime_s: float | None = Field(None, gt=0, description="submit no new work after this many seconds (a "
                                                                 "backfill in nightly slices), and stop waiting for "
                                                                 "the engines then: what finished is committed, the "

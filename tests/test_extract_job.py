@@ -236,7 +236,7 @@ def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path,
 def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, engine_pool, settings):
     notes = sample_notes(3)
     out = tmp_path / "warehouse"
-    cfg = job_settings(settings, propagate_deletes=True)
+    cfg = job_settings(settings, propagate_deletes=True, max_delete_fraction=0.5)  # 1 of 3 notes goes
     assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
     gone = notes[1]["note_id"]
     assert gone in table(out, "ledger")["note_id"].to_pylist()

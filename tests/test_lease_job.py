@@ -5,6 +5,7 @@ or duplicated."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -94,4 +95,50 @@ def test_two_jobs_on_one_s3_output_lose_and_duplicate_nothing(tmp_path, replay):
         concepts = table("concepts")
         assert len({c["concept_id"] for c in concepts}) == len(concepts)  # no row twice
         assert {c["run_id"] for c in concepts} == {runs[0]["run_id"]}
+        assert storage.list_dirs(storage.join(output, "_staging"), opts) == []
+
+
+def test_a_killed_job_on_s3_is_recovered_once_its_lease_expires(tmp_path, replay, spark):
+    """The driver dies (os._exit) between round 2's row commits and its ledger commit on an s3:// output. Its lease
+    outlives it: a run started at once is refused (exit 3) and touches nothing; a run that waits takes the expired
+    lease over, marks the dead run abandoned, removes the round's unacknowledged rows and the dead run's staging,
+    and extracts the rest: every note once."""
+    from notelake.jobs.extraction import job
+    from notelake.jobs.guards import LockedError
+    from notelake.jobs.warehouse import FAILPOINT_ENV
+
+    notes = sample_notes(6)
+    src = write_notes(tmp_path / "notes", notes)
+    with s3_server() as opts:
+        output = f"s3://{BUCKET}/{uuid.uuid4().hex}/warehouse"
+        settings = replay.with_overrides(job={"round_notes": 2, "lease_ttl_s": 20})
+        conf = write_conf(tmp_path / "conf.yaml", settings, opts)
+        killed = subprocess.run([sys.executable, "-m", "notelake.jobs.extract", "--conf", conf, "--input", src,
+                                 "--output", output], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, FAILPOINT_ENV: "exit_before_ledger_commit:2"})
+        assert killed.returncode == 9, killed.stderr[-3000:]
+
+        def table(name: str) -> list[dict]:
+            return read_delta_arrow(storage.join(output, name), opts=opts).to_pylist()
+
+        acked = {r["note_id"] for r in table("ledger")}
+        assert 0 < len(acked) < len(notes) and {r["note_id"] for r in table("concepts")} - acked
+        assert storage.list_dirs(storage.join(output, "_staging"), opts)  # the dead run's staged rows
+
+        cfg = settings.with_overrides(storage={"options": opts})
+        with pytest.raises(LockedError, match="another run holds the lease"):
+            job.run(cfg, src, output, spark=spark)
+        assert [r["status"] for r in table("runs")] == ["running"]
+
+        assert job.run(cfg.with_overrides(job={"lock_timeout_s": 60}), src, output, spark=spark) == ExitCode.OK
+        runs = sorted(table("runs"), key=lambda r: r["started_at"])
+        assert [(r["status"], r["selected"]) for r in runs] == [("abandoned", 0),
+                                                                 ("succeeded", len(notes) - len(acked))]
+        assert sorted(r["note_id"] for r in table("ledger")) == sorted(n["note_id"] for n in notes)
+        concepts = table("concepts")
+        assert len({c["concept_id"] for c in concepts}) == len(concepts)
+        owners: dict[str, set] = {}
+        for c in concepts:
+            owners.setdefault(c["note_id"], set()).add(c["run_id"])
+        assert all(len(r) == 1 for r in owners.values())  # no note's rows from two runs
         assert storage.list_dirs(storage.join(output, "_staging"), opts) == []

@@ -2,23 +2,26 @@
 source's deletes and the pass-through refreshes. One builder makes every ledger row (:func:`ledger_row`).
 
 What is committed arrives as staged files (:mod:`.staging`), never through ``collect``: note text and
-note-derived rows do not pass through the driver's Spark results. A crash between a round's row commits and its
-ledger commit is repaired by the next run (``Warehouse.recover``).
+note-derived rows do not pass through the driver's Spark results. Rejections and refreshes are staged in rounds as
+the extraction's notes are (whole buckets, about ``job.round_notes`` notes each) and committed round by round, so
+the driver holds one round's rows and each commit names only that round's buckets and notes. A crash between a
+round's row commits and its ledger commit is repaired by the next run (``Warehouse.recover``).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import pyarrow as pa
 
 from notelake.jobs import storage
-from notelake.jobs.extraction.identity import Lineage
-from notelake.jobs.extraction.staging import read_staged, stage_frame
-from notelake.udfs import schemas
 from notelake.jobs.extraction.faults import LEDGER_OUTCOMES
+from notelake.jobs.extraction.identity import Lineage
+from notelake.jobs.extraction.staging import read_staged, refuse_duplicate_notes, stage_rounds
+from notelake.udfs import schemas
 from notelake.udfs.assemble import NoteResult
 
 if TYPE_CHECKING:
@@ -55,7 +58,8 @@ def commit_round(warehouse: Warehouse, staging_dir: str, outcomes: list[dict], p
                  opts: dict | None = None) -> None:
     """Commit one round from the files of the Spark task attempts in ``outcomes`` (those whose results Spark
     kept), task by task: succeeded notes' rows replace their old ones (appended for notes without rows yet),
-    failed notes keep theirs, errors are appended, each task's ledger goes after its rows."""
+    failed notes keep theirs, errors are appended, each task's ledger goes after its rows. A round whose staged
+    rows hold a note twice is refused before any commit (:class:`~.staging.DuplicateStagedRowsError`)."""
     import pyarrow.compute as pc
 
     tags = {r["attempt_tag"] for r in outcomes}
@@ -69,6 +73,7 @@ def commit_round(warehouse: Warehouse, staging_dir: str, outcomes: list[dict], p
     if ignored:
         log.warning("ignored %d staged file(s) of Spark task attempts that did not finish (retried elsewhere)",
                     ignored)
+    refuse_duplicate_notes(staged["ledger"], outcomes)
     for task in sorted({r["task"] for r in outcomes}):
         notes = [r for r in outcomes if r["task"] == task]
         ok = [r for r in notes if r["status"] == "succeeded"]
@@ -81,31 +86,42 @@ def commit_round(warehouse: Warehouse, staging_dir: str, outcomes: list[dict], p
             buckets={r["note_bucket"] for r in notes})
 
 
-def commit_planned_changes(plan: TaskPlan, warehouse: Warehouse, ctx: StageContext) -> None:
+def commit_planned_changes(plan: TaskPlan, warehouse: Warehouse, ctx: StageContext, buckets: int) -> None:
     """Commit what a task's plan decided without the engines: rejections, deletes at the source and pass-through
-    refreshes; their counts go to ``plan.counts``. Each staging step runs a Spark job, so a step the plan counted
-    nothing for is skipped (an unchanged rerun runs no Spark job after planning)."""
-    if plan.summary.rejected or plan.summary.rejected_known:
-        plan.counts.stale_removed = commit_rejections(plan.rejected, warehouse, ctx, plan.task.name)
+    refreshes; their counts go to ``plan.counts``. ``buckets``: the output's note buckets (the rounds' layout).
+    Each staging step runs a Spark job, so a step the plan counted nothing for is skipped (an unchanged rerun runs
+    no Spark job after planning)."""
+    summary = plan.summary
+    if summary.rejected or summary.rejected_known:
+        plan.counts.stale_removed = commit_rejections(plan.rejected, warehouse, ctx, plan.task.name,
+                                                      Rounds(summary.rejected + summary.rejected_known, buckets))
     if plan.gone:
         warehouse.delete_notes(plan.name, plan.gone)
         plan.counts.deleted = len(plan.gone)
-    if plan.summary.passthrough_stale:
-        plan.counts.refreshed = commit_refresh(plan.planned, warehouse, ctx, plan.task.name)
+    if summary.passthrough_stale:
+        plan.counts.refreshed = commit_refresh(plan.planned, warehouse, ctx, plan.task.name,
+                                               Rounds(summary.passthrough_stale, buckets))
 
 
-def commit_rejections(rejected, warehouse: Warehouse, ctx: StageContext, task: str) -> int:
-    """Commit what the input rejected: new error rows (once per note id, text sha256 and reason), the removal of
-    rows a now-rejected note still had, and its ledger row (last). Returns the notes whose stale rows were
-    removed."""
+@dataclass(frozen=True)
+class Rounds:
+    """How a side path stages its notes in rounds: about ``notes`` of them over the output's ``buckets``."""
+
+    notes: int
+    buckets: int
+
+
+def commit_rejections(rejected, warehouse: Warehouse, ctx: StageContext, task: str, rounds: Rounds) -> int:
+    """Commit what the input rejected, round by round: new error rows (once per note id, text sha256 and reason),
+    the removal of rows a now-rejected note still had, and its ledger row (last). Returns the notes whose stale
+    rows were removed."""
     from pyspark.sql import functions as F
 
     now = schemas.utc_now()
     lineage = ctx.lineages[task]
     new = rejected.where(F.col("is_new")).select(
-        "note_id", "text_sha256", "error_type", "message", F.lit("input").alias("stage"))
-    errors = _stage_and_read(new, ctx, f"{task}-input_errors")
-    if errors is not None:
+        "note_id", "note_bucket", "text_sha256", "error_type", "message", F.lit("input").alias("stage"))
+    for errors in _staged_rounds(new, ctx, f"{task}-input_errors", rounds):
         n = errors.num_rows
         errors = errors.append_column("run_id", pa.array([lineage.run_id] * n, pa.string())) \
             .append_column("task", pa.array([task] * n, pa.string())) \
@@ -116,46 +132,48 @@ def commit_rejections(rejected, warehouse: Warehouse, ctx: StageContext, task: s
 
     changed = rejected.where(F.col("note_id").isNotNull() & (
         F.col("is_new") | F.col("l_status").isNull() | (F.col("l_status") != "rejected")))
-    staged = _stage_and_read(changed.groupBy("note_id", "note_bucket").agg(
+    notes_changed = changed.groupBy("note_id", "note_bucket").agg(
         F.min(F.coalesce("text_sha256", F.lit(""))).alias("text_sha256"), F.min("error_type").alias("error_type"),
-        F.max("has_output").alias("had_output"), F.max("in_ledger").alias("in_ledger"),
-    ), ctx, f"{task}-input_ledger")
-    if staged is None:
-        return 0
-    notes = staged.to_pylist()
-    stale = {r["note_id"]: r["note_bucket"] for r in notes if r["had_output"]}
-    if stale:
-        warehouse.delete_notes(task, stale, tables=("concepts", "relations"))
-    ledger = schemas.rows_to_table([ledger_row(lineage, task, r, "rejected", NoteResult(), now) for r in notes],
-                                   schemas.LEDGER_SCHEMA)
-    known = [r["note_id"] for r in notes if r["in_ledger"]]
-    warehouse.commit_ledger(ledger, task, known, {r["note_bucket"] for r in notes})
-    return len(stale)
+        F.max("has_output").alias("had_output"), F.max("in_ledger").alias("in_ledger"))
+    removed = 0
+    for staged in _staged_rounds(notes_changed, ctx, f"{task}-input_ledger", rounds):
+        notes = staged.to_pylist()
+        stale = {r["note_id"]: r["note_bucket"] for r in notes if r["had_output"]}
+        if stale:
+            warehouse.delete_notes(task, stale, tables=("concepts", "relations"))
+        ledger = schemas.rows_to_table([ledger_row(lineage, task, r, "rejected", NoteResult(), now) for r in notes],
+                                       schemas.LEDGER_SCHEMA)
+        known = [r["note_id"] for r in notes if r["in_ledger"]]
+        warehouse.commit_ledger(ledger, task, known, {r["note_bucket"] for r in notes})
+        removed += len(stale)
+    return removed
 
 
-def commit_refresh(planned, warehouse: Warehouse, ctx: StageContext, task: str) -> int:
+def commit_refresh(planned, warehouse: Warehouse, ctx: StageContext, task: str, rounds: Rounds) -> int:
     """Update the pass-through columns (patient_id after an MRN merge, note_type, ...) on the rows of the notes
-    that have rows and whose pass-through values changed, before any extraction: no model call. Those whose text
-    and extraction are unchanged are done; a retried, given-up or re-extracted note's old rows stay true to the
-    input while its extraction fails. Returns the notes refreshed."""
+    that have rows and whose pass-through values changed, round by round, before any extraction: no model call.
+    Those whose text or extraction is unchanged are done; a retried, given-up or re-extracted note's old rows stay
+    true to the input while its extraction fails. Returns the notes refreshed."""
     from pyspark.sql import functions as F
 
     passthrough = ctx.passthrough
-    staged = _stage_and_read(planned.where(F.col("passthrough_stale")).select(
-        "note_id", "note_bucket", "passthrough_sha256", *passthrough), ctx, f"{task}-refresh")
-    if staged is None:
-        return 0
-    buckets = set(staged["note_bucket"].to_pylist())
-    for table in ("concepts", "relations"):
-        warehouse.update_columns(table, staged.select(["note_id", *passthrough]), task, buckets, list(passthrough))
-    warehouse.update_columns("ledger", staged.select(["note_id", "passthrough_sha256"]), task, buckets,
-                             ["passthrough_sha256"])
-    return staged.num_rows
+    refreshed = 0
+    for staged in _staged_rounds(planned.where(F.col("passthrough_stale")).select(
+            "note_id", "note_bucket", "passthrough_sha256", *passthrough), ctx, f"{task}-refresh", rounds):
+        buckets = set(staged["note_bucket"].to_pylist())
+        for table in ("concepts", "relations"):
+            warehouse.update_columns(table, staged.select(["note_id", *passthrough]), task, buckets,
+                                     list(passthrough))
+        warehouse.update_columns("ledger", staged.select(["note_id", "passthrough_sha256"]), task, buckets,
+                                 ["passthrough_sha256"])
+        refreshed += staged.num_rows
+    return refreshed
 
 
-def _stage_and_read(frame, ctx: StageContext, name: str) -> pa.Table | None:
-    """``frame`` staged by the executors under the pass's staging folder and read back (None when empty)."""
-    location = storage.join(ctx.staging_dir, name)
-    if not stage_frame(frame, location, ctx.storage_options, ctx.settings.job.umask):
-        return None
-    return storage.read_parquet_dir(location, ctx.storage_options)
+def _staged_rounds(frame, ctx: StageContext, name: str, rounds: Rounds) -> Iterator[pa.Table]:
+    """``frame`` (a ``note_bucket`` column) staged by the executors under the pass's staging folder in rounds of
+    whole buckets (:func:`~.staging.stage_rounds`, ``job.round_notes`` notes each), read back one round at a time."""
+    folders = stage_rounds(frame, rounds.notes, storage.join(ctx.staging_dir, name), ctx.settings.job.round_notes,
+                           rounds.buckets, ctx.storage_options, ctx.settings.job.umask)
+    for folder in folders:
+        yield storage.read_parquet_dir(folder, ctx.storage_options)

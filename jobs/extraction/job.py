@@ -149,7 +149,7 @@ def extract_and_commit(p: Pass, ctx: StageContext, plans: list[TaskPlan], valid)
     write_records(p.warehouse, records)
     try:
         for plan in plans:
-            commit_planned_changes(plan, p.warehouse, ctx)
+            commit_planned_changes(plan, p.warehouse, ctx, p.buckets)
         selections = [select_notes(plan.planned, p.options.limit).withColumn("task", F.lit(plan.name))
                       for plan in plans if plan.selected]
         finished = not selections or extract_rounds(

@@ -7,15 +7,16 @@ extracted again. An unchanged corpus selects nothing, and the engines are never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from notelake.conf import Settings
 from notelake.conf.task import Task
-from notelake.jobs.extraction.identity import ExtractionIdentity, Lineage
 from notelake.jobs.extraction.given_up import GivenUpSelection
-from notelake.jobs.extraction.read import WATERMARK, CheckedInput, ReadWindow
+from notelake.jobs.extraction.identity import ExtractionIdentity, Lineage
+from notelake.jobs.extraction.read import WATERMARK, CheckedInput, InputError, ReadWindow
 from notelake.jobs.extraction.report import RunRecord, TaskCounts, succeeded_runs
 
 if TYPE_CHECKING:
@@ -31,8 +32,8 @@ class PassOptions:
     limit: int | None = None  # extract at most this many of the selected notes
     full_refresh: bool = False  # ignore the ledger and the watermark
     dry_run: bool = False  # plan and report; write nothing
-
     retry_given_up: GivenUpSelection | None = None  # given-up notes whose attempts are reset before planning
+
 
 @dataclass(frozen=True)
 class Pass:
@@ -304,10 +305,34 @@ def summarize_plan(planned, rejected, chunks, cap: datetime | None = None) -> Pl
                        prompts=sum(int(r["prompts"] or 0) for r in totals if r["kind"] in ("extract", "retry")))
 
 
-def source_deletes(present, state) -> dict[str, int]:
-    """{note_id: note_bucket} of the ledger's notes (``state``) that the input's ids (``present``) no longer hold."""
+class DeleteBrakeError(InputError):
+    """``--propagate-deletes`` stopped before deleting: the input holds no note, or lost more of the ledger's notes
+    than ``job.max_delete_fraction`` (a truncated or half-loaded input looks exactly like mass deletion)."""
+
+
+def source_deletes(present, state, task: str, max_fraction: float) -> dict[str, int]:
+    """{note_id: note_bucket} of the ledger's notes (``state``) that the input's ids (``present``) no longer hold.
+    :class:`DeleteBrakeError` (nothing deleted) when the input holds no note id while the ledger has notes, or when
+    more than ``max_fraction`` of the ledger's notes would go; both counts are taken before any id is collected."""
+    from pyspark.sql import functions as F
+
     if state is None:
         return {}
+    flagged = present.select("note_id", F.lit(True).alias("_present"))
+    counts = state.select("note_id", "l_note_bucket").join(flagged, "note_id", "left").agg(
+        F.count(F.lit(1)).alias("ledger"), F.count(F.when(F.col("_present").isNull(), 1)).alias("gone")).first()
+    ledger, n_gone = int(counts["ledger"]), int(counts["gone"])
+    if not n_gone:
+        return {}
+    if n_gone == ledger and present.isEmpty():
+        raise DeleteBrakeError(f"--propagate-deletes: the input holds no note id, so every one of the {ledger} notes "
+                               f"of task {task} would be deleted; an empty input never deletes (nothing was deleted "
+                               "or written)")
+    if n_gone > max_fraction * ledger:
+        raise DeleteBrakeError(
+            f"--propagate-deletes would delete {n_gone} of the {ledger} notes of task {task} ({n_gone / ledger:.1%}), "
+            f"more than job.max_delete_fraction {max_fraction}: nothing was deleted or written. If the input really "
+            f"lost them, rerun with job.max_delete_fraction {math.ceil(100 * n_gone / ledger) / 100:g}")
     gone = state.select("note_id", "l_note_bucket").join(present, "note_id", "left_anti")
     return {r["note_id"]: r["l_note_bucket"] for r in gone.collect()}
 
@@ -360,7 +385,7 @@ def plan_task(plan: TaskPlan, checked: CheckedInput, errors, present, p: Pass) -
     plan.read_version = checked.version
     limit = p.options.limit
     plan.selected = summary.new if limit is None else min(limit, summary.new)
-    plan.gone = source_deletes(present, plan.state) if present is not None else {}
+    plan.gone = source_deletes(present, plan.state, plan.name, job.max_delete_fraction) if present is not None else {}
     plan.counts = TaskCounts(selected=plan.selected, skipped=summary.valid - plan.selected,
                              rejected=summary.rejected, retried=summary.actions["retry"],
                              given_up=summary.actions["given_up"])

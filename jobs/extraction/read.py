@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from notelake.conf import InputConfig, Settings
+from notelake.conf.settings import DEFAULT_PASSTHROUGH
 from notelake.jobs import storage
 
 WATERMARK = "source_updated_at"  # input.updated_at_column as a timestamp, carried to the watermark aggregate
@@ -126,7 +127,7 @@ def read_input(spark, settings: Settings, source: str, window: ReadWindow = Read
     if missing:
         raise InputError(f"input {source} lacks column(s) {missing}; it has {df.columns} "
                          f"(set input.note_id_column / input.text_column in the conf)")
-    passthrough = tuple(c for c in cfg.passthrough_columns if c in df.columns)
+    passthrough = passthrough_columns(cfg, df.columns, source)
     watermark = []
     if cfg.updated_at_column:
         df = _updated_since(df, cfg, window.since, window.retry)
@@ -143,6 +144,19 @@ def read_input(spark, settings: Settings, source: str, window: ReadWindow = Read
     message = F.create_map(*[F.lit(x) for kv in messages.items() for x in kv])[F.col("error_type")]
     return CheckedInput(rows=checked.withColumn("message", message).drop("type_error"), passthrough=passthrough,
                         tail=(WATERMARK,) if watermark else (), version=version)
+
+
+def passthrough_columns(cfg: InputConfig, columns: list[str], source: str) -> tuple[str, ...]:
+    """The pass-through columns of an input with ``columns``: every one input.passthrough_columns names
+    (:class:`InputError` naming those the input lacks: a renamed upstream column would otherwise change every
+    note's pass-through hash and refresh the whole warehouse), or, unset, the defaults the input has."""
+    if cfg.passthrough_columns is None:
+        return tuple(c for c in DEFAULT_PASSTHROUGH if c in columns)
+    missing = [c for c in cfg.passthrough_columns if c not in columns]
+    if missing:
+        raise InputError(f"input {source} lacks the pass-through column(s) {missing} named in "
+                         f"input.passthrough_columns; it has {columns} (fix the conf, or the input)")
+    return tuple(cfg.passthrough_columns)
 
 
 def input_version(spark, source: str, settings: Settings) -> int:

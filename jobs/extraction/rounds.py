@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 
@@ -19,33 +18,16 @@ from notelake.jobs.extraction.plan import Pass, TaskPlan
 from notelake.jobs.extraction.report import Progress, engine_brake
 from notelake.jobs.extraction.session import restore_ray_level
 from notelake.jobs.extraction.stage import StageContext, transform
-from notelake.jobs.extraction.staging import stage_frame
+from notelake.jobs.extraction import staging
 
 log = logging.getLogger("notelake.extract")
 
 
-def assign_rounds(selected, n_selected: int, round_notes: int, buckets: int):
-    """(selected with a ``_round`` column, number of rounds). A round holds whole buckets when there are fewer
-    rounds than buckets, else a slice of one bucket: either way its commits touch only its buckets' files."""
-    from pyspark.sql import functions as F
-
-    n_rounds = max(1, math.ceil(n_selected / round_notes))
-    if n_rounds <= buckets:
-        return selected.withColumn("_round", F.pmod(F.col("note_bucket"), F.lit(n_rounds))), n_rounds
-    per_bucket = math.ceil(n_rounds / buckets)
-    slice_ = F.pmod(F.xxhash64("note_id"), F.lit(per_bucket))
-    return selected.withColumn("_round", F.col("note_bucket") * per_bucket + slice_), buckets * per_bucket
-
-
-def stage_rounds(selected, n_selected: int, p: Pass, ctx: StageContext) -> tuple[str, list[int]]:
+def stage_rounds(selected, n_selected: int, p: Pass, ctx: StageContext) -> list[str]:
     """Write the selection to the pass's staging folder partitioned by round, once: each round then reads its own
-    partition instead of rescanning the selection. Returns (the folder, the rounds' indexes in order)."""
-    with_rounds, _ = assign_rounds(selected, n_selected, p.settings.job.round_notes, p.buckets)
-    rounds_dir = storage.join(ctx.staging_dir, "selected")
-    stage_frame(with_rounds, rounds_dir, ctx.storage_options, p.settings.job.umask, partition_by="_round")
-    rounds = sorted(int(name.split("=", 1)[1]) for name in storage.list_dirs(rounds_dir, ctx.storage_options)
-                    if name.startswith("_round="))
-    return rounds_dir, rounds
+    partition instead of rescanning the selection. Returns the rounds' folders in order."""
+    return staging.stage_rounds(selected, n_selected, storage.join(ctx.staging_dir, "selected"),
+                                p.settings.job.round_notes, p.buckets, ctx.storage_options, p.settings.job.umask)
 
 
 def extract_rounds(p: Pass, ctx: StageContext, selected, plans: list[TaskPlan]) -> bool:
@@ -80,17 +62,16 @@ def run_rounds(p: Pass, ctx: StageContext, selected, plans: list[TaskPlan], pool
     settings, t0 = p.settings, time.monotonic()
     passthrough_schema = pa.schema([(c, to_arrow_type(selected.schema[c].dataType)) for c in ctx.passthrough])
     n_selected = sum(plan.selected for plan in plans)
-    rounds_dir, rounds = stage_rounds(selected, n_selected, p, ctx)
+    rounds = stage_rounds(selected, n_selected, p, ctx)
     done = 0
     with Progress(pool, settings.job.progress_interval_s, n_selected, sum(plan.prompts for plan in plans),
                   [plan.counts for plan in plans]):
-        for k, round_index in enumerate(rounds):
+        for k, notes_dir in enumerate(rounds):
             if ctx.deadline is not None and time.time() > ctx.deadline:
                 log.warning("job.max_runtime_s %.0f reached after %d/%d rounds: %d notes left for the next run",
                             settings.job.max_runtime_s, k, len(rounds), n_selected - done)
                 return False
-            extracted = extract_round(p, ctx, storage.join(rounds_dir, f"_round={round_index}"), round_index,
-                                      passthrough_schema, plans)
+            extracted = extract_round(p, ctx, notes_dir, k, passthrough_schema, plans)
             if extracted is None:
                 log.error("round %d/%d cancelled %.0f s after job.max_runtime_s (job.stop_grace_s): nothing of it "
                           "committed, its notes wait for the next run", k + 1, len(rounds), settings.job.stop_grace_s)

@@ -1,14 +1,18 @@
 """Files staged before a commit: Parquet under the pass's staging folder, each named after the Spark task attempt
-that wrote it, so exactly one copy of every row is read back.
+that wrote it (its ``taskAttemptId``, unique in the application: ``attemptNumber`` starts at 0 again when a stage
+is resubmitted), so exactly one copy of every row is read back.
 
 A retried task, a speculative copy or a lost executor can leave files behind: the driver keeps only the files of
 the attempts whose results Spark returned (:func:`read_staged`, :func:`stage_frame`), so a rerun attempt never
-duplicates rows. Staged rows are note-derived PHI: they are written under ``job.umask`` and the pass deletes its
-staging folder when it ends.
+duplicates rows, and :func:`refuse_duplicate_notes` refuses a round whose rows still name a note twice. Side paths
+(rejections, refreshes) stage their rows in rounds as the extraction does (:func:`stage_rounds`), so the driver
+reads and commits one round's buckets at a time. Staged rows are note-derived PHI: they are written under
+``job.umask`` and the pass deletes its staging folder when it ends.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator
 
@@ -17,20 +21,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from notelake.jobs import storage
+from notelake.jobs.warehouse import OutputWriteError
 
 #: rows per file :func:`stage_frame` writes (bounds an executor's buffer; ~20 MB of PHEE-sized notes)
 STAGE_FILE_ROWS = 50_000
 _STAGED_SCHEMA = pa.schema([("attempt_tag", pa.string()), ("rows", pa.int64())])
 
 
+class DuplicateStagedRowsError(OutputWriteError):
+    """A round's staged rows hold a (note_id, task) twice: two attempts' copies, nothing of the round is committed."""
+
+
 def attempt_tag() -> str:
-    """The Spark task attempt running this code (stage, partition, attempt), or "driver" outside Spark."""
+    """The Spark task attempt running this code (stage, partition, task attempt id), or "driver" outside Spark.
+    The task attempt id is unique in the application, also across stage attempts."""
     from pyspark import TaskContext
 
     tc = TaskContext.get()
     if tc is None:
         return "driver"
-    return f"s{tc.stageId()}-p{tc.partitionId()}-a{tc.attemptNumber()}"
+    return f"s{tc.stageId()}-p{tc.partitionId()}-t{tc.taskAttemptId()}"
 
 
 def staged_file_name(tag: str, seq: int) -> str:
@@ -95,3 +105,48 @@ def stage_frame(frame, location: str, opts: dict, umask: str, partition_by: str 
         if attempt_of(path) not in tags:
             fs.delete_file(path)
     return sum(r["rows"] for r in kept)
+
+
+def assign_rounds(frame, n_rows: int, round_notes: int, buckets: int):
+    """(``frame`` with a ``_round`` column, number of rounds) for ``n_rows`` notes in rounds of about
+    ``round_notes``. A round holds whole buckets when there are fewer rounds than buckets, else a slice of one
+    bucket: either way its commits touch only its buckets' files. Rows without a bucket (a null note id) go to
+    round 0."""
+    from pyspark.sql import functions as F
+
+    n_rounds = max(1, math.ceil(n_rows / round_notes))
+    if n_rounds <= buckets:
+        return frame.withColumn("_round", F.coalesce(F.pmod(F.col("note_bucket"), F.lit(n_rounds)), F.lit(0))), n_rounds
+    per_bucket = math.ceil(n_rounds / buckets)
+    slice_ = F.pmod(F.xxhash64("note_id"), F.lit(per_bucket))
+    return (frame.withColumn("_round", F.coalesce(F.col("note_bucket") * per_bucket + slice_, F.lit(0))),
+            buckets * per_bucket)
+
+
+def stage_rounds(frame, n_rows: int, location: str, round_notes: int, buckets: int, opts: dict,
+                 umask: str) -> list[str]:
+    """Stage ``frame`` (a ``note_bucket`` column; about ``n_rows`` rows) under ``location`` in rounds
+    (:func:`assign_rounds`), once; returns the rounds' folders in order, each read back on its own.
+    (Seven parameters: the round layout and the staging location are the caller's, as in :func:`stage_frame`.)"""
+    with_rounds, _ = assign_rounds(frame, n_rows, round_notes, buckets)
+    stage_frame(with_rounds, location, opts, umask, partition_by="_round")
+    rounds = sorted(int(name.split("=", 1)[1]) for name in storage.list_dirs(location, opts)
+                    if name.startswith("_round="))
+    return [storage.join(location, f"_round={index}") for index in rounds]
+
+
+def refuse_duplicate_notes(ledger: pa.Table, outcomes: list[dict]) -> None:
+    """:class:`DuplicateStagedRowsError` when the round's staged ledger rows or its outcomes (the attempts Spark
+    returned) name a (note_id, task) twice: two attempts' rows were kept, and committing them would duplicate the
+    notes' rows."""
+    from collections import Counter
+
+    twice: set[tuple[str, str]] = set()
+    for keys in (zip(ledger["note_id"].to_pylist(), ledger["task"].to_pylist()),
+                 ((r["note_id"], r["task"]) for r in outcomes)):
+        twice.update(key for key, n in Counter(keys).items() if n > 1)
+    if twice:
+        sample = ", ".join(f"{task}/{note}" for note, task in sorted(twice)[:5])
+        raise DuplicateStagedRowsError(
+            f"the round's staged rows hold {len(twice)} note(s) twice ({sample}): two Spark task attempts' rows "
+            "were kept; nothing of the round was committed")
