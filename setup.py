@@ -35,7 +35,7 @@ setup(
         "notelake.conf": ["*.yaml", "tasks/*.yaml", "train/*.yaml", "train/exp/*.yaml"],
         "notelake.models": ["adapters/*/*", "taggers/*/*", "baselines/*.json"],
         "notelake.jobs": ["sql/*.sql"],
-        "notelake.jobs.extraction": ["log4j2.properties"],  # Spark's JVM log levels for the job
+        "notelake.jobs.extraction": ["log4j2.properties", "log4j2-phi.properties"],  # Spark's JVM logging
     },
     include_package_data=True,
     # The base install runs `notelake sql` over the output tables (DuckDB, Polars) without Spark or an engine.

@@ -8,12 +8,18 @@ never calls it, such as a test, gets WARN). At WARN:
   ``spark-submit`` too, whose JVM is already running when Python starts). The three lines naming Spark's, the OS's
   and Java's versions come before it; a ``--conf spark.log.level=...`` of spark-submit wins;
 * a session this job starts itself (``python -m notelake.jobs.extract``, ``notelake extract``, tests, benchmarks)
-  also launches its JVM with ``spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=<log4j2.properties beside
-  this module>``, so not even its start-up prints at INFO. A ``spark.driver.extraJavaOptions`` in the settings'
-  ``spark.extra`` replaces that option. Under spark-submit, ``--driver-java-options
-  -Dlog4j2.configurationFile=file:<that file>`` does the same for the lines spark-submit prints before Python
-  starts (setting the file from Python comes too late: the SparkContext reloads Spark's default profile as it
-  starts).
+  launches its JVM, at any level, with ``spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=<log4j2.properties
+  beside this module> -Dnotelake.spark.level=<level>``, so not even its start-up prints at INFO. A
+  ``spark.driver.extraJavaOptions`` in the settings' ``spark.extra`` replaces that option. Under spark-submit,
+  ``--driver-java-options -Dlog4j2.configurationFile=file:<that file>`` does the same for the lines spark-submit
+  prints before Python starts (setting the file from Python comes too late: the SparkContext reloads Spark's
+  default profile as it starts).
+
+That file withholds what follows an exception's class name in Spark's own lines: an executor's exception (a Python
+UDF's traceback, a cast error quoting a value) comes back in ``Lost task ...`` and ``Exception in task ...`` lines,
+past the job's own redaction. ``job.log_phi`` launches the JVM with ``log4j2-phi.properties`` (messages whole).
+On the driver, PySpark prints an SQL error raised with a query context (a cast error quoting a value) as a JSON
+line of its own (:data:`QUERY_CONTEXT_LOGGERS`): those loggers are off unless ``job.log_phi``.
 
 Executors run in the driver's JVM in local mode; on a cluster they write to their own logs (YARN containers, the
 standalone workers' folders) under the cluster's configuration. Ray's driver logger is set again once Ray is up
@@ -30,7 +36,10 @@ from pathlib import Path
 from notelake.conf import Settings
 
 LOG4J2_PROPERTIES = Path(__file__).with_name("log4j2.properties")
+LOG4J2_PHI_PROPERTIES = Path(__file__).with_name("log4j2-phi.properties")  # job.log_phi: executors' messages whole
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: PySpark's loggers that print an SQL error raised on the driver, message and all, to stderr (their own handler)
+QUERY_CONTEXT_LOGGERS = ("DataFrameQueryContextLogger", "SQLQueryContextLogger")
 #: the Python loggers of the libraries whose lines --verbose shows ("pyspark" also sets Spark's JVM level)
 LIBRARY_LOGGERS = ("pyspark", "ray")
 
@@ -83,7 +92,16 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(level)
+    _query_context_logs(settings.job.log_phi)
     return spark
+
+
+def _query_context_logs(log_phi: bool) -> None:
+    """PySpark's query-context error lines on only with ``job.log_phi``: the job logs each failure itself."""
+    from pyspark.logger import PySparkLogger
+
+    for name in QUERY_CONTEXT_LOGGERS:
+        PySparkLogger.getLogger(name).disabled = not log_phi
 
 
 def _spark_defaults(settings: Settings, quiet: bool, launches_jvm: bool) -> dict[str, str]:
@@ -100,6 +118,8 @@ def _spark_defaults(settings: Settings, quiet: bool, launches_jvm: bool) -> dict
     }
     if quiet:
         defaults["spark.log.level"] = "WARN"
-        if launches_jvm:  # read when the JVM starts, before Spark logs its first line
-            defaults["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={LOG4J2_PROPERTIES.as_uri()}"
+    if launches_jvm:  # read when the JVM starts, before Spark logs its first line
+        log4j2 = LOG4J2_PHI_PROPERTIES if settings.job.log_phi else LOG4J2_PROPERTIES
+        defaults["spark.driver.extraJavaOptions"] = (f"-Dlog4j2.configurationFile={log4j2.as_uri()} "
+                                                     f"-Dnotelake.spark.level={'warn' if quiet else 'info'}")
     return defaults
