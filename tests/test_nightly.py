@@ -315,9 +315,12 @@ def test_one_note_that_raises_fails_alone_and_a_run_of_notes_without_concepts_sa
     concept (vital signs only: REPLAY finds no word in them) is a warning in the log and the runs row."""
     blob = base64.encodebytes(random.Random(1).randbytes(750_000)).decode()
     huge = {"note_id": "huge", "text": f"Patient denies nausea after heparin.\n{blob}\nHeparin was stopped."}
+    image = base64.encodebytes(random.Random(2).randbytes(57 * 40)).decode()  # full 76-character lines
+    pasted = {"note_id": "pasted", "text": f"Rash developed after amoxicillin.\n{image}Amoxicillin was stopped."}
+    image_at = (pasted["text"].index(image), pasted["text"].index(image) + len(image))
     vitals = [{"note_id": f"vitals-{k}", "text": f"BP {110 + k}/70, HR {60 + k}, T 37.{k}."} for k in range(4)]
     base = {"patient_id": "P1", "note_date": "2026-02-01", "note_type": "x"}
-    notes = sample_notes(2) + [{**base, **n} for n in [huge, *vitals]]
+    notes = sample_notes(2) + [{**base, **n} for n in [huge, pasted, *vitals]]
     out = tmp_path / "warehouse"
     cfg = replay.with_overrides(job={"task": "maccrobat"}, input={"max_text_chars": 1_100_000})
     with caplog.at_level("WARNING", logger="notelake.extract"):
@@ -330,13 +333,16 @@ def test_one_note_that_raises_fails_alone_and_a_run_of_notes_without_concepts_sa
     assert error["message"].startswith("ValueError at spacy/") and "models/assertion.py" in error["message"]
     assert "heparin" not in error["message"].lower()
     concepts = table(out, "concepts").to_pylist()
-    assert {c["note_id"] for c in concepts} == {n["note_id"] for n in notes[:2]}
+    assert {c["note_id"] for c in concepts} == {n["note_id"] for n in notes[:2]} | {"pasted"}
+    around = [c["start"] < image_at[0] for c in concepts if c["note_id"] == "pasted"]
+    assert set(around) == {True, False}  # the prose on both sides of the image, nothing inside it
+    assert all(c["end"] <= image_at[0] or c["start"] >= image_at[1] for c in concepts if c["note_id"] == "pasted")
     (run,) = table(out, "runs").to_pylist()
-    assert (run["succeeded"], run["failed"], run["no_concept"]) == (6, 1, 4)
+    assert (run["succeeded"], run["failed"], run["no_concept"]) == (7, 1, 4)
     assert run["windows_no_prose"] > 1000  # the blob's windows: answered without a model call
     (warning,) = json.loads(run["warnings_json"])
-    assert (warning["warning"], warning["no_concept"], warning["notes"]) == ("no_concept_share", 4, 6)
-    assert any("4 of 6 succeeded notes" in r.getMessage() and "got no concept" in r.getMessage()
+    assert (warning["warning"], warning["no_concept"], warning["notes"]) == ("no_concept_share", 4, 7)
+    assert any("4 of 7 succeeded notes" in r.getMessage() and "got no concept" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
 
 
