@@ -108,20 +108,31 @@ class PreparedBatch:
     chunked: list[list]
     failures: dict[int, tuple[str, Exception]] = field(default_factory=dict)
     windows: list = field(default_factory=list)
+    # the first pass's requests by (note, start, end), built before the batch goes to the engine thread
+    requests: dict[tuple[int, int, int], Any] = field(default_factory=dict)
 
 
 def prepare_batch(batch: pa.RecordBatch, ctx: StageContext) -> PreparedBatch:
-    """Chunk the notes of one batch (each row names its ``task``); a note whose chunking raises is failed alone."""
-    from notelake.udfs.chunking import chunk_text
+    """Chunk the notes of one batch (each row names its ``task``) and build the requests of their windows' prose
+    (the first pass of ``extract_windows``) here, in the partition's thread, so that the engine thread of the
+    batch only sends them: its engine call then overlaps the parsing of the batch before, as one send did before
+    windows were re-extracted. A note whose chunking or requests raise is failed alone."""
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.chunking import chunk_text, prose_pieces
+    from notelake.udfs.windows import Window, request_fields
 
-    overlap = ctx.settings.job.chunk_overlap_chars
+    overlap, engine = ctx.settings.job.chunk_overlap_chars, ctx.settings.engine
     prepared = PreparedBatch(batch.to_pylist(), [])
     for k, note in enumerate(prepared.notes):
         task = ctx.tasks[note["task"]]
+        prepared.chunked.append([])
         try:
-            prepared.chunked.append(chunk_text(note["text"], task.max_chunk_chars, task.overlap(overlap)))
+            prepared.chunked[k] = chunk_text(note["text"], task.max_chunk_chars, task.overlap(overlap))
+            for piece in (piece for chunk in prepared.chunked[k] for piece in prose_pieces(chunk)):
+                prepared.requests[(k, piece.start, piece.end)] = GenerationRequest(
+                    **request_fields(Window(k, task, piece), engine.guided_decoding, engine.max_tokens))
         except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
-            prepared.chunked.append([])
+            prepared.chunked[k] = []
             prepared.failures[k] = ("prepare", exc)
     return prepared
 
@@ -178,8 +189,9 @@ class _WindowRequests:
 
         requests: list = []
         for note, window in windows:
+            built = self.prepared.requests.pop((note, window.chunk.start, window.chunk.end), None)
             try:
-                requests.append(GenerationRequest(**request_fields(window, self.guided, self.max_tokens)))
+                requests.append(built or GenerationRequest(**request_fields(window, self.guided, self.max_tokens)))
             except Exception as exc:  # noqa: BLE001 - one note's fault
                 self.prepared.failures.setdefault(note, ("prepare", exc))
                 requests.append(None)
