@@ -114,10 +114,11 @@ def test_passthrough_columns_named_in_the_conf_are_required_and_a_new_one_become
 
     wards = {n["note_id"]: f"ward-{k}" for k, n in enumerate(notes)}
     edited = [{**n, "ward": wards[n["note_id"]]} for n in notes]
-    edited[0]["text"] += " The dose was halved."  # re-extracted; the others are refreshed without the model
+    edited[0]["text"] += " The dose was halved."  # re-extracted; the others' rows only refreshed (no model call)
     assert job.run(named, write_notes(tmp_path / "notes-with-ward", edited), str(out), spark=spark) == ExitCode.OK
     run = last_run(out)
-    assert (run["status"], run["selected"], run["refreshed"]) == ("succeeded", 1, 2)
+    # every note with rows gets the new column before the rounds, the re-extracted one too
+    assert (run["status"], run["selected"], run["refreshed"]) == ("succeeded", 1, 3)
     for name in ("concepts", "relations"):
         assert "ward" in table(out, name).schema.names, name
         assert all(r["ward"] == wards[r["note_id"]] for r in rows(out, name)), name
