@@ -19,7 +19,7 @@ COMMON = [
     "rich>=13",
     "numpy",
     "pandas>=2.2,<3",  # pyspark needs it for mapInArrow
-    "rapidfuzz>=3.9,<4",  # the concept linker's fuzzy step (jobs/linking.py)
+    "rapidfuzz>=3.9,<4",  # the concept linker's fuzzy step (jobs/linking/)
 ]
 
 setup(

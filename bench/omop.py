@@ -1,7 +1,7 @@
 """The OMOP publish stage at size: a synthetic warehouse (concepts with a person and a date, their concept_links,
 the demo vocabulary) published three times -- first publish, a rerun with nothing changed, and a nightly in which
 a fraction of the notes were re-linked -- with the seconds and rows of each. Synthetic rows (no model): this
-measures the data plane of jobs/omop.py, not extraction.
+measures the data plane of jobs/omop/, not extraction.
 
     .venv/bin/python -m bench.omop --notes 20000 --concepts 8 --buckets 16 --changed 0.01
 """

@@ -281,15 +281,15 @@ class StorageConfig(_Strict):
 
 
 class OmopConfig(_Strict):
-    """Concept normalization to the site's OMOP vocabulary and the OMOP CDM output (jobs/linking.py)."""
+    """Concept normalization to the site's OMOP vocabulary and the OMOP CDM output (jobs/linking/)."""
 
     link: Literal["auto", "on", "off"] = Field(
-        "auto", description="the extraction job links the pass's concepts after its rounds (jobs/linking.py): "
+        "auto", description="the extraction job links the pass's concepts after its rounds (jobs/linking/): "
                             "auto = when a vocabulary is at <output>/vocabulary, else skipped; on = always; no "
                             "vocabulary under on, or none where omop.vocabulary says: exit 2 with the extraction "
                             "committed. off = never (`notelake link` links on request whatever this says)")
     publish: Literal["auto", "on", "off"] = Field(
-        "auto", description="the extraction job then publishes the OMOP tables (jobs/omop.py: note_nlp, "
+        "auto", description="the extraction job then publishes the OMOP tables (jobs/omop/: note_nlp, "
                             "note_nlp_relation, derived rows): auto = when it linked in the same run; on = always "
                             "(mentions without a link get concept 0); off = never (`notelake omop` on request)")
     vocabulary: str | None = Field(None, description="where the vocabulary's Delta tables are (concept, "
@@ -309,7 +309,7 @@ class OmopConfig(_Strict):
         500_000, ge=1, description="concept rows linked per Spark pass and commit: whole note buckets are taken "
                                    "until the next would pass this (bounds the driver's memory: only link rows, "
                                    "no text, come back to it)")
-    # -- the OMOP CDM output (jobs/omop.py: note_nlp, note_nlp_relation, NLP-derived domain rows)
+    # -- the OMOP CDM output (jobs/omop/: note_nlp, note_nlp_relation, NLP-derived domain rows)
     term_exists_speculated: Literal["Y", "N"] = Field(
         "N", description="note_nlp.term_exists of a speculated mention ('possible', 'may have'). Present -> Y, "
                          "negated and hypothetical -> N always. N (default) counts only asserted facts; the CDM's "

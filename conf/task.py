@@ -47,7 +47,7 @@ class DerivedRelation(BaseModel):
 
 
 class LabelNormalization(BaseModel):
-    """Where one concept label's mentions are looked up in the OMOP vocabulary (jobs/linking.py). Each list is in
+    """Where one concept label's mentions are looked up in the OMOP vocabulary (jobs/linking/). Each list is in
     order of preference: when one normalized mention names several standard concepts, a concept's own name beats
     a synonym, then the earlier domain, then the earlier vocabulary; concepts still tied are ambiguous (concept 0).
     """

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 QUERY_TABLES = ("concepts", "relations", "runs", "errors",
-                # OMOP: the linker's links and the CDM tables `notelake omop` publishes (jobs/omop.py)
+                # OMOP: the linker's links and the CDM tables `notelake omop` publishes (jobs/omop/)
                 "concept_links", "note_nlp", "note_nlp_relation", "drug_exposure", "condition_occurrence",
                 "note_crosswalk")
 #: The OMOP vocabulary's tables by their CDM names, under omop.vocabulary (default <output>/vocabulary).

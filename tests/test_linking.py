@@ -1,4 +1,4 @@
-"""The link stage (jobs/linking.py) on real Spark and Delta tables: matching order and incremental behaviour.
+"""The link stage (jobs/linking/) on real Spark and Delta tables: matching order and incremental behaviour.
 
 A small vocabulary is written in Athena format and loaded with the real loader; concepts tables are written with
 the real concepts schema (udfs/schemas.py) to a temporary warehouse.

@@ -297,12 +297,12 @@ def test_cli_publishes_and_refuses_derived_rows_without_the_nlp_type_concept(spa
 
 
 def test_omop_note_ids_from_a_column_report_a_value_that_is_no_integer(omop_settings):
-    from notelake.jobs import omop as stage
+    from notelake.jobs.omop import rows, state
 
     settings = omop_settings.with_overrides(omop={"note_id_column": "omop_note_id"})
-    ctx = stage._Publish(settings, "p1", "fp", None, "unused", {})
+    ctx = state._Publish(settings, "p1", "fp", None, "unused", {})
     live = pa.table({"note_id": ["A", "B", "C"], "note_bucket": pa.array([0, 0, 1], pa.int32())})
     mentions = pa.table({"note_id": ["A", "B", "C"], "note_id_value": ["42", " 7 ", "x7"]})
     errors: list[dict] = []
-    assert stage._omop_note_ids(None, ctx, TASK, live, mentions, errors) == {"A": 42, "B": 7}
+    assert rows._omop_note_ids(None, ctx, TASK, live, mentions, errors) == {"A": 42, "B": 7}
     assert [(e["note_id"], e["error_type"]) for e in errors] == [("C", "omop_note_id_invalid")]

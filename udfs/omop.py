@@ -1,4 +1,4 @@
-"""OMOP CDM v5.4 shapes of the output and the pure mappings from concept rows to them (jobs/omop.py writes them).
+"""OMOP CDM v5.4 shapes of the output and the pure mappings from concept rows to them (jobs/omop/ writes them).
 
 Tables (Delta, partitioned by ``task`` and ``note_bucket`` like the concepts they come from):
 

@@ -101,7 +101,7 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
-#: How a concept row was linked (jobs/linking.py), in the linker's order: ``exact`` (normalized name or synonym of a
+#: How a concept row was linked (jobs/linking/), in the linker's order: ``exact`` (normalized name or synonym of a
 #: valid standard concept), ``maps_to`` (of a non-standard concept, through a valid 'Maps to'), ``fuzzy`` (similar
 #: enough, and clearly more than to any other concept), ``ambiguous`` (several concepts fit equally: concept 0),
 #: ``none`` (nothing fits: concept 0), ``unmapped_label`` (the task names no vocabulary target for the label).

@@ -1,0 +1,5 @@
+import sys
+
+from notelake.jobs.linking.cli import main
+
+sys.exit(main())
