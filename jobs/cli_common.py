@@ -7,9 +7,11 @@ publish stages, whose commands use this).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,3 +61,24 @@ def configure_command_logging() -> None:
     """notelake's own lines at INFO, every library's at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("notelake").setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def locked_output(settings, output: str, operation: str, properties: dict[str, str], spark=None):
+    """The warehouse at ``output`` for ``notelake <operation>``, held under the output's lock (a lease on an object
+    store, its fence checked before every commit), and a Spark session (``spark``, or one started for it)."""
+    from notelake.jobs import storage
+    from notelake.jobs.guards import output_lock, resolve_output, restrictive_umask
+    from notelake.jobs.warehouse import open_warehouse
+
+    out = resolve_output(output, settings.job.output_root)
+    opts = storage.settings_options(settings)
+    with restrictive_umask(settings.job.umask), output_lock(
+            out, f"{operation}-{uuid.uuid4().hex}", settings.job.lock_timeout_s, opts,
+            ttl_s=settings.job.lease_ttl_s) as lock:
+        warehouse = open_warehouse(out, {"notelake.operation": operation, **properties}, opts, fence=lock.check)
+        if spark is None:
+            from notelake.jobs.extraction.session import start_spark
+
+            spark = start_spark(settings, app_name=f"notelake-{operation}")
+        yield warehouse, spark

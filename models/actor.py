@@ -406,12 +406,22 @@ class EnginePool:
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors], timeout=self.settings.ray.call_timeout_s)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Kill the pool's actors and wait (up to ``wait_s``) until their names are free: ``ray.kill`` returns
+        before the actor is gone, and a pool started meanwhile with the same names would get the dying actors."""
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        deadline = time.monotonic() + wait_s
+        for name in self.names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=self.settings.ray.namespace)
+                except ValueError:  # no live actor of that name
+                    break
+                time.sleep(0.1)
         self.actors = []
         self.names = []
 

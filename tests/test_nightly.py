@@ -10,7 +10,7 @@ import json
 import random
 
 import pytest
-from jobkit import assert_no_duplicates, job_settings, rows, sample_notes, table, write_notes
+from jobkit import assert_no_duplicates, rows, sample_notes, table, write_notes
 
 from notelake.conf.task import load_task
 from notelake.jobs.extraction import job
@@ -23,17 +23,6 @@ from notelake.jobs.warehouse import OutputLayoutError
 # generation refuses the chunk (prompt_too_long), so the note fails, deterministically, without touching the engine
 # code. Words of four characters, not one run of 900 (a window without prose, answered without a model call).
 UNPROMPTABLE = " ".join(["鑫淼焱垚"] * 200)
-
-
-@pytest.fixture(scope="module")
-def replay(settings, ray_address, base_model_path):
-    from notelake.models.actor import EnginePool
-
-    cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024})
-    pool = EnginePool.get_or_create(cfg)
-    pool.ready()
-    yield cfg
-    pool.shutdown()
 
 
 def runs_of(out):

@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import uuid
-
 
 from notelake.conf import Settings
-from notelake.jobs import storage
+from notelake.jobs.cli_common import locked_output
 from notelake.jobs.linking.driver import link_concepts
 from notelake.jobs.linking.lexicon import LINKER_VERSION, LinkStats
 
@@ -33,22 +31,9 @@ def run(settings: Settings, output: str, spark=None) -> LinkStats:
     """Link ``settings.job.tasks`` in ``output`` holding the output's lock (its fence checked before every
     commit); raises ConfigError, LockedError, OutputWriteError."""
     from notelake.conf.task import load_task
-    from notelake.jobs.guards import output_lock, resolve_output, restrictive_umask
-    from notelake.jobs.warehouse import open_warehouse
 
-    tasks = [load_task(name) for name in settings.job.tasks]
-    out = resolve_output(output, settings.job.output_root)
-    opts = storage.settings_options(settings)
-    with restrictive_umask(settings.job.umask):
-        with output_lock(out, f"link-{uuid.uuid4().hex}", settings.job.lock_timeout_s, opts,
-                         ttl_s=settings.job.lease_ttl_s) as lock:
-            warehouse = open_warehouse(out, {"notelake.operation": "link", "notelake.linker": LINKER_VERSION},
-                                       opts, fence=lock.check)
-            if spark is None:
-                from notelake.jobs.extraction.session import start_spark
-
-                spark = start_spark(settings, app_name="notelake-link")
-            return link_concepts(spark, warehouse, settings, tasks)
+    with locked_output(settings, output, "link", {"notelake.linker": LINKER_VERSION}, spark) as (warehouse, spark):
+        return link_concepts(spark, warehouse, settings, [load_task(name) for name in settings.job.tasks])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@ against the broadcast lexicon of their target."""
 
 from __future__ import annotations
 
-
 import pyarrow as pa
 
 from notelake.udfs.matching import FuzzyLexicon

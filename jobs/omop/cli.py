@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid
 from dataclasses import asdict
 
-
 from notelake.conf import Settings
-from notelake.jobs import storage
+from notelake.jobs.cli_common import locked_output
 from notelake.jobs.omop.publish import publish_omop
 from notelake.jobs.omop.state import OMOP_STAGE_VERSION, OmopError, OmopStats
 
@@ -19,21 +17,9 @@ from notelake.jobs.omop.state import OMOP_STAGE_VERSION, OmopError, OmopStats
 def run(settings: Settings, output: str, tasks: list[str], spark=None) -> OmopStats:
     """Publish ``tasks`` of ``output`` holding the output's lock (its fence checked before every commit); raises
     ConfigError, OmopError, LockedError, OutputWriteError."""
-    from notelake.jobs.guards import output_lock, resolve_output, restrictive_umask
-    from notelake.jobs.warehouse import open_warehouse
-
-    out = resolve_output(output, settings.job.output_root)
-    opts = storage.settings_options(settings)
-    with restrictive_umask(settings.job.umask):
-        with output_lock(out, f"omop-{uuid.uuid4().hex}", settings.job.lock_timeout_s, opts,
-                         ttl_s=settings.job.lease_ttl_s) as lock:
-            warehouse = open_warehouse(out, {"notelake.operation": "omop", "notelake.omop_stage": OMOP_STAGE_VERSION},
-                                       opts, fence=lock.check)
-            if spark is None:
-                from notelake.jobs.extraction.session import start_spark
-
-                spark = start_spark(settings, app_name="notelake-omop")
-            return publish_omop(spark, warehouse, settings, tasks)
+    with locked_output(settings, output, "omop", {"notelake.omop_stage": OMOP_STAGE_VERSION}, spark) as (
+            warehouse, spark):
+        return publish_omop(spark, warehouse, settings, tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
