@@ -74,3 +74,21 @@ def test_a_job_run_whose_input_fails_on_an_executor_prints_no_input_value(tmp_pa
     out = proc.stdout + proc.stderr
     assert proc.returncode == 5, out[-3000:]
     assert "Lost task" in out and canary not in out, out[-3000:]
+
+
+def test_under_spark_submit_the_jvm_switches_to_the_jobs_log_file(tmp_path, conf_of):
+    """spark-submit starts the JVM on Spark's default log profile before any of the job's code runs: the session
+    switches it to the job's file once the context is up, so an executor's exception text stays out here too."""
+    import os
+    from pathlib import Path
+
+    canary = f"CANARY-{uuid.uuid4().hex}"
+    script = tmp_path / "raise.py"
+    script.write_text(RAISE_IN_PYTHON_UDF)
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "spark-submit"), "--master", "local[1]", str(script), conf_of(False), canary],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    out = proc.stdout + proc.stderr
+    assert "failed with PythonException" in out, out[-3000:]
+    assert "Lost task" in out and canary not in out, out[-3000:]

@@ -91,9 +91,22 @@ def start_spark(settings: Settings, app_name: str = "notelake-extract"):
         if not conf.contains(key):
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    if submitted:
+        _use_job_log_config(spark, settings.job.log_phi, quiet=level == "WARN")
     spark.sparkContext.setLogLevel(level)
     _query_context_logs(settings.job.log_phi)
     return spark
+
+
+def _use_job_log_config(spark, log_phi: bool, quiet: bool) -> None:
+    """Under spark-submit the JVM started on Spark's default log profile, whose lines carry executors' exception
+    messages in full: switch it to the job's file (``log4j2.properties``, or the PHI one with ``job.log_phi``) once
+    the context is up (its start re-reads the default profile, so not before). On a cluster the executors' JVMs
+    keep their own configuration (docs/operations.md)."""
+    jvm = spark.sparkContext._jvm
+    jvm.java.lang.System.setProperty("notelake.spark.level", "warn" if quiet else "info")
+    path = LOG4J2_PHI_PROPERTIES if log_phi else LOG4J2_PROPERTIES
+    jvm.org.apache.logging.log4j.core.config.Configurator.reconfigure(jvm.java.net.URI(path.as_uri()))
 
 
 def _query_context_logs(log_phi: bool) -> None:
