@@ -115,12 +115,14 @@ def tiny_adapter(base_model_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def replay(settings, ray_address, base_model_path):
+def replay(request, settings, ray_address, base_model_path):
     from jobkit import job_settings
 
     from notelake.models.actor import EnginePool
 
-    cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024})
+    # a namespace per module: a module's actors never meet another module's (shut down or dying) ones by name
+    cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024},
+                                                ray={"namespace": f"notelake-{request.module.__name__}"})
     pool = EnginePool.get_or_create(cfg)
     pool.ready()
     yield cfg

@@ -27,7 +27,7 @@ def replay(settings, ray_address, base_model_path):
     from notelake.models.actor import EnginePool
 
     cfg = job_settings(settings).with_overrides(engine={"backend": "replay", "max_model_len": 1024},
-                                                ray={"address": ray_address})
+                                                ray={"address": ray_address, "namespace": "notelake-lease-job"})
     pool = EnginePool.get_or_create(cfg)
     pool.ready()
     yield cfg
