@@ -164,9 +164,9 @@ def test_job_on_spark_standalone_ray_cluster_and_s3(tmp_path, cluster, settings)
     procs.remember_children()
     assert rc == 0, (tmp_path / "job-1.log").read_text()[-3000:]
     log = (tmp_path / "job-1.log").read_text()
-    assert "Connected to Spark cluster" in log, "the job did not run on the standalone master"
+    # the job logs Spark at WARN: that it ran on the standalone master shows in the worker's executor folders
     executors = [p for p in (tmp_path / "spark-work").rglob("stderr")]
-    assert executors, "no executor ran in the Spark worker's work directory"
+    assert executors, "the job did not run on the standalone master: no executor in the worker's work directory"
     assert "s3cr3t-notelake-7f3a" not in log and env["RAY_AUTH_TOKEN"] not in log, "a secret reached the log"
     assert not any(n["text"][:40] in log for n in notes), "note text reached the log"
 
