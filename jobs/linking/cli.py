@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from notelake.conf import Settings
-from notelake.jobs.cli_common import locked_output
+from notelake.jobs.cli_common import configure_command_logging, locked_output, run_command
 from notelake.jobs.linking.driver import link_concepts
 from notelake.jobs.linking.lexicon import LINKER_VERSION, LinkStats
 
@@ -39,7 +39,6 @@ def run(settings: Settings, output: str, spark=None) -> LinkStats:
 def main(argv: list[str] | None = None) -> int:
     """``notelake link``: exit codes as in the module docstring; the stats as one JSON line."""
     from notelake.conf import load_settings
-    from notelake.jobs.cli_common import configure_command_logging, run_command
 
     configure_command_logging()
     args = build_parser().parse_args(argv)

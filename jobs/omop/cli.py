@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 
 from notelake.conf import Settings
-from notelake.jobs.cli_common import locked_output
+from notelake.jobs.cli_common import configure_command_logging, locked_output, run_command
 from notelake.jobs.omop.publish import publish_omop
 from notelake.jobs.omop.state import OMOP_STAGE_VERSION, OmopError, OmopStats
 
@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default=None, help="task(s), comma-separated (default: job.task of the settings)")
     args = p.parse_args(argv)
     from notelake.conf import load_settings
-    from notelake.jobs.cli_common import configure_command_logging, run_command
 
     configure_command_logging()
 
