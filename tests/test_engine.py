@@ -13,7 +13,8 @@ import pytest
 import ray
 
 from notelake.conf.task import load_task
-from notelake.models.actor import ENGINE_UNAVAILABLE, CounterTotals, EnginePool, actor_names, engine_config_hash
+from notelake.models.actor import CounterTotals, EnginePool, actor_names, engine_config_hash
+from notelake.models.dispatch import ENGINE_UNAVAILABLE
 from notelake.models.engine import GenerationRequest, GenerationResult
 from notelake.udfs.answer import answer_guide, mention_ngrams
 from notelake.udfs.parsing import ParsedAnswer, parse_answer

@@ -48,7 +48,8 @@ def extract_rounds(p: Pass, ctx: StageContext, selected, plans: list[TaskPlan]) 
     pool = EnginePool.get_or_create(settings, owner, detached=owner is None)
     try:
         pool.ready(progress_s=settings.job.progress_interval_s)
-        ctx = dataclasses.replace(ctx, gcs_address=gcs_address, deadline=deadline, engine_owner=owner)
+        ctx = dataclasses.replace(ctx, gcs_address=gcs_address, deadline=deadline, engine_owner=owner,
+                                  engine_actor_ids=pool.actor_ids())
         return run_rounds(p, ctx, selected, plans, pool)
     finally:
         if owner is not None:  # this pass's own actors: their engines' memory goes back to the cluster now

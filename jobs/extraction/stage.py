@@ -72,6 +72,7 @@ class StageContext:
     gcs_address: str | None = None
     deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started, no engine waited for
     engine_owner: str | None = None  # the pass owning the engine actors (ray.engine_scope: pass)
+    engine_actor_ids: tuple[str, ...] = ()  # the actors the driver saw ready: a worker's handles to others are stale
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials for staging: never logged
 
 
@@ -81,11 +82,15 @@ _CODE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _executor_pool(ctx: StageContext):
-    """One Ray connection and actor-pool handle per Python worker process (workers are reused)."""
+    """One Ray connection and actor-pool handle per Python worker process (workers are reused across passes). The
+    handle is kept while the driver's pool is made of the same actors: actors killed and created again under the
+    same names (a new pool, another namespace) are new actors, and a handle to the old ones only finds them dead."""
     from notelake.models.actor import EnginePool
 
-    key = (ctx.gcs_address, ctx.settings.engine.model_dump_json(), ctx.engine_owner)
+    key = (ctx.gcs_address, ctx.settings.ray.namespace, ctx.settings.engine.model_dump_json(), ctx.engine_owner,
+           ctx.engine_actor_ids)
     if key not in _POOLS:
+        _POOLS.clear()  # one pool at a time: handles to the actors of earlier pools are of no more use
         # the driver saw the actors ready before the round: one not found now has died (an engine fault)
         _POOLS[key] = EnginePool.connect(ctx.gcs_address, ctx.settings, ctx.engine_owner, timeout_s=10,
                                          missing_dead=True)
