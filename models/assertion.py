@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Collection, Iterable, Sequence
@@ -51,6 +52,11 @@ EXTRA_RULES = (
     ("no longer", "FORWARD", [{"LOWER": "no"}, {"LOWER": "longer"}]),
     ("neither", "FORWARD", [{"LOWER": {"IN": ["neither", "nor"]}}]),
 )
+#: ConText reads one sentence at a time, but the sentence splitter's time grows faster than its text (PyRuSH: about
+#: 1 s for 27k characters, 28 s for 220k on one core): a longer note is read in segments of at most this many
+#: characters, cut between sentences (a newline, else a sentence end) and never inside a concept.
+SEGMENT_CHARS = 8000
+_SENTENCE_END = re.compile(r"[.!?]\s")
 _SPAN_GROUP = "notelake_concepts"
 #: ConText attribute -> assertion, highest precedence first.
 _CONTEXT_ASSERTIONS = (("is_negated", "negated"), ("is_uncertain", "speculated"), ("is_hypothetical", "hypothetical"))
@@ -84,8 +90,41 @@ def context_assertions(text: str, extents: Sequence[tuple[int, int]], labels: Se
     """ConText's assertion for each ``(start, end)`` character extent of ``text`` (one note, one call).
 
     An extent is widened to whole tokens; one outside the text is ``present``. ``labels`` (optional, the
-    concepts' labels) become the spans' labels, which rules may restrict.
+    concepts' labels) become the spans' labels, which rules may restrict. A note over ``SEGMENT_CHARS`` is read
+    segment by segment (:func:`segments`), only those holding an extent.
     """
+    found = ["present"] * len(extents)
+    for seg_start, seg_end in segments(text, extents):
+        inside = [k for k, (s, e) in enumerate(extents) if seg_start <= s and e <= seg_end]
+        if not inside:
+            continue
+        judged = _context_of(text[seg_start:seg_end], [(extents[k][0] - seg_start, extents[k][1] - seg_start)
+                                                         for k in inside],
+                             [labels[k] for k in inside] if labels else None)
+        for k, assertion in zip(inside, judged):
+            found[k] = assertion
+    return found
+
+
+def segments(text: str, extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``text`` cut into ``(start, end)`` segments of at most ``SEGMENT_CHARS`` characters where it can be: each
+    cut after the last newline, else the last sentence end, in the second half of the segment, moved to the start
+    (or, when the concept opens the segment, the end) of a concept it would cut."""
+    cuts, start = [], 0
+    while len(text) - start > SEGMENT_CHARS:
+        window = text[start + SEGMENT_CHARS // 2:start + SEGMENT_CHARS]
+        at = window.rfind("\n") + 1 or max((m.end() for m in _SENTENCE_END.finditer(window)), default=len(window))
+        cut, later = start + SEGMENT_CHARS // 2 + at, False
+        while blocked := [(s, e) for s, e in extents if s < cut < e]:
+            first = min(s for s, _ in blocked)
+            later = later or first <= start  # a concept that opens the segment: cut after it, and never back
+            cut = max(e for _, e in blocked) if later else first
+        cuts.append((start, cut))
+        start = cut
+    return [*cuts, (start, len(text))]
+
+
+def _context_of(text: str, extents: Sequence[tuple[int, int]], labels: Sequence[str] | None) -> list[str]:
     nlp = context_pipeline()
     doc = nlp.make_doc(text)
     for name, component in nlp.pipeline:
@@ -151,6 +190,6 @@ def assertion_fingerprint(method: str, labels: Collection[str] | None) -> dict |
         release = version("medspacy")
     except PackageNotFoundError:
         release = None
-    rules = json.dumps([EXTRA_RULES, MAX_SCOPE_TOKENS, _CONTEXT_ASSERTIONS], sort_keys=True)
+    rules = json.dumps([EXTRA_RULES, MAX_SCOPE_TOKENS, _CONTEXT_ASSERTIONS, SEGMENT_CHARS], sort_keys=True)
     return {"method": method, "labels": sorted(labels) if labels is not None else None, "medspacy": release,
             "rules_sha256": hashlib.sha256(rules.encode()).hexdigest()[:12]}

@@ -9,7 +9,8 @@ import pytest
 
 from notelake.conf.settings import ConfigError, load_settings
 from notelake.conf.task import Task, load_task
-from notelake.models.assertion import assertion_fingerprint, assign_assertions, context_assertions
+from notelake.models.assertion import (SEGMENT_CHARS, assertion_fingerprint, assign_assertions, context_assertions,
+                                      segments)
 from notelake.udfs.assemble import assemble_note
 from notelake.udfs.chunking import chunk_text
 
@@ -83,6 +84,26 @@ def test_model_method_and_bad_method(rows):
     assert assign_assertions(NOTE, rows, "model") == rows
     with pytest.raises(ValueError, match="assertion method 'negex'"):
         assign_assertions(NOTE, rows, "negex")
+
+
+def test_a_long_note_is_read_in_segments_with_the_same_assertions():
+    """A note many segments long: cut between sentences, never inside a concept, each segment bounded; every
+    concept gets the assertion it gets in its own short note."""
+    sentences = ["He denies chest pain.", "Possible pneumothorax on the left.", "The rash was noted.\n"]
+    text = " ".join(sentences[i % 3] for i in range(3000))
+    words = ("chest pain", "pneumothorax", "rash")
+    extents = sorted((text.index(w, k * 2000), text.index(w, k * 2000) + len(w)) for k in range(30) for w in words)
+    extents.append((SEGMENT_CHARS - 3, SEGMENT_CHARS + 40))  # a long concept across the first natural cut
+    cuts = segments(text, extents)
+    assert cuts[0][0] == 0 and cuts[-1][1] == len(text) and len(cuts) > 5
+    assert all(a < b <= a + SEGMENT_CHARS + 60 and b == c for (a, b), (c, _) in zip(cuts, cuts[1:]))
+    assert not [(s, e) for s, e in extents for a, b in cuts if s < b < e]
+    alone = dict(zip(words, context_assertions(" ".join(sentences), [(" ".join(sentences).index(w),
+                                                                     " ".join(sentences).index(w) + len(w))
+                                                                    for w in words])))
+    assert alone == {"chest pain": "negated", "pneumothorax": "speculated", "rash": "present"}
+    got = context_assertions(text, extents[:-1])
+    assert got == [alone[text[s:e]] for s, e in extents[:-1]]
 
 
 def test_extents_widen_to_tokens():

@@ -5,6 +5,8 @@ the REPLAY engine in a real Ray actor (only the data plane matters here), deltal
   engine errors, the run stops with exit 6, and a rerun completes them.
 * An engine actor stopped (SIGSTOP) mid-run: its calls time out, it is restarted, and every note succeeds.
 * A stopped engine and ``--max-runtime``: the run ends at its wall-clock limit with what was committed.
+* Executors stuck outside the engine calls past ``--max-runtime`` and ``job.stop_grace_s``: the round is cancelled
+  uncommitted (exit 7), earlier rounds stay, a rerun completes the rest.
 * Two jobs at once on one Ray: each pass has its own engine actors.
 * The error-rate brake counts new failures over first attempts, with a minimum count; ``--retry-given-up``.
 """
@@ -133,6 +135,74 @@ def test_max_runtime_ends_a_run_whose_engine_hangs(tmp_path, spark, replay):
     assert not [e for e in rows(out, "errors") if e["stage"] == "engine"]  # cut by the limit: no error
     (run,) = table(out, "runs").to_pylist()
     assert (run["status"], run["failed"], run["engine_errors"]) == ("succeeded", 0, 0)
+
+    assert job.run(replay, src, str(out), spark=spark) == ExitCode.OK
+    assert ledger_statuses(out) == {n["note_id"]: ("succeeded", 1) for n in notes}
+    assert_no_duplicates(out)
+
+
+def spark_python_workers() -> list[int]:
+    """The Python workers of this process's Spark: children of the Python daemon (``notelake.jobs.spark_daemon``)
+    that the JVM this process started runs."""
+    parents, daemons = {}, set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                parents[int(entry.name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                if b"notelake.jobs.spark_daemon" in f.read():
+                    daemons.add(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return [pid for pid in daemons if parents[pid] in daemons and parents.get(parents[parents[pid]]) == os.getpid()]
+
+
+@contextlib.contextmanager
+def frozen_python_workers():
+    """SIGSTOP every Python worker of this process's Spark, and each one forked later, until the block ends: tasks
+    stuck in their Python code (the daemon that forks them, and kills them for Spark, keeps running)."""
+    frozen, done = set(), threading.Event()
+
+    def freeze() -> None:
+        while not done.is_set():
+            for pid in set(spark_python_workers()) - frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen.add(pid)
+            time.sleep(0.02)
+
+    freezer = threading.Thread(target=freeze, daemon=True)
+    freezer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        freezer.join()
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_a_round_stuck_past_max_runtime_and_its_grace_is_cancelled_uncommitted(tmp_path, spark, replay):
+    """The executors' Python processes stop mid-round (no engine call left to time out): job.stop_grace_s after
+    --max-runtime the round is cancelled, nothing of it committed (exit 7); the next run extracts what is left."""
+    notes = sample_notes(12)
+    src, out = write_notes(tmp_path / "notes", notes), tmp_path / "warehouse"
+    cfg = replay.with_overrides(job={"max_runtime_s": 8, "stop_grace_s": 2, "round_notes": 1})
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        night = pool.submit(job.run, cfg, src, str(out), spark=spark)
+        when_first_round_committed(out, cfg)
+        with frozen_python_workers():
+            assert night.result(timeout=120) == ExitCode.TIMED_OUT
+            assert time.monotonic() - t0 < 60
+    ledger = ledger_statuses(out)
+    assert 1 <= len(ledger) < 12 and set(ledger.values()) == {("succeeded", 1)}
+    (run,) = table(out, "runs").to_pylist()
+    assert run["status"] == "succeeded" and run["rounds_json"].count('"cancelled": true') == 1
+    assert {r["note_id"] for r in rows(out, "concepts")} <= set(ledger)  # the cancelled round left no row
 
     assert job.run(replay, src, str(out), spark=spark) == ExitCode.OK
     assert ledger_statuses(out) == {n["note_id"]: ("succeeded", 1) for n in notes}

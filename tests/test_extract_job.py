@@ -122,7 +122,7 @@ def test_end_to_end_incremental_and_edit(tmp_path, spark, engine_pool, settings,
     assert "no_such_column" in err and "PARSE_SYNTAX_ERROR" in err and "Traceback" not in err
 
 
-def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings):
+def test_bad_rows_rejected_good_rows_land(tmp_path, spark, replay):
     good = sample_notes(2)
     huge = "Patient doing well. " * 20_000  # 400 kB each: larger than maxResultSize if it ever reached the driver
     rows = good + [
@@ -136,7 +136,7 @@ def test_bad_rows_rejected_good_rows_land(tmp_path, spark, engine_pool, settings
     ]
     src = write_notes(tmp_path / "notes", rows)
     out = tmp_path / "warehouse"
-    cfg = job_settings(settings, max_error_rate=0.5).with_overrides(input={"max_text_chars": 100_000})
+    cfg = replay.with_overrides(job={"max_error_rate": 0.5}, input={"max_text_chars": 100_000})
     assert job.run(cfg, src, str(out), spark=spark) == ExitCode.ERROR_RATE  # 9 of 11 rows are bad
 
     errors = table(out, "errors").to_pylist()
@@ -193,8 +193,7 @@ def test_plan_and_input_summary_in_one_pass(tmp_path, spark, settings):
     assert all(r["note_bucket"] == note_bucket(r["note_id"], 8) for r in planned.collect())
 
 
-def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path, spark, engine_pool, settings,
-                                                                        capsys):
+def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path, spark, replay, capsys):
     from datetime import datetime, timezone
 
     def at(day: int) -> datetime:
@@ -202,8 +201,8 @@ def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path,
 
     notes = [{**n, "updated_at": at(1 + i)} for i, n in enumerate(sample_notes(4))]
     out = tmp_path / "warehouse"
-    cfg = job_settings(settings, round_notes=1, max_runtime_s=0.001).with_overrides(
-        input={"updated_at_column": "updated_at"})
+    cfg = replay.with_overrides(job={"round_notes": 1, "max_runtime_s": 0.001},
+                                input={"updated_at_column": "updated_at"})
     src = write_notes(tmp_path / "notes", notes[:3])
 
     # Stopped by max_runtime after the first of three rounds: the watermark must not move past unread rows.
@@ -233,10 +232,10 @@ def test_watermark_reads_only_rows_updated_since_the_last_complete_run(tmp_path,
     assert_no_duplicates(out)
 
 
-def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, engine_pool, settings):
+def test_propagate_deletes_removes_notes_gone_from_the_input(tmp_path, spark, replay):
     notes = sample_notes(3)
     out = tmp_path / "warehouse"
-    cfg = job_settings(settings, propagate_deletes=True, max_delete_fraction=0.5)  # 1 of 3 notes goes
+    cfg = replay.with_overrides(job={"propagate_deletes": True, "max_delete_fraction": 0.5})  # 1 of 3 notes goes
     assert job.run(cfg, write_notes(tmp_path / "notes", notes), str(out), spark=spark) == ExitCode.OK
     gone = notes[1]["note_id"]
     assert gone in table(out, "ledger")["note_id"].to_pylist()
@@ -283,16 +282,16 @@ def test_dry_run_selects_without_extracting(tmp_path, spark, settings, capsys):
     assert read_delta_arrow(out / "concepts") is None
 
 
-def test_several_tasks_in_one_pass(tmp_path, spark, engine_pool, settings):
+def test_several_tasks_in_one_pass(tmp_path, spark, replay):
     """--task phee,maccrobat: the input is read once and both tasks share the engine, while rows, ledger rows and
     runs rows stay per task. A task added to an existing output is extracted alone; a rerun selects nothing."""
     notes = sample_notes(3)
     ids = sorted(n["note_id"] for n in notes)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
-    assert job.run(job_settings(settings), src, str(out), spark=spark) == ExitCode.OK  # phee alone first
+    assert job.run(replay, src, str(out), spark=spark) == ExitCode.OK  # phee alone first
 
-    both = job_settings(settings, task="phee,maccrobat")
+    both = replay.with_overrides(job={"task": "phee,maccrobat"})
     assert job.run(both, src, str(out), spark=spark) == ExitCode.OK
     runs = sorted(table(out, "runs").to_pylist(), key=lambda r: (r["started_at"], r["task"]))
     pass_runs = {r["task"]: r for r in runs[1:]}
@@ -352,7 +351,7 @@ def test_new_task_yaml_runs_zero_shot(tmp_path, spark, engine_pool, settings):
     assert set(concepts["task"].to_pylist()) <= {"drugsafety"}
 
 
-def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, engine_pool, settings, ray_address):
+def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, replay, ray_address):
     """SIGKILL the job (a separate process on the same Ray cluster) after its first round commits; rerun."""
     import os
     import signal
@@ -363,21 +362,20 @@ def test_killed_run_is_completed_by_rerun_without_duplicates(tmp_path, spark, en
     notes = sample_notes(4)
     src = write_notes(tmp_path / "notes", notes)
     out = tmp_path / "warehouse"
-    cfg = job_settings(settings, round_notes=1)
+    cfg = replay.with_overrides(job={"round_notes": 1})
     conf = write_conf(tmp_path / "conf.yaml", cfg.with_overrides(ray={"address": ray_address}))
     proc = subprocess.Popen([sys.executable, "-m", "notelake.jobs.extract", "--conf", conf, "--input", src,
                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    committed = 0
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
         ledger = read_delta_arrow(out / "ledger")
-        committed = 0 if ledger is None else ledger.num_rows
-        if committed >= 1:
+        if ledger is not None and ledger.num_rows >= 1:
             proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.wait(timeout=60)
+    committed = read_delta_arrow(out / "ledger").num_rows  # what it committed before it died
     assert 1 <= committed < len(notes), f"expected a kill mid-run, ledger had {committed} notes"
 
     assert job.run(cfg, src, str(out), spark=spark) == ExitCode.OK

@@ -13,10 +13,10 @@ from notelake.jobs.extraction.identity import describe_extraction
 # Change one only with what changes answers (a new adapter, prompt, parser, sampling setting, window recovery or
 # assertion method), and say in the upgrade notes that every note is extracted again.
 PINNED = {
-    ("phee", "shipped adapter"): "fedca345175ccfcc259c76d372fc7347",
-    ("phee", "base model"): "e1a12a1ba2761dfa1d87676c8842bf8b",
-    ("maccrobat", "shipped adapter"): "f739580638454fa6d68de4132e681ec4",
-    ("maccrobat", "base model"): "6ce4d72f6c012ae5145230b17fb8eebf",
+    ("phee", "shipped adapter"): "6e9b204a10e9f35ab50bfd0e2c9e9bb4",
+    ("phee", "base model"): "3fb610a9c488b6aac8c38f4a61062bee",
+    ("maccrobat", "shipped adapter"): "c32cc955fdf5579faa16e6f5858674a0",
+    ("maccrobat", "base model"): "c2c8a1194cfde2985005d70e1ed2f662",
 }
 
 
