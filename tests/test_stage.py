@@ -101,9 +101,25 @@ def test_after_the_deadline_batches_already_sent_are_finished_and_no_new_one_is_
 # An image pasted into a note as MIME base64 (76-character lines, 57 bytes each): no prose, no model call.
 BLOB = base64.encodebytes(random.Random(7).randbytes(57 * 53)).decode()
 NEGATED = "Patient denies nausea after heparin."
-# Longer than spaCy's max_length (1 000 000 characters), which ConText's tokenizer refuses: a note the input
-# admits (input.max_text_chars raised) whose assertion step raises, on this note only.
+# Longer than spaCy's max_length (1 000 000 characters): ConText reads it in segments, so it lands like any note.
 HUGE = NEGATED + "\n" + base64.encodebytes(random.Random(8).randbytes(750_000)).decode() + "\nHeparin was stopped."
+# A note whose assertion step raises (a fault planted in ConText for notes holding this sentence: nothing in the
+# packages fails this way on admitted text).
+POISON = "A fever, a cough and a rash developed after aspirin; the patient denies nausea, pain and dyspnea."
+
+
+@pytest.fixture
+def poisoned_context(monkeypatch):
+    from notelake.models import assertion
+
+    judge = assertion._context_of
+
+    def raising(text, extents, labels):
+        if POISON in text:
+            raise ValueError("a planted fault")
+        return judge(text, extents, labels)
+
+    monkeypatch.setattr(assertion, "_context_of", raising)
 
 
 def blob_note(prose_before: str = "Patient developed a rash after amoxicillin.",
@@ -117,15 +133,17 @@ def staged(folder, table: str) -> list[dict]:
     return pq.read_table(folder / table).to_pylist() if (folder / table).exists() else []
 
 
-def test_a_blob_note_negated_concepts_and_a_note_that_raises_in_one_batch(tmp_path, settings, engine):
+def test_a_blob_note_negated_concepts_and_a_note_that_raises_in_one_batch(tmp_path, settings, engine,
+                                                                         poisoned_context):
     """One batch: a negated finding (REPLAY answers carry no assertion marker: the model says present), a note with
-    a base64 blob between its prose, and a note whose assertion step raises. The first gets ConText's ``negated``,
-    the second its prose's concepts with no model call for the blob, the third fails alone."""
+    a base64 blob between its prose, a note over spaCy's 1 000 000 characters, and a note whose assertion step
+    raises. The first gets ConText's ``negated``, the second its prose's concepts with no model call for the blob,
+    the third its concepts, the fourth fails alone."""
     text, (blob_start, blob_end) = blob_note()
     for method in ("combined", "model"):
         out = tmp_path / method
         ctx = context(settings.with_overrides(job={"assertion": method}), out, ahead=1, task="maccrobat")
-        outcomes = [o for _, o in extract_batches([one_batch([NEGATED, text, HUGE], "maccrobat")], ctx,
+        outcomes = [o for _, o in extract_batches([one_batch([NEGATED, text, HUGE, POISON], "maccrobat")], ctx,
                                                   lambda: engine)]
         rows = {r["note_id"]: r for r in pa.Table.from_batches(outcomes).to_pylist()}
         concepts = staged(out, "concepts")
@@ -137,14 +155,17 @@ def test_a_blob_note_negated_concepts_and_a_note_that_raises_in_one_batch(tmp_pa
         assert {c["start"] < blob_start for c in found} == {True, False}  # concepts on both sides of the blob
         assert all(c["end"] <= blob_start or c["start"] >= blob_end for c in found)
         assert all(text[c["start"]:c["end"]] == c["text"] for c in found)
-        if method == "model":  # ConText never runs: the huge note succeeds
-            assert rows["n2"]["status"] == "succeeded"
+        huge = [c for c in concepts if c["note_id"] == "n2"]
+        assert rows["n2"]["status"] == "succeeded" and huge
+        assert all(HUGE[c["start"]:c["end"]] == c["text"] for c in huge)
+        if method == "model":  # ConText never runs: the poisoned note succeeds
+            assert rows["n3"]["status"] == "succeeded"
             continue
-        assert [rows[n]["status"] for n in ("n0", "n1", "n2")] == ["succeeded", "succeeded", "failed"]
+        assert [rows[n]["status"] for n in ("n0", "n1", "n2", "n3")] == ["succeeded"] * 3 + ["failed"]
         (error,) = staged(out, "errors")
-        assert (error["note_id"], error["stage"], error["error_type"]) == ("n2", "assertion", "exception")
-        assert error["message"].startswith("ValueError at spacy/") and "models/assertion.py" in error["message"]
-        assert "max_length" not in error["message"] and "heparin" not in error["message"].lower()
+        assert (error["note_id"], error["stage"], error["error_type"]) == ("n3", "assertion", "exception")
+        assert error["message"].startswith("ValueError at tests/test_stage.py")
+        assert "planted" not in error["message"] and "aspirin" not in error["message"].lower()
         ledger = {r["note_id"]: r["status"] for r in staged(out, "ledger")}
-        assert ledger == {"n0": "succeeded", "n1": "succeeded", "n2": "failed"}
-        assert not [c for c in concepts if c["note_id"] == "n2"]
+        assert ledger == {"n0": "succeeded", "n1": "succeeded", "n2": "succeeded", "n3": "failed"}
+        assert not [c for c in concepts if c["note_id"] == "n3"]
