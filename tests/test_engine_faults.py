@@ -190,7 +190,7 @@ def test_a_round_stuck_past_max_runtime_and_its_grace_is_cancelled_uncommitted(t
     --max-runtime the round is cancelled, nothing of it committed (exit 7); the next run extracts what is left."""
     notes = sample_notes(12)
     src, out = write_notes(tmp_path / "notes", notes), tmp_path / "warehouse"
-    cfg = replay.with_overrides(job={"max_runtime_s": 8, "stop_grace_s": 2, "round_notes": 1})
+    cfg = replay.with_overrides(job={"max_runtime_s": 20, "stop_grace_s": 2, "round_notes": 1})
     with ThreadPoolExecutor(1) as pool:
         t0 = time.monotonic()
         night = pool.submit(job.run, cfg, src, str(out), spark=spark)
