@@ -37,7 +37,7 @@ from typing import Any
 import ray
 
 from notelake.conf.settings import EngineConfig, RayConfig, Settings
-from notelake.models.dispatch import Dispatch, actor_state
+from notelake.models.dispatch import Dispatch
 from notelake.models.engine import ENGINE_FAULTS, GenerationRequest, GenerationResult, engine_fault, error_result
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ class EnginePool:
     def stalled(self, i: int) -> bool:
         """Whether actor ``i`` is hung: alive to Ray (not restarting) but it finished no request for
         ``ray.call_timeout_s``, or did not answer a probe at all (a stopped or frozen process)."""
-        state = actor_state(self.actors[i])
+        state = _actor_state(self.actors[i])
         if state is not None and state != "ALIVE":
             return False  # restarting (loading its engine) or dead: Ray reports that on the call itself
         try:
@@ -404,7 +404,7 @@ class EnginePool:
     def actor_ids(self) -> tuple[str, ...]:
         """Ray's ids of the pool's actors: a restart by Ray keeps an actor's id, a new actor of the same name has
         another."""
-        return tuple(actor._actor_id.hex() for actor in self.actors)
+        return tuple(_actor_id(actor) for actor in self.actors)
 
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors], timeout=self.settings.ray.call_timeout_s)
@@ -427,6 +427,20 @@ class EnginePool:
                 time.sleep(0.1)
         self.actors = []
         self.names = []
+
+
+def _actor_id(actor) -> str:
+    return actor._actor_id.hex()  # no public attribute holds a handle's actor id
+
+
+def _actor_state(actor) -> str | None:
+    """The actor's state in Ray's GCS (ALIVE, RESTARTING, DEAD, ...), None when it cannot be read."""
+    try:
+        from ray._private import state  # no public API reads one actor's state without the dashboard
+
+        return state.actors(_actor_id(actor)).get("State")
+    except Exception:  # noqa: BLE001 - a private API: without it, the progress probe alone decides
+        return None
 
 
 def _adopt_token_auth() -> None:

@@ -20,7 +20,7 @@ from notelake.models.engine import (DEADLINE, ENGINE_FAULTS, GenerationRequest, 
 if TYPE_CHECKING:
     from notelake.models.actor import EnginePool
 
-log = logging.getLogger("notelake.models.actor")
+log = logging.getLogger(__name__)
 
 ENGINE_UNAVAILABLE = "engine_unavailable"
 
@@ -166,13 +166,3 @@ class Dispatch:
         while self.queue:
             self.fail(self.queue.popleft()[0], DEADLINE)
         log.warning("run deadline passed: engine calls in flight abandoned")
-
-
-def actor_state(actor) -> str | None:
-    """The actor's state in Ray's GCS (ALIVE, RESTARTING, DEAD, ...), None when it cannot be read."""
-    try:
-        from ray._private import state  # no public API reads one actor's state without the dashboard
-
-        return state.actors(actor._actor_id.hex()).get("State")
-    except Exception:  # noqa: BLE001 - a private API: without it, the progress probe alone decides
-        return None
