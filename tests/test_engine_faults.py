@@ -8,6 +8,7 @@ the REPLAY engine in a real Ray actor (only the data plane matters here), deltal
 * Executors stuck outside the engine calls past ``--max-runtime`` and ``job.stop_grace_s``: the round is cancelled
   uncommitted (exit 7), earlier rounds stay, a rerun completes the rest.
 * Two jobs at once on one Ray: each pass has its own engine actors.
+* A reused Spark Python worker finds engines killed and made again under the same names (not the dead ones).
 * The error-rate brake counts new failures over first attempts, with a minimum count; ``--retry-given-up``.
 """
 
@@ -27,7 +28,7 @@ from jobkit import assert_no_duplicates, job_settings, rows, sample_notes, table
 from notelake.jobs.extraction import job
 from notelake.jobs.extraction.given_up import GivenUpSelection
 from notelake.jobs.extraction.report import ExitCode
-from notelake.models.actor import ACTOR_PREFIX, engine_config_hash
+from notelake.models.actor import ACTOR_PREFIX, actor_names, engine_config_hash
 
 # too many tokens for a 1 024-token context: the engine refuses the chunk (prompt_too_long), the note's own fault
 # (words, not one run of 900 characters: a window without prose gets the empty answer with no model call)
@@ -207,6 +208,35 @@ def test_a_round_stuck_past_max_runtime_and_its_grace_is_cancelled_uncommitted(t
     assert job.run(replay, src, str(out), spark=spark) == ExitCode.OK
     assert ledger_statuses(out) == {n["note_id"]: ("succeeded", 1) for n in notes}
     assert_no_duplicates(out)
+
+
+def test_a_reused_worker_finds_engines_made_again_under_the_same_names(replay):
+    """An executor's Python worker keeps its engine handle between passes; when the actors are killed and made
+    again under the same names, the next pass's handle reaches the new actors, not the dead ones."""
+    from notelake.jobs.extraction.stage import StageContext, _executor_pool
+    from notelake.models.actor import EnginePool, ensure_ray
+    from notelake.models.engine import GenerationRequest
+
+    cfg = replay.with_overrides(ray={"namespace": "notelake-remade-engines", "engine_scope": "cluster"})
+    gcs_address = ensure_ray(cfg.ray)
+    request = GenerationRequest("r1", [{"role": "user", "content": "Aspirin caused a rash."}], max_tokens=16)
+
+    def answer(pool) -> str | None:
+        ctx = StageContext(settings=cfg, tasks={}, lineages={}, staging_dir="", passthrough=(),
+                           gcs_address=gcs_address, engine_actor_ids=pool.actor_ids())
+        (result,) = _executor_pool(ctx).generate([request])
+        return result.error
+
+    first = EnginePool.get_or_create(cfg).ready()
+    assert answer(first) is None
+    first_ids = first.actor_ids()
+    first.shutdown()
+    second = EnginePool.get_or_create(cfg).ready()
+    try:
+        assert second.names == actor_names(cfg) and second.actor_ids() != first_ids
+        assert answer(second) is None  # a handle to the first pool's actors would answer engine_unavailable
+    finally:
+        second.shutdown()
 
 
 def test_two_jobs_at_once_on_one_ray_have_their_own_engines(tmp_path, spark, replay):
