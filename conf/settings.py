@@ -54,6 +54,17 @@ class EngineConfig(_Strict):
     pairs: str | None = Field(None, description="tagger backend only: a relation pair classifier folder (training "
                                                 "objective: pair) run over the tagger's concepts; null = concepts only")
     adapter: str | None = Field(None, description="LoRA adapter folder (with manifest.json); null = base model")
+    concepts_from: Literal["auto", "generative", "tagger"] = Field(
+        "auto", description="vllm/hf backends: who writes a task's concepts. auto = per task, the extractor whose "
+                            "dev figure recorded in its manifest is higher on the same dev slice: engine.adapter, or "
+                            "a tagger under engine.heads (the generative answer's relations then anchored on the "
+                            "tagger's concepts, models/extractors.py); generative = engine.adapter only; tagger = "
+                            "the best recorded tagger of the task (a task without one is refused)")
+    relations_from: Literal["auto", "generative", "pairs"] = Field(
+        "auto", description="where concepts come from a tagger: its relations from the generative answer or from a "
+                            "pair classifier under engine.heads (auto = the higher recorded dev figure)")
+    heads: str | None = Field(None, description="folder of trained classification heads (taggers, pair classifiers) "
+                                                "the choice reads; null = the shipped models/taggers")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="float32 on CPU, bfloat16 on GPU")
     max_model_len: int = Field(4096, ge=256, description="context window the engine reserves per sequence")
     gpu_memory_utilization: float = Field(0.25, gt=0, le=0.95, description="KV-cache fraction (CPU: of host memory)")

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "relations scored end to end. 'allowed': the floor a classifier must beat (every pair the "
                         "task's schema allows); 'allowed:FOLDER': every candidate pair of FOLDER's classifier (its "
                         "label pairs and largest gap)")
+    p.add_argument("--concepts-from", choices=["generative", "auto", "tagger"], default="generative",
+                   help="who writes the concepts (engine.concepts_from): the adapter alone (default: its own "
+                        "figures), or the job's choice between it and the task's tagger (models/extractors.py)")
+    p.add_argument("--relations-from", choices=["auto", "generative", "pairs"], default="auto",
+                   help="with tagger concepts: relations from the generative answer or a pair classifier")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples over notes")
     p.add_argument("--label", default=None, help="run label in comparison tables")
     p.add_argument("--compare", nargs="*", default=None, help="report.json files to tabulate alongside")
@@ -106,6 +111,19 @@ def _adapter_info(path: str | None, model_sha: str, task: str) -> dict | None:
             "train_wall_s": training.get("wall_time_s"), "kind": info.manifest.get("kind", "lora")}
 
 
+def _extractors(args, settings, adapter_path: str | None, model_sha: str, task: str):
+    """The extractors ``--concepts-from`` / ``--relations-from`` choose for ``task`` beside the adapter."""
+    from notelake.models.adapters import load_adapter
+    from notelake.models.extractors import ExtractorChoice, choose_extractors
+
+    if args.concepts_from == "generative":
+        return ExtractorChoice()
+    info = load_adapter(adapter_path, model_sha, task) if adapter_path else None
+    engine = settings.engine.model_copy(update={"backend": "vllm", "concepts_from": args.concepts_from,
+                                                "relations_from": args.relations_from})
+    return choose_extractors(engine, task, info, model_sha)
+
+
 def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc: dict,
                    adapter_arg: str = "none") -> dict:
     from notelake.conf.task import load_task
@@ -126,12 +144,14 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
     except AdapterError as exc:
         raise ConfigError(f"adapter refused: {exc}") from None
     settings = load_settings(args.settings)
+    extractors = _extractors(args, settings, adapter_path, model_sha, task.name)
     max_tokens = args.max_tokens or task.max_tokens
     overlap = task.overlap(settings.job.chunk_overlap_chars) if args.chunk_overlap is None else args.chunk_overlap
     scores = evaluate_records(task, records, generate, EvalOptions(
         adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
         guided_decoding=args.guided, chunk_overlap_chars=overlap,
         batch_size=args.batch_size, resamples=args.resamples, seed=args.seed, assertion=settings.job.assertion,
+        heads=extractors.request_fields() if extractors.uses_heads else None,
         lineage={"model": model_name, "model_sha256": model_sha,
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
     ))
@@ -153,6 +173,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
                   "definition": "notes sorted by note_id, random.Random('dev-slice:<seed>').shuffle, first <limit>"},
         "model": {"name": model_name, "sha256": model_sha},
         "adapter": adapter,
+        "extractors": extractors.describe(),
         "engine": {"backend": engine_desc.get("backend"), "dtype": engine_desc.get("dtype"),
                    "greedy": True, "guided_decoding": args.guided, "max_tokens": max_tokens,
                    "chunk_overlap_chars": overlap, "max_chunk_chars": task.max_chunk_chars,
@@ -259,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.task and args.gold):
         print("error: --task and --gold go together", file=sys.stderr)
+        return 2
+    if args.record_dev_scores and args.concepts_from != "generative":
+        print("error: --record-dev-scores records the adapter's own figures: leave --concepts-from generative",
+              file=sys.stderr)
         return 2
     if args.pairs and not args.tagger:
         print("error: --pairs classifies relations over a tagger's concepts: give --tagger too", file=sys.stderr)

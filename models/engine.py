@@ -36,6 +36,8 @@ class GenerationRequest:
     max_tokens: int = 512
     adapter: str | None = None  # adapter folder; None = the engine's default adapter; "" = base model
     text: str | None = None  # the chunk's own text, for engines that read it rather than the prompt (tagger)
+    tagger: str | None = None  # a tagger folder whose concepts of ``text`` come with the answer (models/extractors.py)
+    pairs: str | None = None  # with ``tagger``: a pair classifier folder whose relations replace the answer's
 
 
 @dataclass(frozen=True)
@@ -191,11 +193,13 @@ def describe_loaded(engine: Any, guided_decoding: str) -> dict:
 
 
 def make_engine(cfg: EngineConfig) -> Engine:
-    """The engine ``cfg.backend`` names (vllm, hf, tagger, or replay for data-plane benchmarks)."""
+    """The engine ``cfg.backend`` names (vllm, hf, tagger, or replay for data-plane benchmarks); a generative one
+    runs the classification heads its requests name beside it (models/extractors.py)."""
     if cfg.backend == "hf":
+        from notelake.models.extractors import HeadsEngine
         from notelake.models.hf_engine import HFEngine
 
-        return HFEngine(cfg)
+        return HeadsEngine(HFEngine(cfg), cfg)
     if cfg.backend == "replay":
         from notelake.models.replay import ReplayEngine
 
@@ -204,6 +208,7 @@ def make_engine(cfg: EngineConfig) -> Engine:
         from notelake.models.tagger import TaggerEngine
 
         return TaggerEngine(cfg)
+    from notelake.models.extractors import HeadsEngine
     from notelake.models.vllm_engine import VLLMEngine
 
-    return VLLMEngine(cfg)
+    return HeadsEngine(VLLMEngine(cfg), cfg)

@@ -11,11 +11,11 @@ from notelake.conf.task import load_task
 from notelake.jobs.extraction.identity import describe_extraction
 
 # Change one only with what changes answers (a new adapter, prompt, parser, sampling setting, window recovery or
-# assertion method), and say in the upgrade notes that every note is extracted again.
+# assertion method, extractor choice), and say in the upgrade notes that every note is extracted again.
 PINNED = {
     ("phee", "shipped adapter"): "6e9b204a10e9f35ab50bfd0e2c9e9bb4",
     ("phee", "base model"): "3fb610a9c488b6aac8c38f4a61062bee",
-    ("maccrobat", "shipped adapter"): "c32cc955fdf5579faa16e6f5858674a0",
+    ("maccrobat", "shipped adapter"): "4bdef615991b1a0ae449d9efc222b30c",  # tagger concepts (auto)
     ("maccrobat", "base model"): "c2c8a1194cfde2985005d70e1ed2f662",
 }
 

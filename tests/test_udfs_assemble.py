@@ -163,3 +163,22 @@ def test_tagger_spans_and_pair_relations(phee):
     ids = {c["concept_id"] for c in res.concepts}
     assert all(r["head_concept_id"] in ids and r["tail_concept_id"] in ids for r in res.relations)
     assert res.dropped_relations == 2  # Effect -> Drug is not an allowed pair; Drug -> itself is a self-loop
+
+
+def test_tagger_concepts_anchor_the_answers_relations(phee):
+    """Tagger concepts with the generated answer's relations (models/extractors.py): each answer mention goes to
+    the tagger concept it overlaps, its assertion marker with it; the answer's own mentions are not written, and
+    a relation with an end on no tagger concept is dropped."""
+    chunks = chunk_text(TEXT, phee.max_chunk_chars)
+    start = TEXT.index("hypoglycemia")
+    tagged = (("Drug", TEXT.index("insulin"), TEXT.index("insulin") + 7), ("Effect", start, start + 7))
+    answer = ("ADE_trigger: developed | Drug: insulin | Effect(negated): hypoglycemia\n"
+              "ADE_trigger: induced | Drug: insulin | Effect: lipoatrophy")
+    res = assemble_note(note_id="n1", text=TEXT, task=phee, chunks=chunks, outputs=[answer], tagged=[tagged],
+                        lineage=lineage(TEXT))
+    assert not res.errors
+    assert {(c["label"], c["text"], c["grounding_method"], c["assertion"]) for c in res.concepts} == {
+        ("Drug", "insulin", "tagger", "present"), ("Effect", "hypogly", "tagger", "negated")}
+    assert {(r["label"], r["head_text"], r["tail_text"]) for r in res.relations} == {
+        ("adverse_effect", "insulin", "hypogly")}
+    assert res.dropped_relations >= 1  # insulin -> lipoatrophy: the tagger found no lipoatrophy

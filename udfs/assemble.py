@@ -112,11 +112,32 @@ def assemble_note(  # keyword-only, one argument per per-window input a backend 
         if engine_error is not None:
             merger.fail(chunk.index, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
         elif tagged is not None and tagged[pos] is not None:
-            merger.add_tagged(chunk, tagged[pos], tag_relations[pos] if tag_relations is not None else None)
+            relations = tag_relations[pos] if tag_relations is not None else None
+            if raw is None or relations is not None:
+                merger.add_tagged(chunk, tagged[pos], relations)
+            else:
+                merger.add_anchored(chunk, tagged[pos], raw, bool(truncated[pos]) if truncated is not None else False,
+                                    fuzzy=fuzzy, cut_final=cut_final)
         else:
             merger.add_answer(chunk, raw, bool(truncated[pos]) if truncated is not None else False,
                               fuzzy=fuzzy, cut_final=cut_final)
     return merger.rows(note_bucket, extra)
+
+
+def _overlapping(keys: list[tuple], label: str, spans, shift: int) -> tuple | None:
+    """The key among grounded ``keys`` whose span overlaps ``spans`` (window offsets, moved by ``shift``) most,
+    one of ``label`` first; None when ``spans`` is None or nothing overlaps."""
+    if spans is None:
+        return None
+    start, end = spans[0][0] + shift, spans[-1][1] + shift
+    best, best_rank = None, None
+    for key in keys:
+        (k_start, _), (_, k_end) = key[2][0], key[2][-1]
+        overlap = min(end, k_end) - max(start, k_start)
+        rank = (key[1] == label, overlap)
+        if overlap > 0 and (best_rank is None or rank > best_rank):
+            best, best_rank = key, rank
+    return best
 
 
 class _NoteMerger:
@@ -141,8 +162,8 @@ class _NoteMerger:
     def _relate(self, label: str, head: tuple, tail: tuple, chunk_index: int) -> None:
         self.pending_relations.setdefault((label, head, tail), chunk_index)
 
-    def add_tagged(self, chunk: Chunk, tagged: tuple, relations: tuple | None) -> None:
-        """A tagger's spans (grounded by construction) and its pair classifier's relations."""
+    def add_tagged(self, chunk: Chunk, tagged: tuple, relations: tuple | None) -> list[tuple]:
+        """A tagger's spans (grounded by construction) and its pair classifier's relations; the spans' keys."""
         keys = []
         for label, start, end in tagged:
             spans = ((start + chunk.start, end + chunk.start),)
@@ -156,9 +177,10 @@ class _NoteMerger:
                 self.result.dropped_relations += 1
                 continue
             self._relate(label, head, tail, chunk.index)
+        return keys
 
-    def add_answer(self, chunk: Chunk, raw: str | None, cut: bool, *, fuzzy: bool, cut_final: bool) -> None:
-        """A generated answer: parsed, its mentions grounded in the window, its relations mapped onto them."""
+    def _parsed(self, chunk: Chunk, raw: str | None, cut: bool, cut_final: bool):
+        """The parsed answer and its mentions' groundings in the window, or None (an error row or a warning)."""
         self.result.truncated_chunks += cut
         parsed = parse_answer(raw, self.task, truncated=cut)
         if isinstance(parsed, ParseFailure):
@@ -166,20 +188,50 @@ class _NoteMerger:
                 self.result.warnings += 1
             else:
                 self.fail(chunk.index, "parse", parsed.error_type, parsed.message)
-            return
+            return None
         self.result.warnings += len(parsed.warnings)
-        groundings = ground_mentions(chunk.text, [(c.label, c.text, c.anchor) for c in parsed.concepts], fuzzy=fuzzy)
-        keys = [self._add_mention(chunk, concept, g) for concept, g in zip(parsed.concepts, groundings)]
+        return parsed
+
+    def _relate_answer(self, parsed, groundings: list, keys: list[tuple | None], labels: list[str | None],
+                       chunk: Chunk) -> None:
+        """The answer's relations between the concepts ``keys`` (one per answer mention, None: none) of ``labels``."""
         for rel in parsed.relations:
             tail_index = rel.tail if isinstance(rel.tail, int) else _resolve_reference(
                 parsed.concepts, groundings, rel.head, rel.tail)
-            if tail_index is None or not self.task.allows(
-                    rel.label, parsed.concepts[rel.head].label, parsed.concepts[tail_index].label):
+            head = keys[rel.head]
+            tail = keys[tail_index] if tail_index is not None else None
+            if head is None or tail is None or not self.task.allows(rel.label, labels[rel.head], labels[tail_index]):
                 self.result.dropped_relations += 1
                 continue
-            head, tail = keys[rel.head], keys[tail_index]
             if head != tail:  # two mentions merged into one concept: no self-loop
                 self._relate(rel.label, head, tail, chunk.index)
+
+    def add_answer(self, chunk: Chunk, raw: str | None, cut: bool, *, fuzzy: bool, cut_final: bool) -> None:
+        """A generated answer: parsed, its mentions grounded in the window, its relations mapped onto them."""
+        parsed = self._parsed(chunk, raw, cut, cut_final)
+        if parsed is None:
+            return
+        groundings = ground_mentions(chunk.text, [(c.label, c.text, c.anchor) for c in parsed.concepts], fuzzy=fuzzy)
+        keys = [self._add_mention(chunk, concept, g) for concept, g in zip(parsed.concepts, groundings)]
+        self._relate_answer(parsed, groundings, keys, [c.label for c in parsed.concepts], chunk)
+
+    def add_anchored(self, chunk: Chunk, tagged: tuple, raw: str, cut: bool, *, fuzzy: bool, cut_final: bool) -> None:
+        """A tagger's concepts with a generated answer's relations anchored on them: each answer mention goes to the
+        tagger concept its grounded span overlaps most (one of its own label first), and gives it its assertion
+        marker; the answer's own mentions are not written, and a relation with an end on no tagger concept is
+        dropped (counted)."""
+        tag_keys = self.add_tagged(chunk, tagged, None)
+        parsed = self._parsed(chunk, raw, cut, cut_final)
+        if parsed is None:
+            return
+        groundings = ground_mentions(chunk.text, [(c.label, c.text, c.anchor) for c in parsed.concepts], fuzzy=fuzzy)
+        anchors = [_overlapping(tag_keys, concept.label, g.spans, chunk.start) for concept, g in
+                   zip(parsed.concepts, groundings)]
+        for concept, key in zip(parsed.concepts, anchors):
+            record = self.merged.get(key) if key is not None else None
+            if record is not None and record["assertion"] == "present":
+                record["assertion"] = concept.assertion
+        self._relate_answer(parsed, groundings, anchors, [k[1] if k else None for k in anchors], chunk)
 
     def _add_mention(self, chunk: Chunk, concept, grounding) -> tuple:
         self.result.ungrounded += grounding.spans is None

@@ -190,6 +190,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("source_version", pa.int64(), nullable=True),    # the Delta input's version read (delta_version)
         pa.field("retry_failed", pa.int64(), nullable=True),   # of failed: retries of known failures (not new ones)
         pa.field("engine_errors", pa.int64(), nullable=True),  # notes the engines failed: left for the next run
+        pa.field("extractors_json", pa.string(), nullable=True),  # concepts / relations by method, figures compared
     ]
 )
 RUN_STATUSES = ("running", "succeeded", "failed", "abandoned")

@@ -20,7 +20,7 @@ the caller's (the job's engine pool, the evaluation harness, a test).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,13 +78,16 @@ class NoteWindows:
 Generate = Callable[[list[Window]], Sequence[Any]]
 
 
-def request_fields(window: Window, guided_decoding: str, max_tokens: int | None = None) -> dict[str, Any]:
+def request_fields(window: Window, guided_decoding: str, max_tokens: int | None = None,
+                   heads: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The engine request of ``window`` (``models.engine.GenerationRequest(**fields)``): its prompt, its answer
-    grammar (``guided_decoding``: grounded, labels or off), its text, and ``max_tokens`` (default: the task's)."""
+    grammar (``guided_decoding``: grounded, labels or off), its text, ``max_tokens`` (default: the task's), and
+    the heads its task's extractors run on the text (``heads``: task name -> request fields, see
+    ``models.extractors.ExtractorChoice.request_fields``)."""
     chunk, task = window.chunk, window.task
     return {"request_id": f"{window.note}:{chunk.start}-{chunk.end}", "messages": build_messages(task, chunk.text),
             "guide": answer_guide(task, chunk.text, guided_decoding), "text": chunk.text,
-            "max_tokens": max_tokens or task.max_tokens}
+            "max_tokens": max_tokens or task.max_tokens, **((heads or {}).get(task.name) or {})}
 
 
 def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], generate: Generate, *,

@@ -12,6 +12,7 @@ from pathlib import Path
 from notelake.conf import ConfigError, Settings
 from notelake.conf.task import Task
 from notelake.models.assertion import assertion_fingerprint
+from notelake.models.extractors import ExtractorChoice, choose_extractors
 from notelake.udfs.hashing import fingerprint as extraction_fingerprint
 from notelake.udfs.parsing import PARSER_VERSION
 from notelake.udfs.prompts import prompt_version
@@ -55,6 +56,7 @@ class ExtractionIdentity:
     adapter_sha256: str | None
     prompt_version: str
     fingerprint: str
+    extractors: ExtractorChoice = ExtractorChoice()  # who writes the concepts and relations (models/extractors.py)
 
     def lineage(self, run_id: str) -> Lineage:
         """The lineage of run ``run_id`` under this identity."""
@@ -66,7 +68,7 @@ def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
     """The identity ``task`` is extracted under with ``settings``; raises ConfigError (no model, a tagger without
     its head, job.assertion context or combined without medSpaCy) and the adapters' errors (wrong base model, wrong
     task)."""
-    from notelake.models.adapters import load_adapter, load_head
+    from notelake.models.adapters import AdapterError, load_adapter, load_head
     from notelake.models.base_model import model_sha256, resolve_model
 
     try:
@@ -85,11 +87,21 @@ def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
         adapter = load_adapter(settings.engine.adapter, base_sha, task.name) if settings.engine.adapter else None
     if adapter is None and not task.define_labels:
         warn_trained_task_without_adapter(task)
+    try:
+        extractors = choose_extractors(settings.engine, task.name, adapter, base_sha)
+    except AdapterError as exc:
+        raise ConfigError(f"engine.heads: {exc}") from None
+    if extractors.uses_heads:
+        log.info("task %s: concepts from %s, relations from %s (recorded dev figures %s)", task.name,
+                 extractors.tagger.name, extractors.pairs.name if extractors.pairs else "the generative answer",
+                 json.dumps(dict(extractors.figures)))
     version = prompt_version(task)
     sampling = {"temperature": settings.engine.temperature, "max_tokens": settings.engine.max_tokens or task.max_tokens,
                 "guided_decoding": settings.engine.guided_decoding, "seed": settings.engine.seed}
     if pairs is not None:  # the relations' classifier (absent otherwise: fingerprints without one are unchanged)
         sampling["pairs_sha256"] = pairs.sha256
+    if extractors.fingerprint() is not None:  # a head's concepts (absent otherwise: fingerprints are unchanged)
+        sampling["extractors"] = extractors.fingerprint()
     if settings.engine.backend == "vllm" and settings.engine.answer_args:  # e.g. quantization (absent: unchanged)
         sampling["vllm_args"] = settings.engine.answer_args
     chunking = {"max_chunk_chars": task.max_chunk_chars, "overlap": task.overlap(settings.job.chunk_overlap_chars),
@@ -102,7 +114,7 @@ def describe_extraction(settings: Settings, task: Task) -> ExtractionIdentity:
                           "job.assertion: model")
     return ExtractionIdentity(
         model=settings.engine.model, model_sha256=base_sha, adapter=adapter.name if adapter else None,
-        adapter_sha256=adapter_sha, prompt_version=version,
+        adapter_sha256=adapter_sha, prompt_version=version, extractors=extractors,
         fingerprint=extraction_fingerprint(base_sha, adapter_sha, version, sampling, chunking, PARSER_VERSION,
                                            settings.engine.backend, assertion))
 

@@ -153,6 +153,7 @@ class RunRecord:
     rounds_json: str | None = None
     omop_json: str | None = None  # the pass's link and OMOP publish stats (jobs/extraction/publish.py)
     warnings_json: str | None = None  # what the run warned of (e.g. no_concept_share), a JSON list; None = nothing
+    extractors_json: str | None = None  # who wrote the concepts and relations, and the figures compared
     counts: TaskCounts = field(default_factory=TaskCounts)
 
     @classmethod
@@ -162,7 +163,7 @@ class RunRecord:
         return cls(run_id=run_id, task=task, fingerprint=identity.fingerprint, model=identity.model,
                    adapter=identity.adapter, adapter_sha256=identity.adapter_sha256,
                    prompt_version=identity.prompt_version, git_sha=git_sha, config_json=config_json,
-                   started_at=started_at)
+                   started_at=started_at, extractors_json=json.dumps(identity.extractors.describe()))
 
     @classmethod
     def from_row(cls, row: dict) -> "RunRecord":

@@ -73,6 +73,7 @@ class StageContext:
     deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started, no engine waited for
     engine_owner: str | None = None  # the pass owning the engine actors (ray.engine_scope: pass)
     engine_actor_ids: tuple[str, ...] = ()  # the actors the driver saw ready: a worker's handles to others are stale
+    heads: dict[str, dict] = field(default_factory=dict)  # task -> the heads its requests name (models/extractors.py)
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials for staging: never logged
 
 
@@ -135,7 +136,7 @@ def prepare_batch(batch: pa.RecordBatch, ctx: StageContext) -> PreparedBatch:
             prepared.chunked[k] = chunk_text(note["text"], task.max_chunk_chars, task.overlap(overlap))
             for piece in (piece for chunk in prepared.chunked[k] for piece in prose_pieces(chunk)):
                 prepared.requests[(k, piece.start, piece.end)] = GenerationRequest(
-                    **request_fields(Window(k, task, piece), engine.guided_decoding, engine.max_tokens))
+                    **request_fields(Window(k, task, piece), engine.guided_decoding, engine.max_tokens, ctx.heads))
         except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
             prepared.chunked[k] = []
             prepared.failures[k] = ("prepare", exc)
@@ -182,6 +183,7 @@ class _WindowRequests:
     def __init__(self, prepared: PreparedBatch, generate_requests: Callable[[list], list], ctx: StageContext):
         self.prepared, self.generate_requests = prepared, generate_requests
         self.guided, self.max_tokens = ctx.settings.engine.guided_decoding, ctx.settings.engine.max_tokens
+        self.heads = ctx.heads
         self.engine_raised = False
 
     def over(self, notes: list[int]) -> Callable[[list], list]:
@@ -196,7 +198,8 @@ class _WindowRequests:
         for note, window in windows:
             built = self.prepared.requests.pop((note, window.chunk.start, window.chunk.end), None)
             try:
-                requests.append(built or GenerationRequest(**request_fields(window, self.guided, self.max_tokens)))
+                requests.append(built or GenerationRequest(**request_fields(window, self.guided, self.max_tokens,
+                                                                             self.heads)))
             except Exception as exc:  # noqa: BLE001 - one note's fault
                 self.prepared.failures.setdefault(note, ("prepare", exc))
                 requests.append(None)

@@ -65,6 +65,7 @@ class EvalOptions:
     seed: int = 0  # bootstrap seed
     progress: bool = True  # a progress line per generate call
     assertion: str = "combined"  # who sets the concepts' assertions (job.assertion: model, context, combined)
+    heads: dict | None = None  # the request fields naming the task's heads (models.extractors.ExtractorChoice)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def window_requests(windows: list, options: EvalOptions) -> list:
     from notelake.udfs.windows import request_fields
 
     adapter = {} if options.adapter is None else {"adapter": options.adapter}
-    return [GenerationRequest(**request_fields(w, options.guided_decoding, options.max_tokens), **adapter)
+    return [GenerationRequest(**request_fields(w, options.guided_decoding, options.max_tokens,
+                                               {w.task.name: options.heads or {}}), **adapter)
             for w in windows]
 
 
