@@ -56,7 +56,8 @@ def test_errors_ledger_runs_round_trip():
            "tokens_in": 10, "tokens_out": 5, "deleted": 0, "watermark": None, "retried": 0, "given_up": 0,
            "refreshed": 0, "stale_removed": 0, "rounds_json": None, "omop_json": None,
            "no_concept": 0, "windows_no_prose": 0, "windows_split": 0, "warnings_json": None,
-           "source_version": None, "retry_failed": 0, "engine_errors": 0}
+           "source_version": None, "retry_failed": 0, "engine_errors": 0,
+           "extractors_json": None}
     assert rows_to_table([run], RUNS_SCHEMA).column("ended_at").type == UTC_US
 
 
