@@ -140,3 +140,17 @@ def test_outputs_sharing_storage_staging_leave_each_others_staged_rows_alone(tmp
     assert mine.startswith(shared + "/warehouse-") and mine != other.staging_root(shared)
     assert storage.exists(in_flight)
     assert storage.list_dirs(mine) == []  # this run's staged rows are gone
+
+
+def test_propagate_deletes_reads_the_input_ids_at_the_version_its_notes_were_read(tmp_path, spark, replay):
+    """input.watermark delta_version: the ids --propagate-deletes compares with are those of the version the run
+    read its notes at, not of a later commit."""
+    from notelake.jobs.extraction.read import read_note_ids
+
+    src = write_notes(tmp_path / "notes", sample_notes(3), NOTES_SCHEMA)
+    first = DeltaTable(src).version()
+    DeltaTable(src).delete("note_id = 'N0001'")
+    cfg = replay.with_overrides(input={"watermark": "delta_version"})
+    ids = {r["note_id"] for r in read_note_ids(spark, cfg, src, first).collect()}
+    assert ids == {"N0001", "N0002", "N0003"}
+    assert {r["note_id"] for r in read_note_ids(spark, cfg, src).collect()} == {"N0002", "N0003"}

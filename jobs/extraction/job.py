@@ -77,7 +77,8 @@ def run_pass(settings: Settings, source: str, output: str, options: PassOptions,
     checked = read_input(p.spark, settings, source, input_window(plans, settings.job.max_attempts))
     checked.rows.persist()
     errors = read_snapshot_spark(p.spark, p.warehouse.path("errors"), p.warehouse.storage_options)
-    present = read_note_ids(p.spark, settings, source).persist() if settings.job.propagate_deletes else None
+    present = read_note_ids(p.spark, settings, source, checked.version).persist() \
+        if settings.job.propagate_deletes else None
     for plan in plans:
         plan_task(plan, checked, errors, present, p)
         log_plan(plan, settings.job.max_attempts, settings.job.propagate_deletes)

@@ -65,11 +65,13 @@ def read_notes(spark, source: str, settings: Settings, version: int | None = Non
     return storage.read_parquet(spark, source, opts)
 
 
-def read_note_ids(spark, settings: Settings, source: str):
-    """The input's note ids (one scan of its id column), for ``--propagate-deletes``."""
+def read_note_ids(spark, settings: Settings, source: str, version: int | None = None):
+    """The input's note ids (one scan of its id column), for ``--propagate-deletes``: at ``version``, the one the
+    notes were read at (``input.watermark: delta_version``), so that a note deleted after it is not taken as gone
+    before the run has read what replaced it."""
     from pyspark.sql import functions as F
 
-    return read_notes(spark, source, settings).select(
+    return read_notes(spark, source, settings, version).select(
         F.col(settings.input.note_id_column).cast("string").alias("note_id")).where(
         F.col("note_id").isNotNull()).distinct()
 
