@@ -55,8 +55,8 @@ class EngineConfig(_Strict):
                                                 "objective: pair) run over the tagger's concepts; null = concepts only")
     adapter: str | None = Field(None, description="LoRA adapter folder (with manifest.json); null = base model")
     concepts_from: Literal["auto", "generative", "tagger"] = Field(
-        "auto", description="vllm/hf backends: who writes a task's concepts. auto = per task, the extractor whose "
-                            "dev figure recorded in its manifest is higher on the same dev slice: engine.adapter, or "
+        "auto", description="vllm, hf and replay backends: who writes a task's concepts. auto = per task, the "
+                            "extractor whose dev figure recorded in its manifest is higher on the same dev slice: engine.adapter, or "
                             "a tagger under engine.heads (the generative answer's relations then anchored on the "
                             "tagger's concepts, models/extractors.py); generative = engine.adapter only; tagger = "
                             "the best recorded tagger of the task (a task without one is refused)")

@@ -67,7 +67,7 @@ def ensure_ray(cfg: RayConfig) -> str:
 
 
 # Carried by each request, so configs differing only here share one engine actor (no second model load).
-PER_REQUEST_FIELDS = frozenset({"max_tokens", "guided_decoding"})
+PER_REQUEST_FIELDS = frozenset({"max_tokens", "guided_decoding", "concepts_from", "relations_from", "heads"})
 
 
 def engine_config_hash(cfg: EngineConfig) -> str:

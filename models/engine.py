@@ -201,9 +201,10 @@ def make_engine(cfg: EngineConfig) -> Engine:
 
         return HeadsEngine(HFEngine(cfg), cfg)
     if cfg.backend == "replay":
+        from notelake.models.extractors import HeadsEngine
         from notelake.models.replay import ReplayEngine
 
-        return ReplayEngine(cfg)
+        return HeadsEngine(ReplayEngine(cfg), cfg)
     if cfg.backend == "tagger":
         from notelake.models.tagger import TaggerEngine
 

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 #: The classification heads shipped with the package (engine.heads: null).
 SHIPPED_HEADS = Path(__file__).resolve().parent / "taggers"
-#: The backends that generate answers, beside which a head can run.
-GENERATIVE_BACKENDS = ("vllm", "hf")
+#: The backends that answer prompts, beside which a head can run (REPLAY's made-up answers: the data plane's tests).
+GENERATIVE_BACKENDS = ("vllm", "hf", "replay")
 
 CONCEPT_FIGURE, RELATION_FIGURE = "cce_lenient_f1", "cre_lenient_f1"
 
@@ -109,7 +109,7 @@ def _best(heads: list[AdapterInfo], task: str, figure: str) -> tuple[AdapterInfo
 
 def choose_extractors(engine: EngineConfig, task: str, adapter: AdapterInfo | None, base_sha: str) -> ExtractorChoice:
     """The extractors of ``task`` under ``engine`` (module docstring); ConfigError when a setting asks for a head the
-    task has none of. Backends other than vllm and hf keep their own extractor."""
+    task has none of. The tagger backend keeps its own extractor."""
     if engine.backend not in GENERATIVE_BACKENDS or engine.concepts_from == "generative":
         if engine.relations_from == "pairs" and engine.backend in GENERATIVE_BACKENDS:
             raise ConfigError("engine.relations_from: pairs classifies relations over a tagger's concepts: set "

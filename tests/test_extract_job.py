@@ -335,6 +335,34 @@ def test_several_tasks_in_one_pass(tmp_path, spark, replay):
     assert {t: DeltaTable(str(fresh / t)).version() for t in versions} == versions
 
 
+def test_a_tasks_tagger_writes_its_concepts_in_the_same_pass(tmp_path, spark, replay):
+    """engine.concepts_from tagger: MACCROBAT's concepts come from the shipped tagger (rows marked ``tagger``), its
+    relations from the answer, anchored on those concepts, in the pass's one engine call per window; the runs row
+    names the choice, and the fingerprint differs from the generative one's."""
+    notes = sample_notes(3)
+    src = write_notes(tmp_path / "notes", notes)
+    out = tmp_path / "warehouse"
+    tagged = replay.with_overrides(job={"task": "maccrobat"}, engine={"concepts_from": "tagger"})
+    assert job.run(tagged, src, str(out), spark=spark) == ExitCode.OK
+    (run,) = table(out, "runs").to_pylist()
+    chosen = json.loads(run["extractors_json"])
+    assert (run["succeeded"], chosen["concepts"], chosen["relations"], chosen["tagger"]["name"]) == (
+        3, "tagger", "generative", "tagger-maccrobat-lora-e3")
+    concepts = table(out, "concepts").to_pylist()
+    texts = {n["note_id"]: n["text"] for n in notes}
+    assert concepts and {c["grounding_method"] for c in concepts} == {"tagger"}
+    assert all(offsets_exact(c, texts[c["note_id"]]) for c in concepts)
+    ids = {c["concept_id"] for c in concepts}
+    assert all(r["head_concept_id"] in ids and r["tail_concept_id"] in ids for r in table(out, "relations").to_pylist())
+    generative = tmp_path / "generative"
+    assert job.run(tagged.with_overrides(engine={"concepts_from": "generative"}), src, str(generative),
+                   spark=spark) == ExitCode.OK
+    (plain,) = table(generative, "runs").to_pylist()
+    assert plain["fingerprint"] != run["fingerprint"] and json.loads(plain["extractors_json"])["concepts"] == "generative"
+    assert {c["grounding_method"] for c in table(generative, "concepts").to_pylist()} != {"tagger"}
+    assert_no_duplicates(out)
+
+
 def test_new_task_yaml_runs_zero_shot(tmp_path, spark, engine_pool, settings):
     """A new corpus is served by writing a task YAML only; output carries only that task's labels."""
     task_yaml = tmp_path / "drugsafety.yaml"
