@@ -90,3 +90,25 @@ def test_one_engine_call_gives_the_answer_and_the_taggers_concepts(engine_pool, 
     assert all(CASE[c["start"]:c["end"]] == c["text"] for c in res.concepts)
     ids = {c["concept_id"] for c in res.concepts}
     assert all(r["head_concept_id"] in ids and r["tail_concept_id"] in ids for r in res.relations)
+
+
+def test_an_evaluation_with_the_tagger_scores_the_adapter_alone_from_the_same_answers(engine_pool, shipped):
+    """``evaluate_records`` with the task's heads: the scores of the combination, and of the generative answers
+    alone from the same run (one engine call per window)."""
+    from notelake.models.evaluation import EvalOptions, evaluate_records
+
+    def concept(cid: str, label: str, word: str) -> dict:
+        start = CASE.index(word)
+        return {"id": cid, "label": label, "spans": [[start, start + len(word)]]}
+
+    record = {"note_id": "case-1", "text": CASE, "relations": [], "concepts": [
+        concept("T1", "Sign_symptom", "abdominal pain"), concept("T2", "Sign_symptom", "fever"),
+        concept("T3", "Sign_symptom", "mass"), concept("T4", "Biological_structure", "liver")]}
+    task = load_task("maccrobat")
+    chosen = describe_extraction(shipped, task).extractors
+    scores = evaluate_records(task, [record], engine_pool.generate, EvalOptions(
+        adapter="", max_tokens=96, resamples=0, progress=False, heads=chosen.request_fields()))
+    assert scores["throughput"]["prompts"] >= 1 and scores["cce"]["lenient"]["n_gold"] == 4
+    assert scores["generative_alone"]["cce"]["lenient"]["n_gold"] == 4
+    assert scores["cce"]["lenient"]["n_pred"] != scores["generative_alone"]["cce"]["lenient"]["n_pred"] or \
+        scores["cce"]["lenient"]["f1"] != scores["generative_alone"]["cce"]["lenient"]["f1"]

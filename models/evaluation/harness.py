@@ -145,14 +145,28 @@ def evaluate_records(task: Task, records: list[dict], generate: GenerateFn,
 
     notes = extract_windows([task] * len(records), chunked, generate_windows)
     lineage = eval_lineage(task, options.lineage)
-    pairs = []
+    pairs, alone = [], []
     for record, windows in zip(records, notes):
         predicted, assembled = assemble_outputs(task, record, windows, lineage, options.assertion)
         tally.add_note(windows, assembled)
         pairs.append((predicted, gold_items(task, record)))
+        if options.heads and not options.heads.get("pairs"):
+            alone.append((assemble_outputs(task, record, without_heads(windows), lineage, options.assertion)[0],
+                          pairs[-1][1]))
     scores = score_notes(task, pairs, resamples=options.resamples, seed=options.seed)
     scores.update(tally.scores(len(records)))
+    if alone:  # the same answers without the heads: the generative extractor alone, on the same run
+        generative = score_notes(task, alone, resamples=options.resamples, seed=options.seed)
+        scores["generative_alone"] = {k: generative[k] for k in ("cce", "cre") if k in generative}
     return scores
+
+
+def without_heads(windows):
+    """``windows`` (``udfs.windows.NoteWindows``) with the heads' concepts and relations taken off the answers."""
+    import dataclasses
+
+    return dataclasses.replace(windows, outputs=[dataclasses.replace(o, spans=None, relations=None)
+                                                 for o in windows.outputs])
 
 
 def window_requests(windows: list, options: EvalOptions) -> list:
