@@ -151,7 +151,7 @@ def run_evaluation(args, generate, model_name: str, model_sha: str, engine_desc:
         adapter=adapter_path if adapter_path else "", max_tokens=max_tokens,
         guided_decoding=args.guided, chunk_overlap_chars=overlap,
         batch_size=args.batch_size, resamples=args.resamples, seed=args.seed, assertion=settings.job.assertion,
-        heads=extractors.request_fields() if extractors.uses_heads else None,
+        heads=extractors.heads(),
         lineage={"model": model_name, "model_sha256": model_sha,
                  "adapter": adapter["name"] if adapter else None, "adapter_sha256": adapter["sha256"] if adapter else None},
     ))

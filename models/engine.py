@@ -36,8 +36,8 @@ class GenerationRequest:
     max_tokens: int = 512
     adapter: str | None = None  # adapter folder; None = the engine's default adapter; "" = base model
     text: str | None = None  # the chunk's own text, for engines that read it rather than the prompt (tagger)
-    tagger: str | None = None  # a tagger folder whose concepts of ``text`` come with the answer (models/extractors.py)
-    pairs: str | None = None  # with ``tagger``: a pair classifier folder whose relations replace the answer's
+    tagger: str | None = None  # a tag request: the tagger folder that tags ``text``, no prompt (models/extractors.py)
+    pairs: str | None = None  # with ``tagger``: a pair classifier folder whose relations come with the tags
 
 
 @dataclass(frozen=True)

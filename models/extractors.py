@@ -8,10 +8,11 @@ a head replaces the generative extractor only when both figures were measured on
 fingerprint) and the head's is higher. Nothing is chosen without a figure: an adapter with none for the task keeps
 its own concepts.
 
-With tagger concepts and generative relations, every window is sent to the generative engine as before and tagged
-by the tagger; the answer's relations are anchored on the tagger's concepts (``udfs.assemble``: each end goes to
-the tagger concept its grounded mention overlaps), the answer's own mentions are not written. With a pair
-classifier as well, the window needs no generated answer and is not sent.
+With tagger concepts and generative relations, a note is tagged in the tagger's own windows (the size it was trained
+on, no overlap: the task's prompt windows are shorter and overlap, and a causal tagger reads less left context in
+them) and prompted in the task's windows as before, in the same pass; the answer's relations are anchored on the
+tagger's concepts (``udfs.assemble``: each end goes to the tagger concept its grounded mention overlaps most), the
+answer's own mentions are not written. With a pair classifier as well, the note is not prompted at all.
 """
 
 from __future__ import annotations
@@ -68,17 +69,20 @@ class ExtractorChoice:
     def uses_heads(self) -> bool:
         return self.tagger is not None
 
-    def request_fields(self) -> dict[str, str | None]:
-        """The fields of a ``GenerationRequest`` that name the heads to run on its text."""
-        return {"tagger": str(self.tagger.path) if self.tagger else None,
-                "pairs": str(self.pairs.path) if self.pairs else None}
+    def heads(self) -> dict[str, Any] | None:
+        """What the executors need to run the heads (``udfs.windows.tag_windows``): the folders a tag request names
+        and the tagger's own window size (it tags a note in the windows it was trained on); None without a head."""
+        if not self.uses_heads:
+            return None
+        return {"tagger": str(self.tagger.path), "pairs": str(self.pairs.path) if self.pairs else None,
+                "window_chars": int(self.tagger.manifest.get("tag_window_chars") or 2000)}
 
     def fingerprint(self) -> dict[str, str | None] | None:
         """What of the choice changes an answer (None with no head: fingerprints without one are unchanged)."""
         if not self.uses_heads:
             return None
         return {"tagger_sha256": self.tagger.sha256, "pairs_sha256": self.pairs.sha256 if self.pairs else None,
-                "relations": self.relations}
+                "relations": self.relations, "tag_window_chars": self.heads()["window_chars"]}
 
     def describe(self) -> dict[str, Any]:
         """The choice for the runs row (``extractors_json``) and the logs: methods, heads, figures compared."""
@@ -143,10 +147,10 @@ def choose_extractors(engine: EngineConfig, task: str, adapter: AdapterInfo | No
 
 
 class HeadsEngine:
-    """A generative engine with classification heads beside it. A request naming a ``tagger`` gets that tagger's
-    concepts of its text as the result's ``spans`` beside the generated answer; naming ``pairs`` too, the pair
-    classifier's relations as ``relations``, and no generated answer (it is not sent). Heads are loaded on their
-    first request and kept; everything else is the wrapped engine's."""
+    """A generative engine with classification heads beside it. A request naming a ``tagger`` is not a prompt: its
+    text is tagged, the result carries the tagger's concepts as ``spans`` (and, naming ``pairs`` too, the pair
+    classifier's relations as ``relations``), no answer. Heads are loaded on their first request and kept;
+    everything else is the wrapped engine's."""
 
     def __init__(self, inner, cfg: EngineConfig):
         self.inner, self.cfg = inner, cfg
@@ -167,32 +171,18 @@ class HeadsEngine:
             return self._heads[key]
 
     def generate(self, requests: list, on_result=None) -> list:
-        """Every request's result in request order; heads first (one batched pass per head), then the generative
-        engine over the requests that need an answer, each result reported as it finishes."""
-        import dataclasses
-
+        """Every request's result in request order: a request naming a tagger is tagged (one batched pass per
+        head), every other one goes to the generative engine, each result reported as it finishes."""
         from notelake.models.engine import report_each
 
-        tagged: dict[str, Any] = {}
-        for (tagger, pairs), group in _grouped(r for r in requests if getattr(r, "tagger", None)).items():
-            for result in self._head(tagger, pairs).generate(group):
-                tagged[result.request_id] = result
-        own = {r.request_id for r in requests if getattr(r, "pairs", None)}
-
-        def merged(result):
-            tags = tagged.get(result.request_id)
-            if tags is None or not result.ok:
-                return result
-            if not tags.ok:  # the head failed: the window's answer cannot stand in for the chosen extractor
-                return tags
-            return dataclasses.replace(result, spans=tags.spans, relations=tags.relations)
-
-        forward = None if on_result is None else (lambda result: on_result(merged(result)))
-        ask = [r for r in requests if r.request_id not in own]
-        answers = {res.request_id: merged(res) for res in (self.inner.generate(ask, on_result=forward) if ask else [])}
-        report_each([tagged[r.request_id] for r in requests if r.request_id in own], on_result)
-        return [answers[r.request_id] if r.request_id in answers else tagged[r.request_id] for r in requests]
-
+        results: dict[str, Any] = {}
+        for (tagger, pairs), group in _grouped(r for r in requests if r.tagger).items():
+            for result in report_each(self._head(tagger, pairs).generate(group), on_result):
+                results[result.request_id] = result
+        ask = [r for r in requests if not r.tagger]
+        if ask:
+            results.update((res.request_id, res) for res in self.inner.generate(ask, on_result=on_result))
+        return [results[r.request_id] for r in requests]
 
 
 def _grouped(requests) -> dict[tuple[str, str | None], list]:

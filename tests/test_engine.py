@@ -254,7 +254,7 @@ def test_hf_engine_fallback(settings, tiny_adapter, base_model_sha):
 
     cfg = settings.engine.model_copy(update={"backend": "hf", "enable_lora": True})
     engine = make_engine(cfg)
-    assert isinstance(engine, HFEngine)
+    assert isinstance(engine.inner, HFEngine) and engine.backend == "hf"  # beside the heads (models/extractors.py)
     messages = _user("What is the capital of France?")
     reported = []
     base, lora, long = engine.generate([

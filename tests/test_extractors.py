@@ -22,7 +22,7 @@ def test_auto_takes_the_tagger_where_it_measured_better_and_keeps_the_adapter_el
         "tagger", "generative", "tagger-maccrobat-lora-e3")
     figures = dict(maccrobat.figures)
     assert figures["tagger_cce_lenient_f1"] > figures["adapter_cce_lenient_f1"]
-    assert maccrobat.request_fields() == {"tagger": str(maccrobat.tagger.path), "pairs": None}
+    assert maccrobat.heads() == {"tagger": str(maccrobat.tagger.path), "pairs": None, "window_chars": 2000}
     phee = describe_extraction(shipped, load_task("phee")).extractors
     assert (phee.concepts, phee.uses_heads) == ("generative", False)  # no PHEE tagger shipped
 
@@ -63,30 +63,33 @@ CASE = ("A 45-year-old woman presented with severe abdominal pain and fever for 
         "Computed tomography showed a 5 cm mass in the left lobe of the liver. She denied nausea.")
 
 
-def test_one_engine_call_gives_the_answer_and_the_taggers_concepts(engine_pool, shipped):
-    """A request naming the task's tagger comes back from the vLLM engine actor with the generated answer and the
-    tagger's grounded concepts; its rows are the tagger's concepts, the answer's relations anchored on them."""
+def test_the_engine_tags_a_note_in_the_taggers_windows_beside_its_prompts(engine_pool, shipped):
+    """Tag requests (the tagger's own windows) and prompts go to the vLLM engine actor in one call: the first come
+    back with the tagger's grounded concepts and no answer, the others with answers; the note's rows are the
+    tagger's concepts, the answers' relations anchored on them."""
     from notelake.models.engine import GenerationRequest
     from notelake.udfs.assemble import assemble_note
     from notelake.udfs.chunking import chunk_text
-    from notelake.udfs.windows import Window, request_fields
+    from notelake.udfs.windows import Window, request_fields, tag_request_fields, tag_windows
 
     task = load_task("maccrobat")
-    chosen = describe_extraction(shipped, task).extractors
-    chunks = chunk_text(CASE, task.max_chunk_chars)
-    heads = {task.name: chosen.request_fields()}
-    requests = [GenerationRequest(**request_fields(Window(0, task, c), "grounded", 96, heads)) for c in chunks]
-    plain = GenerationRequest(**request_fields(Window(1, task, chunks[0]), "grounded", 96))
-    *results, untagged = engine_pool.generate([*requests, plain])
-    assert all(r.ok and isinstance(r.text, str) and r.spans for r in results)
-    assert untagged.ok and untagged.spans is None  # a request naming no head is the engine's alone
-    for result, chunk in zip(results, chunks):
-        assert all(label in task.concepts and 0 <= s < e <= len(chunk.text) for label, s, e in result.spans)
-    res = assemble_note(note_id="n1", text=CASE, task=task, chunks=chunks, outputs=[r.text for r in results],
-                        tagged=[r.spans for r in results], lineage={
+    heads = describe_extraction(shipped, task).extractors.heads()
+    windows = tag_windows(CASE, heads)
+    chunks = chunk_text(CASE, 120, 40)  # prompt windows shorter than the tagger's, overlapping, as MACCROBAT's are
+    assert len(windows) == 1 and len(chunks) > 1  # the tagger reads the note whole, the prompts in pieces
+    tags = [GenerationRequest(**tag_request_fields(0, w, heads)) for w in windows]
+    prompts = [GenerationRequest(**request_fields(Window(0, task, c), "grounded", 96)) for c in chunks]
+    results = engine_pool.generate([*tags, *prompts])
+    tagged, answers = results[:len(tags)], results[len(tags):]
+    assert all(r.ok and r.text is None and r.spans for r in tagged)
+    assert all(r.ok and isinstance(r.text, str) and r.spans is None for r in answers)
+    assert all(label in task.concepts and 0 <= s < e <= len(CASE) for label, s, e in tagged[0].spans)
+    res = assemble_note(note_id="n1", text=CASE, task=task, chunks=chunks, outputs=[r.text for r in answers],
+                        heads=list(zip(windows, tagged)), lineage={
                             "run_id": "r", "model": "m", "adapter": None, "adapter_sha256": None,
                             "prompt_version": "p", "fingerprint": "f", "extracted_at": None})
-    assert res.concepts and {c["grounding_method"] for c in res.concepts} == {"tagger"}
+    assert len(res.concepts) == len(set(tagged[0].spans)) and {c["grounding_method"] for c in res.concepts} == {
+        "tagger"}
     assert all(CASE[c["start"]:c["end"]] == c["text"] for c in res.concepts)
     ids = {c["concept_id"] for c in res.concepts}
     assert all(r["head_concept_id"] in ids and r["tail_concept_id"] in ids for r in res.relations)
@@ -94,7 +97,7 @@ def test_one_engine_call_gives_the_answer_and_the_taggers_concepts(engine_pool, 
 
 def test_an_evaluation_with_the_tagger_scores_the_adapter_alone_from_the_same_answers(engine_pool, shipped):
     """``evaluate_records`` with the task's heads: the scores of the combination, and of the generative answers
-    alone from the same run (one engine call per window)."""
+    alone from the same run."""
     from notelake.models.evaluation import EvalOptions, evaluate_records
 
     def concept(cid: str, label: str, word: str) -> dict:
@@ -107,7 +110,7 @@ def test_an_evaluation_with_the_tagger_scores_the_adapter_alone_from_the_same_an
     task = load_task("maccrobat")
     chosen = describe_extraction(shipped, task).extractors
     scores = evaluate_records(task, [record], engine_pool.generate, EvalOptions(
-        adapter="", max_tokens=96, resamples=0, progress=False, heads=chosen.request_fields()))
+        adapter="", max_tokens=96, resamples=0, progress=False, heads=chosen.heads()))
     assert scores["throughput"]["prompts"] >= 1 and scores["cce"]["lenient"]["n_gold"] == 4
     assert scores["generative_alone"]["cce"]["lenient"]["n_gold"] == 4
     assert scores["cce"]["lenient"]["n_pred"] != scores["generative_alone"]["cce"]["lenient"]["n_pred"] or \

@@ -15,7 +15,7 @@ from notelake.jobs.extraction.identity import describe_extraction
 PINNED = {
     ("phee", "shipped adapter"): "6e9b204a10e9f35ab50bfd0e2c9e9bb4",
     ("phee", "base model"): "3fb610a9c488b6aac8c38f4a61062bee",
-    ("maccrobat", "shipped adapter"): "4bdef615991b1a0ae449d9efc222b30c",  # tagger concepts (auto)
+    ("maccrobat", "shipped adapter"): "5a3c6d7f20864aa200d4794b033732f6",  # tagger concepts (auto)
     ("maccrobat", "base model"): "c2c8a1194cfde2985005d70e1ed2f662",
 }
 

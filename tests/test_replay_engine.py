@@ -32,7 +32,7 @@ def engine(base_model_path):
 
 
 def test_make_engine_dispatches_to_replay(engine):
-    assert isinstance(engine, ReplayEngine)
+    assert isinstance(engine.inner, ReplayEngine)  # beside the heads (models/extractors.py)
     assert engine.describe()["backend"] == "replay"
 
 

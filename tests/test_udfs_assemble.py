@@ -166,16 +166,19 @@ def test_tagger_spans_and_pair_relations(phee):
 
 
 def test_tagger_concepts_anchor_the_answers_relations(phee):
-    """Tagger concepts with the generated answer's relations (models/extractors.py): each answer mention goes to
-    the tagger concept it overlaps, its assertion marker with it; the answer's own mentions are not written, and
-    a relation with an end on no tagger concept is dropped."""
+    """Tagger concepts (the note tagged in its own windows) with the generated answer's relations
+    (models/extractors.py): each answer mention goes to the tagger concept it overlaps, its assertion marker with
+    it; the answer's own mentions are not written, and a relation with an end on no tagger concept is dropped."""
+    from types import SimpleNamespace
+
     chunks = chunk_text(TEXT, phee.max_chunk_chars)
     start = TEXT.index("hypoglycemia")
     tagged = (("Drug", TEXT.index("insulin"), TEXT.index("insulin") + 7), ("Effect", start, start + 7))
     answer = ("ADE_trigger: developed | Drug: insulin | Effect(negated): hypoglycemia\n"
               "ADE_trigger: induced | Drug: insulin | Effect: lipoatrophy")
-    res = assemble_note(note_id="n1", text=TEXT, task=phee, chunks=chunks, outputs=[answer], tagged=[tagged],
-                        lineage=lineage(TEXT))
+    tag_window = SimpleNamespace(spans=tagged, relations=None, error=None)
+    res = assemble_note(note_id="n1", text=TEXT, task=phee, chunks=chunks, outputs=[answer],
+                        heads=[(Chunk(0, 0, len(TEXT), TEXT), tag_window)], lineage=lineage(TEXT))
     assert not res.errors
     assert {(c["label"], c["text"], c["grounding_method"], c["assertion"]) for c in res.concepts} == {
         ("Drug", "insulin", "tagger", "present"), ("Effect", "hypogly", "tagger", "negated")}

@@ -79,6 +79,7 @@ def assemble_note(  # keyword-only, one argument per per-window input a backend 
     truncated: list[bool] | None = None,
     tagged: list[tuple | None] | None = None,
     tag_relations: list[tuple | None] | None = None,
+    heads: list[tuple[Chunk, Any]] | None = None,
     lineage: dict,
     passthrough: dict | None = None,
     note_bucket: int | None = None,
@@ -93,6 +94,9 @@ def assemble_note(  # keyword-only, one argument per per-window input a backend 
     chunk i's concepts as ``(label, start, end)`` in the chunk's text, taken as they are (grounded by
     construction; no answer to parse), and ``tag_relations[i]`` its relations as ``(label, head, tail)``, indexes
     into ``tagged[i]`` (the pair classifier; pairs the task does not allow are dropped and counted).
+    ``heads``: the note tagged in the tagger's own windows, ``(window, result)`` with the result's ``spans`` /
+    ``relations`` / ``error`` as above (models/extractors.py): the note's concepts are the tagger's, each answer's
+    relations anchored on them (``add_anchored``), its own mentions not written.
     ``cut_final``: cut windows were already extracted again in smaller pieces (``udfs.windows.extract_windows``),
     so an answer still cut before any complete line gives this window no answer and a warning, not an error row:
     the same request would be cut again.
@@ -107,17 +111,21 @@ def assemble_note(  # keyword-only, one argument per per-window input a backend 
     if clash:
         raise ValueError(f"passthrough columns {clash} collide with output columns")
     merger = _NoteMerger(note_id, text, task, lineage, n)
+    tag_keys: list[tuple] = []
+    for window, result in heads or ():
+        if result.error is not None:
+            merger.fail(window.index, "generate", "engine_error", str(result.error)[:_MAX_ENGINE_MESSAGE])
+        else:
+            tag_keys += merger.add_tagged(window, result.spans or (), result.relations)
     for pos, (chunk, raw) in enumerate(zip(chunks, outputs)):
         engine_error = output_errors[pos] if output_errors is not None else None
         if engine_error is not None:
             merger.fail(chunk.index, "generate", "engine_error", str(engine_error)[:_MAX_ENGINE_MESSAGE])
+        elif heads is not None:
+            merger.add_anchored(chunk, raw, bool(truncated[pos]) if truncated is not None else False, tag_keys,
+                                fuzzy=fuzzy, cut_final=cut_final)
         elif tagged is not None and tagged[pos] is not None:
-            relations = tag_relations[pos] if tag_relations is not None else None
-            if raw is None or relations is not None:
-                merger.add_tagged(chunk, tagged[pos], relations)
-            else:
-                merger.add_anchored(chunk, tagged[pos], raw, bool(truncated[pos]) if truncated is not None else False,
-                                    fuzzy=fuzzy, cut_final=cut_final)
+            merger.add_tagged(chunk, tagged[pos], tag_relations[pos] if tag_relations is not None else None)
         else:
             merger.add_answer(chunk, raw, bool(truncated[pos]) if truncated is not None else False,
                               fuzzy=fuzzy, cut_final=cut_final)
@@ -215,12 +223,12 @@ class _NoteMerger:
         keys = [self._add_mention(chunk, concept, g) for concept, g in zip(parsed.concepts, groundings)]
         self._relate_answer(parsed, groundings, keys, [c.label for c in parsed.concepts], chunk)
 
-    def add_anchored(self, chunk: Chunk, tagged: tuple, raw: str, cut: bool, *, fuzzy: bool, cut_final: bool) -> None:
-        """A tagger's concepts with a generated answer's relations anchored on them: each answer mention goes to the
-        tagger concept its grounded span overlaps most (one of its own label first), and gives it its assertion
+    def add_anchored(self, chunk: Chunk, raw: str | None, cut: bool, tag_keys: list[tuple], *, fuzzy: bool,
+                     cut_final: bool) -> None:
+        """A generated answer's relations anchored on the tagger's concepts ``tag_keys``: each answer mention goes to
+        the tagger concept its grounded span overlaps most (one of its own label first), and gives it its assertion
         marker; the answer's own mentions are not written, and a relation with an end on no tagger concept is
         dropped (counted)."""
-        tag_keys = self.add_tagged(chunk, tagged, None)
         parsed = self._parsed(chunk, raw, cut, cut_final)
         if parsed is None:
             return

@@ -26,7 +26,7 @@ from typing import Any
 
 from notelake.conf.task import Task
 from notelake.udfs.answer import NONE, answer_guide
-from notelake.udfs.chunking import Chunk, prose_pieces, split_chunk
+from notelake.udfs.chunking import Chunk, chunk_text, prose_pieces, split_chunk
 from notelake.udfs.prompts import build_messages
 
 #: Pieces are not split below this many characters (a clause or two: a PHEE sentence averages 137).
@@ -78,16 +78,25 @@ class NoteWindows:
 Generate = Callable[[list[Window]], Sequence[Any]]
 
 
-def request_fields(window: Window, guided_decoding: str, max_tokens: int | None = None,
-                   heads: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def request_fields(window: Window, guided_decoding: str, max_tokens: int | None = None) -> dict[str, Any]:
     """The engine request of ``window`` (``models.engine.GenerationRequest(**fields)``): its prompt, its answer
-    grammar (``guided_decoding``: grounded, labels or off), its text, ``max_tokens`` (default: the task's), and
-    the heads its task's extractors run on the text (``heads``: task name -> request fields, see
-    ``models.extractors.ExtractorChoice.request_fields``)."""
+    grammar (``guided_decoding``: grounded, labels or off), its text, and ``max_tokens`` (default: the task's)."""
     chunk, task = window.chunk, window.task
     return {"request_id": f"{window.note}:{chunk.start}-{chunk.end}", "messages": build_messages(task, chunk.text),
             "guide": answer_guide(task, chunk.text, guided_decoding), "text": chunk.text,
-            "max_tokens": max_tokens or task.max_tokens, **((heads or {}).get(task.name) or {})}
+            "max_tokens": max_tokens or task.max_tokens}
+
+
+def tag_windows(text: str, heads: Mapping[str, Any]) -> list[Chunk]:
+    """The windows a task's tagger reads ``text`` in: its own size (``heads["window_chars"]``), cut at sentence
+    ends, without overlap, as it was trained (``models.extractors.ExtractorChoice.heads``)."""
+    return chunk_text(text, int(heads["window_chars"]), 0)
+
+
+def tag_request_fields(note: int, chunk: Chunk, heads: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine request that tags ``chunk`` of note ``note`` with the heads ``heads`` names (no prompt)."""
+    return {"request_id": f"{note}:tag:{chunk.start}-{chunk.end}", "messages": [], "text": chunk.text,
+            "max_tokens": 1, "tagger": heads["tagger"], "pairs": heads.get("pairs")}
 
 
 def extract_windows(tasks: Sequence[Task], chunked: Sequence[Sequence[Chunk]], generate: Generate, *,

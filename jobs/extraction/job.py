@@ -92,7 +92,7 @@ def run_pass(settings: Settings, source: str, output: str, options: PassOptions,
             return ExitCode.OK
         ctx = StageContext(settings=settings, tasks={plan.name: plan.task for plan in plans},
                            lineages={plan.name: plan.lineage for plan in plans},
-                           heads={plan.name: plan.identity.extractors.request_fields() for plan in plans
+                           heads={plan.name: plan.identity.extractors.heads() for plan in plans
                                   if plan.identity.extractors.uses_heads},
                            staging_dir=storage.join(p.staging_root, p.pass_id), passthrough=checked.passthrough,
                            storage_options=p.warehouse.storage_options)

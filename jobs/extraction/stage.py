@@ -73,7 +73,7 @@ class StageContext:
     deadline: float | None = None  # epoch seconds (--max-runtime): no new batch is started, no engine waited for
     engine_owner: str | None = None  # the pass owning the engine actors (ray.engine_scope: pass)
     engine_actor_ids: tuple[str, ...] = ()  # the actors the driver saw ready: a worker's handles to others are stale
-    heads: dict[str, dict] = field(default_factory=dict)  # task -> the heads its requests name (models/extractors.py)
+    heads: dict[str, dict] = field(default_factory=dict)  # task -> its heads (models.extractors.ExtractorChoice.heads)
     storage_options: dict = field(default_factory=dict, repr=False)  # credentials for staging: never logged
 
 
@@ -116,6 +116,9 @@ class PreparedBatch:
     windows: list = field(default_factory=list)
     # the first pass's requests by (note, start, end), built before the batch goes to the engine thread
     requests: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    # a task with heads (models/extractors.py): note k's tag windows and their requests, then their results
+    tag_requests: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
+    heads: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
 
 
 def prepare_batch(batch: pa.RecordBatch, ctx: StageContext) -> PreparedBatch:
@@ -125,22 +128,38 @@ def prepare_batch(batch: pa.RecordBatch, ctx: StageContext) -> PreparedBatch:
     windows were re-extracted. A note whose chunking or requests raise is failed alone."""
     from notelake.models.engine import GenerationRequest
     from notelake.udfs.chunking import chunk_text, prose_pieces
-    from notelake.udfs.windows import Window, request_fields
+    from notelake.udfs.windows import Window, request_fields, tag_request_fields, tag_windows
 
     overlap, engine = ctx.settings.job.chunk_overlap_chars, ctx.settings.engine
     prepared = PreparedBatch(batch.to_pylist(), [])
     for k, note in enumerate(prepared.notes):
-        task = ctx.tasks[note["task"]]
+        task, heads = ctx.tasks[note["task"]], ctx.heads.get(note["task"])
         prepared.chunked.append([])
         try:
+            if heads:
+                prepared.tag_requests[k] = [(w, GenerationRequest(**tag_request_fields(k, w, heads)))
+                                            for w in tag_windows(note["text"], heads)]
+                if heads.get("pairs"):  # concepts and relations from the heads: no prompt
+                    continue
             prepared.chunked[k] = chunk_text(note["text"], task.max_chunk_chars, task.overlap(overlap))
             for piece in (piece for chunk in prepared.chunked[k] for piece in prose_pieces(chunk)):
                 prepared.requests[(k, piece.start, piece.end)] = GenerationRequest(
-                    **request_fields(Window(k, task, piece), engine.guided_decoding, engine.max_tokens, ctx.heads))
+                    **request_fields(Window(k, task, piece), engine.guided_decoding, engine.max_tokens))
         except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
             prepared.chunked[k] = []
+            prepared.tag_requests.pop(k, None)
             prepared.failures[k] = ("prepare", exc)
     return prepared
+
+
+def tag_prepared(prepared: PreparedBatch, generate_requests: Callable[[list], list]) -> None:
+    """The tag windows of the batch's notes (``prepared.heads``), in one ``generate_requests`` call; an exception
+    of it propagates: the engines' fault."""
+    live = [(k, window, request) for k, pairs in prepared.tag_requests.items() if k not in prepared.failures
+            for window, request in pairs]
+    results = generate_requests([request for _, _, request in live]) if live else []
+    for (k, window, _), result in zip(live, results):
+        prepared.heads.setdefault(k, []).append((window, result))
 
 
 def extract_prepared(prepared: PreparedBatch, generate_requests: Callable[[list], list],
@@ -151,6 +170,7 @@ def extract_prepared(prepared: PreparedBatch, generate_requests: Callable[[list]
     find it (a rare, slower path). An exception of ``generate_requests`` propagates: the engines' fault."""
     from notelake.udfs.windows import extract_windows
 
+    tag_prepared(prepared, generate_requests)
     generate = _WindowRequests(prepared, generate_requests, ctx)
     live = [k for k in range(len(prepared.notes)) if k not in prepared.failures]
     try:
@@ -183,7 +203,6 @@ class _WindowRequests:
     def __init__(self, prepared: PreparedBatch, generate_requests: Callable[[list], list], ctx: StageContext):
         self.prepared, self.generate_requests = prepared, generate_requests
         self.guided, self.max_tokens = ctx.settings.engine.guided_decoding, ctx.settings.engine.max_tokens
-        self.heads = ctx.heads
         self.engine_raised = False
 
     def over(self, notes: list[int]) -> Callable[[list], list]:
@@ -198,8 +217,7 @@ class _WindowRequests:
         for note, window in windows:
             built = self.prepared.requests.pop((note, window.chunk.start, window.chunk.end), None)
             try:
-                requests.append(built or GenerationRequest(**request_fields(window, self.guided, self.max_tokens,
-                                                                             self.heads)))
+                requests.append(built or GenerationRequest(**request_fields(window, self.guided, self.max_tokens)))
             except Exception as exc:  # noqa: BLE001 - one note's fault
                 self.prepared.failures.setdefault(note, ("prepare", exc))
                 requests.append(None)
@@ -258,7 +276,7 @@ def assemble_one(prepared: PreparedBatch, k: int, ctx: StageContext) -> NoteResu
     note, windows = prepared.notes[k], prepared.windows[k]
     task, lineage = ctx.tasks[note["task"]], ctx.lineages[note["task"]]
     return assemble_note(
-        note_id=note["note_id"], text=note["text"], task=task, **windows.assemble_inputs(),
+        note_id=note["note_id"], text=note["text"], task=task, **windows.assemble_inputs(), heads=prepared.heads.get(k),
         lineage={**lineage.columns(), "text_sha256": note["text_sha256"], "extracted_at": utc_now(),
                  "attempt": note["attempt"]},
         passthrough={c: note[c] for c in ctx.passthrough}, note_bucket=note["note_bucket"],

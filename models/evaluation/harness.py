@@ -65,7 +65,7 @@ class EvalOptions:
     seed: int = 0  # bootstrap seed
     progress: bool = True  # a progress line per generate call
     assertion: str = "combined"  # who sets the concepts' assertions (job.assertion: model, context, combined)
-    heads: dict | None = None  # the request fields naming the task's heads (models.extractors.ExtractorChoice)
+    heads: dict | None = None  # the task's heads (models.extractors.ExtractorChoice.heads): a tagger's concepts
 
 
 @dataclass
@@ -143,16 +143,21 @@ def evaluate_records(task: Task, records: list[dict], generate: GenerateFn,
         tally.wall_s += seconds
         return results
 
+    heads = [None] * len(records)
+    if options.heads:
+        heads, seconds = tag_records(records, generate, options)
+        tally.wall_s += seconds
+        if options.heads.get("pairs"):  # concepts and relations from the heads: no prompt
+            chunked = [[] for _ in records]
     notes = extract_windows([task] * len(records), chunked, generate_windows)
     lineage = eval_lineage(task, options.lineage)
     pairs, alone = [], []
-    for record, windows in zip(records, notes):
-        predicted, assembled = assemble_outputs(task, record, windows, lineage, options.assertion)
+    for record, windows, tagged in zip(records, notes, heads):
+        predicted, assembled = assemble_outputs(task, record, windows, lineage, options.assertion, tagged)
         tally.add_note(windows, assembled)
         pairs.append((predicted, gold_items(task, record)))
         if options.heads and not options.heads.get("pairs"):
-            alone.append((assemble_outputs(task, record, without_heads(windows), lineage, options.assertion)[0],
-                          pairs[-1][1]))
+            alone.append((assemble_outputs(task, record, windows, lineage, options.assertion)[0], pairs[-1][1]))
     scores = score_notes(task, pairs, resamples=options.resamples, seed=options.seed)
     scores.update(tally.scores(len(records)))
     if alone:  # the same answers without the heads: the generative extractor alone, on the same run
@@ -161,13 +166,6 @@ def evaluate_records(task: Task, records: list[dict], generate: GenerateFn,
     return scores
 
 
-def without_heads(windows):
-    """``windows`` (``udfs.windows.NoteWindows``) with the heads' concepts and relations taken off the answers."""
-    import dataclasses
-
-    return dataclasses.replace(windows, outputs=[dataclasses.replace(o, spans=None, relations=None)
-                                                 for o in windows.outputs])
-
 
 def window_requests(windows: list, options: EvalOptions) -> list:
     """The job's generation request of each window (``udfs.windows.request_fields``), with ``options.adapter``."""
@@ -175,9 +173,23 @@ def window_requests(windows: list, options: EvalOptions) -> list:
     from notelake.udfs.windows import request_fields
 
     adapter = {} if options.adapter is None else {"adapter": options.adapter}
-    return [GenerationRequest(**request_fields(w, options.guided_decoding, options.max_tokens,
-                                               {w.task.name: options.heads or {}}), **adapter)
+    return [GenerationRequest(**request_fields(w, options.guided_decoding, options.max_tokens), **adapter)
             for w in windows]
+
+
+def tag_records(records: list[dict], generate: GenerateFn, options: EvalOptions) -> tuple[list[list], float]:
+    """Each record tagged in its tagger's own windows (``options.heads``): per record, (window, result) pairs;
+    and the wall seconds."""
+    from notelake.models.engine import GenerationRequest
+    from notelake.udfs.windows import tag_request_fields, tag_windows
+
+    windows = [(k, w) for k, r in enumerate(records) for w in tag_windows(r["text"], options.heads)]
+    requests = [GenerationRequest(**tag_request_fields(k, w, options.heads)) for k, w in windows]
+    results, seconds = generate_in_batches("tag", requests, generate, options)
+    tagged: list[list] = [[] for _ in records]
+    for (k, window), result in zip(windows, results):
+        tagged[k].append((window, result))
+    return tagged, seconds
 
 
 def generate_in_batches(label: str, requests: list, generate: GenerateFn, options: EvalOptions) -> tuple[list, float]:
@@ -209,14 +221,15 @@ def eval_lineage(task: Task, given: dict | None) -> dict[str, Any]:
     }
 
 
-def assemble_outputs(task: Task, record: dict, windows, lineage: dict,
-                     assertion: str = "combined") -> tuple[NoteItems, Any]:
-    """One note's windows and answers (``udfs.windows.NoteWindows``) parsed and grounded by ``assemble_note``, its
-    concepts' assertions set by ``assertion`` (as the job sets them): (predicted items, its result)."""
+def assemble_outputs(task: Task, record: dict, windows, lineage: dict, assertion: str = "combined",
+                     heads: list | None = None) -> tuple[NoteItems, Any]:
+    """One note's windows and answers (``udfs.windows.NoteWindows``) parsed and grounded by ``assemble_note``, with
+    the note's tag windows and results ``heads`` where a tagger writes its concepts, its concepts' assertions set
+    by ``assertion`` (as the job sets them): (predicted items, its result)."""
     from notelake.models.assertion import assign_assertions
     from notelake.udfs.assemble import assemble_note
 
     assembled = assemble_note(note_id=record["note_id"], text=record["text"], task=task, lineage=lineage,
-                              **windows.assemble_inputs())
+                              heads=heads, **windows.assemble_inputs())
     assembled.concepts = assign_assertions(record["text"], assembled.concepts, assertion, task.assertion_labels)
     return predicted_items(record["note_id"], assembled.concepts, assembled.relations), assembled
