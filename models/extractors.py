@@ -75,7 +75,7 @@ class ExtractorChoice:
         if not self.uses_heads:
             return None
         return {"tagger": str(self.tagger.path), "pairs": str(self.pairs.path) if self.pairs else None,
-                "window_chars": int(self.tagger.manifest.get("tag_window_chars") or 2000)}
+                "window_chars": int(self.tagger.manifest["tag_window_chars"])}
 
     def fingerprint(self) -> dict[str, str | None] | None:
         """What of the choice changes an answer (None with no head: fingerprints without one are unchanged)."""
@@ -188,5 +188,5 @@ class HeadsEngine:
 def _grouped(requests) -> dict[tuple[str, str | None], list]:
     groups: dict[tuple[str, str | None], list] = {}
     for r in requests:
-        groups.setdefault((r.tagger, getattr(r, "pairs", None)), []).append(r)
+        groups.setdefault((r.tagger, r.pairs), []).append(r)
     return groups

@@ -147,7 +147,6 @@ def prepare_batch(batch: pa.RecordBatch, ctx: StageContext) -> PreparedBatch:
                     **request_fields(Window(k, task, piece), engine.guided_decoding, engine.max_tokens))
         except Exception as exc:  # noqa: BLE001 - one note's fault (module docstring)
             prepared.chunked[k] = []
-            prepared.tag_requests.pop(k, None)
             prepared.failures[k] = ("prepare", exc)
     return prepared
 

@@ -166,7 +166,6 @@ def evaluate_records(task: Task, records: list[dict], generate: GenerateFn,
     return scores
 
 
-
 def window_requests(windows: list, options: EvalOptions) -> list:
     """The job's generation request of each window (``udfs.windows.request_fields``), with ``options.adapter``."""
     from notelake.models.engine import GenerationRequest
